@@ -1,0 +1,68 @@
+"""Command line: ``dynascope demo | report | ls | analyze | export``.
+
+``python -m dynascope`` is the same program. Each subcommand lives in its own
+module that provides ``add_arguments(parser)`` and ``run(args) -> int``; this
+file only dispatches. Wrong arguments print a usage message and exit with 2;
+expected failures (a path that is not a run, a bad checkpoint) print one line
+``dynascope: error: ...`` and exit with 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "UserError"]
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("dynascope.demo", "train small models on bundled digits data and write a comparison report"),
+    "report": ("dynascope.reports.command", "write the HTML report (and optionally PNG/PDF figures) for runs"),
+    "ls": ("dynascope.reports.command_ls", "list the metrics, layers and steps a run recorded"),
+    "analyze": ("dynascope.analyze", "run diagnostics over saved checkpoints into a run directory"),
+    "export": ("dynascope.integrations.tensorboard", "export a run's scalars to TensorBoard event files"),
+}
+
+
+class UserError(Exception):
+    """An expected failure caused by the user's input; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="dynascope", description="See inside PyTorch training runs.")
+    parser.add_argument("--version", action="version", version=f"dynascope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            p.set_defaults(_unavailable=module)
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_unavailable", None):
+        parser.error(f"command {args.command!r} is not available in this installation ({args._unavailable})")
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"dynascope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stateful collectors bound to one live model/optimizer."""

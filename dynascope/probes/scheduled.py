@@ -1,0 +1,78 @@
+"""Scheduled diagnostics: run a (possibly expensive) diagnostic every N steps
+or at chosen steps, under the state guard, and record its results.
+
+A scheduled diagnostic subclasses :class:`Scheduled` and implements
+``run(ctx)``; the session calls it when ``due(step)`` is true (and once more at
+the end of the run when ``at="end"``), inside
+:func:`dynascope._guard.preserved_state`, so training continues bit-identically
+(architecture invariant 3). ``run`` writes through the context:
+
+* ``ctx.log(metric, value, layer="")`` for scalar rows,
+* ``ctx.save_artifact(name, arrays, meta)`` for array artifacts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["Scheduled", "ScheduledContext"]
+
+
+@dataclass
+class ScheduledContext:
+    """What a scheduled diagnostic sees: the live model and optimizer, the step,
+    and writers into the run."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    step: int
+    final: bool
+    log_fn: Callable[[str, float, str], None]
+    artifact_fn: Callable[[str, dict[str, np.ndarray], dict[str, Any]], None]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log(self, metric: str, value: float, layer: str = "") -> None:
+        self.log_fn(metric, float(value), layer)
+
+    def save_artifact(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> None:
+        self.artifact_fn(name, arrays, meta or {})
+
+
+class Scheduled:
+    """Base class: when to run. ``every=N`` runs at steps 0, N, 2N, ...;
+    ``at`` is a sequence of steps, or ``"end"`` (once, when the probe closes),
+    or ``"start"``. Both may be given."""
+
+    name: str = "scheduled"
+
+    def __init__(self, every: int | None = None, at: Sequence[int] | str | None = None) -> None:
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"{type(self).__name__}: every must be a positive integer or None, got {every!r}")
+        if isinstance(at, str) and at not in ("end", "start"):
+            raise ValueError(f"{type(self).__name__}: at must be 'start', 'end' or a sequence of steps, got {at!r}")
+        if every is None and at is None:
+            raise ValueError(f"{type(self).__name__}: give every=N or at=... to say when it runs")
+        self.every = every
+        self.at = at
+
+    def due(self, step: int) -> bool:
+        if self.every is not None and step % self.every == 0:
+            return True
+        if self.at == "start":
+            return step == 0
+        if self.at is not None and not isinstance(self.at, str):
+            return step in self.at
+        return False
+
+    @property
+    def at_end(self) -> bool:
+        return self.at == "end"
+
+    def run(self, ctx: ScheduledContext) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
