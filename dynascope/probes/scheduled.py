@@ -75,4 +75,10 @@ class Scheduled:
         return self.at == "end"
 
     def run(self, ctx: ScheduledContext) -> None:  # pragma: no cover - interface
+        """Do the work for step ``ctx.step`` (also called with ``ctx.final=True``
+        once at close when ``at="end"``)."""
         raise NotImplementedError
+
+    def on_close(self, ctx: ScheduledContext) -> None:
+        """Called once when the probe closes (after a final ``run`` if any), under
+        the state guard; e.g. to turn kept checkpoints into a trajectory plane."""
