@@ -11,3 +11,8 @@ __version__ = "0.1.0"
 from .store import RunData, load_run  # noqa: E402
 
 __all__ = ["__version__", "RunData", "load_run"]
+
+from .probes.base import Collected, Probe  # noqa: E402
+from .session import Session, probe  # noqa: E402
+
+__all__ += ["Collected", "Probe", "Session", "probe"]

@@ -1,0 +1,51 @@
+"""Batch per-parameter work: parameters of equal shape are stacked into one
+tensor so that per-row and per-tensor reductions cost a few kernels per shape,
+not a few per parameter (deep models repeat a handful of shapes).
+
+Each tracked parameter is seen in its *row view* ``w.view(w.size(0), -1)``
+(one row per output unit, the channel view of AdamP); a 1-D parameter is one
+row (the layer view)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["ShapeGroups"]
+
+
+def row_view_shape(shape: torch.Size) -> tuple[int, int]:
+    if len(shape) >= 2:
+        rows = int(shape[0])
+        return rows, int(torch.Size(shape).numel() // max(rows, 1))
+    return 1, int(torch.Size(shape).numel())
+
+
+class ShapeGroups:
+    """Groups of parameter indices with the same (shape, dtype, device).
+
+    ``order`` is the concatenation of the groups, so per-group results
+    concatenated follow ``[names[i] for i in order]``.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        buckets: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
+        self.groups = list(buckets.values())
+        self.order = [i for g in self.groups for i in g]
+        self.row_shapes = [row_view_shape(params[g[0]].shape) for g in self.groups]
+
+    def stack(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One float tensor of shape (G, rows, row_dim) per group (a copy)."""
+        out = []
+        for g, (r, c) in zip(self.groups, self.row_shapes):
+            t = torch.stack([tensors[i].detach().reshape(r, c) for i in g])
+            out.append(t if t.dtype in (torch.float32, torch.float64) else t.float())
+        return out
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise inner products of (G, R, C) tensors, accumulated in float64 -> (G, R)."""
+    return (a * b).sum(-1, dtype=torch.float64)

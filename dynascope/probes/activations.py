@@ -1,0 +1,172 @@
+"""Activation statistics per module output (signal propagation).
+
+For an output ``x`` with channel dimension ``c`` (1 for conv/BatchNorm outputs,
+the last dimension otherwise), the hook keeps per-channel sufficient
+statistics on the device: count ``n``, mean ``mu_c`` and sum of squared
+deviations ``M2_c``, merged across calls with Chan et al.'s parallel update.
+At the end of the step, with ``var_c = M2_c / n`` (ddof=0):
+
+* ``act.channel_sq_mean`` = mean_c mu_c^2         (Brock et al. 2021, SPP)
+* ``act.channel_var``     = mean_c var_c          (Brock et al. 2021, SPP)
+* ``act.mean``            = mean_c mu_c
+* ``act.var``             = mean_c var_c + mean_c mu_c^2 - (mean_c mu_c)^2
+  (the population variance of all entries: equal counts per channel)
+* ``act.absmax``          = max |x|
+* ``act.zero_frac``       = fraction of exact zeros
+
+Reference: deepmind-research nfnets/base.py ``signal_metrics`` (NHWC there,
+so the reduction over N, H, W is over dims (0, 2, 3) in NCHW).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._names import ModuleFilter, select_modules
+from .base import Collected, Probe
+
+__all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]
+
+ACT_METRICS = ("act.mean", "act.var", "act.channel_sq_mean", "act.channel_var", "act.absmax", "act.zero_frac")
+
+_CHANNEL_FIRST = ("Conv", "BatchNorm", "InstanceNorm", "Pool", "GroupNorm", "Upsample", "PixelShuffle")
+
+
+def channel_dim(module: nn.Module, x: torch.Tensor) -> int:
+    """Channel dimension of ``module``'s output: 1 for conv-like outputs (NCHW,
+    NCL), the last dimension otherwise (sequences ``(N, L, D)``, features ``(N, D)``)."""
+    if x.ndim >= 4:
+        return 1
+    if x.ndim == 3 and any(k in type(module).__name__ for k in _CHANNEL_FIRST):
+        return 1
+    return x.ndim - 1 if x.ndim > 0 else 0
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return _first_tensor(next(iter(out.values())))
+    if hasattr(out, "to_tuple"):  # Hugging Face ModelOutput
+        return _first_tensor(out.to_tuple())
+    return None
+
+
+class _State:
+    __slots__ = ("n", "mean", "m2", "absmax", "zeros", "numel")  # zeros holds the zero fraction
+
+    def __init__(self, n: float, mean: torch.Tensor, m2: torch.Tensor, absmax: torch.Tensor, zeros: torch.Tensor,
+                 numel: int) -> None:
+        self.n, self.mean, self.m2, self.absmax, self.zeros, self.numel = n, mean, m2, absmax, zeros, numel
+
+
+class ActivationProbe(Probe):
+    """Forward hooks on the selected modules, attached only on recording steps."""
+
+    name = "activations"
+
+    def __init__(self, modules: ModuleFilter = None) -> None:
+        self.filter = modules
+        self._handles: list[Any] = []
+        self._states: dict[str, _State] = {}
+        self._order: list[str] = []
+        self._seg_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def setup(self, session: Any) -> None:
+        super().setup(session)
+        self.modules = select_modules(session.model, self.filter)
+
+    def arm(self) -> None:
+        if self._handles:
+            return
+        for name, module in self.modules:
+            self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
+
+    def disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str, module: nn.Module):  # noqa: ANN202
+        states = self._states
+
+        def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
+            x = _first_tensor(output)
+            if x is None or not x.is_floating_point() or x.numel() == 0:
+                return
+            with torch.no_grad():
+                x = x.detach()
+                if x.dtype in (torch.float16, torch.bfloat16):
+                    x = x.float()
+                cdim = channel_dim(module, x)
+                dims = tuple(d for d in range(x.ndim) if d != cdim)
+                if dims:
+                    var, mean = torch.var_mean(x, dim=dims, correction=0)
+                else:  # a 1-D output: a single "example", each entry a channel
+                    mean, var = x, torch.zeros_like(x)
+                n = x.numel() // max(mean.numel(), 1)
+                lo, hi = torch.aminmax(x)
+                absmax = torch.maximum(hi, -lo)
+                zero_frac = (x.numel() - torch.count_nonzero(x)) / x.numel()
+                old = states.get(name)
+                if old is None or old.mean.shape != mean.shape:
+                    if old is None:
+                        self._order.append(name)
+                    states[name] = _State(float(n), mean, var * n, absmax, zero_frac, x.numel())
+                else:  # Chan et al. parallel merge of (n, mean, M2)
+                    na, nb = old.n, float(n)
+                    tot = na + nb
+                    delta = mean - old.mean
+                    old.mean = old.mean + delta * (nb / tot)
+                    old.m2 = old.m2 + var * nb + delta * delta * (na * nb / tot)
+                    old.n = tot
+                    old.absmax = torch.maximum(old.absmax, absmax)
+                    total = old.numel + x.numel()
+                    old.zeros = old.zeros * (old.numel / total) + zero_frac * (x.numel() / total)
+                    old.numel = total
+
+        return hook
+
+    def _segments(self, sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment ids and sizes as device tensors, cached: built once per layout."""
+        cached = self._seg_cache.get(sizes)
+        if cached is None or cached[0].device != device:
+            counts = torch.tensor(sizes, device=device)
+            seg = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+            cached = (seg, counts.float())
+            self._seg_cache = {sizes: cached}
+        return cached
+
+    def collect(self, step: int) -> Collected | None:
+        if not self._states:
+            return None
+        names = [n for n in self._order if n in self._states]
+        states = [self._states[n] for n in names]
+        device = states[0].mean.device
+        with torch.no_grad():
+            mus = torch.cat([s.mean.reshape(-1).float().to(device) for s in states])
+            vars_ = torch.cat([(s.m2 / s.n).reshape(-1).float().to(device) for s in states])
+            sizes = tuple(s.mean.numel() for s in states)
+            seg, counts = self._segments(sizes, device)
+            sums = torch.zeros(len(states), 3, device=device, dtype=torch.float32)
+            sums.index_add_(0, seg, torch.stack([mus, mus * mus, vars_], dim=1))
+            per = sums / counts[:, None]
+            mean, sq_mean, ch_var = per.unbind(1)
+            var = ch_var + sq_mean - mean * mean
+            absmax = torch.stack([s.absmax.float().to(device) for s in states])
+            zero_frac = torch.stack([s.zeros.float().to(device) for s in states])
+            values = torch.stack([mean, var, sq_mean, ch_var, absmax, zero_frac], dim=1).reshape(-1)
+        keys = [(m, n) for n in names for m in ACT_METRICS]
+        self._states = {}
+        self._order = []
+        return Collected(keys, values)
+
+    def close(self) -> None:
+        self.disarm()
+        self._states = {}
+        self._order = []

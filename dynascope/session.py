@@ -1,0 +1,427 @@
+"""The context manager that owns the probes, the step counter and the flushes.
+
+``dynascope.probe(model, optimizer, run_dir, every=10)`` returns a
+:class:`Session`. Step ``s`` (counted from 0, or from the last recorded step
++ 1 when resuming) records when ``s % every == 0``: its probes are armed before
+that step's forward pass and disarmed at ``run.step()``. Scalars passed to
+``run.step`` are recorded at every step. Recorded values stay on the device
+until a flush (every ``flush_every`` recording steps or ``flush_seconds``),
+which moves them to the host in one transfer and writes one SQLite
+transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from ._guard import preserved_state
+from ._names import ModuleFilter, named_parameters, select_modules
+from .probes.activations import ActivationProbe
+from .probes.base import Collected, Probe
+from .probes.gradients import GradientProbe
+from .probes.optimizer import UpdateProbe
+from .probes.scheduled import Scheduled, ScheduledContext
+from .store import RunStore, now_iso
+
+__all__ = ["Session", "probe", "PROBES"]
+
+PROBES = ("activations", "gradients", "updates")
+
+
+def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    out = []
+    for g in optimizer.param_groups:
+        hp = {}
+        for k, v in g.items():
+            if k == "params":
+                hp["n_params"] = sum(p.numel() for p in v)
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.item() if v.numel() == 1 else v.tolist()
+            if isinstance(v, (int, float, str, bool, type(None), tuple, list)):
+                hp[k] = list(v) if isinstance(v, tuple) else v
+        out.append(hp)
+    return out
+
+
+def _is_rank_zero() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+class Session:
+    """A probed training run. Use through :func:`probe` as a context manager."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        every: int = 10,
+        probes: Sequence[str | Probe] = PROBES,
+        modules: ModuleFilter = None,
+        all_params: bool = False,
+        curvature: Scheduled | None = None,
+        landscape: Scheduled | None = None,
+        plasticity: Scheduled | None = None,
+        scheduled: Iterable[Scheduled] = (),
+        resume: bool = False,
+        overwrite: bool = False,
+        name: str | None = None,
+        seed: int | None = None,
+        blocks: Sequence[str] | str | None = None,
+        branches: Sequence[str] | str | None = None,
+        flush_every: int = 20,
+        flush_seconds: float = 10.0,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True contradict each other; choose one")
+        if optimizer is not None:
+            model_ids = {id(p) for p in model.parameters()}
+            opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if opt_ids and not (opt_ids & model_ids):
+                raise ValueError("the optimizer holds none of the model's parameters: was it built for another model?")
+        self.model = model
+        self.optimizer = optimizer
+        self.every = every
+        self.module_filter = modules
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.param_names = named_parameters(model)
+        self.module_names = [n for n, _ in select_modules(model, modules)]
+        self.probes: list[Probe] = [self._make_probe(p, all_params) for p in probes]
+        if optimizer is None:
+            self.probes = [p for p in self.probes if not isinstance(p, UpdateProbe)]
+        self.scheduled: list[Scheduled] = [s for s in (curvature, landscape, plasticity) if s is not None]
+        self.scheduled += list(scheduled)
+        for s in self.scheduled:
+            if not isinstance(s, Scheduled):
+                raise TypeError(f"scheduled diagnostics must be dynascope Scheduled objects, got {type(s).__name__}")
+        self.writer = _is_rank_zero()
+        if run_dir is None:
+            run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        self.run_dir = os.fspath(run_dir)
+        self._mode = "resume" if resume else "overwrite" if overwrite else "new"
+        self._name = name
+        self._seed = seed
+        self._blocks = self._resolve(blocks)
+        self._branches = self._resolve(branches)
+        self._user_meta = dict(meta or {})
+        self.store: RunStore | None = None
+        self.step_index = 0
+        self._recording = False
+        self._hooks: list[Any] = []
+        self._device_buf: list[tuple[int, Collected]] = []
+        self._host_rows: list[tuple[int, str, str, float]] = []
+        self._scalar_buf: list[tuple[int, str, Any]] = []
+        self._recorded_since_flush = 0
+        self._last_flush = time.monotonic()
+        self._t0 = 0.0
+        self._open = False
+
+    # -- set-up ------------------------------------------------------------------
+    def _make_probe(self, spec: str | Probe, all_params: bool) -> Probe:
+        if isinstance(spec, Probe):
+            return spec
+        if spec == "activations":
+            return ActivationProbe(self.module_filter)
+        if spec == "gradients":
+            return GradientProbe(all_params)
+        if spec == "updates":
+            return UpdateProbe(all_params)
+        raise ValueError(f"unknown probe {spec!r}; known probes: {', '.join(PROBES)} (or a dynascope Probe instance)")
+
+    def _resolve(self, spec: Sequence[str] | str | None) -> list[str] | None:
+        if spec is None:
+            return None
+        names = select_modules(self.model, spec)
+        if not names:
+            raise ValueError(f"no module matches {spec!r}")
+        return [n for n, _ in names]
+
+    def _meta(self) -> dict[str, Any]:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        summary = repr(self.model)
+        device = next((str(p.device) for p in self.model.parameters()), "cpu")
+        meta: dict[str, Any] = {
+            "name": self._name or os.path.basename(os.path.normpath(self.run_dir)),
+            "model": {"class": type(self.model).__name__, "n_parameters": n_params, "n_trainable": n_train,
+                      "summary": summary[:20000]},
+            "optimizer": None if self.optimizer is None else {
+                "class": type(self.optimizer).__name__, "hyperparameters": _optimizer_hparams(self.optimizer)},
+            "torch_version": torch.__version__,
+            "dynascope_version": __version__,
+            "python_version": platform.python_version(),
+            "seed": self._seed,
+            "every": self.every,
+            "probes": [p.name for p in self.probes],
+            "scheduled": [type(s).__name__ for s in self.scheduled],
+            "modules": self.module_names,
+            "parameters": [n for n, _ in self.param_names],
+            "device": device,
+            "status": "running",
+            "argv": sys.argv[:20],
+        }
+        if self._blocks is not None:
+            meta["blocks"] = self._blocks
+        if self._branches is not None:
+            meta["branches"] = self._branches
+        if self._user_meta:
+            meta["user"] = self._user_meta
+        return meta
+
+    # -- context manager ---------------------------------------------------------
+    def __enter__(self) -> Session:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(failed=exc_type is not None, error=exc)
+
+    def start(self) -> None:
+        if self._open:
+            raise RuntimeError("this probe session is already running")
+        if self.writer:
+            self.store = RunStore(self.run_dir, self._mode)
+            meta = self._meta()
+            if self.store.resumed:
+                last = self.store.last_step()
+                self.step_index = 0 if last is None else last + 1
+                meta["start_time"] = self.store.meta.get("start_time", now_iso())
+                meta["resumed_at"] = [*self.store.meta.get("resumed_at", []), self.step_index]
+            else:
+                meta["start_time"] = now_iso()
+            self.store.write_meta(meta)
+        self._t0 = time.monotonic()
+        for p in self.probes:
+            p.setup(self)
+        if self.optimizer is not None:
+            self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
+            self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
+        self._open = True
+        self._set_recording(self._records(self.step_index))
+
+    def _records(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def _set_recording(self, on: bool) -> None:
+        if on and not self._recording:
+            for p in self.probes:
+                p.arm()
+        elif not on and self._recording:
+            for p in self.probes:
+                p.disarm()
+        self._recording = on
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._recording:
+            return
+        for p in self.probes:
+            if isinstance(p, GradientProbe):
+                p.capture()
+            elif isinstance(p, UpdateProbe):
+                p.before_step()
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._recording:
+            return
+        for p in self.probes:
+            if isinstance(p, UpdateProbe):
+                p.after_step()
+
+    # -- the loop ------------------------------------------------------------------
+    def step(self, loss: Any = None, **scalars: Any) -> None:
+        """End of one training step: record ``loss`` and any named scalars
+        (tensors stay on the device until the flush), collect the probes on
+        recording steps, and run due scheduled diagnostics."""
+        if not self._open:
+            raise RuntimeError("run.step() called outside the `with dynascope.probe(...)` block")
+        s = self.step_index
+        if loss is not None:
+            scalars = {"loss": loss, **scalars}
+        for key, value in scalars.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"scalar {key!r} must have one element, got shape {tuple(value.shape)}")
+                value = value.detach().reshape(())
+            elif not isinstance(value, (int, float, np.number)):
+                raise TypeError(f"scalar {key!r} must be a number or a one-element tensor, got {type(value).__name__}")
+            self._scalar_buf.append((s, key, value))
+        if self._recording:
+            for p in self.probes:
+                got = p.collect(s)
+                if got is not None:
+                    self._device_buf.append((s, got))
+            self._recorded_since_flush += 1
+        due = [d for d in self.scheduled if d.due(s)]
+        if due:
+            self._set_recording(False)
+            for d in due:
+                self._run_scheduled(d, s, final=False)
+        self.step_index = s + 1
+        self._set_recording(self._records(self.step_index))
+        if self._recorded_since_flush >= self.flush_every or (
+            time.monotonic() - self._last_flush > self.flush_seconds and (self._device_buf or self._scalar_buf)
+        ):
+            self.flush()
+
+    def log(self, metric: str, value: float, layer: str = "", step: int | None = None) -> None:
+        """Record one extra scalar row (host value) at ``step`` (default: current)."""
+        self._host_rows.append((self.step_index if step is None else step, metric, layer, float(value)))
+
+    def mark(self, key: str, value: Any) -> None:
+        """Mark an event at the current step, e.g. ``run.mark("task", 3)`` at a task boundary."""
+        if self.store is not None:
+            self.store.mark(self.step_index, key, value)
+
+    def _run_scheduled(self, diag: Scheduled, step: int, final: bool, close: bool = False) -> None:
+        def log_fn(metric: str, value: float, layer: str) -> None:
+            self._host_rows.append((step, metric, layer, value))
+
+        def artifact_fn(name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+            if self.store is not None:
+                self.store.write_artifact(name, step, arrays, meta)
+
+        ctx = ScheduledContext(self.model, self.optimizer, step, final, log_fn, artifact_fn)
+        with preserved_state(self.model), torch.enable_grad():
+            if close:
+                diag.on_close(ctx)
+            else:
+                diag.run(ctx)
+
+    # -- flushing ------------------------------------------------------------------
+    def flush(self) -> None:
+        """Move every buffered value to the host in one transfer and write it."""
+        rows: list[tuple[int, str, str, float]] = list(self._host_rows)
+        device_parts: list[torch.Tensor] = []
+        index: list[tuple[int, Collected]] = []
+        for s, c in self._device_buf:
+            device_parts.append(c.values.reshape(-1).float())
+            index.append((s, c))
+        scalar_tensors = [(s, k, v) for s, k, v in self._scalar_buf if isinstance(v, torch.Tensor)]
+        for _, _, v in scalar_tensors:
+            device_parts.append(v.reshape(1).float())
+        host = _to_host(device_parts)
+        pos = 0
+        for s, c in index:
+            n = c.values.numel()
+            vals = host[pos:pos + n]
+            pos += n
+            rows.extend((s, m, lay, float(v)) for (m, lay), v in zip(c.keys, vals))
+            if c.post is not None:
+                lookup = {k: float(v) for k, v in zip(c.keys, vals)}
+                rows.extend((s, m, lay, float(v)) for m, lay, v in c.post(lookup))
+        for s, k, v in self._scalar_buf:
+            if isinstance(v, torch.Tensor):
+                rows.append((s, k, "", float(host[pos])))
+                pos += 1
+            else:
+                rows.append((s, k, "", float(v)))
+        if self.store is not None and rows:
+            self.store.write_scalars(rows)
+        self._device_buf.clear()
+        self._scalar_buf.clear()
+        self._host_rows.clear()
+        self._recorded_since_flush = 0
+        self._last_flush = time.monotonic()
+
+    def close(self, failed: bool = False, error: BaseException | None = None) -> None:
+        """Detach everything, run end-of-run diagnostics, flush and finish the metadata."""
+        if not self._open:
+            return
+        self._open = False
+        self._set_recording(False)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        try:
+            if not failed:
+                last = self.step_index - 1
+                for d in self.scheduled:
+                    if d.at_end:
+                        self._run_scheduled(d, max(last, 0), final=True)
+                for d in self.scheduled:
+                    self._run_scheduled(d, max(last, 0), final=True, close=True)
+        finally:
+            for p in self.probes:
+                p.close()
+            try:
+                self.flush()
+            finally:
+                if self.store is not None:
+                    meta: dict[str, Any] = {
+                        "end_time": now_iso(),
+                        "wall_time_s": time.monotonic() - self._t0 + float(self.store.meta.get("wall_time_s", 0.0)
+                                                                          if self.store.resumed else 0.0),
+                        "steps": self.step_index,
+                        "status": "failed" if failed else "finished",
+                    }
+                    if error is not None:
+                        meta["error"] = "".join(traceback.format_exception_only(type(error), error)).strip()[:2000]
+                    self.store.write_meta(meta)
+                    self.store.close()
+
+
+def _to_host(parts: list[torch.Tensor]) -> np.ndarray:
+    """Concatenate device tensors and copy them to the host: one transfer per device."""
+    if not parts:
+        return np.zeros(0)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(parts):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.cat(parts).cpu().numpy().astype(np.float64)
+    out: list[np.ndarray | None] = [None] * len(parts)
+    for _, idx in by_device.items():
+        flat = torch.cat([parts[i] for i in idx]).cpu().numpy()
+        pos = 0
+        for i in idx:
+            n = parts[i].numel()
+            out[i] = flat[pos:pos + n]
+            pos += n
+    return np.concatenate(out).astype(np.float64)  # type: ignore[arg-type]
+
+
+def probe(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    every: int = 10,
+    **options: Any,
+) -> Session:
+    """Record a training run. Use as ``with dynascope.probe(model, opt, "runs/x") as run: ... run.step(loss=loss)``.
+
+    Options (keywords): ``probes`` (subset of ``("activations", "gradients",
+    "updates")`` and/or Probe instances), ``modules`` (type, glob pattern,
+    list or predicate selecting modules), ``all_params`` (also 1-D
+    parameters in weight/update metrics), ``curvature`` / ``landscape`` /
+    ``plasticity`` / ``scheduled`` (periodic diagnostics), ``resume`` /
+    ``overwrite`` (an existing run directory is otherwise refused), ``name``,
+    ``seed``, ``blocks`` / ``branches`` (modules that form the depth axis of
+    the signal propagation plot and the residual branches), ``flush_every``,
+    ``flush_seconds``, ``meta`` (extra JSON-able metadata).
+    """
+    return Session(model, optimizer, run_dir, every=every, **options)
+
