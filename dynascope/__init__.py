@@ -1,18 +1,67 @@
 """dynascope: see what happens inside a PyTorch training run.
 
 Wrap a training loop in :func:`probe`, read the run back with
-:func:`load_run`, and draw the papers' figures with :func:`report`.
+:func:`load_run`, and draw the papers' figures with :func:`report`::
+
+    with dynascope.probe(model, optimizer, run_dir="runs/exp1", every=10) as run:
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+            run.step(loss=loss)
+    dynascope.report(["runs/exp1"], "report.html")
+
+The diagnostics (Hessian, landscapes, plasticity) and the scheduled
+diagnostics that run them during training are imported on first use, so
+``import dynascope`` stays light.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
+from .probes.base import Collected, Probe  # noqa: E402
+from .probes.scheduled import Scheduled, ScheduledContext  # noqa: E402
+from .session import Session, probe  # noqa: E402
 from .store import RunData, load_run  # noqa: E402
 
-__all__ = ["__version__", "RunData", "load_run"]
+# public name -> module that defines it (imported lazily)
+_LAZY: dict[str, str] = {
+    "report": "dynascope.reports.html",
+    "Curvature": "dynascope.probes.curvature",
+    "Landscape": "dynascope.probes.landscape",
+    "Plasticity": "dynascope.probes.plasticity",
+    "hessian_eigenvalues": "dynascope.diagnostics.hessian",
+    "hessian_trace": "dynascope.diagnostics.hessian",
+    "hessian_spectrum": "dynascope.diagnostics.hessian",
+    "layer_sharpness": "dynascope.diagnostics.hessian",
+    "preconditioned_sharpness": "dynascope.diagnostics.hessian",
+    "stability_threshold": "dynascope.diagnostics.hessian",
+    "loss_landscape": "dynascope.diagnostics.landscape",
+    "interpolate": "dynascope.diagnostics.landscape",
+    "trajectory_plane": "dynascope.diagnostics.landscape",
+    "effective_rank": "dynascope.diagnostics.plasticity",
+    "srank": "dynascope.diagnostics.plasticity",
+    "dead_fraction": "dynascope.diagnostics.plasticity",
+    "dormant_fraction": "dynascope.diagnostics.plasticity",
+    "weight_magnitude": "dynascope.diagnostics.plasticity",
+    "equilibrium_angle": "dynascope.diagnostics.scale",
+}
 
-from .probes.base import Collected, Probe  # noqa: E402
-from .session import Session, probe  # noqa: E402
+__all__ = ["__version__", "Collected", "Probe", "RunData", "Scheduled", "ScheduledContext", "Session",
+           "load_run", "probe", *_LAZY]
 
-__all__ += ["Collected", "Probe", "Session", "probe"]
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dynascope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
