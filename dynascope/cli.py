@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
             mod = importlib.import_module(module)
-        except ImportError:
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a real import error inside our module: show it
+                raise
             p.set_defaults(_unavailable=module)
             continue
         mod.add_arguments(p)
