@@ -1,1 +1,200 @@
-"""Figures: signal."""
+"""Figures: signal propagation along depth (orders 200-299).
+
+- Signal propagation plot (Brock, De, Smith 2021): average channel squared
+  mean, average channel variance and residual-branch average channel variance
+  against block depth, at the first and last recorded step.
+- Hidden-state variance against layer index at several steps (curse of depth,
+  Sun et al. 2025).
+- Largest |activation| against layer index (massive activations, Sun et al. 2024).
+
+Depth follows :func:`._helpers.depth_modules` (meta ``blocks`` when the user
+marked them, else a stated heuristic), and each caption says which was used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib import cm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from ...store import RunData
+from .. import _data
+from . import figure, run_colors
+from ._helpers import NONFINITE_HANDLE, depth_modules, new_figure, plot_series, run_gid, run_legend, set_caption, text
+
+MASSIVE_ABS = 100.0
+
+
+def _first_last(run: RunData, metric: str, layer: str) -> list[int]:
+    st = _data.steps(run, metric, layer)
+    if len(st) == 0:
+        return []
+    return sorted({int(st[0]), int(st[-1])})
+
+
+def _depth_ticks(ax, names: list[str], single: bool) -> None:
+    if single and len(names) <= 16:
+        ax.set_xticks(np.arange(1, len(names) + 1), [text(n if len(n) <= 16 else "…" + n[-15:]) for n in names],
+                      rotation=45, ha="right", fontsize=7)
+
+
+@figure("signal_propagation", section="Signal propagation", title="Signal propagation plot: channel statistics "
+        "against block depth at the first and last recorded step", source="Brock, De, Smith 2021, Characterizing "
+        "signal propagation to close the performance gap in unnormalized ResNets (Fig. 1)", order=200)
+def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
+    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.channel_var")]
+    if not have:
+        return None
+    with_branches = any(r.meta.get("branches") and _data.has(r, "act.channel_var") for _, r in have)
+    panels = [("act.channel_sq_mean", "avg channel squared mean"), ("act.channel_var", "avg channel variance")]
+    if with_branches:
+        panels.append(("branch", "residual branch avg channel variance"))
+    fig = new_figure(4.0 * len(panels) + 1, 3.9)
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    colors = run_colors(runs)
+    hows, any_bad, drawn = [], False, False
+    for i, r in have:
+        mods, how = depth_modules(r, "act.channel_var")
+        if not mods:
+            continue
+        hows.append(f"{r.name}: {how} ({len(mods)} points)")
+        steps = _first_last(r, "act.channel_var", mods[0])
+        branches = [b for b in (r.meta.get("branches") or []) if b in set(_data.layers(r, "act.channel_var"))]
+        for ax, (metric, _) in zip(axes, panels):
+            lays = branches if metric == "branch" else mods
+            m = "act.channel_var" if metric == "branch" else metric
+            if not lays or not _data.has(r, m):
+                continue
+            table = _data.at_steps(r, m, lays, steps)
+            x = np.arange(1, len(lays) + 1)
+            for k, step in enumerate(steps):
+                last = k == len(steps) - 1 and len(steps) > 1
+                y = table.loc[step].to_numpy(dtype=float)
+                any_bad |= plot_series(ax, x, y, color=colors[i], linestyle="-" if last else "--",
+                                       marker="o" if len(x) <= 60 else None, markersize=3.5,
+                                       markerfacecolor=colors[i] if last else "white",
+                                       gid=run_gid(fig, i, f"{r.name}: step {step}"), log=True)
+                drawn = True
+            if len(have) == 1:
+                _depth_ticks(ax, lays, True)
+    if not drawn:
+        return None
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("block depth")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    extra = [Line2D([], [], color="gray", linestyle="--", marker="o", markerfacecolor="white",
+                    label="first recorded step"),
+             Line2D([], [], color="gray", linestyle="-", marker="o", label="last recorded step")]
+    run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have], extra + ([NONFINITE_HANDLE] if any_bad else []))
+    set_caption(fig, "Statistics of each block's output, averaged over channels (channel = dim 1 for conv "
+                "outputs, the last dim for sequences), on the training batches the probe saw (the paper uses a "
+                "N(0,1) input batch at initialization). Index i = output of block i. Residual-branch variance is "
+                "the branch output before the skip addition (meta 'branches'). " + " ".join(h + "." for h in hows))
+    return fig
+
+
+def _spread_steps(st: np.ndarray, k: int = 5) -> list[int]:
+    if len(st) == 0:
+        return []
+    idx = np.unique(np.linspace(0, len(st) - 1, min(k, len(st))).round().astype(int))
+    return [int(st[i]) for i in idx]
+
+
+@figure("hidden_variance_depth", section="Signal propagation", title="Hidden-state variance against layer index "
+        "at several steps", source="Sun et al. 2025, The Curse of Depth in Large Language Models", order=210)
+def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
+    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.var")]
+    if not have:
+        return None
+    n = len(have)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = new_figure(max(4.2 * cols, 7), 3.6 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colors = run_colors(runs)
+    hows, any_bad, drawn = [], False, False
+    cmap = cm.get_cmap("viridis") if hasattr(cm, "get_cmap") else None
+    for ax, (i, r) in zip(axes, have):
+        mods, how = depth_modules(r, "act.var")
+        if not mods:
+            ax.set_visible(False)
+            continue
+        hows.append(f"{r.name}: {how}")
+        steps = _spread_steps(_data.steps(r, "act.var", mods[0]))
+        table = _data.at_steps(r, "act.var", mods, steps)
+        x = np.arange(1, len(mods) + 1)
+        for k, step in enumerate(steps):
+            col = cmap(k / max(len(steps) - 1, 1)) if cmap else None
+            any_bad |= plot_series(ax, x, table.loc[step].to_numpy(dtype=float), color=col, label=f"step {step}",
+                                   marker="o" if len(x) <= 60 else None, markersize=3, log=True,
+                                   gid=run_gid(fig, i, f"{r.name}: step {step}"))
+            drawn = True
+        ax.set_yscale("log")
+        ax.set_title(text(r.name), fontsize=10, color=colors[i])
+        ax.set_xlabel("layer index")
+        ax.set_ylabel("variance of the output")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="step", title_fontsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    if not drawn:
+        return None
+    if any_bad:
+        fig.legend(handles=[NONFINITE_HANDLE], loc="outside upper center", frameon=False, fontsize=9)
+    set_caption(fig, "Variance of each layer's output over all its elements (ddof = 0) against layer index, at up "
+                "to 5 recorded steps (darker = earlier). Pre-LN transformers show this variance growing with depth, "
+                "which makes deep layers close to identity maps (curse of depth). One panel per run. "
+                + " ".join(h + "." for h in hows))
+    return fig
+
+
+@figure("massive_activations", section="Signal propagation", title="Largest |activation| against layer index",
+        source="Sun et al. 2024, Massive Activations in Large Language Models", order=220)
+def massive_activations(runs: Sequence[RunData]) -> Figure | None:
+    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.absmax")]
+    if not have:
+        return None
+    fig = new_figure(9, 4.0)
+    ax = fig.subplots()
+    colors = run_colors(runs)
+    hows, any_bad, drawn = [], False, False
+    for i, r in have:
+        mods, how = depth_modules(r, "act.absmax")
+        if not mods:
+            continue
+        hows.append(f"{r.name}: {how}")
+        st = _data.steps(r, "act.absmax", mods[0])
+        last = int(st[-1])
+        y_last = _data.at_steps(r, "act.absmax", mods, [last]).loc[last].to_numpy(dtype=float)
+        rows = _data._rows(r, "SELECT layer, MAX(value) FROM scalars WHERE metric = 'act.absmax' AND layer IN "
+                           f"({','.join('?' * len(mods))}) GROUP BY layer", mods)
+        peak = dict(rows)
+        y_max = np.array([np.nan if peak.get(m) is None else peak[m] for m in mods], dtype=float)
+        x = np.arange(1, len(mods) + 1)
+        any_bad |= plot_series(ax, x, y_last, color=colors[i], marker="o" if len(x) <= 60 else None, markersize=3.5,
+                               log=True, gid=run_gid(fig, i, f"{r.name}: last step {last}"))
+        plot_series(ax, x, y_max, color=colors[i], linestyle=":", log=True,
+                    gid=run_gid(fig, i, f"{r.name}: max over steps"))
+        if len(have) == 1:
+            _depth_ticks(ax, mods, True)
+        drawn = True
+    if not drawn:
+        return None
+    ax.axhline(MASSIVE_ABS, color="black", linewidth=0.8, linestyle="-.")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer index")
+    ax.set_ylabel("max |activation|")
+    ax.grid(alpha=0.3)
+    extra = [Line2D([], [], color="gray", marker="o", label="last recorded step"),
+             Line2D([], [], color="gray", linestyle=":", label="max over recorded steps"),
+             Line2D([], [], color="black", linestyle="-.", label="|act| = 100")]
+    run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have], extra + ([NONFINITE_HANDLE] if any_bad else []))
+    set_caption(fig, "Largest absolute value of each layer's output. Sun et al. call an activation massive when it "
+                "exceeds 100 and 1000x the median |activation| of its hidden state; the probe records the maximum "
+                "only, so the median is not drawn. " + " ".join(h + "." for h in hows))
+    return fig

@@ -1,1 +1,356 @@
-"""Figures: training."""
+"""Figures: training curves, gradient norms, weight norms, angular updates, effective learning rates.
+
+Orders 100-199. Every figure overlays the runs in their :func:`run_colors`
+colour with one shared legend; per-layer figures are small multiples of at
+most 8 layers (evenly spaced in model order, named in the caption);
+non-finite values are marked with an ``x`` at the top of the panel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from ...diagnostics.scale import equilibrium_angle_from_hyperparameters
+from ...store import RunData
+from .. import _data
+from . import figure, run_colors
+from ._helpers import (
+    NONFINITE_HANDLE,
+    depth_modules,
+    new_figure,
+    pick_layers,
+    plot_series,
+    run_gid,
+    run_legend,
+    set_caption,
+    text,
+)
+
+MAX_LAYERS = 8
+_PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.",
+                   "plasticity.")
+
+
+def _user_scalars(run: RunData) -> list[str]:
+    """Run-level metrics (layer "") other than the probes' own: loss first, then the user's scalars."""
+    out = []
+    for m in _data.metrics(run):
+        if m == "loss" or m.startswith(_PROBE_PREFIXES):
+            continue
+        if _data.layers(run, m) == [""]:
+            out.append(m)
+    return (["loss"] if _data.has(run, "loss") else []) + out
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def _short(name: str, width: int = 38) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+@figure("loss", section="Training", title="Loss and logged scalars against step",
+        source="training curves as recorded by run.step(...)", order=100)
+def loss_curves(runs: Sequence[RunData]) -> Figure | None:
+    names: list[str] = []
+    for r in runs:
+        for m in _user_scalars(r):
+            if m not in names:
+                names.append(m)
+    if not names:
+        return None
+    shown = names[:6]
+    rows, cols = _grid(len(shown), 3)
+    fig = new_figure(10, 3.2 * rows + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    colors = run_colors(runs)
+    any_bad = False
+    for ax, m in zip(axes, shown):
+        finite_all = []
+        for i, (r, c) in enumerate(zip(runs, colors)):
+            s, v = _data.series(r, m)
+            if len(s) == 0:
+                continue
+            any_bad |= plot_series(ax, s, v, color=c, gid=run_gid(fig, i, f"{r.name}: {m}"), linewidth=1.2)
+            finite_all.append(v[np.isfinite(v)])
+        vals = np.concatenate(finite_all) if finite_all else np.zeros(0)
+        if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 20:
+            ax.set_yscale("log")
+        ax.set_title(text(m), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    run_legend(fig, runs, colors, [NONFINITE_HANDLE] if any_bad else [])
+    cap = "Run-level scalars against training step."
+    if len(names) > len(shown):
+        cap += f" Showing {len(shown)} of {len(names)} scalars: {', '.join(shown)}."
+    set_caption(fig, cap + " Long curves are drawn from the minimum and maximum of each of 500 step buckets, "
+                "so single-step spikes stay visible.")
+    return fig
+
+
+def _per_layer_figure(
+    runs: Sequence[RunData],
+    metric: str,
+    *,
+    ylabel: str,
+    log: bool = True,
+    candidates: Callable[[RunData], list[str]] | None = None,
+    extra: Callable[[Figure, object, int, RunData, str, str], list] | None = None,
+    leading: tuple[str, str] | None = None,
+) -> tuple[Figure, list[str], int, bool] | None:
+    """Small multiples of ``metric`` against step for at most MAX_LAYERS layers, runs overlaid.
+
+    ``leading`` = (metric, title) of a run-level panel drawn first (e.g. the global norm).
+    Returns the figure, the layers shown, how many were available, and whether any value was non-finite.
+    """
+    have = [r for r in runs if _data.has(r, metric)]
+    if not have:
+        return None
+    pool: list[str] = []
+    for r in have:
+        for lay in (candidates(r) if candidates else _data.layers(r, metric)):
+            if lay not in pool and lay != "":
+                pool.append(lay)
+    if not pool:
+        return None
+    shown = pick_layers(pool, MAX_LAYERS)
+    panels: list[tuple[str, str, str]] = []
+    if leading is not None and any(_data.has(r, leading[0]) for r in runs):
+        panels.append((leading[0], "", leading[1]))
+    panels += [(metric, lay, _short(lay)) for lay in shown]
+    rows, cols = _grid(len(panels), 3 if len(panels) <= 6 else 4)
+    fig = new_figure(11 if cols == 4 else 10, 2.6 * rows + 0.7)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True).ravel()
+    colors = run_colors(runs)
+    extra_handles: dict[str, object] = {}
+    any_bad = False
+    for ax, (m, lay, title) in zip(axes, panels):
+        for i, (r, c) in enumerate(zip(runs, colors)):
+            s, v = _data.series(r, m, lay)
+            if len(s) == 0:
+                continue
+            any_bad |= plot_series(ax, s, v, color=c, gid=run_gid(fig, i, f"{r.name}: {m} {lay}"), log=log,
+                                   linewidth=1.1)
+            if extra is not None:
+                for h in extra(fig, ax, i, r, lay, c):
+                    extra_handles[h.get_label()] = h
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(text(title), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[(rows - 1) * cols:]:
+        ax.set_xlabel("step", fontsize=9)
+    for ax in axes[::cols]:
+        ax.set_ylabel(text(ylabel), fontsize=9)
+    run_legend(fig, runs, colors, list(extra_handles.values()) + ([NONFINITE_HANDLE] if any_bad else []))
+    return fig, shown, len(pool), any_bad
+
+
+def _layers_caption(shown: list[str], total: int) -> str:
+    if total <= len(shown):
+        return f"All {total} layers: {', '.join(shown)}."
+    return f"{len(shown)} of {total} layers, evenly spaced in model order: {', '.join(shown)}."
+
+
+def _scale_invariant_layers(run: RunData, layers: Sequence[str]) -> set[str]:
+    if not _data.has(run, "scale_invariant"):
+        return set()
+    out = set()
+    for lay in layers:
+        _, v = _data.series(run, "scale_invariant", lay)
+        v = v[np.isfinite(v)]
+        if len(v) and v.mean() >= 0.5:
+            out.add(lay)
+    return out
+
+
+def _grad_layers(run: RunData) -> tuple[list[str], str]:
+    """Layers for gradient-norm-vs-depth: the depth modules, else the matrix parameters."""
+    mods, how = depth_modules(run, "grad.norm")
+    if len(mods) >= 2:
+        return mods, how
+    weights = [p for p in _data.layers(run, "grad.norm") if p in set(_data.layers(run, "weight.norm"))]
+    if len(weights) >= 2:
+        return weights, "layer index = parameters with ndim >= 2 in model order"
+    return _data.layers(run, "grad.norm"), "layer index = every recorded layer in model order"
+
+
+@figure("grad_norm_depth", section="Gradients", title="Gradient norm against layer index (first, middle and last "
+        "recorded step)", source="Xiong et al. 2020, On Layer Normalization in the Transformer Architecture; "
+        "Shleifer et al. 2021, NormFormer", order=140)
+def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
+    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "grad.norm")]
+    if not have:
+        return None
+    fig = new_figure(9, 4.2)
+    ax = fig.subplots()
+    colors = run_colors(runs)
+    styles = {"first": ("--", "o"), "middle": (":", "s"), "last": ("-", "^")}
+    hows, any_bad, max_n = [], False, 0
+    for i, r in have:
+        lays, how = _grad_layers(r)
+        if not lays:
+            continue
+        hows.append(f"{r.name}: {how}")
+        st = _data.steps(r, "grad.norm", lays[0])
+        if len(st) == 0:
+            continue
+        chosen = {"first": st[0], "middle": st[len(st) // 2], "last": st[-1]}
+        table = _data.at_steps(r, "grad.norm", lays, sorted(set(chosen.values())))
+        x = np.arange(len(lays))
+        max_n = max(max_n, len(lays))
+        for which, step in chosen.items():
+            ls, mk = styles[which]
+            y = table.loc[step].to_numpy(dtype=float)
+            any_bad |= plot_series(ax, x, y, color=colors[i], linestyle=ls, marker=mk if len(x) <= 40 else None,
+                                   markersize=4, log=True, gid=run_gid(fig, i, f"{r.name}: step {step}"))
+        if len(have) == 1 and len(lays) <= 16:
+            ax.set_xticks(x, [text(_short(n, 18)) for n in lays], rotation=45, ha="right", fontsize=7)
+    if max_n == 0:
+        return None
+    ax.set_yscale("log")
+    ax.set_xlabel("layer index")
+    ax.set_ylabel("gradient norm")
+    ax.grid(alpha=0.3)
+    extra = [Line2D([], [], color="gray", linestyle=ls, marker=mk, label=f"{w} recorded step")
+             for w, (ls, mk) in styles.items()]
+    run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have],
+               extra + ([NONFINITE_HANDLE] if any_bad else []))
+    set_caption(fig, "Gradient norm (module norms are the parameters' norms summed in quadrature) against layer "
+                "index at the first, middle and last recorded step. Post-LN transformers show gradients growing "
+                "with depth at initialization, Pre-LN a flat profile (Xiong et al. 2020). "
+                + " ".join(h + "." for h in hows))
+    return fig
+
+
+@figure("grad_norm_step", section="Gradients", title="Gradient norm against step, per layer",
+        source="per-layer gradient norms (Xiong et al. 2020; Shleifer et al. 2021)", order=145)
+def grad_norm_step(runs: Sequence[RunData]) -> Figure | None:
+    out = _per_layer_figure(runs, "grad.norm", ylabel="gradient norm",
+                            candidates=lambda r: _grad_layers(r)[0],
+                            leading=("grad.global_norm", "global gradient norm"))
+    if out is None:
+        return None
+    fig, shown, total, _ = out
+    set_caption(fig, "Gradient norm against step. First panel: global norm over all parameters, when recorded. "
+                + _layers_caption(shown, total))
+    return fig
+
+
+def _si_title_hint(runs: Sequence[RunData], shown: list[str]) -> str:
+    si = set()
+    for r in runs:
+        si |= _scale_invariant_layers(r, shown)
+    if not si:
+        return ""
+    return f" Scale-invariant by the AdamP test (majority of recorded steps): {', '.join(s for s in shown if s in si)}."
+
+
+@figure("weight_norm", section="Weights and effective learning rate", title="Weight norm against step, per layer",
+        source="Heo et al. 2021, AdamP (project page: average weight norm per epoch)", order=160)
+def weight_norm(runs: Sequence[RunData]) -> Figure | None:
+    out = _per_layer_figure(runs, "weight.norm", ylabel="||w||", log=False)
+    if out is None:
+        return None
+    fig, shown, total, _ = out
+    set_caption(fig, "Frobenius norm of each weight tensor (ndim >= 2). Without weight decay the norm of a "
+                "scale-invariant weight grows, which lowers its effective learning rate. "
+                + _layers_caption(shown, total) + _si_title_hint(runs, shown))
+    return fig
+
+
+def _equilibrium(run: RunData) -> tuple[float | None, str]:
+    opt = run.meta.get("optimizer") or None
+    if not opt or not opt.get("class"):
+        return None, f"{run.name}: no optimizer recorded"
+    groups = opt.get("hyperparameters") or []
+    if not groups:
+        return None, f"{run.name}: no hyper-parameters recorded"
+    vals = [equilibrium_angle_from_hyperparameters(str(opt["class"]), g) for g in groups]
+    v = vals[0]
+    cls = opt["class"]
+    if v is None:
+        wd = groups[0].get("weight_decay", 0)
+        why = "no weight decay" if not wd else f"no closed form for {cls}"
+        return None, f"{run.name}: not drawn ({why})"
+    note = f"{run.name}: {cls}, {v:.3g} rad"
+    if len({None if x is None else round(x, 12) for x in vals}) > 1:
+        note += " (param group 0; groups differ)"
+    return v, note
+
+
+@figure("angular_update", section="Weights and effective learning rate",
+        title="Angular update per step (mean over rows) against step, with the rotational equilibrium",
+        source="Kosson et al. 2024, Rotational Equilibrium (REQ)", order=170)
+def angular_update(runs: Sequence[RunData]) -> Figure | None:
+    eq = {id(r): _equilibrium(r) for r in runs}
+    handle = Line2D([], [], color="gray", linestyle="--", label="equilibrium angle")
+
+    def extra(fig, ax, i, r, lay, c):
+        v, _ = eq[id(r)]
+        if v is None:
+            return []
+        ax.axhline(v, color=c, linestyle="--", linewidth=1, gid=run_gid(fig, i, f"{r.name}: equilibrium {v:.3g}"))
+        return [handle]
+
+    out = _per_layer_figure(runs, "update.angle_row", ylabel="angle (rad)", extra=extra)
+    if out is None:
+        return None
+    fig, shown, total, _ = out
+    notes = "; ".join(n for _, n in eq.values())
+    set_caption(fig, "Angle between consecutive weights, arccos(<w_t, w_t+1> / (||w_t|| ||w_t+1||)), per row of "
+                "w.flatten(1), averaged over rows. Dashed: expected equilibrium angle of a scale-invariant weight "
+                "(AdamW: sqrt(2 eta lambda (1-beta1)/(1+beta1)); SGD with momentum alpha: "
+                "sqrt(2 eta lambda/(1+alpha))), from the recorded initial learning rate and weight decay: "
+                f"{notes}. " + _layers_caption(shown, total) + _si_title_hint(runs, shown))
+    return fig
+
+
+@figure("effective_lr", section="Weights and effective learning rate", title="Effective learning rate against "
+        "step, per layer", source="van Laarhoven 2017, L2 Regularization versus Batch and Weight Normalization; "
+        "Heo et al. 2021, AdamP", order=180)
+def effective_lr(runs: Sequence[RunData]) -> Figure | None:
+    out = _per_layer_figure(runs, "lr.effective", ylabel="effective LR")
+    if out is None:
+        return None
+    fig, shown, total, _ = out
+    set_caption(fig, "Effective learning rate of each weight tensor as recorded by the probe (SGD family: "
+                "lr/||w||^2; Adam family: lr/||w||). It is the step size on the unit sphere for a scale-invariant "
+                "weight. " + _layers_caption(shown, total) + _si_title_hint(runs, shown))
+    return fig
+
+
+@figure("grad_weight_cos", section="Weights and effective learning rate",
+        title="Largest |cos(gradient, weight)| over rows against the scale-invariance threshold",
+        source="Heo et al. 2021, AdamP (projection test, delta = 0.1)", order=190)
+def grad_weight_cos(runs: Sequence[RunData]) -> Figure | None:
+    handle = Line2D([], [], color="gray", linestyle="--", label="threshold delta/sqrt(row dim)")
+
+    def extra(fig, ax, i, r, lay, c):
+        s, v = _data.series(r, "grad.weight_cos_threshold", lay)
+        if len(s) == 0:
+            return []
+        plot_series(ax, s, v, color=c, linestyle="--", linewidth=1, log=True,
+                    gid=run_gid(fig, i, f"{r.name}: threshold {lay}"))
+        return [handle]
+
+    out = _per_layer_figure(runs, "grad.weight_cos_rowmax", ylabel="max row |cos|", extra=extra)
+    if out is None:
+        return None
+    fig, shown, total, _ = out
+    set_caption(fig, "Max over rows of |cos(grad_row, w_row)| (solid) and the AdamP threshold delta/sqrt(row dim) "
+                "(dashed). Below the threshold the weight behaves as scale-invariant; weight decay shrinking rows "
+                "until the normalization eps matters breaks the invariance. " + _layers_caption(shown, total))
+    return fig

@@ -1,0 +1,157 @@
+"""Plot helpers shared by the signal and training figures.
+
+- :func:`new_figure` makes a pyplot-free Figure (no global state, safe in threads).
+- :func:`plot_series` draws a line against step, min/max-decimated to a
+  readable number of points (spikes survive), and marks every non-finite value
+  with an ``x`` at the top edge of the axes so NaN/Inf are visible, not dropped.
+- :func:`depth_modules` chooses the modules along the main path (block depth).
+- :func:`set_caption` attaches a caption the HTML report prints under the figure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.transforms import blended_transform_factory
+
+from ...store import RunData
+from .. import _data
+
+__all__ = ["new_figure", "plot_series", "decimate", "pick_layers", "depth_modules", "set_caption", "text",
+           "run_gid", "NONFINITE_HANDLE", "run_legend", "CAPTION_ATTR", "GID_LABELS_ATTR"]
+
+CAPTION_ATTR = "dynascope_caption"
+GID_LABELS_ATTR = "dynascope_gid_labels"
+MAX_POINTS = 1000
+_gid_counter = itertools.count()
+
+NONFINITE_HANDLE = Line2D([], [], linestyle="none", marker="x", color="black", markersize=7, label="non-finite value")
+
+
+def text(s: object) -> str:
+    """A user string made safe for matplotlib text: ``$`` would start mathtext."""
+    return str(s).replace("$", r"\$")
+
+
+def new_figure(width: float = 9.0, height: float = 4.0) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    setattr(fig, GID_LABELS_ATTR, {})
+    return fig
+
+
+def set_caption(fig: Figure, caption: str) -> None:
+    """Caption printed below the figure in the report (plain text, escaped there)."""
+    setattr(fig, CAPTION_ATTR, caption)
+
+
+def run_gid(fig: Figure, run_index: int, label: str) -> str:
+    """An SVG id for an artist of run ``run_index``; the report uses it to toggle runs and show tooltips."""
+    gid = f"dsrun{run_index}-{next(_gid_counter)}"
+    labels = getattr(fig, GID_LABELS_ATTR, None)
+    if labels is None:
+        labels = {}
+        setattr(fig, GID_LABELS_ATTR, labels)
+    labels[gid] = label
+    return gid
+
+
+def decimate(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the minimum and maximum of each of ``max_points // 2`` buckets (in step order).
+
+    Finite values only; a spike of one step survives. Shorter series pass through.
+    """
+    n = len(x)
+    if n <= max_points:
+        return x, y
+    nb = max(max_points // 2, 1)
+    edges = np.linspace(0, n, nb + 1).astype(int)
+    idx: list[int] = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        if b <= a:
+            continue
+        seg = y[a:b]
+        i, j = a + int(np.argmin(seg)), a + int(np.argmax(seg))
+        idx.extend(sorted({i, j}))
+    sel = np.asarray(idx)
+    return x[sel], y[sel]
+
+
+def plot_series(ax, x: np.ndarray, y: np.ndarray, *, color: str, label: str | None = None, gid: str | None = None,
+                log: bool = False, **kw) -> bool:
+    """Plot ``y`` against ``x``; returns True when some value was non-finite (and marked).
+
+    With ``log``, non-positive finite values are treated like non-finite ones
+    for the line (a log axis cannot show them) but are not marked.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y, dtype=float)
+    bad = ~np.isfinite(y)
+    ok = ~bad & ((y > 0) if log else True)
+    xs, ys = decimate(x[ok], y[ok])
+    ax.plot(xs, ys, color=color, label=label, gid=gid, **kw)
+    if bad.any():
+        xb = x[bad]
+        if len(xb) > 200:  # one marker per bucket is enough to see where they are
+            xb = np.unique(np.linspace(xb.min(), xb.max(), 200).round())
+        trans = blended_transform_factory(ax.transData, ax.transAxes)
+        ax.plot(xb, np.full(len(xb), 0.97), linestyle="none", marker="x", color=color, markersize=6,
+                markeredgewidth=1.5, transform=trans, clip_on=False, gid=None if gid is None else gid + "-nf")
+        return True
+    return False
+
+
+def pick_layers(names: Sequence[str], k: int = 8) -> list[str]:
+    """At most ``k`` names evenly spaced over ``names`` (first and last included)."""
+    names = list(names)
+    if len(names) <= k:
+        return names
+    idx = np.unique(np.linspace(0, len(names) - 1, k).round().astype(int))
+    return [names[i] for i in idx]
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\d+", "#", name)
+
+
+def depth_modules(run: RunData, metric: str) -> tuple[list[str], str]:
+    """Modules along the main path, in depth order, and how they were chosen.
+
+    1. meta ``blocks`` (the residual blocks the user marked), when recorded;
+    2. else the recorded modules whose names, with every number replaced by
+       ``#``, share the shallowest repeated pattern with at least 3 members
+       (``h.#``, ``layers.#``, ``layer#.#`` for ResNet stages, ``#`` for an
+       nn.Sequential), in model order;
+    3. else the top-level modules (no ``.`` in the name).
+    """
+    recorded = _data.layers(run, metric)
+    rec = set(recorded)
+    blocks = run.meta.get("blocks")
+    if blocks:
+        chosen = [b for b in blocks if b in rec]
+        if chosen:
+            return chosen, "depth = the residual blocks marked in the run (meta 'blocks')"
+    groups: dict[str, list[str]] = {}
+    for name in recorded:
+        if name:
+            groups.setdefault(_pattern(name), []).append(name)
+    cands = [(p.count(".") , -len(v), p) for p, v in groups.items() if len(v) >= 3 and "#" in p]
+    if cands:
+        _, _, pat = min(cands)
+        return groups[pat], (f"depth = recorded modules matching '{pat}' (# = any index): the shallowest "
+                             "repeated module pattern with at least 3 members, in model order")
+    top = [n for n in recorded if n and "." not in n]
+    return top, "depth = top-level modules in model order (no repeated block pattern found)"
+
+
+def run_legend(fig: Figure, runs: Sequence[RunData], colors: Sequence[str], extra: Sequence = ()) -> None:
+    """One shared legend above the panels: a colour per run plus ``extra`` handles."""
+    handles = [Line2D([], [], color=c, linewidth=2, label=text(r.name)) for r, c in zip(runs, colors)]
+    handles += list(extra)
+    if handles:
+        fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 5), frameon=False,
+                   fontsize=9)

@@ -1,0 +1,552 @@
+"""Automatic findings: each rule reads a run and returns what it found, with the evidence.
+
+Every rule is a function ``rule(run) -> list[Finding]`` registered in
+:data:`RULES`; its docstring gives the source and the threshold, and the
+threshold is a module constant so the report and docs/report.md can state it.
+A rule returns nothing when the run lacks the metrics it needs.
+
+Thresholds (module constants):
+
+- ``SHARPNESS_RATIO = 1.0``: ``hessian.eig`` (layer "1") >= ``hessian.threshold``.
+- ``SPIKE_WINDOW = 20``, ``SPIKE_FACTOR = 2.0``, ``SPIKE_MADS = 6.0``: a spike is a value above
+  ``SPIKE_FACTOR`` x the median of the previous ``SPIKE_WINDOW`` recorded values and above that median
+  by more than ``SPIKE_MADS`` robust standard deviations (1.4826 x MAD).
+- ``DEPTH_VAR_RATIO = 10``, ``DEPTH_VAR_RHO = 0.8``: variance at the last depth point >= 10x the first,
+  Spearman rank correlation with depth >= 0.8, at least 4 depth points.
+- ``MASSIVE_ABS = 100``, ``MASSIVE_MEDIAN_RATIO = 1000`` (with a recorded median),
+  ``MASSIVE_RMS_RATIO = 100`` (weaker criterion without a median).
+- ``GRAD_RATIO = 10``: gradient norm ratio between the last and first block.
+- ``EFF_LR_DECAY = 10``: effective LR of a scale-invariant weight fell more than 10x with weight decay 0.
+- ``DEAD_FRACTION = 0.10``, ``DORMANT_FRACTION = 0.20``: fraction of units per layer.
+- ``ERANK_DROP = 0.5``: effective rank below half of its first recorded value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..store import RunData
+from . import _data
+
+__all__ = ["Finding", "RULES", "findings", "rule"]
+
+SEVERITIES = ("error", "warning", "info")
+
+SHARPNESS_RATIO = 1.0
+SPIKE_WINDOW = 20
+SPIKE_FACTOR = 2.0
+SPIKE_MADS = 6.0
+SPIKE_COINCIDE_STEPS = 1  # recorded steps either side
+DEPTH_VAR_RATIO = 10.0
+DEPTH_VAR_RHO = 0.8
+MASSIVE_ABS = 100.0
+MASSIVE_MEDIAN_RATIO = 1000.0
+MASSIVE_RMS_RATIO = 100.0
+GRAD_RATIO = 10.0
+EFF_LR_DECAY = 10.0
+DEAD_FRACTION = 0.10
+DORMANT_FRACTION = 0.20
+ERANK_DROP = 0.5
+SCALE_INVARIANT_MAJORITY = 0.5
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis with its evidence: ``value`` compared with ``threshold`` for ``metric`` at ``layer``/``step``."""
+
+    severity: str           # "error" | "warning" | "info"
+    message: str            # one sentence, plain text (escaped when rendered)
+    metric: str
+    layer: str
+    step: int | None
+    value: float | None
+    threshold: float | None
+    figure_key: str | None  # anchor of the figure that shows it (registry key)
+    run: str = ""
+    rule: str = field(default="", compare=False)
+
+
+Rule = Callable[[RunData], list[Finding]]
+RULES: dict[str, Rule] = {}
+
+
+def rule(fn: Rule) -> Rule:
+    RULES[fn.__name__] = fn
+    return fn
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}"
+
+
+def _finite(v: np.ndarray) -> np.ndarray:
+    return v[np.isfinite(v)]
+
+
+def _threshold_series(run: RunData) -> tuple[np.ndarray, np.ndarray]:
+    lays = _data.layers(run, "hessian.threshold")
+    if not lays:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    return _data.series(run, "hessian.threshold", "" if "" in lays else lays[0])
+
+
+def _aligned_threshold(run: RunData, steps: np.ndarray) -> np.ndarray:
+    """hessian.threshold at ``steps`` (the latest recorded at or before each step, else the first)."""
+    ts, tv = _threshold_series(run)
+    if len(ts) == 0:
+        return np.full(len(steps), np.nan)
+    idx = np.clip(np.searchsorted(ts, steps, side="right") - 1, 0, len(ts) - 1)
+    return tv[idx]
+
+
+@rule
+def sharpness_above_threshold(run: RunData) -> list[Finding]:
+    """Sharpness at or above its stability threshold.
+
+    Source: Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability"
+    (GD: 2/eta; heavy-ball momentum beta: (2+2beta)/eta); Cohen et al. 2022 for Adam's preconditioned
+    sharpness. Rule: top Hessian eigenvalue ``hessian.eig`` (layer "1") >= ``hessian.threshold`` (as the
+    curvature probe records it for the optimizer) at any measured step. Reports the first such step and the
+    largest ratio.
+    """
+    if not _data.has(run, "hessian.eig") or not _data.has(run, "hessian.threshold"):
+        return []
+    s, v = _data.series(run, "hessian.eig", "1")
+    if len(s) == 0:
+        return []
+    thr = _aligned_threshold(run, s)
+    ok = np.isfinite(v) & np.isfinite(thr) & (thr > 0)
+    hit = ok & (v >= SHARPNESS_RATIO * thr)
+    if not hit.any():
+        return []
+    k = int(np.argmax(hit))
+    ratio = v[ok] / thr[ok]
+    return [Finding(
+        "warning",
+        f"Sharpness reached its stability threshold: top Hessian eigenvalue {_fmt(v[k])} >= {_fmt(thr[k])} "
+        f"at step {s[k]} ({int(hit.sum())} of {int(ok.sum())} measurements at or above; peak ratio "
+        f"{_fmt(float(ratio.max()))}). Training is at the edge of stability (Cohen et al. 2021): expect "
+        "oscillating or spiking loss; a smaller learning rate or warmup lowers the operating sharpness.",
+        "hessian.eig", "1", int(s[k]), float(v[k]), float(thr[k]), "sharpness")]
+
+
+def spikes(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Indices of spikes: value > SPIKE_FACTOR x median of the previous SPIKE_WINDOW recorded values and above
+    that median by more than SPIKE_MADS x 1.4826 x MAD (at least 5 previous values). Non-finite values are
+    neither spikes nor part of the window."""
+    v = pd.Series(np.where(np.isfinite(values), values, np.nan))
+    prev = v.shift(1)
+    med = prev.rolling(SPIKE_WINDOW, min_periods=5).median()
+    mad = (prev - med).abs().rolling(SPIKE_WINDOW, min_periods=5).median()
+    robust = 1.4826 * mad
+    cond = (v > SPIKE_FACTOR * med) & (v > med + SPIKE_MADS * robust) & (med > 0)
+    return np.flatnonzero(cond.to_numpy())
+
+
+@rule
+def loss_spikes(run: RunData) -> list[Finding]:
+    """Loss spikes, and whether they coincide with gradient-norm or sharpness spikes.
+
+    Sources: Cohen et al. 2021 (loss spikes when sharpness exceeds 2/eta); Gilmer et al. 2021, "A Loss
+    Curvature Perspective on Training Instability in Deep Learning"; Chowdhery et al. 2022 (PaLM) for
+    loss spikes with gradient-norm spikes. Spike: see :func:`spikes`. Coincides: a ``grad.global_norm``
+    spike within SPIKE_COINCIDE_STEPS recorded steps, or the last sharpness measurement at or before the
+    loss spike at or above its threshold (or itself a spike). Coinciding spikes are warnings, others info.
+    """
+    if not _data.has(run, "loss"):
+        return []
+    s, v = _data.series(run, "loss")
+    idx = spikes(s, v)
+    if len(idx) == 0:
+        return []
+    g_steps: np.ndarray = np.zeros(0, dtype=np.int64)
+    if _data.has(run, "grad.global_norm"):
+        gs, gv = _data.series(run, "grad.global_norm")
+        g_steps = gs[spikes(gs, gv)]
+    hs = hv = ht = None
+    if _data.has(run, "hessian.eig"):
+        hs, hv = _data.series(run, "hessian.eig", "1")
+        ht = _aligned_threshold(run, hs) if len(hs) else None
+        h_spk = set(hs[spikes(hs, hv)].tolist()) if len(hs) else set()
+    every = int(np.median(np.diff(s))) if len(s) > 1 else 1
+    coinciding, alone = [], []
+    for k in idx:
+        st = int(s[k])
+        why = []
+        if len(g_steps) and np.any(np.abs(g_steps - st) <= SPIKE_COINCIDE_STEPS * every):
+            why.append("gradient-norm spike")
+        if hs is not None and len(hs):
+            j = int(np.searchsorted(hs, st, side="right")) - 1
+            if j >= 0:
+                above = ht is not None and np.isfinite(ht[j]) and hv[j] >= ht[j]
+                if above or int(hs[j]) in h_spk:
+                    why.append(f"sharpness {_fmt(hv[j])} at step {int(hs[j])}"
+                               + (f" >= threshold {_fmt(ht[j])}" if above else " (spike)"))
+        (coinciding if why else alone).append((k, why))
+    out = []
+    win = s[max(idx[0] - SPIKE_WINDOW, 0):idx[0]]
+    for group, sev in ((coinciding, "warning"), (alone, "info")):
+        if not group:
+            continue
+        k, why = group[0]
+        base = float(np.nanmedian(v[max(k - SPIKE_WINDOW, 0):k])) if k > 0 else float("nan")
+        steps_list = ", ".join(str(int(s[j])) for j, _ in group[:5]) + (" ..." if len(group) > 5 else "")
+        what = ("coinciding with " + " and ".join(why)) if why else "with no gradient-norm or sharpness spike recorded"
+        out.append(Finding(
+            sev,
+            f"{len(group)} loss spike(s) {what} (steps {steps_list}); first: loss {_fmt(float(v[k]))} at step "
+            f"{int(s[k])} against a median of {_fmt(base)} over the previous {SPIKE_WINDOW} recorded steps "
+            f"(spike = more than {SPIKE_FACTOR:g}x the median and {SPIKE_MADS:g} robust SDs above it).",
+            "loss", "", int(s[k]), float(v[k]), SPIKE_FACTOR * base, "loss"))
+    del win
+    return out
+
+
+_NONFINITE_FIGURE = {"loss": "loss", "grad.global_norm": "grad_norm_step", "grad.norm": "grad_norm_step",
+                     "weight.norm": "weight_norm", "update.angle_row": "angular_update", "lr.effective": "effective_lr",
+                     "act.channel_var": "signal_propagation", "act.channel_sq_mean": "signal_propagation",
+                     "act.var": "hidden_variance_depth", "act.absmax": "massive_activations"}
+
+
+@rule
+def non_finite_values(run: RunData) -> list[Finding]:
+    """Non-finite values (NaN, +-inf) in any recorded metric.
+
+    Source: a training run whose loss, gradients or activations become NaN/Inf has diverged or overflowed
+    (e.g. fp16 overflow); the probe records these values as such. Rule: any NaN/Inf row; one error per metric
+    (the first step and layer, and the count), most affected metrics first, at most 6.
+    """
+    df = _data.non_finite_summary(run)
+    if df.empty:
+        return []
+    out = []
+    per_metric = df.groupby("metric").agg(count=("count", "sum"), first=("first_step", "min"),
+                                          layers=("layer", "nunique"), nan=("n_nan", "sum"), inf=("n_inf", "sum"))
+    per_metric["not_loss"] = [m != "loss" for m in per_metric.index]
+    per_metric = per_metric.sort_values(["not_loss", "first", "count"], ascending=[True, True, False])
+    for metric, row in list(per_metric.iterrows())[:6]:
+        sub = df[(df["metric"] == metric)].sort_values("first_step")
+        first_layer = str(sub.iloc[0]["layer"])
+        kinds = " and ".join(k for k, n in (("NaN", row["nan"]), ("inf", row["inf"])) if n)
+        where = f" in {int(row['layers'])} layer(s), first {first_layer!r}" if first_layer else ""
+        out.append(Finding(
+            "error",
+            f"{metric}: {int(row['count'])} non-finite value(s) ({kinds}){where}, first at step {int(row['first'])}.",
+            str(metric), first_layer, int(row["first"]), float("nan"), None, _NONFINITE_FIGURE.get(str(metric))))
+    if len(per_metric) > 6:
+        rest = per_metric.iloc[6:]
+        out.append(Finding("error", f"{len(rest)} more metric(s) hold non-finite values: "
+                           f"{', '.join(map(str, rest.index[:10]))}.", "", "", int(rest["first"].min()), None, None,
+                           None))
+    return out
+
+
+def _depth(run: RunData, metric: str) -> tuple[list[str], str]:
+    from .figures._helpers import depth_modules
+
+    return depth_modules(run, metric)
+
+
+def _spearman(y: np.ndarray) -> float:
+    x = np.arange(len(y))
+    ry = pd.Series(y).rank().to_numpy()
+    if np.std(ry) == 0:
+        return 0.0
+    return float(np.corrcoef(x, ry)[0, 1])
+
+
+@rule
+def variance_grows_with_depth(run: RunData) -> list[Finding]:
+    """Activation variance growing with depth (curse of depth; unnormalized residual networks).
+
+    Sources: Sun et al. 2025, "The Curse of Depth in Large Language Models" (Pre-LN output variance grows
+    with depth); Brock, De, Smith 2021 (variance grows linearly with depth in unnormalized ResNets).
+    Rule: at the last recorded step (or the last of the final 10 with at least 4 finite values), ``act.var`` along the depth modules (meta ``blocks`` or the figures'
+    heuristic) has last/first >= DEPTH_VAR_RATIO (10) and Spearman rank correlation with depth >=
+    DEPTH_VAR_RHO (0.8), over at least 4 depth points.
+    """
+    if not _data.has(run, "act.var"):
+        return []
+    mods, _ = _depth(run, "act.var")
+    if len(mods) < 4:
+        return []
+    st = _data.steps(run, "act.var", mods[0])
+    if len(st) == 0:
+        return []
+    tail = [int(x) for x in st[-10:]][::-1]
+    table = _data.at_steps(run, "act.var", mods, tail)
+    for last in tail:  # the last recorded step with enough finite values (a diverged run ends in NaN)
+        y = table.loc[last].to_numpy(dtype=float)
+        ok = np.isfinite(y) & (y > 0)
+        if ok.sum() >= 4:
+            break
+    else:
+        return []
+    yy = y[ok]
+    names = [m for m, k in zip(mods, ok) if k]
+    ratio = float(yy[-1] / yy[0])
+    rho = _spearman(yy)
+    if ratio >= DEPTH_VAR_RATIO and rho >= DEPTH_VAR_RHO:
+        return [Finding(
+            "warning",
+            f"Activation variance grows with depth: {_fmt(yy[0])} at {names[0]!r} to {_fmt(yy[-1])} at "
+            f"{names[-1]!r} ({_fmt(ratio)}x over {len(yy)} layers, rank correlation {rho:.2f}) at step {last}. "
+            "Deep layers then contribute little (curse of depth, Sun et al. 2025); LayerNorm scaling by "
+            "1/sqrt(layer index), Peri-LN or down-scaled residual branches counter it.",
+            "act.var", names[-1], last, float(yy[-1]), DEPTH_VAR_RATIO * float(yy[0]), "hidden_variance_depth")]
+    return []
+
+
+@rule
+def massive_activations(run: RunData) -> list[Finding]:
+    """Massive activations.
+
+    Source: Sun et al. 2024, "Massive Activations in Large Language Models": top |activation| > 100 and
+    >= 1000x the median |activation| of the hidden state. When the run records a median (``act.absmedian``)
+    that criterion is used. Otherwise (the default probe records ``act.absmax``, ``act.var`` and
+    ``act.mean`` only) a weaker criterion: absmax > MASSIVE_ABS (100) and absmax >= MASSIVE_RMS_RATIO (100)
+    x the RMS of the same output, sqrt(var + mean^2). For a Gaussian, 1000 x median |x| = 674 RMS, so the
+    weaker rule flags more; the RMS also includes the outliers themselves. Checked at every recorded step.
+    """
+    if not _data.has(run, "act.absmax"):
+        return []
+    has_median = _data.has(run, "act.absmedian")
+    hits = []
+    for lay in _data.layers(run, "act.absmax"):
+        s, amax = _data.series(run, "act.absmax", lay)
+        if len(s) == 0 or not np.any(amax > MASSIVE_ABS):
+            continue
+        if has_median:
+            ms, med = _data.series(run, "act.absmedian", lay)
+            ref = pd.Series(med, index=ms).reindex(s).to_numpy()
+            ratio_needed = MASSIVE_MEDIAN_RATIO
+        else:
+            vs, var = _data.series(run, "act.var", lay)
+            mean_s, mean = _data.series(run, "act.mean", lay)
+            v = pd.Series(var, index=vs).reindex(s).to_numpy()
+            m = pd.Series(mean, index=mean_s).reindex(s).to_numpy() if len(mean_s) else np.zeros(len(s))
+            ref = np.sqrt(v + np.nan_to_num(m) ** 2)
+            ratio_needed = MASSIVE_RMS_RATIO
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = amax / ref
+        hit = (amax > MASSIVE_ABS) & (ratio >= ratio_needed) & np.isfinite(ratio)
+        if hit.any():
+            k = int(np.argmax(np.where(hit, amax, -np.inf)))
+            hits.append((lay, int(s[k]), float(amax[k]), float(ratio[k])))
+    if not hits:
+        return []
+    hits.sort(key=lambda h: -h[2])
+    lay, st, val, ratio = hits[0]
+    crit = (f"> {MASSIVE_ABS:g} and >= {MASSIVE_MEDIAN_RATIO:g}x the median |activation|" if has_median else
+            f"> {MASSIVE_ABS:g} and >= {MASSIVE_RMS_RATIO:g}x the output's RMS (weaker than Sun et al.'s "
+            "1000x median: no median recorded)")
+    others = f" and {len(hits) - 1} other layer(s)" if len(hits) > 1 else ""
+    return [Finding(
+        "warning",
+        f"Massive activations in {lay!r}{others}: max |activation| {_fmt(val)} at step {st}, {_fmt(ratio)}x the "
+        f"reference ({crit}). Such outliers act as fixed biases (attention sinks) and break low-precision "
+        "quantization (Sun et al. 2024).",
+        "act.absmax", lay, st, val, MASSIVE_ABS, "massive_activations")]
+
+
+@rule
+def grad_norm_depth_ratio(run: RunData) -> list[Finding]:
+    """Gradient-norm ratio between the first and last blocks beyond GRAD_RATIO (10x).
+
+    Sources: Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture" (Post-LN: gradients
+    of late layers larger at initialization); Shleifer et al. 2021, "NormFormer" (Pre-LN: early layers get
+    larger gradients than late ones). Rule: ``grad.norm`` of the last depth module / the first, at the first
+    and at the last recorded step; flagged when >= 10 or <= 1/10.
+    """
+    if not _data.has(run, "grad.norm"):
+        return []
+    mods, _ = _depth(run, "grad.norm")
+    if len(mods) < 2:
+        return []
+    st = _data.steps(run, "grad.norm", mods[0])
+    if len(st) == 0:
+        return []
+    out = []
+    steps = sorted({int(st[0]), int(st[-1])})
+    table = _data.at_steps(run, "grad.norm", [mods[0], mods[-1]], steps)
+    worst = None
+    for step in steps:
+        g0, g1 = table.loc[step, mods[0]], table.loc[step, mods[-1]]
+        if not (np.isfinite(g0) and np.isfinite(g1)) or g0 <= 0 or g1 <= 0:
+            continue
+        r = float(g1 / g0)
+        if (r >= GRAD_RATIO or r <= 1 / GRAD_RATIO) and (worst is None or abs(math.log(r)) > abs(math.log(worst[1]))):
+            worst = (step, r, float(g0), float(g1))
+    if worst is not None:
+        step, r, g0, g1 = worst
+        if r >= GRAD_RATIO:
+            why = ("gradients grow with depth, the Post-LN pattern at initialization (Xiong et al. 2020); "
+                   "warmup or Pre-LN keep it trainable")
+        else:
+            why = ("early layers get much larger gradients than late ones (the Pre-LN mismatch NormFormer "
+                   "reports, or vanishing gradients towards the output)")
+        out.append(Finding(
+            "warning",
+            f"Gradient norm differs {_fmt(max(r, 1 / r))}x between the first and last block at step {step}: "
+            f"{_fmt(g0)} at {mods[0]!r}, {_fmt(g1)} at {mods[-1]!r}; {why}.",
+            "grad.norm", mods[-1], step, r, GRAD_RATIO if r >= 1 else 1 / GRAD_RATIO, "grad_norm_depth"))
+    return out
+
+
+def _no_weight_decay(run: RunData) -> bool:
+    opt = run.meta.get("optimizer") or {}
+    groups = opt.get("hyperparameters") or []
+    if not groups:
+        return False
+    return all(not (g.get("weight_decay") or 0) for g in groups)
+
+
+@rule
+def effective_lr_decay(run: RunData) -> list[Finding]:
+    """Effective learning rate of scale-invariant weights decayed more than EFF_LR_DECAY (10x) without weight decay.
+
+    Sources: van Laarhoven 2017, "L2 Regularization versus Batch and Weight Normalization"; Hoffer et al. 2018;
+    Heo et al. 2021 (AdamP): without weight decay the norm of a scale-invariant weight only grows, so its
+    effective step lr/||w||^2 (SGD) or lr/||w|| (Adam) shrinks and learning stalls. Rule: every param group
+    has weight_decay 0, the weight is scale-invariant (``scale_invariant`` = 1 on the majority of recorded
+    steps) and ``lr.effective`` at the last recorded step is below 1/10 of its first value.
+    """
+    if not (_data.has(run, "lr.effective") and _data.has(run, "scale_invariant")) or not _no_weight_decay(run):
+        return []
+    hits = []
+    for lay in _data.layers(run, "scale_invariant"):
+        _, flag = _data.series(run, "scale_invariant", lay)
+        flag = _finite(flag)
+        if not len(flag) or flag.mean() < SCALE_INVARIANT_MAJORITY:
+            continue
+        s, v = _data.series(run, "lr.effective", lay)
+        fin = np.isfinite(v) & (v > 0)
+        if fin.sum() < 2:
+            continue
+        first, last = v[fin][0], v[fin][-1]
+        if first / last > EFF_LR_DECAY:
+            hits.append((lay, int(s[fin][0]), int(s[fin][-1]), float(first), float(last)))
+    if not hits:
+        return []
+    hits.sort(key=lambda h: h[4] / h[3])
+    lay, s0, s1, first, last = hits[0]
+    others = f" ({len(hits)} scale-invariant weights in all)" if len(hits) > 1 else ""
+    return [Finding(
+        "warning",
+        f"Effective learning rate of scale-invariant weight {lay!r} fell {_fmt(first / last)}x from {_fmt(first)} "
+        f"at step {s0} to {_fmt(last)} at step {s1} with no weight decay{others}: its norm grows and learning "
+        "slows (van Laarhoven 2017). Weight decay, or AdamP/SGDP's projection, keeps the effective step.",
+        "lr.effective", lay, s1, last, first / EFF_LR_DECAY, "effective_lr")]
+
+
+def _plasticity_fraction(run: RunData, metric: str, limit: float, what: str, source: str) -> list[Finding]:
+    if not _data.has(run, metric):
+        return []
+    hits = []
+    for lay in _data.layers(run, metric):
+        s, v = _data.series(run, metric, lay)
+        fin = np.isfinite(v)
+        if not fin.any():
+            continue
+        last_val, last_step = float(v[fin][-1]), int(s[fin][-1])
+        frac = last_val / 100.0 if last_val > 1.0 else last_val  # accept percent
+        if frac > limit:
+            hits.append((lay, last_step, frac))
+    if not hits:
+        return []
+    hits.sort(key=lambda h: -h[2])
+    lay, st, frac = hits[0]
+    where = f"layer {lay!r}" if lay else "the network"
+    others = f" ({len(hits)} layers above {limit:.0%})" if len(hits) > 1 else ""
+    return [Finding(
+        "warning",
+        f"{frac:.1%} of the units of {where} are {what} at step {st} (threshold {limit:.0%}){others}; "
+        f"they no longer learn ({source}).",
+        metric, lay, st, frac, limit, "plasticity")]
+
+
+@rule
+def dead_units(run: RunData) -> list[Finding]:
+    """Dead units above DEAD_FRACTION (10%) of a layer at the last measurement.
+
+    Source: Dohare et al. 2024, "Loss of plasticity in deep continual learning" (units zero on every example
+    of the probe batch; fraction per layer as ``plasticity.dead``; values > 1 are read as percent).
+    """
+    return _plasticity_fraction(run, "plasticity.dead", DEAD_FRACTION, "dead (zero on every probe example)",
+                                "Dohare et al. 2024")
+
+
+@rule
+def dormant_units(run: RunData) -> list[Finding]:
+    """Dormant units above DORMANT_FRACTION (20%) of a layer at the last measurement.
+
+    Source: Sokar et al. 2023, "The Dormant Neuron Phenomenon in Deep Reinforcement Learning" (tau-dormant:
+    normalized mean |activation| <= tau; fraction per layer as ``plasticity.dormant``).
+    """
+    return _plasticity_fraction(run, "plasticity.dormant", DORMANT_FRACTION, "dormant", "Sokar et al. 2023")
+
+
+@rule
+def effective_rank_collapse(run: RunData) -> list[Finding]:
+    """Effective rank collapse: ``plasticity.erank`` below ERANK_DROP (50%) of its first measurement.
+
+    Source: Dohare et al. 2024 (effective rank of Roy and Vetterli 2007 falls as plasticity is lost);
+    Kumar et al. 2021, "Implicit Under-Parameterization". Per layer, the last finite value / the first.
+    """
+    if not _data.has(run, "plasticity.erank"):
+        return []
+    hits = []
+    for lay in _data.layers(run, "plasticity.erank"):
+        s, v = _data.series(run, "plasticity.erank", lay)
+        fin = np.isfinite(v) & (v >= 0)
+        if fin.sum() < 2 or v[fin][0] <= 0:
+            continue
+        r = float(v[fin][-1] / v[fin][0])
+        if r < ERANK_DROP:
+            hits.append((lay, int(s[fin][0]), int(s[fin][-1]), float(v[fin][0]), float(v[fin][-1]), r))
+    if not hits:
+        return []
+    hits.sort(key=lambda h: h[5])
+    lay, s0, s1, a, b, r = hits[0]
+    where = f"layer {lay!r}" if lay else "the network"
+    others = f" ({len(hits)} layers below {ERANK_DROP:.0%})" if len(hits) > 1 else ""
+    return [Finding(
+        "warning",
+        f"Effective rank of {where} collapsed from {_fmt(a)} at step {s0} to {_fmt(b)} at step {s1} "
+        f"({r:.0%} of its first value, threshold {ERANK_DROP:.0%}){others}: the representation uses fewer "
+        "directions, a sign of lost plasticity (Dohare et al. 2024).",
+        "plasticity.erank", lay, s1, b, ERANK_DROP * a, "plasticity")]
+
+
+_SEVERITY_ORDER = {s: i for i, s in enumerate(SEVERITIES)}
+
+
+def findings(runs: Sequence[RunData], rules: Sequence[str] | None = None) -> list[Finding]:
+    """Apply every rule (or the named ones) to every run; errors first, then warnings, then info.
+
+    A rule that raises does not hide the others: it becomes an ``info`` finding naming the error.
+    """
+    names = list(RULES) if rules is None else list(rules)
+    unknown = [n for n in names if n not in RULES]
+    if unknown:
+        raise KeyError(f"unknown finding rule(s) {unknown}; known: {sorted(RULES)}")
+    out: list[Finding] = []
+    for run in runs:
+        for name in names:
+            try:
+                found = RULES[name](run)
+            except Exception as exc:  # noqa: BLE001 - a broken rule must not hide the rest of the report
+                found = [Finding("info", f"Rule {name} could not run: {type(exc).__name__}: {exc}", "", "", None,
+                                 None, None, None)]
+            out += [Finding(f.severity, f.message, f.metric, f.layer, f.step, f.value, f.threshold, f.figure_key,
+                            run.name, name) for f in found]
+    return sorted(out, key=lambda f: _SEVERITY_ORDER.get(f.severity, 9))
