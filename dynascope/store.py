@@ -26,10 +26,12 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is needed to read runs, not to record them
+    import pandas as pd
 
 __all__ = ["RunStore", "RunData", "load_run", "NotARunError", "RunExistsError", "DB_NAME", "META_NAME"]
 
@@ -176,12 +178,14 @@ class RunData:
         meta_path = self.path / META_NAME
         self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         self.name: str = str(self.meta.get("name") or self.path.name)
-        self._cache: dict[str, pd.DataFrame] = {}
+        self._cache: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"RunData({str(self.path)!r})"
 
     def _query(self, sql: str, params: tuple = ()) -> pd.DataFrame:
+        import pandas as pd
+
         con = _connect(self._db, readonly=True)
         try:
             return pd.read_sql_query(sql, con, params=params)
