@@ -669,7 +669,7 @@ def loss_landscape(
         used_seed = None
 
     named = dict(model.named_parameters())
-    keys = sorted({k for d in dirs for k in d})
+    keys = [k for k in named if any(k in d and bool(d[k].any()) for d in dirs)]  # the parameters that move
     weight_norm = math.sqrt(sum(float(named[k].detach().double().pow(2).sum()) for k in keys))
     norms = [math.sqrt(_dot(d, d)) for d in dirs]
     axis_cos = None
