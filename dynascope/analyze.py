@@ -1,0 +1,658 @@
+"""``dynascope analyze``: run diagnostics over saved checkpoints into a run directory.
+
+::
+
+    dynascope analyze CKPT_DIR_OR_FILES... --model pkg.module:factory
+        [--data pkg.module:factory] [--loss cross_entropy|mse|pkg.module:fn]
+        [--hessian] [--trace] [--landscape] [--interpolate] [--plasticity]
+        -o RUN_DIR [--report report.html] [--trust-checkpoint] [--strict]
+
+Writes the same run format as a live probe (step = the checkpoint's step), so
+every report works on it. Data-free diagnostics always run (``weight.norm``,
+``weight.magnitude``, ``weight.stable_rank``, ``weight.alpha``,
+``weight.sigma_max``, ``weight.angle_prev``, artifact ``weight.spectrum``);
+with ``--data``: ``loss`` (and ``accuracy`` for cross-entropy), and the
+optional curvature, landscape and plasticity diagnostics. An interrupted
+analysis resumes: checkpoints already recorded (same path, size and mtime,
+mark ``checkpoint``) are skipped. See docs/analyze.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    NotACheckpointError,
+    find_checkpoints,
+    load_checkpoint,
+    match_state_dict,
+)
+from .cli import UserError
+
+__all__ = ["add_arguments", "run", "analyze", "AnalyzeOptions", "import_object"]
+
+CACHE_BYTES = 512 * 2**20  # keep loaded checkpoints in memory between the step scan and the analysis below this
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT_DIR_OR_FILES",
+                        help="checkpoint files, or directories of them (.pt .pth .bin .ckpt .safetensors, "
+                             "Hugging Face model folders)")
+    parser.add_argument("--model", required=True, metavar="pkg.module:factory",
+                        help="callable returning the nn.Module the checkpoints belong to (also path/file.py:factory)")
+    parser.add_argument("--data", metavar="pkg.module:factory",
+                        help="callable returning an evaluation batch: an (inputs, targets) pair or an iterable "
+                             "of pairs")
+    parser.add_argument("--loss", default="cross_entropy", metavar="cross_entropy|mse|pkg.module:fn",
+                        help="loss_fn(outputs, targets) -> scalar (default cross_entropy)")
+    parser.add_argument("--hessian", action="store_true", help="top Hessian eigenvalues (needs --data)")
+    parser.add_argument("--hessian-k", type=int, default=1, metavar="K", help="how many top eigenvalues (default 1)")
+    parser.add_argument("--trace", action="store_true", help="Hutchinson estimate of the Hessian trace (needs --data)")
+    parser.add_argument("--landscape", action="store_true",
+                        help="1D filter-normalised loss curve around each checkpoint, and the PCA plane of the "
+                             "checkpoint trajectory (needs --data)")
+    parser.add_argument("--interpolate", action="store_true",
+                        help="loss on the line between consecutive checkpoints (needs --data)")
+    parser.add_argument("--plasticity", action="store_true",
+                        help="dead / dormant units, effective rank and srank of activation outputs (needs --data)")
+    parser.add_argument("-o", "--out", required=True, metavar="RUN_DIR", help="run directory to write (or resume)")
+    parser.add_argument("--report", metavar="report.html", help="also write the HTML report of the run")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow full unpickling of checkpoints that hold Python objects (can execute code "
+                             "from the file: only for files you trust)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad checkpoint instead of skipping it")
+    parser.add_argument("--overwrite", action="store_true", help="start RUN_DIR afresh instead of resuming it")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions and probe vectors")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# -- importing user code -----------------------------------------------------------------------------
+
+def import_object(spec: str, what: str) -> Any:
+    """``pkg.module:attr`` or ``path/to/file.py:attr`` -> the object (UserError otherwise)."""
+    if ":" not in spec:
+        raise UserError(f"{what} {spec!r} must look like pkg.module:factory (or path/to/file.py:factory)")
+    mod_name, _, attr = spec.rpartition(":")
+    if not mod_name or not attr:
+        raise UserError(f"{what} {spec!r} must look like pkg.module:factory (or path/to/file.py:factory)")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise UserError(f"{what} {spec!r}: file {mod_name!r} does not exist")
+            name = f"_dynascope_user_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(name)
+            if module is None:
+                s = importlib.util.spec_from_file_location(name, path)
+                assert s is not None and s.loader is not None
+                module = importlib.util.module_from_spec(s)
+                sys.modules[name] = module
+                try:
+                    s.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(name, None)
+                    raise
+        else:
+            cwd = os.getcwd()
+            if cwd not in sys.path and "" not in sys.path:
+                sys.path.insert(0, cwd)
+            module = importlib.import_module(mod_name)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot import {mod_name!r} for {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    s = lines[0] if lines else type(exc).__name__
+    return s if len(s) <= 200 else s[:197] + "..."
+
+
+def _make_model(spec: str) -> nn.Module:
+    factory = import_object(spec, "--model")
+    if isinstance(factory, nn.Module):
+        return factory
+    if not callable(factory):
+        raise UserError(f"--model {spec!r} is not callable (a {type(factory).__name__})")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise UserError(f"--model factory {spec!r} raised {type(exc).__name__}: {_one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _make_loss(spec: str) -> Callable[[Any, Any], torch.Tensor]:
+    if spec in ("cross_entropy", "ce"):
+        return F.cross_entropy
+    if spec == "mse":
+        return F.mse_loss
+    fn = import_object(spec, "--loss")
+    if not callable(fn):
+        raise UserError(f"--loss {spec!r} is not callable")
+    return fn
+
+
+def _make_data(spec: str, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor]) -> list[tuple[Any, Any]]:
+    from .diagnostics._batch import as_pairs, default_forward
+
+    factory = import_object(spec, "--data")
+    try:
+        data = factory() if callable(factory) and not isinstance(factory, (tuple, list, torch.Tensor)) else factory
+    except Exception as exc:
+        raise UserError(f"--data factory {spec!r} raised {type(exc).__name__}: {_one_line(exc)}") from exc
+    try:
+        pairs = as_pairs(data)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--data {spec!r}: {_one_line(exc)}") from exc
+    inputs, targets = pairs[0]
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            try:
+                out = default_forward(model, inputs)
+                loss = loss_fn(out, targets)
+            finally:
+                model.train(was)
+    except Exception as exc:
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise UserError(f"--data {spec!r} does not fit the model (inputs {shape}): "
+                        f"{type(exc).__name__}: {_one_line(exc)}") from exc
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = getattr(loss, "shape", type(loss).__name__)
+        raise UserError(f"--loss returned {got}, not a scalar, on --data {spec!r}")
+    return pairs
+
+
+# -- the analysis ------------------------------------------------------------------------------------
+
+@dataclass
+class AnalyzeOptions:
+    hessian: bool = False
+    hessian_k: int = 1
+    trace: bool = False
+    landscape: bool = False
+    interpolate: bool = False
+    plasticity: bool = False
+    trust: bool = False
+    strict: bool = False
+    seed: int = 0
+    progress: bool | None = None
+
+
+@dataclass
+class _Entry:
+    path: Path
+    step: int | None
+    source: str
+    key: dict[str, Any]
+    ckpt: Checkpoint | None = None
+    error: str | None = None
+
+
+def _file_key(path: Path) -> dict[str, Any]:
+    """Identity of a checkpoint for resuming: resolved path, size and mtime (of the weight file)."""
+    target = path
+    if path.is_dir():
+        files = [f for f in path.iterdir() if f.is_file()]
+        size = sum(f.stat().st_size for f in files)
+        mtime = max((f.stat().st_mtime_ns for f in files), default=path.stat().st_mtime_ns)
+    else:
+        size = target.stat().st_size
+        mtime = target.stat().st_mtime_ns
+    return {"path": str(path.resolve()), "size": int(size), "mtime_ns": int(mtime)}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("path", "size", "mtime_ns"))
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty()
+
+
+def _log(msg: str) -> None:
+    print(f"dynascope analyze: {msg}", file=sys.stderr)
+
+
+def analyze(
+    paths: list[str | Path],
+    model: nn.Module,
+    out: str | Path,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    data: list[tuple[Any, Any]] | None = None,
+    options: AnalyzeOptions | None = None,
+    overwrite: bool = False,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Analyze checkpoints into run directory ``out``; returns a summary dict.
+
+    Raises UserError for input that stops the whole analysis (and, with
+    ``options.strict``, for the first bad checkpoint).
+    """
+    from .store import RunData, RunExistsError, RunStore, now_iso
+
+    opts = options or AnalyzeOptions()
+    needs_data = [f for f in ("hessian", "trace", "landscape", "interpolate", "plasticity") if getattr(opts, f)]
+    if needs_data and data is None:
+        raise UserError(f"--{needs_data[0]} needs --data (an evaluation batch)")
+    if opts.hessian_k < 1:
+        raise UserError(f"--hessian-k must be >= 1, got {opts.hessian_k}")
+    try:
+        files = find_checkpoints(paths)
+    except NotACheckpointError as exc:
+        raise UserError(str(exc)) from exc
+    model.eval()
+
+    out = Path(out)
+    prior_source = None
+    if (out / "dynascope.sqlite").exists() and not overwrite:
+        prior = RunData(out)
+        prior_source = prior.meta.get("source")
+        if prior_source != "analyze":
+            raise UserError(f"{str(out)!r} holds a run that was not written by dynascope analyze "
+                            f"(source {prior_source!r}); choose another -o or pass --overwrite")
+        done_marks = [m for m in prior.marks("checkpoint")["value"] if isinstance(m, dict)]
+        written_steps = {int(s) for s in prior.steps()}
+    else:
+        done_marks, written_steps = [], set()
+    try:
+        store = RunStore(out, mode="overwrite" if overwrite else ("resume" if done_marks or prior_source else "new"))
+    except (RunExistsError, NotADirectoryError) as exc:
+        raise UserError(str(exc)) from exc
+
+    try:
+        return _analyze_into(store, files, model, loss_fn, data, opts, done_marks, written_steps, argv, now_iso)
+    finally:
+        store.close()
+
+
+def _scan(files: list[Path], opts: AnalyzeOptions, done_marks: list[dict[str, Any]], progress: bool
+          ) -> tuple[list[_Entry], list[_Entry]]:
+    """Find each checkpoint's step (loading the new ones); returns (entries, bad)."""
+    from tqdm.auto import tqdm
+
+    entries: list[_Entry] = []
+    bad: list[_Entry] = []
+    cached = 0
+    for path in tqdm(files, desc="reading checkpoints", unit="ckpt", disable=not progress, file=sys.stderr,
+                     leave=False):
+        key = _file_key(path)
+        prev = next((m for m in done_marks if _same(m, key)), None)
+        if prev is not None:
+            entries.append(_Entry(path, int(prev["step"]), str(prev.get("step_source", "")), key))
+            continue
+        try:
+            ck = load_checkpoint(path, trust=opts.trust)
+        except CheckpointError as exc:
+            if opts.strict:
+                raise UserError(str(exc)) from exc
+            bad.append(_Entry(path, None, "", key, error=str(exc)))
+            continue
+        size = sum(v.numel() * v.element_size() for v in ck.state_dict.values())
+        keep = cached + size <= CACHE_BYTES
+        cached += size if keep else 0
+        entries.append(_Entry(path, ck.step, ck.step_source, key, ck if keep else None))
+    new = [e for e in entries if e.ckpt is not None or not any(_same(m, e.key) for m in done_marks)]
+    if any(e.step is None for e in new):
+        # No step in some new file or its name: number the new checkpoints in modification-time order,
+        # after the steps already recorded (0, 1, 2... for a fresh analysis).
+        start = max((int(m["step"]) for m in done_marks), default=-1) + 1
+        order = sorted(new, key=lambda e: (e.key["mtime_ns"], str(e.path)))
+        for i, e in enumerate(order):
+            e.step, e.source = start + i, "modification-time order (no step in the files or their names)"
+    entries.sort(key=lambda e: (e.step, str(e.path)))
+    unique: list[_Entry] = []
+    for e in entries:
+        if unique and unique[-1].step == e.step:
+            msg = f"{str(e.path)!r} has the same step {e.step} as {str(unique[-1].path)!r}"
+            if opts.strict:
+                raise UserError(msg)
+            bad.append(_Entry(e.path, e.step, e.source, e.key, error=msg))
+            continue
+        unique.append(e)
+    return unique, bad
+
+
+def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any, data: Any, opts: AnalyzeOptions,
+                  done_marks: list[dict[str, Any]], written_steps: set[int], argv: list[str] | None,
+                  now_iso: Callable[[], str]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    progress = _progress_enabled(opts.progress)
+    entries, bad = _scan(files, opts, done_marks, progress)
+    todo = [e for e in entries if not any(_same(m, e.key) for m in done_marks)]
+    todo_ids = {id(e) for e in todo}
+    n_params = sum(p.numel() for p in model.parameters())
+    diagnostics = ["weights"] + [f for f in ("hessian", "trace", "landscape", "interpolate", "plasticity")
+                                  if getattr(opts, f)]
+    meta = {
+        "name": store.path.name,
+        "source": "analyze",
+        "model": {"class": type(model).__name__, "n_parameters": n_params,
+                  "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  "summary": repr(model)[:20000]},
+        "optimizer": None,
+        "modules": [n for n, _ in model.named_modules()],
+        "parameters": [n for n, _ in model.named_parameters()],
+        "torch_version": torch.__version__,
+        "diagnostics": diagnostics,
+        "checkpoints": [{"path": str(e.path), "step": e.step, "step_source": e.source} for e in entries],
+        "skipped": [{"path": str(b.path), "error": b.error} for b in bad],
+        "argv": (argv or sys.argv)[:40],
+        "status": "running",
+        "updated": now_iso(),
+    }
+    if data is not None:
+        from .diagnostics._batch import batch_size
+
+        meta["data"] = {"n_batches": len(data), "n_samples": int(sum(batch_size(x) for x, _ in data))}
+    store.write_meta(meta)
+
+    summary_rows: list[dict[str, Any]] = []
+    prev_sd: dict[str, torch.Tensor] | None = None
+    prev_step: int | None = None
+    prev_path: Path | None = None
+    analyzed = 0
+    bar = tqdm(total=len(todo) * len(diagnostics), desc="analyze", unit="diag", disable=not progress,
+               file=sys.stderr)
+    try:
+        for e in entries:
+            if id(e) not in todo_ids:
+                prev_sd, prev_step = None, e.step  # reloaded lazily if the next one needs it
+                prev_path = e.path
+                continue
+            if prev_sd is None and prev_path is not None:
+                try:
+                    prev_sd = _load_matched(prev_path, model, opts.trust)
+                except CheckpointError:
+                    prev_sd = None
+            start = bar.n
+            try:
+                ck = e.ckpt or load_checkpoint(e.path, trust=opts.trust)
+                try:
+                    sd, stripped = match_state_dict(ck.state_dict, model)
+                except CheckpointError as exc:
+                    raise CheckpointError(f"{str(e.path)!r}: {exc}") from None
+                model.load_state_dict(sd)
+                e.ckpt = None  # free the cache
+                rows, row_summary = _diagnose(store, model, e.step, sd, prev_sd, prev_step, loss_fn, data, opts,
+                                              bar, progress)
+            except (CheckpointError, ValueError, RuntimeError) as exc:
+                msg = str(exc) if isinstance(exc, CheckpointError) else \
+                    f"{str(e.path)!r}: {type(exc).__name__}: {_one_line(exc)}"
+                if opts.strict:
+                    raise UserError(msg) from exc
+                bad.append(_Entry(e.path, e.step, e.source, e.key, error=msg))
+                bar.update(start + len(diagnostics) - bar.n)
+                continue
+            if e.step in written_steps:
+                # an interrupted attempt (or an older version of this file) left rows at this step: replace them
+                with store._con:
+                    store._con.execute("DELETE FROM scalars WHERE step = ?", (int(e.step),))
+                    store._con.execute("DELETE FROM marks WHERE key = 'checkpoint' AND step = ?", (int(e.step),))
+            store.write_scalars(rows)
+            store.mark(e.step, "checkpoint", {**e.key, "step": e.step, "step_source": e.source,
+                                              "container": ck.container, "stripped": stripped})
+            analyzed += 1
+            row_summary.update(step=e.step, name=e.path.name)
+            summary_rows.append(row_summary)
+            prev_sd, prev_step, prev_path = {k: v.detach().clone() for k, v in sd.items()}, e.step, e.path
+        if opts.landscape and data is not None:
+            _trajectory(store, model, entries, bad, loss_fn, data, opts)
+    finally:
+        bar.close()
+        store.write_meta({"status": "finished", "updated": now_iso(),
+                          "skipped": [{"path": str(b.path), "error": b.error} for b in bad]})
+    return {"analyzed": analyzed, "skipped": [(str(b.path), b.error) for b in bad],
+            "already": len(entries) - len(todo), "rows": summary_rows, "entries": entries}
+
+
+def _load_matched(path: Path, model: nn.Module, trust: bool) -> dict[str, torch.Tensor]:
+    ck = load_checkpoint(path, trust=trust)
+    sd, _ = match_state_dict(ck.state_dict, model)
+    return sd
+
+
+def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tensor],
+              prev_sd: dict[str, torch.Tensor] | None, prev_step: int | None, loss_fn: Any, data: Any,
+              opts: AnalyzeOptions, bar: Any, progress: bool) -> tuple[list[tuple[int, str, str, float]], dict]:
+    from .diagnostics.plasticity import weight_magnitude
+    from .diagnostics.weights import angular_change, weight_norms, weight_spectra
+
+    rows: list[tuple[int, str, str, float]] = []
+    summary: dict[str, Any] = {}
+
+    def add(metric: str, value: float, layer: str = "") -> None:
+        rows.append((step, metric, layer, float(value)))
+
+    # data-free
+    bar.set_postfix_str(f"step {step}: weights")
+    norms = weight_norms(model)
+    for k, v in norms.items():
+        add("weight.norm", v, k)
+    for k, v in weight_magnitude(model).items():
+        add("weight.magnitude", v, k)
+    spectra = weight_spectra(model)
+    arrays: dict[str, np.ndarray] = {}
+    for k, s in spectra.items():
+        add("weight.stable_rank", s.stable_rank, k)
+        add("weight.alpha", s.alpha, k)
+        add("weight.sigma_max", float(s.singular_values[0]) if s.singular_values.size else math.nan, k)
+        arrays[k] = s.singular_values
+    if arrays:
+        store.write_artifact("weight.spectrum", step, arrays,
+                             {"what": "singular values of W.flatten(1) per weight, descending",
+                              "alpha": {k: s.alpha for k, s in spectra.items()},
+                              "xmin": {k: s.xmin for k, s in spectra.items()}})
+    if prev_sd is not None:
+        params = {n for n, _ in model.named_parameters()}
+        angles = angular_change({k: v for k, v in prev_sd.items() if k in params},
+                                {k: v for k, v in sd.items() if k in params})
+        for k, v in angles.items():
+            add("weight.angle_prev", v, k)
+        summary["angle_prev"] = angles.get("", math.nan)
+    summary["weight_norm"] = math.sqrt(sum(v * v for v in norms.values()))
+    finite_sr = [s.stable_rank for s in spectra.values() if math.isfinite(s.stable_rank)]
+    finite_alpha = [s.alpha for s in spectra.values() if math.isfinite(s.alpha)]
+    summary["stable_rank"] = float(np.mean(finite_sr)) if finite_sr else math.nan
+    summary["alpha"] = float(np.median(finite_alpha)) if finite_alpha else math.nan
+    bar.update(1)
+    if data is None:
+        return rows, summary
+
+    # loss on the data (mean over samples, batches weighted by size)
+    from .diagnostics._batch import batch_size, default_forward
+
+    total = correct = 0.0
+    n = 0
+    with torch.no_grad():
+        for x, y in data:
+            o = default_forward(model, x)
+            b = batch_size(x)
+            total += float(loss_fn(o, y)) * b
+            n += b
+            if loss_fn is F.cross_entropy and isinstance(o, torch.Tensor) and o.ndim == 2 \
+                    and isinstance(y, torch.Tensor) and y.ndim == 1 and not y.is_floating_point():
+                correct += float((o.argmax(1) == y).sum())
+            else:
+                correct = math.nan
+    add("loss", total / n)
+    summary["loss"] = total / n
+    if math.isfinite(correct):
+        add("accuracy", correct / n)
+        summary["accuracy"] = correct / n
+
+    if opts.hessian:
+        bar.set_postfix_str(f"step {step}: hessian")
+        from .diagnostics.hessian import hessian_eigenvalues
+
+        res = hessian_eigenvalues(model, loss_fn, data, k=opts.hessian_k, seed=opts.seed, progress=False)
+        for i, (ev, conv) in enumerate(zip(res.eigenvalues, res.converged), start=1):
+            add("hessian.eig", float(ev), str(i))
+            add("hessian.converged", float(bool(conv)), str(i))
+        summary["lambda_max"] = float(res.eigenvalues[0])
+        bar.update(1)
+    if opts.trace:
+        bar.set_postfix_str(f"step {step}: trace")
+        from .diagnostics.hessian import hessian_trace
+
+        tr = hessian_trace(model, loss_fn, data, seed=opts.seed, progress=False)
+        add("hessian.trace", tr.trace)
+        add("hessian.trace_stderr", tr.stderr)
+        summary["trace"] = tr.trace
+        bar.update(1)
+    if opts.landscape:
+        bar.set_postfix_str(f"step {step}: landscape")
+        from .diagnostics.landscape import loss_landscape
+
+        ls = loss_landscape(model, loss_fn, data, dims=1, resolution=21, seed=opts.seed, progress=False)
+        arrays_ls, meta_ls = ls.to_arrays()
+        store.write_artifact("landscape.surface", step, arrays_ls, meta_ls)
+        add("landscape.center_loss", ls.center_loss)
+        bar.update(1)
+    if opts.interpolate:
+        bar.set_postfix_str(f"step {step}: interpolate")
+        if prev_sd is not None:
+            from .diagnostics.landscape import interpolate
+
+            curve = interpolate(model, prev_sd, sd, loss_fn, data, n_points=21, progress=False)
+            arrays_i, meta_i = curve.to_arrays()
+            meta_i.update(step_a=int(prev_step) if prev_step is not None else None, step_b=int(step))
+            store.write_artifact("landscape.interpolation", step, arrays_i, meta_i)
+            add("landscape.interpolation_barrier",
+                float(np.max(curve.losses[curve.index_a:curve.index_b + 1]) - max(curve.loss_a, curve.loss_b)))
+        bar.update(1)
+    if opts.plasticity:
+        bar.set_postfix_str(f"step {step}: plasticity")
+        from .diagnostics.plasticity import plasticity_metrics
+
+        try:
+            res_p = plasticity_metrics(model, data[0][0])
+        except ValueError as exc:
+            raise ValueError(f"--plasticity: {_one_line(exc)}") from exc
+        for metric, value, layer in res_p.rows():
+            if metric != "weight.magnitude":  # already recorded above
+                add(metric, value, layer)
+        summary["dead"] = float(np.mean([lp.dead for lp in res_p.layers.values()]))
+        bar.update(1)
+    return rows, summary
+
+
+def _trajectory(store: Any, model: nn.Module, entries: list[_Entry], bad: list[_Entry], loss_fn: Any, data: Any,
+                opts: AnalyzeOptions) -> None:
+    """PCA plane of the checkpoint trajectory (Li et al. 2018), when there are >= 3 checkpoints."""
+    bad_paths = {str(b.path) for b in bad}
+    good = [e for e in entries if str(e.path) not in bad_paths]
+    if len(good) < 3:
+        return
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params * len(good) > 2e8:
+        _log(f"trajectory plane skipped: {len(good)} checkpoints x {n_params} parameters is too large to hold")
+        return
+    from .diagnostics.landscape import trajectory_plane
+
+    states = []
+    for e in good:
+        try:
+            states.append(_load_matched(e.path, model, opts.trust))
+        except CheckpointError:
+            return
+    model.load_state_dict(states[-1])
+    try:
+        plane = trajectory_plane(model, states, loss_fn, data, resolution=21, progress=False)
+    except ValueError as exc:
+        _log(f"trajectory plane skipped: {_one_line(exc)}")
+        return
+    arrays, meta = plane.to_arrays()
+    arrays["path_steps"] = np.array([e.step for e in good])
+    store.write_artifact("landscape.trajectory", int(good[-1].step), arrays, meta)
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["step", "name", "loss", "accuracy", "weight_norm", "angle_prev", "stable_rank", "alpha", "lambda_max",
+            "trace", "dead"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    table = [[c for c in cols]] + [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table)
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    for p in args.checkpoints:
+        if not Path(p).exists():
+            raise UserError(f"checkpoint path {p!r} does not exist")
+    model = _make_model(args.model)
+    loss_fn = _make_loss(args.loss)
+    data = _make_data(args.data, model, loss_fn) if args.data else None
+    opts = AnalyzeOptions(hessian=args.hessian, hessian_k=args.hessian_k, trace=args.trace, landscape=args.landscape,
+                          interpolate=args.interpolate, plasticity=args.plasticity, trust=args.trust_checkpoint,
+                          strict=args.strict, seed=args.seed, progress=False if args.no_progress else None)
+    result = analyze(args.checkpoints, model, args.out, loss_fn=loss_fn, data=data, options=opts,
+                     overwrite=args.overwrite, argv=sys.argv)
+    entries = result["entries"]
+    if result["analyzed"] == 0 and result["already"] == 0:
+        skipped = result["skipped"]
+        if len(skipped) == 1:
+            raise UserError(skipped[0][1])
+        raise UserError(f"no checkpoint could be analyzed: {len(skipped)} bad"
+                        + (f" (first: {skipped[0][1]})" if skipped else ""))
+    if result["rows"]:
+        print(_summary_table(result["rows"]))
+    sources = sorted({e.source for e in entries})
+    print(f"{result['analyzed']} checkpoint(s) analyzed, {result['already']} already recorded, "
+          f"{len(result['skipped'])} skipped; steps from: {', '.join(sources) or '-'}; "
+          f"run: {args.out} ({time.monotonic() - t0:.1f}s)")
+    for path, err in result["skipped"]:
+        print(f"  skipped {path}: {err}")
+    if args.report:
+        try:
+            from . import report as make_report  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise UserError("--report: dynascope.report is not available in this installation; "
+                            f"run `dynascope report {args.out}` instead") from exc
+        from .store import load_run
+
+        make_report([load_run(args.out)], args.report)
+        print(f"report: {args.report}")
+    return 0
