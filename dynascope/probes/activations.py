@@ -147,6 +147,13 @@ class ActivationProbe(Probe):
             return None
         names = [n for n in self._order if n in self._states]
         states = [self._states[n] for n in names]
+        if getattr(self.session, "reducer", None) is not None:  # torch.distributed: merged across ranks at the flush
+            from ..distributed import activation_reducible
+
+            keys, reducible = activation_reducible(names, states)
+            self._states.clear()
+            self._order.clear()
+            return Collected(keys, torch.empty(0), reduce=reducible)
         device = states[0].mean.device
         with torch.no_grad():
             mus = torch.cat([s.mean.reshape(-1).float().to(device) for s in states])
@@ -162,11 +169,11 @@ class ActivationProbe(Probe):
             zero_frac = torch.stack([s.zeros.float().to(device) for s in states])
             values = torch.stack([mean, var, sq_mean, ch_var, absmax, zero_frac], dim=1).reshape(-1)
         keys = [(m, n) for n in names for m in ACT_METRICS]
-        self._states = {}
-        self._order = []
+        self._states.clear()  # in place: the armed hooks hold this dict
+        self._order.clear()
         return Collected(keys, values)
 
     def close(self) -> None:
         self.disarm()
-        self._states = {}
-        self._order = []
+        self._states.clear()
+        self._order.clear()
