@@ -27,6 +27,7 @@ from torch import nn
 from . import __version__
 from ._guard import preserved_state
 from ._names import ModuleFilter, named_parameters, select_modules
+from .distributed import RankReducer, is_active
 from .probes.activations import ActivationProbe
 from .probes.base import Collected, Probe
 from .probes.gradients import GradientProbe
@@ -86,6 +87,7 @@ class Session:
         flush_every: int = 20,
         flush_seconds: float = 10.0,
         meta: dict[str, Any] | None = None,
+        tensorboard: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,6 +121,13 @@ class Session:
             if not isinstance(s, Scheduled):
                 raise TypeError(f"scheduled diagnostics must be dynascope Scheduled objects, got {type(s).__name__}")
         self.writer = _is_rank_zero()
+        # under torch.distributed: combines the ranks' statistics at each flush (dynascope.distributed)
+        self.reducer: RankReducer | None = RankReducer() if is_active() else None
+        self._listeners: list[Any] = []
+        if tensorboard is not None and self.writer:
+            from .integrations.tensorboard import TensorBoardMirror
+
+            self.add_listener(TensorBoardMirror(tensorboard))
         if run_dir is None:
             run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         self.run_dir = os.fspath(run_dir)
@@ -283,9 +292,16 @@ class Session:
         self.step_index = s + 1
         self._set_recording(self._records(self.step_index))
         if self._recorded_since_flush >= self.flush_every or (
-            time.monotonic() - self._last_flush > self.flush_seconds and (self._device_buf or self._scalar_buf)
+            self.reducer is None  # ranks must flush together: no timer under torch.distributed
+            and time.monotonic() - self._last_flush > self.flush_seconds and (self._device_buf or self._scalar_buf)
         ):
             self.flush()
+
+    def add_listener(self, listener: Any) -> None:
+        """Call ``listener(rows)`` with the ``(step, metric, layer, value)`` rows of every
+        flush on the writing rank (e.g. a TensorBoard mirror); its ``close()``, if it
+        has one, runs when the session closes."""
+        self._listeners.append(listener)
 
     def log(self, metric: str, value: float, layer: str = "", step: int | None = None) -> None:
         """Record one extra scalar row (host value) at ``step`` (default: current)."""
@@ -323,10 +339,13 @@ class Session:
         scalar_tensors = [(s, k, v) for s, k, v in self._scalar_buf if isinstance(v, torch.Tensor)]
         for _, _, v in scalar_tensors:
             device_parts.append(v.reshape(1).float())
-        host = _to_host(device_parts)
+        if self.reducer is not None:
+            host = self.reducer.to_host([c for _, c in index], [v for _, _, v in scalar_tensors])
+        else:
+            host = _to_host(device_parts)
         pos = 0
         for s, c in index:
-            n = c.values.numel()
+            n = len(c.keys)
             vals = host[pos:pos + n]
             pos += n
             rows.extend((s, m, lay, float(v)) for (m, lay), v in zip(c.keys, vals))
@@ -341,6 +360,8 @@ class Session:
                 rows.append((s, k, "", float(v)))
         if self.store is not None and rows:
             self.store.write_scalars(rows)
+            for listener in self._listeners:
+                listener(rows)
         self._device_buf.clear()
         self._scalar_buf.clear()
         self._host_rows.clear()
@@ -382,6 +403,9 @@ class Session:
                         meta["error"] = "".join(traceback.format_exception_only(type(error), error)).strip()[:2000]
                     self.store.write_meta(meta)
                     self.store.close()
+                for listener in self._listeners:
+                    if callable(getattr(listener, "close", None)):
+                        listener.close()
 
 
 def _to_host(parts: list[torch.Tensor]) -> np.ndarray:
@@ -421,7 +445,10 @@ def probe(
     ``overwrite`` (an existing run directory is otherwise refused), ``name``,
     ``seed``, ``blocks`` / ``branches`` (modules that form the depth axis of
     the signal propagation plot and the residual branches), ``flush_every``,
-    ``flush_seconds``, ``meta`` (extra JSON-able metadata).
+    ``flush_seconds``, ``meta`` (extra JSON-able metadata), ``tensorboard`` (a log
+    directory or a ``SummaryWriter``: every flushed scalar is mirrored there too).
+    Under ``torch.distributed`` the statistics are those of the global batch and
+    model and only rank 0 writes (see ``dynascope.distributed``).
     """
     return Session(model, optimizer, run_dir, every=every, **options)
 

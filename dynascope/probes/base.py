@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..distributed import Reducible
     from ..session import Session
 
 __all__ = ["Probe", "Collected", "Row"]
@@ -47,6 +48,9 @@ class Collected:
     keys: list[tuple[str, str]]
     values: torch.Tensor
     post: Callable[[Mapping[tuple[str, str], float]], list[Row]] | None = None
+    # under torch.distributed: statistics to combine across ranks at the flush,
+    # whose finish() gives the values (``values`` is then ignored); see dynascope.distributed
+    reduce: Reducible | None = None
 
 
 class Probe:

@@ -1,0 +1,239 @@
+"""Statistics of the global model under ``torch.distributed`` (DDP, FSDP2).
+
+Each rank's probes keep the sufficient statistics of ITS batch (or of ITS shard
+of a parameter); at a flush the session combines them across ranks in one
+payload collective, so the values written by rank 0 are those of the global
+batch and the whole model:
+
+* ``sums``    add across ranks: squared norms and inner products of sharded
+  tensors (sum_r ||g_r||^2 = ||g||^2), zero counts, element counts;
+* ``maxes``   max across ranks: absolute maxima;
+* ``moments`` rows ``(n, mean, M2)`` per channel, combined with Chan et al.'s
+  parallel update (1979), exactly, without raw sums of squares:
+  ``n = sum n_r``, ``mean = sum n_r mean_r / n``,
+  ``M2 = sum M2_r + sum n_r (mean_r - mean)^2``;
+* values that are the same on every rank (DDP averages gradients before the
+  optimizer step and keeps parameters replicated) are taken from the local
+  rank and NOT summed, so replicated gradients are not counted twice;
+* tensor scalars passed to ``run.step`` (the loss) are averaged over ranks:
+  the mean loss of the global batch when ranks hold equal batches.
+
+One flush = one all_gather of a fixed 2-number layout header (length and a
+CRC of the keys, so ranks that recorded different layers fail with a clear
+error instead of hanging or mixing numbers) and one all_gather of one stacked
+float64 payload; then one copy to the host. Nothing is communicated per step
+or per layer. Under NCCL the payload stays on the GPU; other backends (gloo)
+get it on the CPU.
+
+All ranks must flush together: under ``torch.distributed`` the session flushes
+every ``flush_every`` recording steps and at close, never on a timer.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Reducible", "RankReducer", "is_active", "world_size", "rank", "chan_merge", "local_tensor",
+           "LayoutMismatchError"]
+
+
+def is_active() -> bool:
+    """True inside an initialized process group with more than one rank."""
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_active() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_active() else 0
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and gradients), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor with a Shard placement (FSDP2 / fully_shard parameters)."""
+    placements = getattr(t, "placements", None)
+    return bool(placements) and any(type(p).__name__ in ("Shard", "_StridedShard") for p in placements)
+
+
+class LayoutMismatchError(RuntimeError):
+    """Ranks buffered different statistics for the same flush."""
+
+
+@dataclass
+class Reducible:
+    """Sufficient statistics of one recording step that combine across ranks.
+
+    ``finish(sums, maxes, moments)`` receives the combined statistics as
+    float64 CPU tensors (None where absent) and returns the metric values, one
+    per key of the owning :class:`~dynascope.probes.base.Collected`.
+    """
+
+    finish: Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+    sums: torch.Tensor | None = None
+    maxes: torch.Tensor | None = None
+    moments: torch.Tensor | None = None  # (K, 3): n, mean, M2
+
+    def parts(self) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for kind in ("sums", "maxes", "moments"):
+            t = getattr(self, kind)
+            if t is not None:
+                out.append((kind, t.reshape(-1)))
+        return out
+
+
+def chan_merge(stats: torch.Tensor) -> torch.Tensor:
+    """Combine ``(R, K, 3)`` rows ``(n, mean, M2)`` of R ranks into ``(K, 3)``
+    (Chan, Golub and LeVeque 1979), in the dtype of ``stats``."""
+    n = stats[..., 0]
+    mean = stats[..., 1]
+    m2 = stats[..., 2]
+    total = n.sum(0)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    gmean = (n * mean).sum(0) / safe
+    gm2 = m2.sum(0) + (n * (mean - gmean) ** 2).sum(0)
+    return torch.stack([total, gmean, gm2], dim=-1)
+
+
+def _collective_device(sample: torch.device) -> torch.device:
+    backend = str(torch.distributed.get_backend()).lower()
+    if "nccl" in backend and sample.type == "cuda":
+        return sample
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class RankReducer:
+    """Gathers one flush's buffered statistics from all ranks and combines them."""
+
+    def __init__(self, group: object | None = None) -> None:
+        if not is_active():
+            raise RuntimeError("RankReducer needs an initialized torch.distributed process group with >1 rank")
+        self.group = group
+        self.world = torch.distributed.get_world_size(group)
+        self.rank = torch.distributed.get_rank(group)
+        self.collectives = 0  # counted, for tests and benchmarks
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        torch.distributed.all_gather(out, t, group=self.group)
+        self.collectives += 1
+        return torch.stack(out)
+
+    def to_host(self, collected: Sequence[object], scalars: Sequence[torch.Tensor]) -> np.ndarray:
+        """Values of every ``Collected`` (``len(keys)`` each, in order) then of every
+        tensor scalar, combined over ranks, as one float64 host array."""
+        segments: list[tuple[str, int]] = []
+        parts: list[torch.Tensor] = []
+        layout: list[object] = []
+        for c in collected:
+            red: Reducible | None = getattr(c, "reduce", None)
+            layout.append(c.keys)  # type: ignore[attr-defined]
+            if red is None:
+                v = c.values.reshape(-1)  # type: ignore[attr-defined]
+                segments.append(("local", v.numel()))
+                parts.append(v)
+            else:
+                for kind, t in red.parts():
+                    segments.append((kind, t.numel()))
+                    parts.append(t)
+        for v in scalars:
+            segments.append(("mean", 1))
+            parts.append(v.reshape(1))
+        layout.append(segments)
+        sample = next((p.device for p in parts), torch.device("cpu"))
+        device = _collective_device(sample)
+        crc = zlib.crc32(repr(layout).encode())
+        length = sum(n for _, n in segments)
+        header = torch.tensor([float(length), float(crc)], dtype=torch.float64, device=device)
+        headers = self._all_gather(header).cpu()
+        if not bool((headers == headers[0]).all()):
+            raise LayoutMismatchError(
+                "dynascope: ranks recorded different statistics for the same flush "
+                f"(payload length, layout crc per rank: {headers.tolist()}); every rank must run the same "
+                "model with the same probes and pass the same scalar names to run.step()")
+        if length == 0:
+            return np.zeros(0)
+        flat = torch.cat([p.detach().to(device=device, dtype=torch.float64) for p in parts])
+        gathered = self._all_gather(flat).cpu()  # (world, length): the one transfer to the host
+        out: list[torch.Tensor] = []
+        pos = 0
+        seg_i = 0
+        for c in collected:
+            red = getattr(c, "reduce", None)
+            if red is None:
+                kind, n = segments[seg_i]
+                seg_i += 1
+                out.append(gathered[self.rank, pos:pos + n])
+                pos += n
+                continue
+            got: dict[str, torch.Tensor] = {}
+            for kind, t in red.parts():
+                n = t.numel()
+                block = gathered[:, pos:pos + n]
+                pos += n
+                seg_i += 1
+                if kind == "sums":
+                    got[kind] = block.sum(0)
+                elif kind == "maxes":
+                    got[kind] = block.amax(0)
+                else:
+                    got[kind] = chan_merge(block.reshape(self.world, -1, 3))
+            values = red.finish(got.get("sums"), got.get("maxes"), got.get("moments")).reshape(-1)
+            n_keys = len(c.keys)  # type: ignore[attr-defined]
+            if values.numel() != n_keys:
+                raise RuntimeError(f"a probe's finish() returned {values.numel()} values for {n_keys} keys")
+            out.append(values.double())
+        for _ in scalars:
+            out.append(gathered[:, pos:pos + 1].mean(0))
+            pos += 1
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def activation_reducible(names: Sequence[str], states: Sequence[object]) -> tuple[list[tuple[str, str]], Reducible]:
+    """Keys and cross-rank statistics of one step's activation states
+    (``ActivationProbe._State``: n, per-channel mean and M2, absmax, zero
+    fraction, element count). ``finish`` applies the formulas of
+    :mod:`dynascope.probes.activations` to the merged per-channel moments."""
+    from .probes.activations import ACT_METRICS
+
+    with torch.no_grad():
+        device = states[0].mean.device  # type: ignore[attr-defined]
+        moments = torch.cat([
+            torch.stack([torch.full_like(s.mean.reshape(-1), float(s.n), dtype=torch.float64),  # type: ignore[attr-defined]
+                         s.mean.reshape(-1).double(), s.m2.reshape(-1).double()], dim=1).to(device)  # type: ignore[attr-defined]
+            for s in states])
+        maxes = torch.stack([s.absmax.reshape(()).double().to(device) for s in states])  # type: ignore[attr-defined]
+        sums = torch.stack([
+            torch.stack([s.zeros.reshape(()).double().to(device) * s.numel,  # type: ignore[attr-defined]
+                         torch.tensor(float(s.numel), dtype=torch.float64, device=device)])  # type: ignore[attr-defined]
+            for s in states]).reshape(-1)
+    sizes = [s.mean.numel() for s in states]  # type: ignore[attr-defined]
+
+    def finish(sums: torch.Tensor | None, maxes: torch.Tensor | None, moments: torch.Tensor | None) -> torch.Tensor:
+        assert sums is not None and maxes is not None and moments is not None
+        mu = moments[:, 1]
+        var_c = moments[:, 2] / moments[:, 0]
+        rows = []
+        for k, (m, v) in enumerate(zip(mu.split(sizes), var_c.split(sizes))):
+            mean, sq_mean, ch_var = m.mean(), (m * m).mean(), v.mean()
+            zeros, numel = sums[2 * k], sums[2 * k + 1]
+            rows.append(torch.stack([mean, ch_var + sq_mean - mean * mean, sq_mean, ch_var, maxes[k], zeros / numel]))
+        return torch.stack(rows).reshape(-1)
+
+    keys = [(m, n) for n in names for m in ACT_METRICS]
+    return keys, Reducible(finish, sums=sums, maxes=maxes, moments=moments)
