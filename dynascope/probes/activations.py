@@ -154,13 +154,6 @@ class ActivationProbe(Probe):
             self._states.clear()
             self._order.clear()
             return Collected(keys, torch.empty(0), reduce=reducible)
-        if getattr(self.session, "reducer", None) is not None:  # torch.distributed: merged across ranks at the flush
-            from ..distributed import activation_reducible
-
-            keys, reducible = activation_reducible(names, states)
-            self._states.clear()
-            self._order.clear()
-            return Collected(keys, torch.empty(0), reduce=reducible)
         device = states[0].mean.device
         with torch.no_grad():
             mus = torch.cat([s.mean.reshape(-1).float().to(device) for s in states])
