@@ -111,7 +111,7 @@ def power_law_alpha(eigenvalues: np.ndarray | torch.Tensor, min_tail: int = 5, m
         x = x[x <= xmax]
     n_all = int(x.size)
     nan = PowerLawFit(math.nan, math.nan, math.nan, 0, n_all)
-    if n_all < max(min_evals, min_tail + 1):
+    if n_all < max(min_evals, min_tail):
         return nan
     logx = np.log(x)
     # suffix sums of log x: S[i] = sum_{j >= i} log x_j
