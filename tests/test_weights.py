@@ -44,7 +44,7 @@ def test_weight_norms_parameters_only() -> None:
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     norms = weight_norms(model)
     assert set(norms) == {"0.weight", "0.bias", "1.weight", "1.bias"}  # no running stats
-    assert norms["0.weight"] == pytest.approx(float(model[0].weight.double().norm()))
+    assert norms["0.weight"] == pytest.approx(float(model[0].weight.detach().double().norm()))
     sd_norms = weight_norms(model.state_dict())
     assert "1.running_var" in sd_norms
 
