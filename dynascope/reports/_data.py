@@ -87,7 +87,8 @@ def layers(run: RunData, metric: str) -> list[str]:
                     ).fetchone()
             finally:
                 con.close()
-        order = {n: i for i, n in enumerate(list(run.meta.get("modules") or []) + list(run.meta.get("parameters") or []))}
+        names = list(run.meta.get("modules") or []) + list(run.meta.get("parameters") or [])
+        order = {n: i for i, n in enumerate(names)}
         c[key] = sorted(found, key=lambda n: (order.get(n, len(order)), _natural_key(n)))
     return c[key]
 

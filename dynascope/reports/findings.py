@@ -217,36 +217,44 @@ _NONFINITE_FIGURE = {"loss": "loss", "grad.global_norm": "grad_norm_step", "grad
                      "act.var": "hidden_variance_depth", "act.absmax": "massive_activations"}
 
 
+_FAMILY = {"act": "activations", "grad": "gradients", "update": "updates", "weight": "weights", "lr": "learning rates",
+           "hessian": "curvature", "landscape": "landscape", "plasticity": "plasticity"}
+
+
 @rule
 def non_finite_values(run: RunData) -> list[Finding]:
     """Non-finite values (NaN, +-inf) in any recorded metric.
 
     Source: a training run whose loss, gradients or activations become NaN/Inf has diverged or overflowed
-    (e.g. fp16 overflow); the probe records these values as such. Rule: any NaN/Inf row; one error per metric
-    (the first step and layer, and the count), most affected metrics first, at most 6.
+    (e.g. fp16 overflow); the probe records these values as such. Rule: any NaN/Inf row. One error per
+    metric family (``loss``, each user scalar, ``act.*``, ``grad.*``, ...): the metrics, the count, the number
+    of layers, and the first step and layer; ``loss`` first, then by first step.
     """
     df = _data.non_finite_summary(run)
     if df.empty:
         return []
+    df = df.copy()
+    df["family"] = [m.split(".", 1)[0] if "." in m else m for m in df["metric"]]
     out = []
-    per_metric = df.groupby("metric").agg(count=("count", "sum"), first=("first_step", "min"),
-                                          layers=("layer", "nunique"), nan=("n_nan", "sum"), inf=("n_inf", "sum"))
-    per_metric["not_loss"] = [m != "loss" for m in per_metric.index]
-    per_metric = per_metric.sort_values(["not_loss", "first", "count"], ascending=[True, True, False])
-    for metric, row in list(per_metric.iterrows())[:6]:
-        sub = df[(df["metric"] == metric)].sort_values("first_step")
-        first_layer = str(sub.iloc[0]["layer"])
-        kinds = " and ".join(k for k, n in (("NaN", row["nan"]), ("inf", row["inf"])) if n)
-        where = f" in {int(row['layers'])} layer(s), first {first_layer!r}" if first_layer else ""
+    fams = df.groupby("family").agg(first=("first_step", "min"), count=("count", "sum"))
+    fams["not_loss"] = [f != "loss" for f in fams.index]
+    fams = fams.sort_values(["not_loss", "first", "count"], ascending=[True, True, False])
+    for fam in fams.index:
+        sub = df[df["family"] == fam].sort_values(["first_step", "metric", "layer"])
+        first = sub.iloc[0]
+        metrics = list(dict.fromkeys(sub["metric"]))
+        kinds = " and ".join(k for k, n in (("NaN", sub["n_nan"].sum()), ("inf", sub["n_inf"].sum())) if n)
+        n_layers = sub["layer"].nunique()
+        label = _FAMILY.get(fam, fam)
+        listed = ", ".join(metrics[:6]) + (" ..." if len(metrics) > 6 else "")
+        what = metrics[0] if len(metrics) == 1 else f"{label} ({listed})"
+        where = f" in {n_layers} layer(s), first {str(first['layer'])!r}," if str(first["layer"]) else ""
         out.append(Finding(
             "error",
-            f"{metric}: {int(row['count'])} non-finite value(s) ({kinds}){where}, first at step {int(row['first'])}.",
-            str(metric), first_layer, int(row["first"]), float("nan"), None, _NONFINITE_FIGURE.get(str(metric))))
-    if len(per_metric) > 6:
-        rest = per_metric.iloc[6:]
-        out.append(Finding("error", f"{len(rest)} more metric(s) hold non-finite values: "
-                           f"{', '.join(map(str, rest.index[:10]))}.", "", "", int(rest["first"].min()), None, None,
-                           None))
+            f"{what}: {int(sub['count'].sum())} non-finite value(s) ({kinds}){where} first at step "
+            f"{int(first['first_step'])}.",
+            str(first["metric"]), str(first["layer"]), int(first["first_step"]), float("nan"), None,
+            _NONFINITE_FIGURE.get(str(first["metric"]))))
     return out
 
 
@@ -270,9 +278,10 @@ def variance_grows_with_depth(run: RunData) -> list[Finding]:
 
     Sources: Sun et al. 2025, "The Curse of Depth in Large Language Models" (Pre-LN output variance grows
     with depth); Brock, De, Smith 2021 (variance grows linearly with depth in unnormalized ResNets).
-    Rule: at the last recorded step (or the last of the final 10 with at least 4 finite values), ``act.var`` along the depth modules (meta ``blocks`` or the figures'
-    heuristic) has last/first >= DEPTH_VAR_RATIO (10) and Spearman rank correlation with depth >=
-    DEPTH_VAR_RHO (0.8), over at least 4 depth points.
+    Rule: at the last recorded step (or the last of the final 10 with at least 4 finite values),
+    ``act.var`` along the depth modules (meta ``blocks`` or the figures' heuristic) has last/first >=
+    DEPTH_VAR_RATIO (10) and Spearman rank correlation with depth >= DEPTH_VAR_RHO (0.8), over at least 4
+    depth points.
     """
     if not _data.has(run, "act.var"):
         return []

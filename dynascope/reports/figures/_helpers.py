@@ -23,7 +23,8 @@ from ...store import RunData
 from .. import _data
 
 __all__ = ["new_figure", "plot_series", "decimate", "pick_layers", "depth_modules", "set_caption", "text",
-           "run_gid", "NONFINITE_HANDLE", "run_legend", "CAPTION_ATTR", "GID_LABELS_ATTR"]
+           "run_gid", "finish", "log_axis", "few_xticks", "NONFINITE_HANDLE", "run_legend", "CAPTION_ATTR",
+           "GID_LABELS_ATTR"]
 
 CAPTION_ATTR = "dynascope_caption"
 GID_LABELS_ATTR = "dynascope_gid_labels"
@@ -39,9 +40,57 @@ def text(s: object) -> str:
 
 
 def new_figure(width: float = 9.0, height: float = 4.0) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
+    """A Figure without a layout engine (constrained layout measures every tick label and costs
+    seconds on a page of small multiples); call :func:`finish` after drawing."""
+    fig = Figure(figsize=(width, height))
     setattr(fig, GID_LABELS_ATTR, {})
     return fig
+
+
+def finish(fig: Figure, rows: int = 1, cols: int = 1, *, legend: bool = True, left: float = 0.75,
+           bottom: float = 0.55, right: float = 0.2, top: float = 0.35, hgap: float = 0.62,
+           wgap: float = 0.62) -> None:
+    """Fixed margins in inches (cheap, predictable); ``legend`` reserves a row above the panels."""
+    w, h = fig.get_size_inches()
+    top_in = top + (0.3 if legend else 0.0)
+    avail_h = max(h - top_in - bottom, 0.5)
+    avail_w = max(w - left - right, 0.5)
+    ax_h = max((avail_h - (rows - 1) * hgap) / rows, 0.2)
+    ax_w = max((avail_w - (cols - 1) * wgap) / cols, 0.2)
+    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top_in / h,
+                        hspace=hgap / ax_h, wspace=wgap / ax_w)
+
+
+def _plain_log_formatter(minor: bool):
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+
+    decide = LogFormatter(labelOnlyBase=not minor, minor_thresholds=(1, 0.5))
+
+    def fmt(v: float, pos: int | None = None) -> str:
+        return f"{v:g}" if decide(v, pos) else ""
+
+    f = FuncFormatter(fmt)
+    f.set_axis = lambda axis: (decide.set_axis(axis), FuncFormatter.set_axis(f, axis))  # type: ignore[method-assign]
+    return f
+
+
+def log_axis(ax, axis: str = "y") -> None:
+    """Log scale with plain-text tick labels such as 0.02 (the default mathtext labels are slow to lay out)."""
+    from matplotlib.ticker import LogLocator
+
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    a.set_major_locator(LogLocator(numticks=6))
+    a.set_minor_locator(LogLocator(subs=(2.0, 5.0), numticks=6))  # fewer Tick objects: each costs ms to draw
+    a.set_major_formatter(_plain_log_formatter(False))
+    a.set_minor_formatter(_plain_log_formatter(True))
+    ax.tick_params(axis=axis, which="both", labelsize=8)
+
+
+def few_xticks(ax, n: int = 5) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(n, integer=True))
 
 
 def set_caption(fig: Figure, caption: str) -> None:
@@ -153,5 +202,5 @@ def run_legend(fig: Figure, runs: Sequence[RunData], colors: Sequence[str], extr
     handles = [Line2D([], [], color=c, linewidth=2, label=text(r.name)) for r, c in zip(runs, colors)]
     handles += list(extra)
     if handles:
-        fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 5), frameon=False,
-                   fontsize=9)
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncols=min(len(handles), 6),
+                   frameon=False, fontsize=8.5, handlelength=2.2, columnspacing=1.2)

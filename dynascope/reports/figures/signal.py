@@ -23,7 +23,18 @@ from matplotlib.lines import Line2D
 from ...store import RunData
 from .. import _data
 from . import figure, run_colors
-from ._helpers import NONFINITE_HANDLE, depth_modules, new_figure, plot_series, run_gid, run_legend, set_caption, text
+from ._helpers import (
+    NONFINITE_HANDLE,
+    depth_modules,
+    finish,
+    log_axis,
+    new_figure,
+    plot_series,
+    run_gid,
+    run_legend,
+    set_caption,
+    text,
+)
 
 MASSIVE_ABS = 100.0
 
@@ -35,10 +46,13 @@ def _first_last(run: RunData, metric: str, layer: str) -> list[int]:
     return sorted({int(st[0]), int(st[-1])})
 
 
-def _depth_ticks(ax, names: list[str], single: bool) -> None:
+def _depth_ticks(ax, names: list[str], single: bool) -> bool:
+    """Name the depth positions when one run with few of them is drawn; True when it did."""
     if single and len(names) <= 16:
         ax.set_xticks(np.arange(1, len(names) + 1), [text(n if len(n) <= 16 else "…" + n[-15:]) for n in names],
                       rotation=45, ha="right", fontsize=7)
+        return True
+    return False
 
 
 @figure("signal_propagation", section="Signal propagation", title="Signal propagation plot: channel statistics "
@@ -55,7 +69,7 @@ def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
     fig = new_figure(4.0 * len(panels) + 1, 3.9)
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     colors = run_colors(runs)
-    hows, any_bad, drawn = [], False, False
+    hows, any_bad, drawn, named = [], False, False, False
     for i, r in have:
         mods, how = depth_modules(r, "act.channel_var")
         if not mods:
@@ -79,18 +93,19 @@ def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
                                        gid=run_gid(fig, i, f"{r.name}: step {step}"), log=True)
                 drawn = True
             if len(have) == 1:
-                _depth_ticks(ax, lays, True)
+                named |= _depth_ticks(ax, lays, True)
     if not drawn:
         return None
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("block depth")
-        ax.set_yscale("log")
+        log_axis(ax)
         ax.grid(alpha=0.3)
     extra = [Line2D([], [], color="gray", linestyle="--", marker="o", markerfacecolor="white",
                     label="first recorded step"),
              Line2D([], [], color="gray", linestyle="-", marker="o", label="last recorded step")]
     run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have], extra + ([NONFINITE_HANDLE] if any_bad else []))
+    finish(fig, 1, len(panels), bottom=1.3 if named else 0.55, wgap=0.75)
     set_caption(fig, "Statistics of each block's output, averaged over channels (channel = dim 1 for conv "
                 "outputs, the last dim for sequences), on the training batches the probe saw (the paper uses a "
                 "N(0,1) input batch at initialization). Index i = output of block i. Residual-branch variance is "
@@ -134,7 +149,7 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
                                    marker="o" if len(x) <= 60 else None, markersize=3, log=True,
                                    gid=run_gid(fig, i, f"{r.name}: step {step}"))
             drawn = True
-        ax.set_yscale("log")
+        log_axis(ax)
         ax.set_title(text(r.name), fontsize=10, color=colors[i])
         ax.set_xlabel("layer index")
         ax.set_ylabel("variance of the output")
@@ -145,7 +160,9 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
     if not drawn:
         return None
     if any_bad:
-        fig.legend(handles=[NONFINITE_HANDLE], loc="outside upper center", frameon=False, fontsize=9)
+        fig.legend(handles=[NONFINITE_HANDLE], loc="upper center", bbox_to_anchor=(0.5, 1.0), frameon=False,
+                   fontsize=8.5)
+    finish(fig, rows, cols, legend=any_bad, wgap=0.8, hgap=0.75)
     set_caption(fig, "Variance of each layer's output over all its elements (ddof = 0) against layer index, at up "
                 "to 5 recorded steps (darker = earlier). Pre-LN transformers show this variance growing with depth, "
                 "which makes deep layers close to identity maps (curse of depth). One panel per run. "
@@ -162,7 +179,7 @@ def massive_activations(runs: Sequence[RunData]) -> Figure | None:
     fig = new_figure(9, 4.0)
     ax = fig.subplots()
     colors = run_colors(runs)
-    hows, any_bad, drawn = [], False, False
+    hows, any_bad, drawn, named = [], False, False, False
     for i, r in have:
         mods, how = depth_modules(r, "act.absmax")
         if not mods:
@@ -181,12 +198,12 @@ def massive_activations(runs: Sequence[RunData]) -> Figure | None:
         plot_series(ax, x, y_max, color=colors[i], linestyle=":", log=True,
                     gid=run_gid(fig, i, f"{r.name}: max over steps"))
         if len(have) == 1:
-            _depth_ticks(ax, mods, True)
+            named |= _depth_ticks(ax, mods, True)
         drawn = True
     if not drawn:
         return None
     ax.axhline(MASSIVE_ABS, color="black", linewidth=0.8, linestyle="-.")
-    ax.set_yscale("log")
+    log_axis(ax)
     ax.set_xlabel("layer index")
     ax.set_ylabel("max |activation|")
     ax.grid(alpha=0.3)
@@ -194,6 +211,7 @@ def massive_activations(runs: Sequence[RunData]) -> Figure | None:
              Line2D([], [], color="gray", linestyle=":", label="max over recorded steps"),
              Line2D([], [], color="black", linestyle="-.", label="|act| = 100")]
     run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have], extra + ([NONFINITE_HANDLE] if any_bad else []))
+    finish(fig, bottom=1.3 if named else 0.55)
     set_caption(fig, "Largest absolute value of each layer's output. Sun et al. call an activation massive when it "
                 "exceeds 100 and 1000x the median |activation| of its hidden state; the probe records the maximum "
                 "only, so the median is not drawn. " + " ".join(h + "." for h in hows))

@@ -22,6 +22,9 @@ from . import figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
     depth_modules,
+    few_xticks,
+    finish,
+    log_axis,
     new_figure,
     pick_layers,
     plot_series,
@@ -82,13 +85,14 @@ def loss_curves(runs: Sequence[RunData]) -> Figure | None:
             finite_all.append(v[np.isfinite(v)])
         vals = np.concatenate(finite_all) if finite_all else np.zeros(0)
         if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 20:
-            ax.set_yscale("log")
+            log_axis(ax)
         ax.set_title(text(m), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in axes[len(shown):]:
         ax.set_visible(False)
     run_legend(fig, runs, colors, [NONFINITE_HANDLE] if any_bad else [])
+    finish(fig, rows, cols, wgap=0.75)
     cap = "Run-level scalars against training step."
     if len(names) > len(shown):
         cap += f" Showing {len(shown)} of {len(names)} scalars: {', '.join(shown)}."
@@ -144,8 +148,9 @@ def _per_layer_figure(
                 for h in extra(fig, ax, i, r, lay, c):
                     extra_handles[h.get_label()] = h
         if log:
-            ax.set_yscale("log")
+            log_axis(ax)
         ax.set_title(text(title), fontsize=9)
+        few_xticks(ax, 4)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
     for ax in axes[len(panels):]:
@@ -155,6 +160,7 @@ def _per_layer_figure(
     for ax in axes[::cols]:
         ax.set_ylabel(text(ylabel), fontsize=9)
     run_legend(fig, runs, colors, list(extra_handles.values()) + ([NONFINITE_HANDLE] if any_bad else []))
+    finish(fig, rows, cols, hgap=0.45, wgap=0.7)
     return fig, shown, len(pool), any_bad
 
 
@@ -198,7 +204,7 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
     ax = fig.subplots()
     colors = run_colors(runs)
     styles = {"first": ("--", "o"), "middle": (":", "s"), "last": ("-", "^")}
-    hows, any_bad, max_n = [], False, 0
+    hows, any_bad, max_n, named = [], False, 0, False
     for i, r in have:
         lays, how = _grad_layers(r)
         if not lays:
@@ -217,10 +223,11 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
             any_bad |= plot_series(ax, x, y, color=colors[i], linestyle=ls, marker=mk if len(x) <= 40 else None,
                                    markersize=4, log=True, gid=run_gid(fig, i, f"{r.name}: step {step}"))
         if len(have) == 1 and len(lays) <= 16:
+            named = True
             ax.set_xticks(x, [text(_short(n, 18)) for n in lays], rotation=45, ha="right", fontsize=7)
     if max_n == 0:
         return None
-    ax.set_yscale("log")
+    log_axis(ax)
     ax.set_xlabel("layer index")
     ax.set_ylabel("gradient norm")
     ax.grid(alpha=0.3)
@@ -228,6 +235,7 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
              for w, (ls, mk) in styles.items()]
     run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have],
                extra + ([NONFINITE_HANDLE] if any_bad else []))
+    finish(fig, bottom=1.3 if named else 0.55)
     set_caption(fig, "Gradient norm (module norms are the parameters' norms summed in quadrature) against layer "
                 "index at the first, middle and last recorded step. Post-LN transformers show gradients growing "
                 "with depth at initialization, Pre-LN a flat profile (Xiong et al. 2020). "

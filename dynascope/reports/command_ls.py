@@ -1,0 +1,66 @@
+"""``dynascope ls RUN``: what a run recorded (metrics, layers, steps, artifacts, marks)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..store import NotARunError, RunData, load_run
+from . import _data
+
+__all__ = ["add_arguments", "run", "describe"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+
+
+def _steps(run: RunData, metric: str, layers: list[str]) -> str:
+    st = _data.steps(run, metric, layers[0]) if layers else []
+    if len(st) == 0:
+        return "no steps"
+    return f"steps {int(st[0])}..{int(st[-1])} ({len(st)} recorded)"
+
+
+def describe(run: RunData) -> str:
+    """A plain-text listing of the run (what ``dynascope ls`` prints)."""
+    meta = run.meta
+    lines = [f"run {run.name}  ({run.path})"]
+    model = (meta.get("model") or {}).get("class")
+    opt = (meta.get("optimizer") or {}).get("class") if meta.get("optimizer") else None
+    lines.append(f"  status {meta.get('status', 'n/a')}, model {model or 'n/a'}, optimizer {opt or 'none'}, "
+                 f"every {meta.get('every', 'n/a')}")
+    metrics = _data.metrics(run)
+    lines.append(f"metrics ({len(metrics)}):")
+    width = max((len(m) for m in metrics), default=0)
+    for m in metrics:
+        lays = _data.layers(run, m)
+        n = len([x for x in lays if x != ""])
+        where = "run-level" if lays == [""] else f"{n} layer{'s' if n != 1 else ''}"
+        lines.append(f"  {m:<{width}}  {where:<12}  {_steps(run, m, lays)}")
+    arts = run.artifacts()
+    lines.append(f"artifacts ({len(arts)}):")
+    if len(arts):
+        for name, grp in arts.groupby("name", sort=True):
+            st = grp["step"].to_numpy()
+            lines.append(f"  {name}  steps {int(st.min())}..{int(st.max())} ({len(st)})")
+    marks = run.marks()
+    lines.append(f"marks ({len(marks)}):")
+    for _, row in marks.head(20).iterrows():
+        lines.append(f"  step {int(row['step'])}  {row['key']} = {row['value']!r}")
+    if len(marks) > 20:
+        lines.append(f"  ... {len(marks) - 20} more")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+
+    for i, path in enumerate(args.runs):
+        try:
+            data = load_run(path)
+        except NotARunError as exc:
+            raise UserError(str(exc)) from None
+        if i:
+            print()
+        print(describe(data))
+    return 0

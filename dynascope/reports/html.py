@@ -1,0 +1,323 @@
+"""The report: one self-contained HTML file (or a folder of PNG/PDF figures) for one or several runs.
+
+Layout: title, findings (each linked to the figure that shows it), a run
+summary table, then the registered figures by section. Figures are inline SVG
+(crisp when printed, text selectable); a figure whose SVG would exceed
+``SVG_LIMIT`` bytes is embedded as a base64 PNG instead, to bound the file
+size. No external resource is referenced, and a Content-Security-Policy
+allows only the report's own small script (run toggles), so the file works
+offline and a model or run name containing HTML/JS is inert twice over: every
+string from the model or the user is escaped by jinja2's autoescape.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import html as _html
+import io
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
+
+from .. import __version__
+from ..store import RunData, load_run
+from . import _data
+from .figures import FigureSpec, all_figures, run_colors
+from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
+from .findings import Finding
+from .findings import findings as compute_findings
+
+__all__ = ["report", "SVG_LIMIT", "FORMATS"]
+
+FORMATS = ("html", "png", "pdf")
+SVG_LIMIT = 700_000  # bytes; above this a figure is embedded as PNG
+PNG_DPI = 110
+EXPORT_DPI = 200
+
+_TEMPLATES = Path(__file__).parent / "templates"
+_SCRIPT = (
+    "document.querySelectorAll('input.runtoggle').forEach(function (cb) {"
+    "cb.addEventListener('change', function () {"
+    "document.querySelectorAll('.dsrun' + cb.dataset.run).forEach(function (el) {"
+    "el.style.display = cb.checked ? '' : 'none'; }); }); });"
+)
+
+_RC = {"svg.fonttype": "none", "svg.hashsalt": "dynascope", "font.size": 10, "axes.titlesize": 10,
+       "figure.dpi": 100, "path.simplify": True}
+
+
+@dataclass
+class _RenderedFigure:
+    key: str
+    anchor: str
+    title: str
+    source: str
+    caption: str
+    body: Markup | None
+    error: str | None
+    spec: FigureSpec
+
+
+def _as_runs(runs: Any) -> list[RunData]:
+    if isinstance(runs, (str, os.PathLike, RunData)):
+        runs = [runs]
+    out = [r if isinstance(r, RunData) else load_run(r) for r in runs]
+    if not out:
+        raise ValueError("report() needs at least one run (a run directory path or a RunData)")
+    return out
+
+
+def _anchor(key: str) -> str:
+    return "fig-" + re.sub(r"[^A-Za-z0-9_-]+", "-", key)
+
+
+_GID_RE = re.compile(r'<g id="(dsrun(\d+)-\d+(?:-nf)?)">')
+
+
+def _svg(fig, labels: dict[str, str]) -> str:
+    buf = io.StringIO()
+    with matplotlib.rc_context(_RC):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Contributor": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]
+    # responsive size: keep the viewBox, drop the fixed width/height in pt
+    svg = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 role="img"', svg, count=1)
+
+    def tag(m: re.Match[str]) -> str:
+        gid, run_idx = m.group(1), m.group(2)
+        label = labels.get(gid.removesuffix("-nf"))
+        title = f"<title>{_html.escape(label)}</title>" if label else ""
+        return f'<g id="{gid}" class="dsrun{run_idx}">{title}'
+
+    return _GID_RE.sub(tag, svg)
+
+
+def _png(fig, dpi: int = PNG_DPI) -> bytes:
+    buf = io.BytesIO()
+    with matplotlib.rc_context(_RC):
+        fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _embed(fig) -> Markup:
+    labels = getattr(fig, GID_LABELS_ATTR, None) or {}
+    svg = _svg(fig, labels)
+    if len(svg.encode()) <= SVG_LIMIT:
+        return Markup(svg)
+    data = base64.b64encode(_png(fig)).decode("ascii")
+    return Markup(f'<img alt="figure" src="data:image/png;base64,{data}">')
+
+
+def _draw(specs: Sequence[FigureSpec], runs: Sequence[RunData]) -> list[tuple[FigureSpec, Any, str | None]]:
+    out = []
+    for spec in specs:
+        try:
+            fig = spec.fn(runs)
+        except Exception as exc:  # noqa: BLE001 - one broken figure must not lose the report
+            warnings.warn(f"figure {spec.key!r} failed: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+            out.append((spec, None, f"{type(exc).__name__}: {exc}"))
+            continue
+        if fig is not None:
+            out.append((spec, fig, None))
+    return out
+
+
+def _select(figures: Iterable[str] | None) -> list[FigureSpec]:
+    specs = all_figures()
+    if figures is None:
+        return specs
+    wanted = list(figures)
+    known = {s.key for s in specs}
+    unknown = [k for k in wanted if k not in known]
+    if unknown:
+        raise ValueError(f"unknown figure key(s) {unknown}; known: {sorted(known)}")
+    return [s for s in specs if s.key in set(wanted)]
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_fmt_value(x) for x in v) + ")"
+    return str(v)
+
+
+def _steps_summary(run: RunData) -> str:
+    metric = "loss" if _data.has(run, "loss") else (_data.metrics(run) or [None])[0]
+    if metric is None:
+        return "nothing recorded"
+    st = _data.steps(run, metric)
+    if len(st) == 0:
+        return "nothing recorded"
+    return f"{len(st)} recorded ({metric}), steps {int(st[0])} to {int(st[-1])}"
+
+
+def _wall(v: Any) -> str:
+    try:
+        s = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min ({s:.0f} s)"
+
+
+def _summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label: str, fn) -> None:
+        vals = []
+        for r in runs:
+            try:
+                vals.append(fn(r))
+            except Exception:  # noqa: BLE001 - a malformed meta field shows as n/a
+                vals.append("n/a")
+        rows.append((label, vals))
+
+    def model(r: RunData) -> str:
+        return str((r.meta.get("model") or {}).get("class", "n/a"))
+
+    def params(r: RunData) -> str:
+        m = r.meta.get("model") or {}
+        n, t = m.get("n_parameters"), m.get("n_trainable")
+        if n is None:
+            return "n/a"
+        return f"{int(n):,}" + (f" ({int(t):,} trainable)" if t is not None and t != n else "")
+
+    def optimizer(r: RunData) -> str:
+        o = r.meta.get("optimizer")
+        return "none (update metrics skipped)" if not o else str(o.get("class", "n/a"))
+
+    def hyper(r: RunData) -> str:
+        o = r.meta.get("optimizer") or {}
+        groups = o.get("hyperparameters") or []
+        parts = []
+        for i, g in enumerate(groups):
+            kv = ", ".join(f"{k}={_fmt_value(v)}" for k, v in g.items() if k != "params")
+            parts.append(kv if len(groups) == 1 else f"group {i}: {kv}")
+        return "; ".join(parts) or "n/a"
+
+    row("status", lambda r: str(r.meta.get("status", "n/a")))
+    row("model", model)
+    row("parameters", params)
+    row("optimizer", optimizer)
+    row("hyper-parameters", hyper)
+    row("steps", _steps_summary)
+    row("recorded every", lambda r: "n/a" if not r.meta.get("every") else
+        ("step" if int(r.meta["every"]) == 1 else f"{int(r.meta['every'])} steps"))
+    row("wall time", lambda r: _wall(r.meta.get("wall_time_s")))
+    row("started", lambda r: str(r.meta.get("start_time", "n/a")))
+    row("torch", lambda r: str(r.meta.get("torch_version", "n/a")))
+    row("device", lambda r: str(r.meta.get("device", "n/a")))
+    row("seed", lambda r: str(r.meta.get("seed", "n/a")))
+    row("probes", lambda r: ", ".join(map(str, r.meta.get("probes") or [])) or "n/a")
+    row("run directory", lambda r: str(r.path))
+    return rows
+
+
+def _resolve_anchor(f: Finding, keys: list[str]) -> str | None:
+    if not f.figure_key:
+        return None
+    if f.figure_key in keys:
+        return _anchor(f.figure_key)
+    for k in keys:  # e.g. "sharpness" -> "curvature_sharpness", "plasticity" -> "plasticity_dead"
+        if f.figure_key in k:
+            return _anchor(k)
+    return None
+
+
+def _default_title(runs: Sequence[RunData]) -> str:
+    names = ", ".join(r.name for r in runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
+    return f"dynascope report: {names}"
+
+
+def _export(drawn, found: list[Finding], out: Path, fmt: str) -> Path:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--format {fmt} writes a folder of figures, but {str(out)!r} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for spec, fig, err in drawn:
+        if fig is None:
+            lines.append(f"{spec.key}: could not be drawn: {err}\n")
+            continue
+        target = out / f"{spec.order:03d}-{spec.key}.{fmt}"
+        with matplotlib.rc_context(_RC):
+            fig.savefig(target, format=fmt, dpi=EXPORT_DPI, metadata={"Creator": f"dynascope {__version__}"})
+        lines.append(f"{target.name}\n  {spec.title}\n  source: {spec.source}\n  "
+                     f"{getattr(fig, CAPTION_ATTR, '') or ''}\n")
+    (out / "figures.txt").write_text("\n".join(lines), encoding="utf-8")
+    (out / "findings.txt").write_text(
+        "\n".join(f"[{f.severity}] {f.run}: {f.message}" for f in found) or "no findings", encoding="utf-8")
+    return out
+
+
+def report(
+    runs: str | os.PathLike[str] | RunData | Sequence[str | os.PathLike[str] | RunData],
+    out: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    figures: Iterable[str] | None = None,
+    fmt: str = "html",
+) -> Path:
+    """Write the report for one or several runs and return its path.
+
+    ``runs``: run directories or :class:`RunData` (compared in one report,
+    one colour per run). ``fmt="html"`` writes one self-contained file at
+    ``out``; ``"png"`` / ``"pdf"`` write every figure as a file into the
+    folder ``out`` (plus ``figures.txt`` with titles, sources and captions and
+    ``findings.txt``). ``figures``: registry keys to draw (default: all).
+    Raises :class:`~dynascope.store.NotARunError` for a path that is not a run.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    run_list = _as_runs(runs)
+    specs = _select(figures)
+    out = Path(out)
+    found = compute_findings(run_list)
+    drawn = _draw(specs, run_list)
+    if fmt != "html":
+        return _export(drawn, found, out, fmt)
+
+    rendered: list[_RenderedFigure] = []
+    for spec, fig, err in drawn:
+        body = None if fig is None else _embed(fig)
+        caption = "" if fig is None else str(getattr(fig, CAPTION_ATTR, "") or "")
+        rendered.append(_RenderedFigure(spec.key, _anchor(spec.key), spec.title, spec.source, caption, body, err,
+                                        spec))
+    sections: list[dict[str, Any]] = []
+    for rf in rendered:
+        if not sections or sections[-1]["name"] != rf.spec.section:
+            sections.append({"name": rf.spec.section, "anchor": "sec-" + re.sub(r"[^a-z0-9]+", "-",
+                                                                                rf.spec.section.lower()),
+                             "figures": []})
+        sections[-1]["figures"].append(rf)
+    keys = [rf.key for rf in rendered if rf.body is not None]
+    colors = run_colors(run_list)
+    env = Environment(loader=FileSystemLoader(str(_TEMPLATES)), autoescape=select_autoescape(default=True,
+                      default_for_string=True, enabled_extensions=("html", "j2")))
+    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
+    page = env.get_template("report.html.j2").render(
+        title=title or _default_title(run_list),
+        version=__version__,
+        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        runs=[{"name": r.name, "color": c} for r, c in zip(run_list, colors)],
+        findings=[{"severity": f.severity, "message": f.message, "run": f.run, "anchor": _resolve_anchor(f, keys)}
+                  for f in found],
+        summary=_summary(run_list),
+        sections=sections,
+        script=Markup(_SCRIPT),
+        script_hash=script_hash,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
