@@ -301,7 +301,8 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
                 try:
                     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise NotACheckpointError(f"{str(index)!r} is not a valid shard index ({_first_line(exc)})") from exc
+                    raise NotACheckpointError(
+                        f"{str(index)!r} is not a valid shard index ({_first_line(exc)})") from exc
                 for shard in shards:
                     sub = load_checkpoint(p / shard, trust=trust)
                     sd.update(sub.state_dict)
@@ -325,6 +326,13 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     else:
         if p.stat().st_size == 0:
             raise NotACheckpointError(f"{str(p)!r} is empty")
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+        # torch.save writes a zip archive ("PK\x03\x04"); legacy torch.save and pickle protocol >= 2 start with 0x80
+        if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+            raise NotACheckpointError(
+                f"{str(p)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
+                f"starts with {head!r})")
         obj = _torch_load(p, trust)
         try:
             sd, container = extract_state_dict(obj)
@@ -360,24 +368,24 @@ def match_state_dict(
     """
     target = model.state_dict()
     want = set(target)
-    sd = dict(state_dict)
-    stripped: list[str] = []
-    for _ in range(6):
-        hits = len(want & set(sd))
-        if hits == len(want):
+    # try every sequence of up to three prefix strips; keep the one that matches most keys (fewest strips on ties)
+    frontier: list[tuple[dict[str, torch.Tensor], list[str]]] = [(dict(state_dict), [])]
+    best_sd, stripped = frontier[0]
+    best_hits = len(want & set(best_sd))
+    for _ in range(3):
+        nxt = []
+        for cand, steps in frontier:
+            for prefix in PREFIXES:
+                if any(k.startswith(prefix) for k in cand):
+                    new = _strip(cand, prefix)
+                    nxt.append((new, steps + [prefix]))
+                    hits = len(want & set(new))
+                    if hits > best_hits:
+                        best_sd, stripped, best_hits = new, steps + [prefix], hits
+        frontier = nxt
+        if best_hits == len(want) or not frontier:
             break
-        best = None
-        for prefix in PREFIXES:
-            if not any(k.startswith(prefix) for k in sd):
-                continue
-            cand = _strip(sd, prefix)
-            score = len(want & set(cand))
-            if score > hits and (best is None or score > best[0]):
-                best = (score, prefix, cand)
-        if best is None:
-            break
-        sd = best[2]
-        stripped.append(best[1])
+    sd = best_sd
     if strict:
         missing = [k for k in target if k not in sd]
         unexpected = [k for k in sd if k not in want]
