@@ -1,1 +1,285 @@
-"""Figures: plasticity."""
+"""Figures: plasticity (Dohare et al. 2024; Sokar et al. 2023) and data-free
+weight spectra of checkpoints (WeightWatcher, Martin and Mahoney 2021).
+
+Each metric is drawn against step, or against task number when every run that
+recorded it marked task boundaries with ``run.mark("task", i)``: then the
+value shown for task ``i`` is the last measurement taken while task ``i`` ran
+(the end-of-task value the papers plot). One line per layer (line style and
+marker by layer), several runs overlaid in their run colours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
+
+from ...store import RunData
+from . import figure, run_colors
+
+try:  # shared helpers of the report (captions, run legend); fall back to plain matplotlib
+    from ._helpers import set_caption as _set_caption
+except ImportError:  # pragma: no cover
+    def _set_caption(fig: Figure, caption: str) -> None:
+        fig.dynascope_caption = caption  # type: ignore[attr-defined]
+
+__all__ = ["task_of_steps", "plasticity_units", "plasticity_rank", "plasticity_weight_magnitude",
+           "weight_spectra_figure", "weight_esd"]
+
+SECTION = "Plasticity"
+MAX_LAYERS = 6
+_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P")]
+
+
+def _has(run: RunData, metric: str) -> bool:
+    try:
+        return run.has(metric)
+    except Exception:  # a run being written, or an old format: treat as missing
+        return False
+
+
+def task_of_steps(run: RunData) -> pd.DataFrame | None:
+    """The run's ``task`` marks as a table ``step, task`` (None when there are none)."""
+    try:
+        marks = run.marks("task")
+    except Exception:
+        return None
+    if marks.empty:
+        return None
+    tasks = []
+    for v in marks["value"]:
+        try:
+            tasks.append(int(v))
+        except (TypeError, ValueError):
+            tasks.append(len(tasks))
+    return pd.DataFrame({"step": marks["step"].to_numpy(dtype=np.int64), "task": tasks})
+
+
+def _x_axis(runs: Sequence[RunData]) -> str:
+    return "task" if runs and all(task_of_steps(r) is not None for r in runs) else "step"
+
+
+def _series(run: RunData, metric: str, layer: str, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    df = run.scalars(metric, layer)
+    df = df.groupby("step", as_index=False).last().sort_values("step")
+    steps = df["step"].to_numpy(dtype=np.int64)
+    vals = df["value"].to_numpy(dtype=float)
+    if axis == "step":
+        return steps, vals
+    marks = task_of_steps(run)
+    assert marks is not None
+    idx = np.searchsorted(marks["step"].to_numpy(), steps, side="right") - 1
+    keep = idx >= 0  # measurements before the first task mark have no task
+    task = marks["task"].to_numpy()[idx[keep]]
+    sub = pd.DataFrame({"task": task, "value": vals[keep]}).groupby("task", as_index=False).last()
+    return sub["task"].to_numpy(), sub["value"].to_numpy(dtype=float)
+
+
+def _layers(runs: Sequence[RunData], metric: str, include_total: bool = False) -> list[str]:
+    pool: list[str] = []
+    for r in runs:
+        if _has(r, metric):
+            for lay in r.layers(metric):
+                if (lay or include_total) and lay not in pool:
+                    pool.append(lay)
+    if len(pool) <= MAX_LAYERS:
+        return pool
+    idx = np.unique(np.linspace(0, len(pool) - 1, MAX_LAYERS).round().astype(int))
+    return [pool[i] for i in idx]
+
+
+def _panel(fig: Figure, ax, runs: Sequence[RunData], metric: str, layers: list[str], axis: str,
+           scale: float = 1.0, ylabel: str = "", title: str = "", log: bool = False) -> bool:
+    colors = run_colors(runs)
+    drawn = False
+    for r, c in zip(runs, colors):
+        if not _has(r, metric):
+            continue
+        for j, lay in enumerate(layers):
+            if lay not in r.layers(metric):
+                continue
+            x, y = _series(r, metric, lay, axis)
+            if len(x) == 0:
+                continue
+            ls, mk = _STYLES[j % len(_STYLES)]
+            ax.plot(x, y * scale, color=c, linestyle=ls, marker=mk if len(x) <= 40 else None, markersize=3.5,
+                    linewidth=1.3, label=f"{r.name}: {lay or 'all'}")
+            drawn = True
+    ax.set_xlabel("task" if axis == "task" else "step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    return drawn
+
+
+def _legend(fig: Figure, runs: Sequence[RunData], layers: list[str]) -> None:
+    colors = run_colors(runs)
+    handles = [Line2D([], [], color=c, linewidth=2, label=str(r.name).replace("$", r"\$"))
+               for r, c in zip(runs, colors)]
+    handles += [Line2D([], [], color="gray", linestyle=_STYLES[j % len(_STYLES)][0],
+                       marker=_STYLES[j % len(_STYLES)][1], markersize=4, label=f"layer {lay or '(all)'}")
+                for j, lay in enumerate(layers)]
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 5), frameon=False, fontsize=8)
+
+
+def _axis_note(axis: str) -> str:
+    if axis == "task":
+        return " x axis: task number (from the run's task marks); each point is the last measurement of that task."
+    return " x axis: training step."
+
+
+@figure("plasticity_units", section=SECTION, title="Dead and dormant units against step or task, per layer",
+        source="Dohare et al. 2024 (Nature), Fig. 3; Sokar et al. 2023 (ReDo)", order=500)
+def plasticity_units(runs: Sequence[RunData]) -> Figure | None:
+    have = [r for r in runs if _has(r, "plasticity.dead") or _has(r, "plasticity.dormant")]
+    if not have:
+        return None
+    axis = _x_axis(have)
+    layers = _layers(have, "plasticity.dead") or _layers(have, "plasticity.dormant")
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, sharex=True)
+    _panel(fig, ax1, have, "plasticity.dead", layers, axis, 100, "% of units", "dead (zero on every example)")
+    _panel(fig, ax2, have, "plasticity.dormant", layers, axis, 100, "% of units", "dormant (s_i <= tau)")
+    _legend(fig, have, layers)
+    _set_caption(fig, "Percent of units per layer that are dead (output exactly zero on every example and position "
+                 "of the fixed probe batch) and tau-dormant (Sokar et al.: mean |h_i| / mean over units <= tau, "
+                 "tau = 0.025 by default). Rising curves are the loss of plasticity Dohare et al. report for ReLU "
+                 "networks trained on a sequence of tasks." + _axis_note(axis))
+    return fig
+
+
+@figure("plasticity_rank", section=SECTION, title="Effective rank and srank of the representation, per layer",
+        source="Dohare et al. 2024 (Roy-Vetterli effective rank); Kumar et al. 2021 (srank)", order=510)
+def plasticity_rank(runs: Sequence[RunData]) -> Figure | None:
+    have = [r for r in runs if _has(r, "plasticity.erank")]
+    if not have:
+        return None
+    axis = _x_axis(have)
+    layers = _layers(have, "plasticity.erank")
+    with_srank = any(_has(r, "plasticity.srank") for r in have)
+    fig = Figure(figsize=(10 if with_srank else 6, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2 if with_srank else 1, sharex=True, squeeze=False).ravel()
+    _panel(fig, axes[0], have, "plasticity.erank", layers, axis, 1, "effective rank", "effective rank (Roy-Vetterli)")
+    if with_srank:
+        _panel(fig, axes[1], have, "plasticity.srank", layers, axis, 1, "srank", "srank (delta = 0.01)")
+    _legend(fig, have, layers)
+    _set_caption(fig, "Effective rank exp(-sum p_i log p_i) with p = singular values / their sum (L1), and srank "
+                 "= the number of singular values holding 99% of their sum, of each layer's output on the probe "
+                 "batch (examples x units; conv positions count as examples). A falling rank means the features "
+                 "collapse onto fewer directions." + _axis_note(axis))
+    return fig
+
+
+@figure("plasticity_weight_magnitude", section=SECTION, title="Average weight magnitude against step or task",
+        source="Dohare et al. 2024 (Nature), Fig. 3", order=520)
+def plasticity_weight_magnitude(runs: Sequence[RunData]) -> Figure | None:
+    have = [r for r in runs if _has(r, "weight.magnitude")]
+    if not have:
+        return None
+    axis = _x_axis(have)
+    layers = _layers(have, "weight.magnitude")
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, sharex=True)
+    _panel(fig, ax1, have, "weight.magnitude", [""], axis, 1, "mean |theta|", "whole network")
+    _panel(fig, ax2, have, "weight.magnitude", layers, axis, 1, "mean |theta|", "per layer")
+    _legend(fig, have, layers)
+    _set_caption(fig, "Mean absolute value of the parameters: over the whole network (left, every entry weighs "
+                 "the same) and per module (right, weights and biases of that module). Growing weights go with "
+                 "the loss of plasticity; L2 regularisation keeps them small." + _axis_note(axis))
+    return fig
+
+
+@figure("weight_spectra", section=SECTION, title="Weight spectra of checkpoints: stable rank and power-law alpha",
+        source="Martin and Mahoney 2021 (WeightWatcher)", order=540)
+def weight_spectra_figure(runs: Sequence[RunData]) -> Figure | None:
+    have = [r for r in runs if _has(r, "weight.stable_rank") or _has(r, "weight.alpha")]
+    if not have:
+        return None
+    layers = _layers(have, "weight.stable_rank") or _layers(have, "weight.alpha")
+    panels = [("weight.stable_rank", "||W||_F^2 / sigma_max^2", "stable rank", False),
+              ("weight.alpha", "alpha", "power-law alpha of the ESD of W^T W", False)]
+    if any(_has(r, "weight.angle_prev") for r in have):
+        panels.append(("weight.angle_prev", "radians", "angle to the previous checkpoint", True))
+    fig = Figure(figsize=(4 * len(panels) + 1, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharex=True).ravel()
+    for ax, (metric, ylabel, title, log) in zip(axes, panels):
+        _panel(fig, ax, have, metric, layers, "step", 1, ylabel, title, log=log)
+        if metric == "weight.alpha":
+            ax.axhspan(2, 6, color="tab:green", alpha=0.08, linewidth=0)
+    _legend(fig, have, layers)
+    _set_caption(fig, "Data-free checks per weight matrix (W.flatten(1)) of each checkpoint: WeightWatcher's stable "
+                 "rank, the power-law exponent alpha fitted by maximum likelihood to the tail of the eigenvalues "
+                 "of W^T W (xmin by Kolmogorov-Smirnov distance; shaded band 2-6 = the range Martin and Mahoney "
+                 "read as well trained, < 2 over-trained, > 8 random-like), and the angle between consecutive "
+                 "checkpoints.")
+    return fig
+
+
+@figure("weight_esd", section=SECTION, title="Empirical spectral density of the weights at the last checkpoint",
+        source="Martin and Mahoney 2021 (WeightWatcher ESD plot)", order=550)
+def weight_esd(runs: Sequence[RunData]) -> Figure | None:
+    have = []
+    for r in runs:
+        try:
+            arts = r.artifacts("weight.spectrum")
+        except Exception:
+            continue
+        if not arts.empty:
+            have.append(r)
+    if not have:
+        return None
+    arrays_by_run = [have_run.load_artifact("weight.spectrum") for have_run in have]
+    layers: list[str] = []
+    for arrays, _ in arrays_by_run:
+        for k in arrays:
+            if k not in layers:
+                layers.append(k)
+    if len(layers) > 4:
+        idx = np.unique(np.linspace(0, len(layers) - 1, 4).round().astype(int))
+        layers = [layers[i] for i in idx]
+    fig = Figure(figsize=(3.2 * len(layers) + 0.6, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False).ravel()
+    colors = run_colors(runs)
+    color_of = {id(r): c for r, c in zip(runs, colors)}
+    for ax, lay in zip(axes, layers):
+        for r, (arrays, meta) in zip(have, arrays_by_run):
+            if lay not in arrays:
+                continue
+            ev = np.asarray(arrays[lay], dtype=float) ** 2
+            ev = ev[ev > 0]
+            if ev.size < 2:
+                continue
+            bins = np.logspace(np.log10(ev.min()), np.log10(ev.max()), min(40, max(5, ev.size // 3)) + 1)
+            dens, edges = np.histogram(ev, bins=bins, density=True)
+            centers = np.sqrt(edges[1:] * edges[:-1])
+            c = color_of[id(r)]
+            ax.step(centers, np.where(dens > 0, dens, np.nan), where="mid", color=c, linewidth=1.2)
+            alpha = (meta.get("alpha") or {}).get(lay)
+            xmin = (meta.get("xmin") or {}).get(lay)
+            if alpha is not None and xmin is not None and np.isfinite(alpha) and np.isfinite(xmin):
+                tail = ev[ev >= xmin]
+                x = np.logspace(np.log10(xmin), np.log10(ev.max()), 20)
+                # fitted density, scaled by the tail's share of all eigenvalues
+                pdf = (alpha - 1) / xmin * (x / xmin) ** (-alpha) * tail.size / ev.size
+                ax.plot(x, pdf, color=c, linestyle="--", linewidth=1, label=f"{r.name}: alpha={alpha:.2f}")
+                ax.axvline(xmin, color=c, linestyle=":", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(str(lay).replace("$", r"\$"), fontsize=9)
+        ax.set_xlabel("eigenvalue of W^T W")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, frameon=False)
+    axes[0].set_ylabel("density")
+    _set_caption(fig, "Histogram (log-log) of the eigenvalues of W^T W at each run's last checkpoint, with the "
+                 "fitted power-law tail (dashed, from xmin, dotted). Heavy tails (small alpha) are what "
+                 "WeightWatcher associates with strongly trained layers.")
+    return fig
