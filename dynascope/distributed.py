@@ -127,6 +127,15 @@ class RankReducer:
         self.world = torch.distributed.get_world_size(group)
         self.rank = torch.distributed.get_rank(group)
         self.collectives = 0  # counted, for tests and benchmarks
+        self._sharded: dict[tuple[int, ...], bool] = {}
+
+    def sharded(self, named: Sequence[tuple[str, torch.Tensor]]) -> bool:
+        """Whether any of these ``(name, parameter)`` pairs is sharded across ranks (cached)."""
+        key = tuple(id(p) for _, p in named)
+        hit = self._sharded.get(key)
+        if hit is None:
+            hit = self._sharded[key] = any(is_sharded(p) for _, p in named)
+        return hit
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
         out = [torch.empty_like(t) for _ in range(self.world)]
@@ -237,3 +246,171 @@ def activation_reducible(names: Sequence[str], states: Sequence[object]) -> tupl
 
     keys = [(m, n) for n in names for m in ACT_METRICS]
     return keys, Reducible(finish, sums=sums, maxes=maxes, moments=moments)
+
+
+# -- sharded parameters (FSDP2 / fully_shard): sums of squares, inner products, maxima ------
+def _rows_whole(p: torch.Tensor) -> bool:
+    """True when this rank's piece of ``p`` holds whole rows of the row view
+    (replicated, or a >= 2-D tensor sharded on dim 0 as fully_shard does)."""
+    placements = getattr(p, "placements", None)
+    if not placements:
+        return True
+    shards = [q for q in placements if type(q).__name__ in ("Shard", "_StridedShard")]
+    if not shards:
+        return True
+    return p.ndim >= 2 and all(getattr(q, "dim", None) == 0 for q in shards)
+
+
+def _contributes(p: torch.Tensor, rank_: int) -> bool:
+    """A sharded tensor counts on every rank; a replicated one only on rank 0 (no double counting)."""
+    return is_sharded(p) or rank_ == 0
+
+
+def _dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1, dtype=torch.float64)
+
+
+def sharded_gradients(probe: object, rank_: int) -> object | None:
+    """:class:`~dynascope.probes.gradients.GradientProbe` statistics of this rank's
+    gradient shards, to be summed (squared norms, <g, w>, ||g||^2, ||w||^2) and
+    maxed (row-wise |cos|) across ranks; ``finish`` applies the probe's formulas."""
+    from .probes._groups import row_view_shape
+    from .probes.base import Collected
+    from .probes.gradients import ADAMP_DELTA, COS_EPS
+
+    params: list[tuple[str, torch.Tensor]] = probe.params  # type: ignore[attr-defined]
+    present = [i for i, (_, p) in enumerate(params) if p.grad is not None]
+    if not present:
+        return None
+    tracked = [i for i in probe.tracked if i in set(present)]  # type: ignore[attr-defined]
+    device = local_tensor(params[present[0]][1]).device
+    with torch.no_grad():
+        sq = []
+        for i in present:
+            p = params[i][1]
+            g = local_tensor(p.grad).detach()  # type: ignore[arg-type]
+            v = _dot_rows(g.reshape(-1), g.reshape(-1)) if g.numel() else torch.zeros((), dtype=torch.float64,
+                                                                                          device=device)
+            sq.append(v if _contributes(p, rank_) else torch.zeros_like(v))
+        dots, rowmax = [], []
+        for i in tracked:
+            p = params[i][1]
+            r, c = row_view_shape(p.shape)
+            g, w = local_tensor(p.grad).detach(), local_tensor(p).detach()  # type: ignore[arg-type]
+            whole = _rows_whole(p) and p.ndim >= 2
+            g2, w2 = (g.reshape(-1, c), w.reshape(-1, c)) if whole else (g.reshape(1, -1), w.reshape(1, -1))
+            gw, gg, ww = _dot_rows(g2, w2), _dot_rows(g2, g2), _dot_rows(w2, w2)
+            tot = torch.stack([gw.sum(), gg.sum(), ww.sum()])
+            dots.append(tot if _contributes(p, rank_) else torch.zeros_like(tot))
+            if whole:  # this rank's whole rows (possibly none)
+                row_cos = (gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))).abs()
+                rowmax.append(torch.cat([row_cos, row_cos.new_zeros(1)]).amax())  # |cos| >= 0: 0 is neutral
+            else:  # 1-D (one row: its |cos| comes from the summed dots) or rows split across ranks
+                rowmax.append(torch.full((), 0.0 if p.ndim < 2 else float("nan"), dtype=torch.float64,
+                                         device=device))
+        sums = torch.cat([torch.stack(sq), torch.cat(dots) if dots else torch.zeros(0, dtype=torch.float64,
+                                                                                     device=device)])
+        maxes = torch.stack(rowmax) if rowmax else None
+
+    names = [params[i][0] for i in present]
+    pos = {i: k for k, i in enumerate(present)}
+    modules = [(n, [pos[i] for i in ids if i in pos]) for n, ids in probe.module_params]  # type: ignore[attr-defined]
+    modules = [(n, ks) for n, ks in modules if ks]
+    tracked_names = [params[i][0] for i in tracked]
+    shapes = [row_view_shape(params[i][1].shape) for i in tracked]
+    one_d = [params[i][1].ndim < 2 for i in tracked]
+    n_present = len(present)
+
+    def finish(sums: torch.Tensor | None, maxes: torch.Tensor | None, moments: torch.Tensor | None) -> torch.Tensor:
+        assert sums is not None
+        sqn = sums[:n_present]
+        out = [sqn.sqrt()]
+        out += [torch.stack([sqn[ks].sum().sqrt() for _, ks in modules])] if modules else []
+        out.append(sqn.sum().sqrt()[None])
+        if tracked_names:
+            gw, gg, ww = sums[n_present:].reshape(-1, 3).unbind(1)
+            cos = gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))
+            assert maxes is not None
+            rmax = torch.where(torch.tensor(one_d), cos.abs(), maxes)
+            rows = torch.tensor([float(r) for r, _ in shapes], dtype=torch.float64)
+            cols = torch.tensor([float(c) for _, c in shapes], dtype=torch.float64)
+            inv = (rmax < ADAMP_DELTA / cols.sqrt()) | (cos.abs() < ADAMP_DELTA / (rows * cols).sqrt())
+            out += [cos, rmax, inv.double()]
+        return torch.cat(out)
+
+    keys = [("grad.norm", n) for n in names] + [("grad.norm", n) for n, _ in modules] + [("grad.global_norm", "")]
+    for metric in ("grad.weight_cos", "grad.weight_cos_rowmax", "scale_invariant"):
+        keys += [(metric, n) for n in tracked_names]
+    thresholds = [(n, ADAMP_DELTA / float(c) ** 0.5) for n, (_, c) in zip(tracked_names, shapes)]
+
+    def post(_: object) -> list[tuple[str, str, float]]:
+        return [("grad.weight_cos_threshold", n, t) for n, t in thresholds]
+
+    return Collected(keys, torch.empty(0), post if thresholds else None,
+                     reduce=Reducible(finish, sums=sums, maxes=maxes))
+
+
+def sharded_snapshot(probe: object) -> tuple[list[torch.Tensor], dict[str, tuple[float, bool]]]:
+    """``w_t`` of this rank's shards of the update probe's tracked weights (a copy),
+    and per weight its group's current lr and whether the group is Adam-like."""
+    before = [local_tensor(p).detach().clone() for _, p in probe.tracked]  # type: ignore[attr-defined]
+    lrs: dict[str, tuple[float, bool]] = {}
+    for name, p in probe.tracked:  # type: ignore[attr-defined]
+        g = probe._group_of.get(id(p))  # type: ignore[attr-defined]
+        lr = float("nan") if g is None else g["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr) if lr.device.type == "cpu" else float("nan")
+        lrs[name] = (float(lr), g is not None and "betas" in g)
+    return before, lrs
+
+
+def sharded_updates(probe: object, before: list[torch.Tensor], lrs: dict[str, tuple[float, bool]],
+                    rank_: int) -> object:
+    """:class:`~dynascope.probes.optimizer.UpdateProbe` statistics of this rank's
+    shards: <w,w>, <w,D>, <D,D> summed across ranks; row angles (whole rows
+    only) summed with their count, so ``update.angle_row`` is the mean over all
+    rows of the global weight."""
+    from .probes._groups import row_view_shape
+    from .probes.base import Collected
+    from .probes.optimizer import _angle
+
+    tracked: list[tuple[str, torch.Tensor]] = probe.tracked  # type: ignore[attr-defined]
+    with torch.no_grad():
+        parts = []
+        for (_, p), a in zip(tracked, before):
+            _, c = row_view_shape(p.shape)
+            b = local_tensor(p).detach()
+            whole = _rows_whole(p) and p.ndim >= 2
+            a2 = a.reshape(-1, c) if whole else a.reshape(1, -1)
+            d2 = (b.reshape(-1, c) if whole else b.reshape(1, -1)) - a2
+            aa, ad, dd = _dot_rows(a2, a2), _dot_rows(a2, d2), _dot_rows(d2, d2)
+            if whole:
+                ang = _angle(aa, ad, dd)
+                ok = ~torch.isnan(ang)
+                row = torch.stack([torch.where(ok, ang, torch.zeros_like(ang)).sum(), ok.sum().double()])
+            else:  # 1-D: one row, the tensor angle; rows split across ranks: not available
+                row = torch.full((2,), 0.0 if p.ndim < 2 else float("nan"), dtype=torch.float64, device=aa.device)
+            v = torch.cat([torch.stack([aa.sum(), ad.sum(), dd.sum()]), row])
+            parts.append(v if _contributes(p, rank_) else torch.zeros_like(v))
+        sums = torch.stack(parts).reshape(-1)
+    names = [n for n, _ in tracked]
+    one_d = torch.tensor([p.ndim < 2 for _, p in tracked])
+
+    def finish(sums: torch.Tensor | None, maxes: torch.Tensor | None, moments: torch.Tensor | None) -> torch.Tensor:
+        assert sums is not None
+        aa, ad, dd, row_sum, row_n = sums.reshape(-1, 5).unbind(1)
+        angle = _angle(aa, ad, dd)
+        angle_row = torch.where(one_d, angle, row_sum / row_n)
+        return torch.cat([aa.sqrt(), (dd / aa).sqrt(), angle, angle_row])
+
+    keys = [(m, n) for m in ("weight.norm", "update.relative", "update.angle", "update.angle_row") for n in names]
+
+    def post(vals: object) -> list[tuple[str, str, float]]:
+        rows = []
+        for name, (lr, adam) in lrs.items():
+            w = vals[("weight.norm", name)]  # type: ignore[index]
+            denom = w if adam else w * w
+            rows.append(("lr.effective", name, lr / denom if denom else float("inf")))
+        return rows
+
+    return Collected(keys, torch.empty(0), post, reduce=Reducible(finish, sums=sums))

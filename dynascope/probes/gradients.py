@@ -67,6 +67,12 @@ class GradientProbe(Probe):
 
     # called by the session: from the optimizer pre-hook, or at step() without optimizer
     def capture(self) -> None:
+        reducer = getattr(self.session, "reducer", None)
+        if reducer is not None and reducer.sharded(self.params):  # FSDP2 shards: summed across ranks at the flush
+            from ..distributed import sharded_gradients
+
+            self._pending = sharded_gradients(self, reducer.rank)
+            return
         present = tuple(i for i, (_, p) in enumerate(self.params) if p.grad is not None)
         if not present:
             self._pending = None

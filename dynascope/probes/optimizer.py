@@ -62,6 +62,12 @@ class UpdateProbe(Probe):
 
     def before_step(self) -> None:
         """Optimizer pre-hook on recording steps: snapshot w_t (one stacked copy per shape)."""
+        reducer = getattr(self.session, "reducer", None)
+        if reducer is not None and reducer.sharded(self.tracked):  # FSDP2 shards: summed across ranks at the flush
+            from ..distributed import sharded_snapshot
+
+            self._sharded_before = sharded_snapshot(self)
+            return
         if self.groups is None:
             return
         self._before = self.groups.stack([p for _, p in self.tracked])
@@ -78,6 +84,12 @@ class UpdateProbe(Probe):
 
     def after_step(self) -> None:
         """Optimizer post-hook: compare with w_{t+1} on the device."""
+        if getattr(self, "_sharded_before", None) is not None:
+            from ..distributed import sharded_updates
+
+            (before, lrs), self._sharded_before = self._sharded_before, None
+            self._pending = sharded_updates(self, before, lrs, self.session.reducer.rank)
+            return
         if self._before is None or self.groups is None:
             return
         after = self.groups.stack([p for _, p in self.tracked])
