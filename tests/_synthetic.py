@@ -69,9 +69,9 @@ def make_run(
     """Write a synthetic run to ``path`` and return the path.
 
     Phenomenon switches: ``nan_at`` (NaN loss and activations from that step),
-    ``inf_grad_at`` (an infinite gradient norm), ``var_growth`` (act.var grows
-    linearly with block depth), ``massive`` (one block with |act| = 5000),
-    ``grad_growth`` (ratio of last to first block gradient norm),
+    ``inf_grad_at`` (an infinite gradient norm), ``var_growth`` (act.var doubles per block,
+    growing with block depth), ``massive`` (one block with |act| = 5000),
+    ``grad_growth`` (gradient norms grow geometrically by this factor from the first to the last weight),
     ``scale_invariant`` + ``eff_lr_decay`` (effective LR falls by that factor),
     ``loss_spike_at`` (a loss spike, with a gradient norm spike when
     ``grad_spike``), ``hessian`` (``"below"`` / ``"above"`` the 2/eta
@@ -146,7 +146,7 @@ def make_run(
             depth = int(m.split(".")[1]) + 1
         elif m in ("head", XSS):
             depth = n_blocks + 1
-        var0 = (1.0 + depth) if var_growth else 1.0
+        var0 = 2.0**depth if var_growth else 1.0
         var = var0 * (1 + 0.3 * frac) * (1 + 0.02 * rng.standard_normal(T))
         mean = 0.05 * rng.standard_normal(T)
         absmax = 4.0 * np.sqrt(var) * (1 + 0.05 * rng.random(T))
@@ -170,7 +170,7 @@ def make_run(
     for p in params:
         is_w = p.endswith(".weight")
         pos = wi / max(n_w - 1, 1)
-        g = (1.0 + (grad_growth - 1.0) * pos) * (1 + 0.1 * rng.standard_normal(T)) * np.exp(-frac)
+        g = grad_growth**pos * (1 + 0.1 * rng.standard_normal(T)) * np.exp(-frac)
         g = np.abs(g) * (1.0 if is_w else 0.3)
         if inf_grad_at is not None and p == "blocks.0.fc1.weight":
             g[step_ids == inf_grad_at] = np.inf

@@ -23,8 +23,8 @@ from ...store import RunData
 from .. import _data
 
 __all__ = ["new_figure", "plot_series", "decimate", "pick_layers", "depth_modules", "set_caption", "text",
-           "run_gid", "finish", "log_axis", "few_xticks", "NONFINITE_HANDLE", "run_legend", "CAPTION_ATTR",
-           "GID_LABELS_ATTR"]
+           "run_gid", "short", "run_label", "finish", "log_axis", "few_xticks", "NONFINITE_HANDLE", "run_legend",
+           "CAPTION_ATTR", "GID_LABELS_ATTR"]
 
 CAPTION_ATTR = "dynascope_caption"
 GID_LABELS_ATTR = "dynascope_gid_labels"
@@ -52,7 +52,15 @@ def finish(fig: Figure, rows: int = 1, cols: int = 1, *, legend: bool = True, le
            wgap: float = 0.62) -> None:
     """Fixed margins in inches (cheap, predictable); ``legend`` reserves a row above the panels."""
     w, h = fig.get_size_inches()
-    top_in = top + (0.3 if legend else 0.0)
+    rows_legend = 0
+    if legend and fig.legends:
+        leg = fig.legends[-1]
+        texts = leg.get_texts()
+        ncols = max(getattr(leg, "_ncols", 1), 1)
+        rows_legend = -(-len(texts) // ncols)
+    elif legend:
+        rows_legend = 1
+    top_in = top + 0.2 * rows_legend + (0.1 if rows_legend else 0.0)
     avail_h = max(h - top_in - bottom, 0.5)
     avail_w = max(w - left - right, 0.5)
     ax_h = max((avail_h - (rows - 1) * hgap) / rows, 0.2)
@@ -197,10 +205,31 @@ def depth_modules(run: RunData, metric: str) -> tuple[list[str], str]:
     return top, "depth = top-level modules in model order (no repeated block pattern found)"
 
 
+def short(name: str, width: int = 40) -> str:
+    """``name`` cut to ``width`` characters (keeping its end) for titles and legends; tables show it whole."""
+    name = str(name)
+    return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-(width // 2):]
+
+
+def run_label(run: RunData) -> str:
+    return text(short(run.name))
+
+
 def run_legend(fig: Figure, runs: Sequence[RunData], colors: Sequence[str], extra: Sequence = ()) -> None:
-    """One shared legend above the panels: a colour per run plus ``extra`` handles."""
-    handles = [Line2D([], [], color=c, linewidth=2, label=text(r.name)) for r, c in zip(runs, colors)]
+    """One shared legend above the panels: a colour per run plus ``extra`` handles.
+
+    As many columns as fit the figure width (estimated from the label lengths at 8.5 pt).
+    """
+    handles = [Line2D([], [], color=c, linewidth=2, label=run_label(r)) for r, c in zip(runs, colors)]
     handles += list(extra)
     if handles:
-        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncols=min(len(handles), 6),
+        longest = max(len(h.get_label()) for h in handles)
+        col_pt = longest * 5.2 + 40
+        fits = max(1, int(fig.get_size_inches()[0] * 72 // col_pt))
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncols=min(len(handles), fits),
                    frameon=False, fontsize=8.5, handlelength=2.2, columnspacing=1.2)
+
+
+def legend_rows(fig: Figure, n_handles: int, longest: int) -> int:
+    fits = max(1, int(fig.get_size_inches()[0] * 72 // (longest * 5.2 + 40)))
+    return -(-n_handles // fits)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
-from matplotlib import cm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -31,6 +31,7 @@ from ._helpers import (
     new_figure,
     plot_series,
     run_gid,
+    run_label,
     run_legend,
     set_caption,
     text,
@@ -133,7 +134,7 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = run_colors(runs)
     hows, any_bad, drawn = [], False, False
-    cmap = cm.get_cmap("viridis") if hasattr(cm, "get_cmap") else None
+    cmap = matplotlib.colormaps["viridis"]
     for ax, (i, r) in zip(axes, have):
         mods, how = depth_modules(r, "act.var")
         if not mods:
@@ -144,13 +145,13 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
         table = _data.at_steps(r, "act.var", mods, steps)
         x = np.arange(1, len(mods) + 1)
         for k, step in enumerate(steps):
-            col = cmap(k / max(len(steps) - 1, 1)) if cmap else None
+            col = cmap(0.85 * k / max(len(steps) - 1, 1))
             any_bad |= plot_series(ax, x, table.loc[step].to_numpy(dtype=float), color=col, label=f"step {step}",
                                    marker="o" if len(x) <= 60 else None, markersize=3, log=True,
                                    gid=run_gid(fig, i, f"{r.name}: step {step}"))
             drawn = True
         log_axis(ax)
-        ax.set_title(text(r.name), fontsize=10, color=colors[i])
+        ax.set_title(run_label(r), fontsize=10, color=colors[i])
         ax.set_xlabel("layer index")
         ax.set_ylabel("variance of the output")
         ax.grid(alpha=0.3)
@@ -164,7 +165,8 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
                    fontsize=8.5)
     finish(fig, rows, cols, legend=any_bad, wgap=0.8, hgap=0.75)
     set_caption(fig, "Variance of each layer's output over all its elements (ddof = 0) against layer index, at up "
-                "to 5 recorded steps (darker = earlier). Pre-LN transformers show this variance growing with depth, "
+                "to 5 recorded steps (darker = earlier, yellow-green = later). Pre-LN transformers show this variance "
+                "growing with depth, "
                 "which makes deep layers close to identity maps (curse of depth). One panel per run. "
                 + " ".join(h + "." for h in hows))
     return fig

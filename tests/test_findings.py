@@ -1,0 +1,157 @@
+"""Each finding rule fires on a synthetic run that has its pattern and stays silent on one that does not."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from _synthetic import make_run
+
+from dynascope import load_run
+from dynascope.reports import findings as F
+from dynascope.store import RunStore
+
+
+def _rules(run, name):
+    return [f for f in F.findings([run]) if f.rule == name]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    return load_run(make_run(tmp_path_factory.mktemp("f") / "clean"))
+
+
+def test_clean_run_has_no_findings(clean):
+    assert F.findings([clean]) == []
+
+
+def test_every_rule_documents_source_and_threshold():
+    assert len(F.RULES) >= 10
+    for name, fn in F.RULES.items():
+        doc = fn.__doc__ or ""
+        assert "Source" in doc or "Sources" in doc, name
+        assert any(ch.isdigit() for ch in doc), f"{name}: no threshold stated"
+
+
+def test_sharpness_rule(tmp_path):
+    above = load_run(make_run(tmp_path / "above", hessian="above"))
+    below = load_run(make_run(tmp_path / "below", hessian="below"))
+    (f,) = _rules(above, "sharpness_above_threshold")
+    assert f.metric == "hessian.eig" and f.layer == "1"
+    assert f.value >= f.threshold == pytest.approx(2 / 0.1)
+    assert f.figure_key == "sharpness" and str(f.step) in f.message
+    assert _rules(below, "sharpness_above_threshold") == []
+
+
+def test_loss_spike_with_and_without_gradient_spike(tmp_path):
+    both = load_run(make_run(tmp_path / "both", loss_spike_at=120))
+    (f,) = _rules(both, "loss_spikes")
+    assert f.severity == "warning" and f.step == 120 and "gradient-norm spike" in f.message
+    alone = load_run(make_run(tmp_path / "alone", loss_spike_at=120, grad_spike=False))
+    (g,) = _rules(alone, "loss_spikes")
+    assert g.severity == "info" and "no gradient-norm or sharpness spike" in g.message
+    # a spike while sharpness sits above its threshold counts as coinciding too
+    sharp = load_run(make_run(tmp_path / "sharp", loss_spike_at=190, grad_spike=False, hessian="above"))
+    (h,) = _rules(sharp, "loss_spikes")
+    assert h.severity == "warning" and "sharpness" in h.message
+
+
+def test_spike_detector_ignores_smooth_decay_and_noise():
+    rng = np.random.default_rng(0)
+    s = np.arange(2000)
+    v = 3 * np.exp(-s / 300) + 0.1 + 0.02 * rng.standard_normal(2000)
+    assert len(F.spikes(s, v)) == 0
+    v[1500] = 5.0
+    assert F.spikes(s, v).tolist() == [1500]
+
+
+def test_non_finite_rule(tmp_path):
+    nan = load_run(make_run(tmp_path / "nan", nan_at=150, inf_grad_at=30))
+    found = _rules(nan, "non_finite_values")
+    assert found[0].metric == "loss" and found[0].step == 150 and found[0].severity == "error"
+    by_metric = {f.metric: f for f in found}
+    assert by_metric["grad.norm"].step == 30 and "inf" in by_metric["grad.norm"].message
+    assert any(f.metric.startswith("act.") and "NaN" in f.message for f in found)
+
+
+def test_variance_growth_rule(tmp_path, clean):
+    grow = load_run(make_run(tmp_path / "grow", var_growth=True))
+    (f,) = _rules(grow, "variance_grows_with_depth")
+    assert f.layer == "blocks.5" and f.figure_key == "hidden_variance_depth"
+    assert f.value >= f.threshold
+    assert _rules(clean, "variance_grows_with_depth") == []
+    # without meta 'blocks' the depth heuristic finds blocks.# and still fires
+    grow2 = load_run(make_run(tmp_path / "grow2", var_growth=True, mark_blocks=False))
+    assert len(_rules(grow2, "variance_grows_with_depth")) == 1
+
+
+def test_massive_activation_rule(tmp_path, clean):
+    big = load_run(make_run(tmp_path / "big", massive=True))
+    (f,) = _rules(big, "massive_activations")
+    assert f.layer == "blocks.3" and f.value > 100 and "weaker" in f.message
+    assert _rules(clean, "massive_activations") == []
+
+
+def test_massive_activation_uses_median_when_recorded(tmp_path):
+    path = make_run(tmp_path / "med", massive=True, steps=20)
+    store = RunStore(path, mode="resume")
+    # median |act| so large that the 1000x-median criterion fails although absmax > 100
+    store.write_scalars((s, "act.absmedian", "blocks.3", 50.0) for s in range(20))
+    store.close()
+    assert _rules(load_run(path), "massive_activations") == []
+
+
+def test_grad_ratio_rule(tmp_path, clean):
+    post = load_run(make_run(tmp_path / "post", grad_growth=100.0))
+    (f,) = _rules(post, "grad_norm_depth_ratio")
+    assert f.value >= 10 and "Post-LN" in f.message
+    pre = load_run(make_run(tmp_path / "pre", grad_growth=0.01))
+    (g,) = _rules(pre, "grad_norm_depth_ratio")
+    assert g.value <= 0.1 and "early layers" in g.message
+    assert _rules(clean, "grad_norm_depth_ratio") == []
+
+
+def test_effective_lr_rule(tmp_path):
+    decay = load_run(make_run(tmp_path / "decay", weight_decay=0.0, scale_invariant=True, eff_lr_decay=30))
+    (f,) = _rules(decay, "effective_lr_decay")
+    assert ".fc1.weight" in f.layer and f.value < f.threshold
+    assert "30x" in f.message or "29" in f.message or "3e+01" in f.message
+    # the same decay with weight decay on is not flagged (the norm is then held at equilibrium by design)
+    wd = load_run(make_run(tmp_path / "wd", weight_decay=5e-4, scale_invariant=True, eff_lr_decay=30))
+    assert _rules(wd, "effective_lr_decay") == []
+    # nor a decay of only 3x
+    mild = load_run(make_run(tmp_path / "mild", weight_decay=0.0, scale_invariant=True, eff_lr_decay=3))
+    assert _rules(mild, "effective_lr_decay") == []
+
+
+def test_plasticity_rules(tmp_path):
+    bad = load_run(make_run(tmp_path / "bad", dead_frac=0.3, dormant_frac=0.5, erank_drop=0.2))
+    (d,) = _rules(bad, "dead_units")
+    assert d.value == pytest.approx(0.3) and d.threshold == F.DEAD_FRACTION
+    (m,) = _rules(bad, "dormant_units")
+    assert m.value == pytest.approx(0.5)
+    (e,) = _rules(bad, "effective_rank_collapse")
+    assert e.value == pytest.approx(6.0) and "20%" in e.message
+    ok = load_run(make_run(tmp_path / "ok", dead_frac=0.05, dormant_frac=0.1, erank_drop=0.8))
+    assert _rules(ok, "dead_units") == _rules(ok, "dormant_units") == _rules(ok, "effective_rank_collapse") == []
+
+
+def test_findings_carry_run_name_and_sort_errors_first(tmp_path):
+    r = load_run(make_run(tmp_path / "r", name="my run", nan_at=150, massive=True))
+    found = F.findings([r])
+    assert all(f.run == "my run" for f in found)
+    sev = [f.severity for f in found]
+    assert sev == sorted(sev, key=["error", "warning", "info"].index)
+    with pytest.raises(KeyError, match="unknown finding rule"):
+        F.findings([r], rules=["nope"])
+
+
+def test_broken_rule_becomes_info(tmp_path, monkeypatch, clean):
+    def boom(run):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setitem(F.RULES, "boom", boom)
+    (f,) = F.findings([clean])
+    assert f.severity == "info" and "kaput" in f.message and f.rule == "boom"
+    assert math.isnan(float("nan"))
