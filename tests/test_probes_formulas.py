@@ -15,8 +15,6 @@ from torch import nn
 import dynascope
 from dynascope._names import clean_name, select_modules
 
-torch.set_num_threads(2)
-
 ACT = ("act.mean", "act.var", "act.channel_sq_mean", "act.channel_var", "act.absmax", "act.zero_frac")
 
 
@@ -233,7 +231,7 @@ def check_param_metrics(model, data, refs, adam: bool, all_params: bool = False)
             gsq += float((g ** 2).sum())
             close(value(data, "grad.norm", n, step), np.linalg.norm(g), what=f"grad.norm/{n}")
         close(value(data, "grad.global_norm", "", step), math.sqrt(gsq), what="grad.global_norm")
-        for mname, module in select_modules(model):
+        for mname, _module in select_modules(model):
             ps = [n for n, _ in model.named_parameters() if n.startswith(mname + ".")]
             if ps:
                 want = math.sqrt(sum(float((ref["grads"][n].numpy() ** 2).sum()) for n in ps))
