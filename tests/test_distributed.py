@@ -1,0 +1,211 @@
+"""Under torch.distributed the recorded values are those of the global batch
+and model: 2 gloo processes on the CPU against one process on the same global
+batch (DDP, FSDP2, unequal per-rank batches), only rank 0 writes, ranks that
+record different layouts fail together with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import dynascope
+import dynascope.distributed
+from dynascope.distributed import LayoutMismatchError, RankReducer, chan_merge
+
+WORLD = 2
+STEPS = 3
+GLOBAL_BATCH = 8
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 7),
+                         nn.LayerNorm(7), nn.ReLU(), nn.Linear(7, 3))
+
+
+def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 2, 4, 4, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g))
+            for _ in range(STEPS)]
+
+
+def _optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=0.01)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int = GLOBAL_BATCH,
+           after_backward=None) -> dict:
+    opt = _optimizer(opt_kind, model)
+    with dynascope.probe(model, opt, run_dir, every=1, flush_every=2, all_params=True) as run:
+        for x, y in _data():
+            loss = ((model(x[lo:hi]) - y[lo:hi]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            opt.step()
+            run.step(loss=loss.detach())
+        counts = {"collectives": run.reducer.collectives if run.reducer else 0}
+    counts["collectives_after_close"] = run.reducer.collectives if run.reducer else 0
+    return counts
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    report: dict = {}
+    per = GLOBAL_BATCH // WORLD
+    try:
+        # DDP: gradients averaged by DDP (replicated, taken once), activations merged
+        ddp = nn.parallel.DistributedDataParallel(_model())
+        report["ddp"] = _train(ddp, "sgd", os.path.join(out, "ddp", f"rank{rank}"), rank * per, (rank + 1) * per)
+
+        # FSDP2: parameters and gradients sharded on dim 0 (uneven shards: 7 and 3 rows); the last
+        # bias is left out of FSDP and averaged by hand, so it is replicated: it must count once
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            report["fsdp"] = "fully_shard not available"
+        else:
+            m = _model()
+            for layer in list(m)[:-1]:
+                if isinstance(layer, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+                    fully_shard(layer)
+            bias = m[-1].bias
+            fully_shard(m, ignored_params={bias})
+
+            def average_bias_grad() -> None:
+                dist.all_reduce(bias.grad)
+                bias.grad /= WORLD
+
+            report["fsdp"] = _train(m, "adam", os.path.join(out, "fsdp", f"rank{rank}"), rank * per,
+                                    (rank + 1) * per, after_backward=average_bias_grad)
+            report["fsdp_bias_sharded"] = dynascope.distributed.is_sharded(bias)
+
+        # unequal batches (3 and 5 examples): activation moments still merge exactly
+        m = _model()
+        lo, hi = (0, 3) if rank == 0 else (3, GLOBAL_BATCH)
+        with dynascope.probe(m, None, os.path.join(out, "unequal", f"rank{rank}"), every=1,
+                             probes=("activations",)) as run:
+            for x, _ in _data()[:2]:
+                m(x[lo:hi])
+                run.step()
+
+        # ranks that buffer different scalars fail together at the flush instead of hanging
+        m = _model()
+        try:
+            with dynascope.probe(m, None, os.path.join(out, "mismatch", f"rank{rank}"), every=1,
+                                 probes=("activations",)) as run:
+                m(_data()[0][0][:2])
+                run.step(loss=torch.tensor(1.0), **({"extra": torch.tensor(2.0)} if rank == 1 else {}))
+            report["mismatch"] = "no error"
+        except LayoutMismatchError as exc:
+            report["mismatch"] = str(exc)
+    finally:
+        Path(out, f"report{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    reports = [json.loads((out / f"report{r}.json").read_text()) for r in range(WORLD)]
+    return out, reports
+
+
+def _rows(run_dir: Path) -> dict[tuple[int, str, str], float]:
+    df = dynascope.load_run(run_dir)._query("SELECT step, metric, layer, value FROM scalars")
+    return {(int(s), m, la): float(v) for s, m, la, v in zip(df.step, df.metric, df.layer, df.value.astype(float))}
+
+
+def _assert_same(ref: dict, got: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    assert set(ref) == set(got), (sorted(set(ref) ^ set(got)))[:10]
+    keys = sorted(ref)
+    a = np.array([ref[k] for k in keys])
+    b = np.array([got[k] for k in keys])
+    close = np.isclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+    bad = [(k, ref[k], got[k]) for k, ok in zip(keys, close) if not ok]
+    assert not bad, bad[:10]
+
+
+def test_ddp_run_equals_global_batch_on_one_process(spawned, tmp_path):
+    out, reports = spawned
+    _train(_model(), "sgd", str(tmp_path / "single"))
+    ref = _rows(tmp_path / "single")
+    got = _rows(out / "ddp" / "rank0")
+    metrics = {m for _, m, _ in ref}
+    assert {"act.channel_var", "act.zero_frac", "grad.norm", "grad.global_norm", "grad.weight_cos_rowmax",
+            "weight.norm", "update.angle", "update.angle_row", "lr.effective", "loss"} <= metrics
+    _assert_same(ref, got)
+    assert not (out / "ddp" / "rank1").exists(), "only rank 0 writes"
+    # 2 flushes (after 2 recording steps, at close), each: one layout handshake + one payload gather
+    assert reports[0]["ddp"] == {"collectives": 2, "collectives_after_close": 4}
+
+
+def test_fsdp2_sharded_run_equals_global_batch_on_one_process(spawned, tmp_path):
+    out, reports = spawned
+    if isinstance(reports[0]["fsdp"], str):
+        pytest.skip(reports[0]["fsdp"])
+    _train(_model(), "adam", str(tmp_path / "single"))
+    ref = _rows(tmp_path / "single")
+    assert reports[0]["fsdp_bias_sharded"] is False  # the replicated one counts once
+    _assert_same(ref, _rows(out / "fsdp" / "rank0"))
+    assert not (out / "fsdp" / "rank1").exists()
+    assert reports[0]["fsdp"]["collectives_after_close"] == 4
+
+
+def test_activation_moments_merge_exactly_with_unequal_batches(spawned, tmp_path):
+    out, _ = spawned
+    m = _model()
+    with dynascope.probe(m, None, tmp_path / "single", every=1, probes=("activations",)) as run:
+        for x, _ in _data()[:2]:
+            m(x)
+            run.step()
+    _assert_same(_rows(tmp_path / "single"), _rows(out / "unequal" / "rank0"))
+
+
+def test_ranks_with_different_layouts_fail_together(spawned):
+    _, reports = spawned
+    for r in reports:
+        assert "ranks recorded different statistics" in r["mismatch"]
+
+
+def test_chan_merge_matches_pooled_moments():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 5, generator=g, dtype=torch.float64) * 3 + 10 for n in (1, 4, 7)]
+    stats = torch.stack([torch.stack([torch.full((5,), float(p.shape[0]), dtype=torch.float64), p.mean(0),
+                                      ((p - p.mean(0)) ** 2).sum(0)], dim=1) for p in parts])
+    merged = chan_merge(stats)
+    pooled = torch.cat(parts)
+    torch.testing.assert_close(merged[:, 0], torch.full((5,), 12.0, dtype=torch.float64))
+    torch.testing.assert_close(merged[:, 1], pooled.mean(0))
+    torch.testing.assert_close(merged[:, 2], ((pooled - pooled.mean(0)) ** 2).sum(0))
+    # a rank that saw nothing (n = 0) changes nothing
+    empty = torch.zeros(1, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(chan_merge(torch.cat([stats, empty])), merged)
+
+
+def test_single_process_needs_no_reducer(tmp_path):
+    with pytest.raises(RuntimeError, match="process group"):
+        RankReducer()
+    m = _model()
+    with dynascope.probe(m, None, tmp_path / "r", every=1) as run:
+        assert run.reducer is None
