@@ -93,6 +93,7 @@ def _panels(found: list, *, projection: str | None = None, size: float = 3.8) ->
     rows, cols = _grid(len(found))
     fig = Figure(figsize=(size * cols + 0.8, size * rows))
     axes = [fig.add_subplot(rows, cols, n + 1, projection=projection) for n in range(len(found))]
+    fig.subplots_adjust(wspace=0.45, hspace=0.5, top=0.82, bottom=0.14)
     return fig, axes
 
 
@@ -116,8 +117,8 @@ def landscape_contour(runs: Sequence[RunData]) -> Figure | None:
         ax.set_xlabel(r"$\alpha$ ($d_1$)")
         ax.set_ylabel(r"$\beta$ ($d_2$)")
         cos = meta.get("axis_cosine")
-        ax.set_title(f"{run.name}\n{_policy(meta)}, seed {meta.get('seed')}, cos(d1,d2)={cos:.2g}"
-                     if cos is not None else f"{run.name}\n{_policy(meta)}", fontsize=9, color=colors[i])
+        detail = f"seed {meta.get('seed')}" + (f", cos(d1, d2) = {cos:.2g}" if cos is not None else "")
+        ax.set_title(f"{run.name}\n{_policy(meta)}\n{detail}", fontsize=8, color=colors[i])
         ax.legend(fontsize=7, loc="upper right")
     if cs is not None:
         fig.colorbar(cs, ax=axes, shrink=0.8, label="loss (shared levels)")
@@ -171,7 +172,7 @@ def landscape_trajectory(runs: Sequence[RunData]) -> Figure | None:
         ev = arrays["explained_variance_ratio"]
         ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}% of variance)")
         ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}% of variance)")
-        ax.set_title(f"{run.name}\n{_policy(meta)}, {meta.get('n_checkpoints')} checkpoints", fontsize=9,
+        ax.set_title(f"{run.name}\n{_policy(meta)}\n{meta.get('n_checkpoints')} checkpoints", fontsize=8,
                      color=colors[i])
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
