@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from ...store import RunData
 from . import figure, run_colors
@@ -110,6 +110,8 @@ def _panel(fig: Figure, ax, runs: Sequence[RunData], metric: str, layers: list[s
                     linewidth=1.3, label=f"{r.name}: {lay or 'all'}")
             drawn = True
     ax.set_xlabel("task" if axis == "task" else "step")
+    if axis == "task":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
