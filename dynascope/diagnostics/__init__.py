@@ -11,3 +11,22 @@ from .landscape import (  # noqa: E402, F401
     loss_landscape,
     trajectory_plane,
 )
+from .plasticity import (  # noqa: E402, F401
+    PlasticityResult,
+    dead_fraction,
+    dormant_fraction,
+    effective_rank,
+    plasticity_metrics,
+    srank,
+    weight_magnitude,
+)
+from .weights import (  # noqa: E402, F401
+    PowerLawFit,
+    WeightSpectrum,
+    angular_change,
+    power_law_alpha,
+    singular_values,
+    stable_rank,
+    weight_norms,
+    weight_spectra,
+)
