@@ -66,6 +66,7 @@ import scipy.linalg
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._guard import preserved_state
 from ._batch import (
@@ -268,7 +269,9 @@ class HessianOperator:
         tensors = dict(self._tensors)
         tensors.update(self._buffers())
         torch.manual_seed(self.seed + i)  # dropout in train mode: same mask every product
-        out = functional_call(self._wrapper, tensors, (inputs,))
+        # fused attention kernels (flash / memory-efficient) have no double backward
+        with sdpa_kernel(SDPBackend.MATH):
+            out = functional_call(self._wrapper, tensors, (inputs,))
         loss = self.loss_fn(out, targets)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
