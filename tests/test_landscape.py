@@ -111,6 +111,8 @@ def test_direction_in_float64_model_has_float64_dtype():
     model = bn_cnn(dtype=torch.float64)
     d = filter_normalized_direction(model, seed=0)
     assert all(v.dtype == torch.float64 for v in d.values())
+    w = model[0].weight.detach()
+    torch.testing.assert_close(d["0.weight"].flatten(1).norm(dim=1), w.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -220,8 +220,9 @@ def _is_filter_weight(p: torch.Tensor, norm_ids: set[int]) -> bool:
 def _row_normalize(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``d_i <- d_i / ||d_i|| * ||w_i||`` per row of ``flatten(1)``; zero rows of
     ``w`` (or of ``d``) give zero rows, never a division by zero."""
-    d2 = d.flatten(1).float()
-    w2 = w.detach().flatten(1).float()
+    work = torch.promote_types(w.dtype, torch.float32)  # float32 at least, float64 for float64 models
+    d2 = d.flatten(1).to(work)
+    w2 = w.detach().flatten(1).to(work)
     dn = torch.linalg.vector_norm(d2, dim=1, keepdim=True)
     wn = torch.linalg.vector_norm(w2, dim=1, keepdim=True)
     scale = torch.where(dn > 0, wn / torch.where(dn > 0, dn, torch.ones_like(dn)), torch.zeros_like(dn))

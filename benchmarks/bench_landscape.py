@@ -1,0 +1,169 @@
+"""Loss-landscape speed on CPU (2 threads): cost per grid point against one plain
+forward pass, against loss-landscapes 3.0.6 on the same evaluations, vmap vs the
+in-place loop, and the adaptive grid's evaluation count and contour error.
+
+Model: a ~95k-parameter BatchNorm CNN on 512 samples (3x16x16), briefly trained
+so BatchNorm biases are non-zero (loss-landscapes divides by them). Every
+number is the median over repeats measured side by side in this one process.
+
+    python benchmarks/bench_landscape.py [--repeats 5] [--resolution 9] [--adaptive-resolution 33]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynascope.diagnostics.landscape import loss_landscape
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+    )
+
+
+def make_data(n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    teacher = torch.randn(3 * 16 * 16, 10, generator=g)
+    y = (x.flatten(1) @ teacher).argmax(1)
+    return x, y
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def contour_error(full: np.ndarray, approx: np.ndarray, n_levels: int = 20) -> tuple[float, float, float]:
+    """(max |error| / range, mean |error| / range, fraction of points whose contour band differs) on the
+    figure's levels (log-spaced when the losses span a decade, as in dynascope's contour figure)."""
+    lo, hi = float(full.min()), float(full.max())
+    levels = np.geomspace(lo, hi, n_levels) if lo > 0 and hi / lo > 10 else np.linspace(lo, hi, n_levels)
+    err = np.abs(approx - full)
+    bands_full = np.digitize(full, levels)
+    bands_approx = np.digitize(approx, levels)
+    return float(err.max() / (hi - lo)), float(err.mean() / (hi - lo)), float((bands_full != bands_approx).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--resolution", type=int, default=9)
+    ap.add_argument("--adaptive-resolution", type=int, default=33)
+    ap.add_argument("--train-steps", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    x, y = make_data()
+    model = make_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    train(model, x, y, args.train_steps)
+    R = args.resolution
+    n_points = R * R
+    print(f"model: {n_params} parameters, batch {len(x)}, grid {R}x{R} = {n_points} points, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+
+    def plain_forward() -> None:
+        with torch.no_grad():
+            F.cross_entropy(model(x), y).item()
+
+    for _ in range(3):
+        plain_forward()  # warm up
+    t_fwd = median_time(plain_forward, args.repeats * 4)
+    print(f"plain no_grad forward + loss: {t_fwd * 1e3:.2f} ms (median of {args.repeats * 4})")
+
+    def ours(method: str = "loop", chunk: int = 8) -> None:
+        loss_landscape(model, F.cross_entropy, (x, y), dims=2, resolution=R, method=method, chunk=chunk,
+                       progress=False)
+
+    candidates: dict[str, object] = {
+        "plain no_grad forward x points (the floor)": lambda: [plain_forward() for _ in range(n_points)],
+        "dynascope loop (all-in: directions, centre, restore)": lambda: ours("loop"),
+        "dynascope vmap, chunk 4": lambda: ours("vmap", 4),
+        "dynascope vmap, chunk 16": lambda: ours("vmap", 16),
+    }
+    try:
+        import loss_landscapes
+        import loss_landscapes.metrics
+
+        metric = loss_landscapes.metrics.Loss(F.cross_entropy, x, y)
+
+        def ll() -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss_landscapes.random_plane(model, metric, distance=1, steps=R, normalization="filter",
+                                             deepcopy_model=True)
+
+        def ll_nograd() -> None:
+            with torch.no_grad():
+                ll()
+
+        candidates["loss-landscapes 3.0.6 random_plane (as documented)"] = ll
+        candidates["loss-landscapes 3.0.6 random_plane under torch.no_grad"] = ll_nograd
+    except ImportError:
+        print("loss-landscapes is not installed: pip install -c constraints-cpu.txt loss-landscapes==3.0.6")
+
+    # Interleaved rounds: every method once per round, so load changes hit all of them alike.
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(args.repeats):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()  # type: ignore[operator]
+            times[name].append(time.perf_counter() - t0)
+    rows = [(name, statistics.median(ts)) for name, ts in times.items()]
+    t_loop = dict(rows)["dynascope loop (all-in: directions, centre, restore)"]
+    t_floor = dict(rows)["plain no_grad forward x points (the floor)"]
+
+    print(f"\n{'method':58s} {'total s':>8s} {'ms/point':>9s} {'x forward':>10s} {'x dynascope loop':>17s}")
+    for name, t in rows:
+        per = t / n_points
+        print(f"{name:58s} {t:8.3f} {per * 1e3:9.2f} {t / t_floor:10.3f} {t / t_loop:17.3f}")
+    print("('x forward' = total time / (points x plain forward), forwards timed in the same rounds)")
+
+    # Adaptive grid: evaluation count and contour error against the full grid.
+    RA = args.adaptive_resolution
+    print(f"\nadaptive grid {RA}x{RA} ({RA * RA} points), span 1:")
+    t0 = time.perf_counter()
+    full = loss_landscape(model, F.cross_entropy, (x, y), dims=2, resolution=RA, progress=False)
+    t_full = time.perf_counter() - t0
+    print(f"  full grid: {full.n_evaluations} evaluations, {t_full:.1f} s")
+    print(f"  {'tol':>6s} {'evals':>6s} {'share':>6s} {'time x':>7s} {'max err/range':>14s} {'mean err/range':>15s} "
+          f"{'band flips':>11s}")
+    for tol in (0.002, 0.005, 0.01, 0.02):
+        t0 = time.perf_counter()
+        ada = loss_landscape(model, F.cross_entropy, (x, y), dims=2, resolution=RA, adaptive=True, adaptive_tol=tol,
+                             progress=False)
+        t_ada = time.perf_counter() - t0
+        mx, mean, flips = contour_error(full.losses, ada.losses)
+        print(f"  {tol:6.3f} {ada.n_evaluations:6d} {ada.n_evaluations / RA**2:6.1%} {t_ada / t_full:7.3f} "
+              f"{mx:14.4f} {mean:15.5f} {flips:11.2%}")
+
+
+if __name__ == "__main__":
+    main()
