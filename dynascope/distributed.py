@@ -237,12 +237,12 @@ def activation_reducible(names: Sequence[str], states: Sequence[object]) -> tupl
         assert sums is not None and maxes is not None and moments is not None
         mu = moments[:, 1]
         var_c = moments[:, 2] / moments[:, 0]
-        rows = []
-        for k, (m, v) in enumerate(zip(mu.split(sizes), var_c.split(sizes))):
-            mean, sq_mean, ch_var = m.mean(), (m * m).mean(), v.mean()
-            zeros, numel = sums[2 * k], sums[2 * k + 1]
-            rows.append(torch.stack([mean, ch_var + sq_mean - mean * mean, sq_mean, ch_var, maxes[k], zeros / numel]))
-        return torch.stack(rows).reshape(-1)
+        counts = torch.tensor(sizes, dtype=torch.float64)
+        seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        per = torch.zeros(len(sizes), 3, dtype=torch.float64).index_add_(0, seg, torch.stack([mu, mu * mu, var_c], 1))
+        mean, sq_mean, ch_var = (per / counts[:, None]).unbind(1)
+        zeros, numel = sums.reshape(-1, 2).unbind(1)
+        return torch.stack([mean, ch_var + sq_mean - mean * mean, sq_mean, ch_var, maxes, zeros / numel], 1).reshape(-1)
 
     keys = [(m, n) for n in names for m in ACT_METRICS]
     return keys, Reducible(finish, sums=sums, maxes=maxes, moments=moments)
