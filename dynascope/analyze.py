@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hessian", action="store_true", help="top Hessian eigenvalues (needs --data)")
     parser.add_argument("--hessian-k", type=int, default=1, metavar="K", help="how many top eigenvalues (default 1)")
     parser.add_argument("--trace", action="store_true", help="Hutchinson estimate of the Hessian trace (needs --data)")
+    parser.add_argument("--trace-samples", type=int, default=100, metavar="N",
+                        help="Rademacher vectors for --trace (default 100)")
+    parser.add_argument("--resolution", type=int, default=21, metavar="N",
+                        help="points of the --landscape / --interpolate curves (default 21)")
     parser.add_argument("--landscape", action="store_true",
                         help="1D filter-normalised loss curve around each checkpoint, and the PCA plane of the "
                              "checkpoint trajectory (needs --data)")
@@ -197,6 +201,8 @@ class AnalyzeOptions:
     hessian: bool = False
     hessian_k: int = 1
     trace: bool = False
+    trace_samples: int = 100
+    resolution: int = 21
     landscape: bool = False
     interpolate: bool = False
     plasticity: bool = False
@@ -267,6 +273,10 @@ def analyze(
         raise UserError(f"--{needs_data[0]} needs --data (an evaluation batch)")
     if opts.hessian_k < 1:
         raise UserError(f"--hessian-k must be >= 1, got {opts.hessian_k}")
+    if opts.trace_samples < 2:
+        raise UserError(f"--trace-samples must be >= 2, got {opts.trace_samples}")
+    if opts.resolution < 3:
+        raise UserError(f"--resolution must be >= 3, got {opts.resolution}")
     try:
         files = find_checkpoints(paths)
     except NotACheckpointError as exc:
@@ -526,7 +536,7 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
         bar.set_postfix_str(f"step {step}: trace")
         from .diagnostics.hessian import hessian_trace
 
-        tr = hessian_trace(model, loss_fn, data, seed=opts.seed, progress=False)
+        tr = hessian_trace(model, loss_fn, data, n_samples=opts.trace_samples, seed=opts.seed, progress=False)
         add("hessian.trace", tr.trace)
         add("hessian.trace_stderr", tr.stderr)
         summary["trace"] = tr.trace
@@ -535,7 +545,8 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
         bar.set_postfix_str(f"step {step}: landscape")
         from .diagnostics.landscape import loss_landscape
 
-        ls = loss_landscape(model, loss_fn, data, dims=1, resolution=21, seed=opts.seed, progress=False)
+        ls = loss_landscape(model, loss_fn, data, dims=1, resolution=opts.resolution, seed=opts.seed,
+                            progress=False)
         arrays_ls, meta_ls = ls.to_arrays()
         store.write_artifact("landscape.surface", step, arrays_ls, meta_ls)
         add("landscape.center_loss", ls.center_loss)
@@ -545,7 +556,7 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
         if prev_sd is not None:
             from .diagnostics.landscape import interpolate
 
-            curve = interpolate(model, prev_sd, sd, loss_fn, data, n_points=21, progress=False)
+            curve = interpolate(model, prev_sd, sd, loss_fn, data, n_points=opts.resolution, progress=False)
             arrays_i, meta_i = curve.to_arrays()
             meta_i.update(step_a=int(prev_step) if prev_step is not None else None, step_b=int(step))
             store.write_artifact("landscape.interpolation", step, arrays_i, meta_i)
@@ -589,7 +600,7 @@ def _trajectory(store: Any, model: nn.Module, entries: list[_Entry], bad: list[_
             return
     model.load_state_dict(states[-1])
     try:
-        plane = trajectory_plane(model, states, loss_fn, data, resolution=21, progress=False)
+        plane = trajectory_plane(model, states, loss_fn, data, resolution=opts.resolution, progress=False)
     except ValueError as exc:
         _log(f"trajectory plane skipped: {_one_line(exc)}")
         return
@@ -625,7 +636,8 @@ def run(args: argparse.Namespace) -> int:
     model = _make_model(args.model)
     loss_fn = _make_loss(args.loss)
     data = _make_data(args.data, model, loss_fn) if args.data else None
-    opts = AnalyzeOptions(hessian=args.hessian, hessian_k=args.hessian_k, trace=args.trace, landscape=args.landscape,
+    opts = AnalyzeOptions(hessian=args.hessian, hessian_k=args.hessian_k, trace=args.trace,
+                          trace_samples=args.trace_samples, resolution=args.resolution, landscape=args.landscape,
                           interpolate=args.interpolate, plasticity=args.plasticity, trust=args.trust_checkpoint,
                           strict=args.strict, seed=args.seed, progress=False if args.no_progress else None)
     result = analyze(args.checkpoints, model, args.out, loss_fn=loss_fn, data=data, options=opts,

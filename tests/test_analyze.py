@@ -135,7 +135,8 @@ def test_curvature_and_landscape_flags(workdir: Path) -> None:
     _write_checkpoints(workdir / "ck", steps=(0, 20, 40))
     out = workdir / "run"
     rc = main(["analyze", str(workdir / "ck"), *_model_arg(workdir), "--data", f"{workdir / 'usermodel.py'}:data",
-               "--hessian", "--hessian-k", "2", "--trace", "--landscape", "--interpolate", "-o", str(out),
+               "--hessian", "--hessian-k", "2", "--trace", "--trace-samples", "5", "--landscape", "--interpolate",
+               "--resolution", "11", "-o", str(out),
                "--no-progress"])
     assert rc == 0
     run = load_run(out)
