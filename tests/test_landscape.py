@@ -237,6 +237,13 @@ def test_vmap_evaluation_equals_the_loop():
     np.testing.assert_allclose(vm.losses, loop.losses, rtol=1e-5)
     auto = loss_landscape(model, LF, batch, dims=2, resolution=5, progress=False)
     assert auto.method == "loop"  # chosen by measurement on CPU (benchmarks/bench_landscape.py)
+    measured = loss_landscape(model, LF, batch, dims=2, resolution=5, method="measure", chunk=4, progress=False)
+    assert measured.method in ("loop", "vmap")
+    np.testing.assert_allclose(measured.losses, loop.losses, rtol=1e-5)
+    ada = loss_landscape(model, LF, batch, dims=2, resolution=9, method="vmap", adaptive=True, progress=False)
+    assert ada.method == "vmap" and ada.losses[4, 4] == pytest.approx(loop.losses[2, 2], rel=1e-6)
+    with pytest.raises(ValueError, match="needs bn_policy='eval'"):
+        loss_landscape(model, LF, batch, dims=1, method="vmap", bn_policy="recompute", progress=False)
 
 
 def test_several_pairs_give_the_sample_weighted_mean_and_metric_fn():

@@ -472,18 +472,35 @@ class _Functional(nn.Module):
 
 
 def _choose_method(method: str, model: nn.Module, ev: _Evaluator, metric_fn: MetricFn | None) -> str:
-    if method not in ("auto", "loop", "vmap"):
-        raise ValueError(f"method must be 'auto', 'loop' or 'vmap', got {method!r}")
-    if method == "vmap":
+    """``"loop"``, ``"vmap"`` or ``"measure"`` (time both on the first chunks, keep the faster)."""
+    if method not in ("auto", "loop", "vmap", "measure"):
+        raise ValueError(f"method must be 'auto', 'loop', 'vmap' or 'measure', got {method!r}")
+    vmap_ok = ev.bn_policy == "eval" and metric_fn is None
+    if method in ("vmap", "measure"):
         if ev.bn_policy == "recompute":
-            raise ValueError("method='vmap' needs bn_policy='eval' (recomputing statistics updates buffers in place)")
+            raise ValueError(f"method={method!r} needs bn_policy='eval' (recomputing statistics updates buffers "
+                             "in place)")
         if metric_fn is not None:
-            raise ValueError("method='vmap' evaluates the loss only; use method='loop' with metric_fn")
-        return "vmap"
-    # auto: on CPU the in-place loop measured as fast as or faster than vmap over stacked
-    # parameters (benchmarks/bench_landscape.py); the loop is also the only path that supports
-    # recomputed BN statistics, metric_fn and models that vmap cannot trace.
-    return "loop"
+            raise ValueError(f"method={method!r} evaluates the loss only; use method='loop' with metric_fn")
+        return method
+    # auto: on CPU the in-place loop measured as fast as or faster than vmap over stacked parameters
+    # (benchmarks/bench_landscape.py), so the loop; on accelerators, where batching several points
+    # per call can pay for small models, measure on the first chunks (not yet benchmarked here).
+    device, _ = model_device_dtype(model)
+    return "measure" if (device.type != "cpu" and vmap_ok) else "loop"
+
+
+def _vmap_or_loop(
+    model: nn.Module, mover: _Mover, ev: _Evaluator, points: np.ndarray, chunk: int, bar: Any
+) -> tuple[np.ndarray, str]:
+    try:
+        return _evaluate_points_vmap(model, mover, ev, points, chunk, bar), "vmap"
+    except Exception as exc:  # vmap cannot trace every model; fall back, say so
+        import warnings
+
+        warnings.warn(f"vmap evaluation failed ({type(exc).__name__}: {exc}); using the loop", stacklevel=4)
+        bar.reset(total=bar.total)
+        return _evaluate_points_loop(mover, ev, points, bar)[0], "loop"
 
 
 def _run_points(
@@ -496,15 +513,25 @@ def _run_points(
     progress: bool | None,
     desc: str,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """Evaluate ``points`` (rows of coefficients, one per direction); returns the
+    losses, per-point metrics and the method actually used."""
     with _progress(len(points), progress, desc) as bar:
-        if method == "vmap":
-            try:
-                return _evaluate_points_vmap(model, mover, ev, points, chunk, bar), {}, "vmap"
-            except Exception as exc:  # vmap cannot trace every model; fall back, say so
-                import warnings
-
-                warnings.warn(f"vmap evaluation failed ({type(exc).__name__}: {exc}); using the loop", stacklevel=3)
-                bar.reset()
+        if method == "measure" and len(points) >= 2 * chunk:
+            t0 = time.perf_counter()
+            first, _ = _evaluate_points_loop(mover, ev, points[:chunk], bar)
+            t_loop = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            second, used = _vmap_or_loop(model, mover, ev, points[chunk:2 * chunk], chunk, bar)
+            t_vmap = time.perf_counter() - t0
+            if used == "vmap" and t_vmap < t_loop:
+                rest, used = _vmap_or_loop(model, mover, ev, points[2 * chunk:], chunk, bar)
+            else:
+                rest, _ = _evaluate_points_loop(mover, ev, points[2 * chunk:], bar)
+                used = "loop"
+            return np.concatenate([first, second, rest]), {}, used
+        if method == "vmap":  # ("measure" with too few points for a fair trial: the loop)
+            losses, used = _vmap_or_loop(model, mover, ev, points, chunk, bar)
+            return losses, {}, used
         losses, extras = _evaluate_points_loop(mover, ev, points, bar)
         return losses, extras, "loop"
 
@@ -619,7 +646,7 @@ def loss_landscape(
     metric_fn: MetricFn | None = None,
     forward: Forward | None = None,
     params: Iterable[str] | nn.Module | None = None,
-    method: Literal["auto", "loop", "vmap"] = "auto",
+    method: Literal["auto", "loop", "vmap", "measure"] = "auto",
     chunk: int = 8,
     adaptive: bool = False,
     adaptive_tol: float = 0.01,
@@ -641,7 +668,12 @@ def loss_landscape(
     a dict of floats, recorded per point in ``extra`` (sample-weighted mean
     over the batch's pairs). ``adaptive=True`` (2D) evaluates a quadtree-refined
     subset of the grid and interpolates the rest; ``evaluated`` marks the
-    points actually computed. The model is restored exactly afterwards.
+    points actually computed. ``method``: ``"loop"`` sets the weights in place
+    and runs one forward per point; ``"vmap"`` runs ``chunk`` points per call
+    with ``torch.func.vmap`` over stacked parameters (eval policy, loss only);
+    ``"measure"`` times both on the first chunks and keeps the faster;
+    ``"auto"`` is the loop on CPU (measured faster there) and ``"measure"`` on
+    accelerators. The model is restored exactly afterwards.
     """
     _check_grid_args(dims, resolution, span)
     if not isinstance(n_directions, int) or n_directions < 1:
@@ -715,11 +747,15 @@ def loss_landscape(
                     assert betas is not None
 
                     def evaluate(idx: list[tuple[int, int]]) -> np.ndarray:
+                        nonlocal used
                         p = np.array([[alphas[i], betas[j]] for i, j in idx])
-                        v, _, _ = _run_points(model, mover, ev, p, chosen, chunk, False, "")
+                        v, _, got = _run_points(model, mover, ev, p, used, chunk, False, "")
+                        if used == "measure" and len(p) >= 2 * chunk:
+                            used = got  # decided once, on the first large enough call
                         return v
 
                     losses, evaluated = _adaptive_grid(evaluate, resolution, adaptive_tol, adaptive_coarse)
+                    used = "loop" if used == "measure" else used
                     n_eval = int(evaluated.sum())
             finally:
                 mover.restore()
@@ -860,7 +896,7 @@ def trajectory_plane(
     include_bias_bn: bool = True,
     bn_policy: BNPolicy = "eval",
     forward: Forward | None = None,
-    method: Literal["auto", "loop", "vmap"] = "auto",
+    method: Literal["auto", "loop", "vmap", "measure"] = "auto",
     chunk: int = 8,
     progress: bool | None = None,
 ) -> TrajectoryPlane:
