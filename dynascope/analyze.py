@@ -393,6 +393,7 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
     prev_step: int | None = None
     prev_path: Path | None = None
     analyzed = 0
+    status = "interrupted"
     bar = tqdm(total=len(todo) * len(diagnostics), desc="analyze", unit="diag", disable=not progress,
                file=sys.stderr)
     try:
@@ -439,9 +440,13 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
             prev_sd, prev_step, prev_path = {k: v.detach().clone() for k, v in sd.items()}, e.step, e.path
         if opts.landscape and data is not None:
             _trajectory(store, model, entries, bad, loss_fn, data, opts)
+        status = "finished"
+    except BaseException:
+        status = "interrupted"
+        raise
     finally:
         bar.close()
-        store.write_meta({"status": "finished", "updated": now_iso(),
+        store.write_meta({"status": status, "updated": now_iso(),
                           "skipped": [{"path": str(b.path), "error": b.error} for b in bad]})
     return {"analyzed": analyzed, "skipped": [(str(b.path), b.error) for b in bad],
             "already": len(entries) - len(todo), "rows": summary_rows, "entries": entries}

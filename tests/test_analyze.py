@@ -120,9 +120,12 @@ def test_with_data_loss_and_plasticity(workdir: Path) -> None:
     _write_checkpoints(workdir / "ck", steps=(0, 30))
     out = workdir / "run"
     rc = main(["analyze", str(workdir / "ck"), *_model_arg(workdir), "--data", f"{workdir / 'usermodel.py'}:data",
-               "--plasticity", "-o", str(out), "--no-progress"])
+               "--plasticity", "-o", str(out), "--no-progress", "--report", str(workdir / "report.html")])
     assert rc == 0
+    html = (workdir / "report.html").read_text()
+    assert "Dead and dormant units" in html and "Weight spectra of checkpoints" in html
     run = load_run(out)
+    assert run.meta["status"] == "finished"
     loss = run.pivot("loss")[""]
     assert loss.loc[30] < loss.loc[0]
     assert 0.0 <= run.pivot("accuracy").loc[30, ""] <= 1.0
@@ -239,6 +242,7 @@ def test_resume_after_interruption(workdir: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(analyze_mod, "_diagnose", interrupted)
     rc = main(["analyze", str(workdir / "ck"), *_model_arg(workdir), "-o", str(out), "--no-progress"])
     assert rc == 130 and calls == [0, 10, 20]
+    assert load_run(out).meta["status"] == "interrupted"
     assert list(load_run(out).marks("checkpoint")["step"]) == [0, 10]
     # rows left behind at step 20 by an attempt killed between writing and marking are replaced
     store = RunStore(out, mode="resume")
