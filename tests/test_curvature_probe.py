@@ -143,3 +143,58 @@ def test_bad_arguments():
         Curvature(batch=(x, y), loss_fn=None)
     with pytest.raises(ValueError, match="preconditioned"):
         Curvature(batch=(x, y), loss_fn=CE, preconditioned="yes")
+
+
+# --------------------------------------------------------------------------- figures
+def _run_with_curvature(path, seed: int, opt_name: str = "sgd"):
+    model, x, y = make(seed)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05) if opt_name == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    store = RunStore(path)
+    store.write_meta({"name": path.name})
+    probe = Curvature(every=2, batch=(x, y), loss_fn=CE, k=2, trace=True, spectrum=True, layers=True,
+                      trace_samples=6, spectrum_iter=12)
+    for step in range(5):
+        opt.zero_grad()
+        loss = CE(model(x), y)
+        loss.backward()
+        store.write_scalars([(step, "loss", "", float(loss.detach()))])
+        if probe.due(step):
+            with preserved_state(model):
+                probe.run(context(store, model, opt, step))
+        opt.step()
+    store.close()
+    return RunData(path)
+
+
+def test_figures_draw_and_skip_runs_without_data(tmp_path):
+    from matplotlib.figure import Figure
+
+    from dynascope.reports.figures import REGISTRY, all_figures
+    from dynascope.reports.figures import curvature as figs
+
+    a = _run_with_curvature(tmp_path / "sgd", 0)
+    b = _run_with_curvature(tmp_path / "adam", 1, "adam")
+    empty_store = RunStore(tmp_path / "empty")
+    empty_store.write_scalars([(0, "loss", "", 1.0)])
+    empty_store.close()
+    empty = RunData(tmp_path / "empty")
+    keys = {"curvature_sharpness", "curvature_trace", "curvature_spectrum", "curvature_layers"}
+    assert keys <= {s.key for s in all_figures()}
+    for key in keys:
+        spec = REGISTRY[key]
+        assert spec.section == "Curvature" and 300 <= spec.order <= 399
+        assert spec.fn([empty]) is None
+        fig = spec.fn([a, b, empty])
+        assert isinstance(fig, Figure), key
+        fig.savefig(tmp_path / f"{key}.png", dpi=60)
+        assert getattr(fig, "dynascope_caption", "")
+    fig = figs.sharpness([a, b])
+    ax = fig.axes[-1]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("preconditioned" in s for s in labels) and any("threshold" in s for s in labels)
+    assert fig.axes[0].get_ylabel() == "training loss"
+    # 2/lr = 40 and the Adam threshold 38000 share the axis: more than two decades, log scale
+    assert ax.get_yscale() == "log"
+    assert figs.sharpness([a]).axes[-1].get_yscale() == "linear"
+    assert figs.spectrum([a]).axes[0].get_yscale() == "log"

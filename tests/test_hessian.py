@@ -479,13 +479,13 @@ def test_progressive_sharpening_to_edge_of_stability():
     x, y = _digits(300)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
     mse = nn.MSELoss()
-    lr = 0.3
+    lr = 1.5  # 2/lr = 1.33; initial sharpness ~0.5 (measured: rises to ~1.5 by step 400, then hovers ~1.36)
     thr = 2 / lr
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     sharp = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for step in range(1501):
+        for step in range(1001):
             if step % 50 == 0:
                 sharp.append(hessian_eigenvalues(model, mse, (x, y), k=1, tol=1e-3).eigenvalues[0])
             opt.zero_grad()
@@ -493,6 +493,7 @@ def test_progressive_sharpening_to_edge_of_stability():
             opt.step()
     sharp = np.array(sharp)
     assert sharp[0] < 0.5 * thr, sharp
+    assert sharp[6] > 2 * sharp[0], sharp  # progressive sharpening by step 300
     late = sharp[len(sharp) // 2 :]
     assert late.max() > 0.9 * thr, sharp
     assert np.all(late < 1.3 * thr), sharp

@@ -30,3 +30,16 @@ from .weights import (  # noqa: E402, F401
     weight_norms,
     weight_spectra,
 )
+from .hessian import (  # noqa: E402, F401
+    EigenResult,
+    LayerSharpnessResult,
+    SpectrumResult,
+    TraceResult,
+    adam_preconditioner,
+    hessian_eigenvalues,
+    hessian_spectrum,
+    hessian_trace,
+    layer_sharpness,
+    preconditioned_sharpness,
+    stability_threshold,
+)
