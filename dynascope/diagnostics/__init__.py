@@ -2,6 +2,19 @@
 
 No hooks, no files, no global state; each restores the model exactly.
 """
+from .hessian import (  # noqa: E402, F401
+    EigenResult,
+    LayerSharpnessResult,
+    SpectrumResult,
+    TraceResult,
+    adam_preconditioner,
+    hessian_eigenvalues,
+    hessian_spectrum,
+    hessian_trace,
+    layer_sharpness,
+    preconditioned_sharpness,
+    stability_threshold,
+)
 from .landscape import (  # noqa: E402, F401
     InterpolationResult,
     LandscapeResult,
@@ -29,17 +42,4 @@ from .weights import (  # noqa: E402, F401
     stable_rank,
     weight_norms,
     weight_spectra,
-)
-from .hessian import (  # noqa: E402, F401
-    EigenResult,
-    LayerSharpnessResult,
-    SpectrumResult,
-    TraceResult,
-    adam_preconditioner,
-    hessian_eigenvalues,
-    hessian_spectrum,
-    hessian_trace,
-    layer_sharpness,
-    preconditioned_sharpness,
-    stability_threshold,
 )

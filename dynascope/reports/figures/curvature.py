@@ -159,7 +159,7 @@ def spectrum(runs: Sequence[RunData]) -> Figure | None:
     colors = run_colors(runs)
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for i, run, arrays, meta, step in found:
+    for i, run, arrays, _meta, step in found:
         ax.plot(arrays["grid"], np.maximum(arrays["density"], 0) + DENSITY_FLOOR, color=colors[i], lw=1.2,
                 label=f"{text(run.name)} (step {step})")
     log_axis(ax, "y")
