@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..store import DB_NAME, RunData
 
-__all__ = ["layers", "steps", "query", "series", "at_steps", "non_finite_summary", "has", "metrics"]
+__all__ = ["layers", "steps", "query", "series", "at_steps", "layer_max", "non_finite_summary", "has", "metrics"]
 
 _CACHE_ATTR = "_dynascope_report_cache"
 
@@ -158,14 +158,32 @@ def at_steps(run: RunData, metric: str, layers_: Sequence[str], steps_: Sequence
     return table.reindex(index=list(steps_), columns=list(layers_))
 
 
+def layer_max(run: RunData, metric: str, layers_: Sequence[str] | None = None) -> dict[str, float]:
+    """Largest finite-or-inf value of ``metric`` per layer over all steps (NaN rows ignored)."""
+    c = _cache(run)
+    key = ("max", metric, None if layers_ is None else tuple(layers_))
+    if key not in c:
+        sql = "SELECT layer, MAX(value) FROM scalars WHERE metric = ?"
+        params: list[Any] = [metric]
+        if layers_ is not None:
+            sql += f" AND layer IN ({','.join('?' * len(layers_))})"
+            params += list(layers_)
+        c[key] = {lay: (np.nan if v is None else float(v)) for lay, v in _rows(run, sql + " GROUP BY layer", params)}
+    return c[key]
+
+
 def non_finite_summary(run: RunData) -> pd.DataFrame:
     """Per metric and layer: count and first step of NaN / +-inf values (one scan of the table)."""
     c = _cache(run)
     if "nonfinite" not in c:
+        # runs written by this version keep a partial index of exactly these rows (store.py), so the
+        # query reads only the non-finite rows; older runs fall back to one scan of the table
+        indexed = bool(_rows(run, "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'scalars_nonfinite'"))
         rows = _rows(
             run,
             "SELECT metric, layer, COUNT(*), MIN(step), SUM(value IS NULL), SUM(value > 1e308 OR value < -1e308) "
-            "FROM scalars WHERE value IS NULL OR value > 1e308 OR value < -1e308 GROUP BY metric, layer",
+            f"FROM scalars {'INDEXED BY scalars_nonfinite ' if indexed else ''}"
+            "WHERE value IS NULL OR value > 1e308 OR value < -1e308 GROUP BY metric, layer",
         )
         c["nonfinite"] = pd.DataFrame(rows, columns=["metric", "layer", "count", "first_step", "n_nan", "n_inf"])
     return c["nonfinite"]

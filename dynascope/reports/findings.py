@@ -330,9 +330,12 @@ def massive_activations(run: RunData) -> list[Finding]:
         return []
     has_median = _data.has(run, "act.absmedian")
     hits = []
+    peaks = _data.layer_max(run, "act.absmax")
     for lay in _data.layers(run, "act.absmax"):
+        if not peaks.get(lay, np.nan) > MASSIVE_ABS:  # one aggregate query first; series only where needed
+            continue
         s, amax = _data.series(run, "act.absmax", lay)
-        if len(s) == 0 or not np.any(amax > MASSIVE_ABS):
+        if len(s) == 0:
             continue
         if has_median:
             ms, med = _data.series(run, "act.absmedian", lay)
@@ -480,7 +483,7 @@ def _plasticity_fraction(run: RunData, metric: str, limit: float, what: str, sou
         "warning",
         f"{frac:.1%} of the units of {where} are {what} at step {st} (threshold {limit:.0%}){others}; "
         f"they no longer learn ({source}).",
-        metric, lay, st, frac, limit, "plasticity")]
+        metric, lay, st, frac, limit, "plasticity_units")]
 
 
 @rule
@@ -533,7 +536,7 @@ def effective_rank_collapse(run: RunData) -> list[Finding]:
         f"Effective rank of {where} collapsed from {_fmt(a)} at step {s0} to {_fmt(b)} at step {s1} "
         f"({r:.0%} of its first value, threshold {ERANK_DROP:.0%}){others}: the representation uses fewer "
         "directions, a sign of lost plasticity (Dohare et al. 2024).",
-        "plasticity.erank", lay, s1, b, ERANK_DROP * a, "plasticity")]
+        "plasticity.erank", lay, s1, b, ERANK_DROP * a, "plasticity_rank")]
 
 
 _SEVERITY_ORDER = {s: i for i, s in enumerate(SEVERITIES)}

@@ -201,7 +201,9 @@ def _summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
         groups = o.get("hyperparameters") or []
         parts = []
         for i, g in enumerate(groups):
-            kv = ", ".join(f"{k}={_fmt_value(v)}" for k, v in g.items() if k != "params")
+            # None / False are PyTorch's "off" defaults (foreach, fused, maximize, ...): left out to keep it short
+            kv = ", ".join(f"{k}={_fmt_value(v)}" for k, v in g.items()
+                           if k not in ("params", "n_params") and v is not None and v is not False)
             parts.append(kv if len(groups) == 1 else f"group {i}: {kv}")
         return "; ".join(parts) or "n/a"
 

@@ -70,16 +70,14 @@ def finish(fig: Figure, rows: int = 1, cols: int = 1, *, legend: bool = True, le
 
 
 def _plain_log_formatter(minor: bool):
-    from matplotlib.ticker import FuncFormatter, LogFormatter
+    """LogFormatter's choice of which ticks to label, printed as plain numbers (0.02, 1e-05)."""
+    from matplotlib.ticker import LogFormatter
 
-    decide = LogFormatter(labelOnlyBase=not minor, minor_thresholds=(1, 0.5))
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
 
-    def fmt(v: float, pos: int | None = None) -> str:
-        return f"{v:g}" if decide(v, pos) else ""
-
-    f = FuncFormatter(fmt)
-    f.set_axis = lambda axis: (decide.set_axis(axis), FuncFormatter.set_axis(f, axis))  # type: ignore[method-assign]
-    return f
+    return PlainLogFormatter(labelOnlyBase=not minor, minor_thresholds=(1, 0.5))
 
 
 def log_axis(ax, axis: str = "y") -> None:

@@ -155,7 +155,7 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
         ax.set_xlabel("layer index")
         ax.set_ylabel("variance of the output")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="step", title_fontsize=7)
+        ax.legend(fontsize=7, title="step", title_fontsize=7, loc="best")
     for ax in axes[n:]:
         ax.set_visible(False)
     if not drawn:
@@ -190,10 +190,8 @@ def massive_activations(runs: Sequence[RunData]) -> Figure | None:
         st = _data.steps(r, "act.absmax", mods[0])
         last = int(st[-1])
         y_last = _data.at_steps(r, "act.absmax", mods, [last]).loc[last].to_numpy(dtype=float)
-        rows = _data._rows(r, "SELECT layer, MAX(value) FROM scalars WHERE metric = 'act.absmax' AND layer IN "
-                           f"({','.join('?' * len(mods))}) GROUP BY layer", mods)
-        peak = dict(rows)
-        y_max = np.array([np.nan if peak.get(m) is None else peak[m] for m in mods], dtype=float)
+        peak = _data.layer_max(r, "act.absmax")
+        y_max = np.array([peak.get(m, np.nan) for m in mods], dtype=float)
         x = np.arange(1, len(mods) + 1)
         any_bad |= plot_series(ax, x, y_last, color=colors[i], marker="o" if len(x) <= 60 else None, markersize=3.5,
                                log=True, gid=run_gid(fig, i, f"{r.name}: last step {last}"))
