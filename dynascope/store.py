@@ -42,6 +42,8 @@ ARTIFACTS = "artifacts"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS scalars (step INTEGER NOT NULL, metric TEXT NOT NULL, layer TEXT NOT NULL, value REAL);
 CREATE INDEX IF NOT EXISTS scalars_metric ON scalars (metric, layer, step);
+CREATE INDEX IF NOT EXISTS scalars_nonfinite ON scalars (metric, layer, step)
+  WHERE value IS NULL OR value > 1e308 OR value < -1e308;
 CREATE TABLE IF NOT EXISTS artifacts (step INTEGER NOT NULL, name TEXT NOT NULL, file TEXT NOT NULL, meta TEXT);
 CREATE TABLE IF NOT EXISTS marks (step INTEGER NOT NULL, key TEXT NOT NULL, value TEXT);
 """
