@@ -544,6 +544,7 @@ def _adaptive_grid(
     resolution: int,
     tol: float,
     coarse: int | None,
+    known: dict[tuple[int, int], float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quadtree refinement on the index lattice of the full grid.
 
@@ -559,6 +560,9 @@ def _adaptive_grid(
     R = resolution
     values = np.full((R, R), np.nan)
     done = np.zeros((R, R), dtype=bool)
+    for (i, j), v in (known or {}).items():  # points already evaluated (the centre)
+        values[i, j] = v
+        done[i, j] = True
 
     def ensure(idx: list[tuple[int, int]]) -> None:
         need = sorted({(i, j) for i, j in idx if not done[i, j]})
@@ -720,28 +724,42 @@ def loss_landscape(
             mover = _Mover(model, dirs)
             try:
                 ev.prepare()
-                with torch.no_grad():
-                    center = float(ev()[0])
                 extra: dict[str, np.ndarray] = {}
                 evaluated = None
                 per_dir = band = None
+                mid = resolution // 2 if resolution % 2 == 1 else None  # index of the exact centre, if on the grid
+                on_grid_2d = dims == 2 and not adaptive and mid is not None
+                if not on_grid_2d:  # the centre once, explicitly (its grid copies are filled from it)
+                    with torch.no_grad():
+                        c_loss, c_metrics = ev()
+                    center = float(c_loss)
                 if dims == 1:
-                    pts = np.zeros((n_dirs * resolution, n_dirs))
+                    cols = [i for i in range(resolution) if i != mid]
+                    pts = np.zeros((n_dirs * len(cols), n_dirs))
                     for k in range(n_dirs):
-                        pts[k * resolution:(k + 1) * resolution, k] = alphas
+                        pts[k * len(cols):(k + 1) * len(cols), k] = alphas[cols]
                     vals, ex, used = _run_points(model, mover, ev, pts, chosen, chunk, progress, "landscape 1D")
-                    per_dir = vals.reshape(n_dirs, resolution)
-                    extra = {k: v.reshape(n_dirs, resolution) for k, v in ex.items()}
+                    per_dir = np.empty((n_dirs, resolution))
+                    per_dir[:, cols] = vals.reshape(n_dirs, len(cols))
+                    for name, v in ex.items():
+                        extra[name] = np.empty((n_dirs, resolution))
+                        extra[name][:, cols] = v.reshape(n_dirs, len(cols))
+                    if mid is not None:
+                        per_dir[:, mid] = center
+                        for name in extra:
+                            extra[name][:, mid] = c_metrics.get(name, np.nan)
                     band = (per_dir.min(0), np.median(per_dir, 0), per_dir.max(0))
                     losses = band[1].copy()
-                    n_eval = len(pts)
+                    n_eval = len(pts) + 1
                 elif not adaptive:
                     aa, bb = np.meshgrid(alphas, betas, indexing="ij")
                     pts = np.stack([aa.ravel(), bb.ravel()], 1)
                     vals, ex, used = _run_points(model, mover, ev, pts, chosen, chunk, progress, "landscape 2D")
                     losses = vals.reshape(resolution, resolution)
                     extra = {k: v.reshape(resolution, resolution) for k, v in ex.items()}
-                    n_eval = len(pts)
+                    n_eval = len(pts) + (0 if on_grid_2d else 1)
+                    if on_grid_2d:
+                        center = float(losses[mid, mid])
                 else:
                     used = chosen
                     assert betas is not None
@@ -754,9 +772,10 @@ def loss_landscape(
                             used = got  # decided once, on the first large enough call
                         return v
 
-                    losses, evaluated = _adaptive_grid(evaluate, resolution, adaptive_tol, adaptive_coarse)
+                    known = {} if mid is None else {(mid, mid): center}
+                    losses, evaluated = _adaptive_grid(evaluate, resolution, adaptive_tol, adaptive_coarse, known)
                     used = "loop" if used == "measure" else used
-                    n_eval = int(evaluated.sum())
+                    n_eval = int(evaluated.sum()) + (0 if mid is not None else 1)
             finally:
                 mover.restore()
     finally:
