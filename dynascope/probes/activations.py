@@ -32,6 +32,7 @@ __all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]
 
 ACT_METRICS = ("act.mean", "act.var", "act.channel_sq_mean", "act.channel_var", "act.absmax", "act.zero_frac")
 
+_HALF = (torch.float16, torch.bfloat16)
 _CHANNEL_FIRST = ("Conv", "BatchNorm", "InstanceNorm", "Pool", "GroupNorm", "Upsample", "PixelShuffle")
 
 
@@ -58,11 +59,43 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 
 class _State:
-    __slots__ = ("n", "mean", "m2", "absmax", "zeros", "numel")  # zeros holds the zero fraction
+    """Sufficient statistics of one module's outputs in one step. The hook
+    stores raw reductions (3 kernels per call: ``var_mean``, ``aminmax``,
+    ``count_nonzero``); ``absmax``, ``m2`` and ``zeros`` are derived on demand."""
 
-    def __init__(self, n: float, mean: torch.Tensor, m2: torch.Tensor, absmax: torch.Tensor, zeros: torch.Tensor,
-                 numel: int) -> None:
-        self.n, self.mean, self.m2, self.absmax, self.zeros, self.numel = n, mean, m2, absmax, zeros, numel
+    __slots__ = ("n", "mean", "var", "lo", "hi", "nnz", "numel")
+
+    def __init__(self, n: float, mean: torch.Tensor, var: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 nnz: torch.Tensor, numel: int) -> None:
+        self.n, self.mean, self.var, self.lo, self.hi, self.nnz, self.numel = n, mean, var, lo, hi, nnz, numel
+
+    @property
+    def m2(self) -> torch.Tensor:
+        """Per-channel sum of squared deviations."""
+        return self.var * self.n
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return torch.maximum(self.hi, -self.lo)
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        """Fraction of exact zeros."""
+        return 1.0 - self.nnz / self.numel
+
+    def merge(self, n: float, mean: torch.Tensor, var: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+              nnz: torch.Tensor, numel: int) -> None:
+        """Chan et al.'s parallel merge of (n, mean, M2) with another call's statistics."""
+        na, nb = self.n, n
+        tot = na + nb
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (nb / tot)
+        self.var = (self.var * na + var * nb + delta * delta * (na * nb / tot)) / tot
+        self.n = tot
+        self.lo = torch.minimum(self.lo, lo)
+        self.hi = torch.maximum(self.hi, hi)
+        self.nnz = self.nnz + nnz
+        self.numel += numel
 
 
 class ActivationProbe(Probe):
@@ -75,7 +108,7 @@ class ActivationProbe(Probe):
         self._handles: list[Any] = []
         self._states: dict[str, _State] = {}
         self._order: list[str] = []
-        self._seg_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._seg_cache: dict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def setup(self, session: Any) -> None:
         super().setup(session)
@@ -94,52 +127,51 @@ class ActivationProbe(Probe):
 
     def _make_hook(self, name: str, module: nn.Module):  # noqa: ANN202
         states = self._states
+        order = self._order
+        dims_of: dict[int, tuple[int, ...]] = {}  # output ndim -> reduced dims, resolved once per module
 
         def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
-            x = _first_tensor(output)
-            if x is None or not x.is_floating_point() or x.numel() == 0:
+            x = output if type(output) is torch.Tensor else _first_tensor(output)
+            if x is None or not x.is_floating_point():
                 return
-            with torch.no_grad():
-                x = x.detach()
-                if x.dtype in (torch.float16, torch.bfloat16):
-                    x = x.float()
+            numel = x.numel()
+            if numel == 0:
+                return
+            x = x.detach()  # no graph: cheaper than entering torch.no_grad() per call
+            if x.dtype in _HALF:
+                x = x.float()
+            dims = dims_of.get(x.ndim)
+            if dims is None:
                 cdim = channel_dim(module, x)
-                dims = tuple(d for d in range(x.ndim) if d != cdim)
-                if dims:
-                    var, mean = torch.var_mean(x, dim=dims, correction=0)
-                else:  # a 1-D output: a single "example", each entry a channel
-                    mean, var = x, torch.zeros_like(x)
-                n = x.numel() // max(mean.numel(), 1)
-                lo, hi = torch.aminmax(x)
-                absmax = torch.maximum(hi, -lo)
-                zero_frac = (x.numel() - torch.count_nonzero(x)) / x.numel()
-                old = states.get(name)
-                if old is None or old.mean.shape != mean.shape:
-                    if old is None:
-                        self._order.append(name)
-                    states[name] = _State(float(n), mean, var * n, absmax, zero_frac, x.numel())
-                else:  # Chan et al. parallel merge of (n, mean, M2)
-                    na, nb = old.n, float(n)
-                    tot = na + nb
-                    delta = mean - old.mean
-                    old.mean = old.mean + delta * (nb / tot)
-                    old.m2 = old.m2 + var * nb + delta * delta * (na * nb / tot)
-                    old.n = tot
-                    old.absmax = torch.maximum(old.absmax, absmax)
-                    total = old.numel + x.numel()
-                    old.zeros = old.zeros * (old.numel / total) + zero_frac * (x.numel() / total)
-                    old.numel = total
+                dims = dims_of[x.ndim] = tuple(d for d in range(x.ndim) if d != cdim)
+            if dims:
+                var, mean = torch.var_mean(x, dim=dims, correction=0)
+            else:  # a 1-D output: a single "example", each entry a channel
+                mean, var = x, torch.zeros_like(x)
+            n = float(numel // max(mean.numel(), 1))
+            lo, hi = torch.aminmax(x)
+            nnz = torch.count_nonzero(x)
+            old = states.get(name)
+            if old is None or old.mean.shape != mean.shape:
+                if old is None:
+                    order.append(name)
+                states[name] = _State(n, mean, var, lo, hi, nnz, numel)
+            else:
+                old.merge(n, mean, var, lo, hi, nnz, numel)
 
         return hook
 
-    def _segments(self, sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Segment ids and sizes as device tensors, cached: built once per layout."""
-        cached = self._seg_cache.get(sizes)
+    def _segments(self, sizes: tuple[int, ...], numels: tuple[int, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Segment ids, segment sizes and 1/numel as device tensors, cached: built once per layout."""
+        key = (sizes, numels)
+        cached = self._seg_cache.get(key)
         if cached is None or cached[0].device != device:
             counts = torch.tensor(sizes, device=device)
             seg = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
-            cached = (seg, counts.float())
-            self._seg_cache = {sizes: cached}
+            inv = 1.0 / torch.tensor(numels, dtype=torch.float64, device=device)
+            cached = (seg, counts.float(), inv)
+            self._seg_cache = {key: cached}
         return cached
 
     def collect(self, step: int) -> Collected | None:
@@ -156,18 +188,21 @@ class ActivationProbe(Probe):
             return Collected(keys, torch.empty(0), reduce=reducible)
         device = states[0].mean.device
         with torch.no_grad():
-            mus = torch.cat([s.mean.reshape(-1).float().to(device) for s in states])
-            vars_ = torch.cat([(s.m2 / s.n).reshape(-1).float().to(device) for s in states])
+            mus = torch.cat([s.mean.reshape(-1) for s in states]).float()
+            vars_ = torch.cat([s.var.reshape(-1) for s in states]).float()
             sizes = tuple(s.mean.numel() for s in states)
-            seg, counts = self._segments(sizes, device)
+            numels = tuple(s.numel for s in states)
+            seg, counts, inv_numel = self._segments(sizes, numels, device)
             sums = torch.zeros(len(states), 3, device=device, dtype=torch.float32)
             sums.index_add_(0, seg, torch.stack([mus, mus * mus, vars_], dim=1))
             per = sums / counts[:, None]
             mean, sq_mean, ch_var = per.unbind(1)
             var = ch_var + sq_mean - mean * mean
-            absmax = torch.stack([s.absmax.float().to(device) for s in states])
-            zero_frac = torch.stack([s.zeros.float().to(device) for s in states])
-            values = torch.stack([mean, var, sq_mean, ch_var, absmax, zero_frac], dim=1).reshape(-1)
+            lo = torch.stack([s.lo for s in states]).float()
+            hi = torch.stack([s.hi for s in states]).float()
+            absmax = torch.maximum(hi, -lo)
+            zero_frac = 1.0 - torch.stack([s.nnz for s in states]).double() * inv_numel
+            values = torch.stack([mean, var, sq_mean, ch_var, absmax, zero_frac.float()], dim=1).reshape(-1)
         keys = [(m, n) for n in names for m in ACT_METRICS]
         self._states.clear()  # in place: the armed hooks hold this dict
         self._order.clear()
