@@ -181,6 +181,37 @@ def test_lightning_callback_records_what_the_optimizer_sees(tmp_path):
     assert run.has("update.angle") and run.has("lr.effective")
 
 
+def test_lightning_callback_marks_a_crashed_run_failed(tmp_path):
+    _need("lightning", "lightning")
+    import lightning as L
+
+    from dynascope.integrations.lightning import DynascopeCallback
+
+    class Crashing(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            if batch_idx == 3:
+                raise ValueError("boom at batch 3")
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = DynascopeCallback(run_dir=tmp_path / "run", every=1)
+    trainer = L.Trainer(max_epochs=1, default_root_dir=str(tmp_path), accelerator="cpu", callbacks=[callback],
+                        enable_progress_bar=False, enable_model_summary=False, logger=False)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4))
+    with pytest.raises(ValueError, match="boom"):
+        trainer.fit(Crashing(), torch.utils.data.DataLoader(data, batch_size=4))
+    run = dynascope.load_run(tmp_path / "run")
+    assert run.meta["status"] == "failed" and "boom at batch 3" in run.meta["error"]
+    assert run.scalars("grad.global_norm")["step"].tolist() == [0, 1, 2]
+    assert callback.session is None
+
+
 # -- Hugging Face Trainer -----------------------------------------------------------------
 def test_transformers_callback_matches_the_trainers_logs(tmp_path, monkeypatch):
     _need("transformers", "transformers")
