@@ -199,3 +199,39 @@ def test_report_accepts_rundata_and_single_path(two_runs, tmp_path):
     with pytest.raises(ValueError, match="at least one run"):
         report([], tmp_path / "none.html")
     assert np.isfinite(p1.stat().st_size)
+
+
+def test_report_on_a_real_probed_run(tmp_path):
+    """End to end with the live probes: a small residual MLP with BatchNorm trained for 30 steps."""
+    torch = pytest.importorskip("torch")
+    import dynascope
+
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, w: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(w, w)
+            self.norm = nn.BatchNorm1d(w)
+
+        def forward(self, x):
+            return x + torch.relu(self.norm(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), *[Block(16) for _ in range(4)], nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    with dynascope.probe(model, opt, tmp_path / "real", every=1, name="real <run>") as run:
+        for _ in range(30):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss, lr=0.1)
+    page = dynascope.report([tmp_path / "real"], tmp_path / "real.html").read_text()
+    for key in MY_FIGURES:
+        assert f'id="fig-{key}"' in page, key
+    assert "real &lt;run&gt;" in page and "real <run>" not in page
+    # the depth heuristic finds the Sequential's children ('#' pattern) without meta 'blocks'
+    assert "matching &#39;#&#39;" in _figure_html(page, "signal_propagation")
+    assert "SGD, 0.00725 rad" in _figure_html(page, "angular_update")  # sqrt(2*0.1*5e-4/1.9)
