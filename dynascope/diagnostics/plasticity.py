@@ -59,7 +59,8 @@ def _as_matrix(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a tensor, got {type(x).__name__}")
     if x.ndim < 2:
-        raise ValueError(f"expected a (examples, units) or (examples, channels, ...) tensor, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"expected a (examples, units) or (examples, channels, ...) tensor, got shape {tuple(x.shape)}")
     x = x.detach()
     if x.ndim > 2:
         x = x.movedim(1, -1).reshape(-1, x.shape[1])
@@ -69,8 +70,10 @@ def _as_matrix(x: torch.Tensor) -> torch.Tensor:
 def _singular_values(features: torch.Tensor) -> torch.Tensor:
     """Singular values (float64, descending) of the ``(examples, units)`` matrix.
 
-    For tall matrices (conv outputs: many positions, few channels) the
-    eigenvalues of the small Gram matrix ``A^T A`` are used, ``sigma = sqrt(lambda)``.
+    Computed as ``sqrt`` of the eigenvalues of the smaller Gram matrix
+    (``A^T A`` or ``A A^T``) in float64, several times faster than an SVD; the
+    relative error of a singular value ``sigma_i`` is about
+    ``1e-16 * (sigma_max / sigma_i)^2``, far below what erank / srank resolve.
     """
     a = _as_matrix(features).to(torch.float64)
     m, n = a.shape
@@ -78,13 +81,8 @@ def _singular_values(features: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"features have an empty dimension: shape {tuple(a.shape)}")
     if not torch.isfinite(a).all():
         raise ValueError("features contain NaN or inf")
-    if m > 4 * n:
-        ev = torch.linalg.eigvalsh(a.T @ a).clamp_min(0.0)
-        return ev.sqrt().flip(0)
-    if n > 4 * m:
-        ev = torch.linalg.eigvalsh(a @ a.T).clamp_min(0.0)
-        return ev.sqrt().flip(0)
-    return torch.linalg.svdvals(a)
+    gram = a.T @ a if m >= n else a @ a.T
+    return torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt().flip(0)
 
 
 def effective_rank(features: torch.Tensor) -> float:
