@@ -141,6 +141,7 @@ class Session:
         self.step_index = 0
         self._recording = False
         self._hooks: list[Any] = []
+        self._memo: dict[Any, Any] = {}
         self._device_buf: list[tuple[int, Collected]] = []
         self._host_rows: list[tuple[int, str, str, float]] = []
         self._scalar_buf: list[tuple[int, str, Any]] = []
@@ -247,11 +248,13 @@ class Session:
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._recording:
             return
+        self._memo.clear()  # per-step work shared between probes (stacked weights)
         for p in self.probes:
             if isinstance(p, GradientProbe):
                 p.capture()
             elif isinstance(p, UpdateProbe):
                 p.before_step()
+        self._memo.clear()
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._recording:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .._names import select_modules
-from ._groups import ShapeGroups, rowdot
+from ._groups import ShapeGroups, rowdot, stacked_weights
 from .base import Collected, Probe
 
 __all__ = ["GradientProbe", "ADAMP_DELTA", "COS_EPS"]
@@ -97,10 +97,10 @@ class GradientProbe(Probe):
             if tracked:
                 groups: ShapeGroups = layout["groups"]
                 gs = groups.stack([self.params[i][1].grad for i in tracked])  # type: ignore[misc]
-                ws = groups.stack([self.params[i][1] for i in tracked])
+                ws, wws = stacked_weights(self.session, groups, [self.params[i][1] for i in tracked])
                 cos, rowmax, inv = [], [], []
-                for g, w, (r, c) in zip(gs, ws, groups.row_shapes):
-                    gw, gg, ww = rowdot(g, w), rowdot(g, g), rowdot(w, w)
+                for g, w, ww, (r, c) in zip(gs, ws, wws, groups.row_shapes):
+                    gw, gg = rowdot(g, w), rowdot(g, g)
                     row_cos = gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))
                     rmax = row_cos.abs().amax(dim=1)
                     tcos = gw.sum(1) / (gg.sum(1).sqrt().clamp_min(COS_EPS) * ww.sum(1).sqrt().clamp_min(COS_EPS))

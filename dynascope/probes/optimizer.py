@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ._groups import ShapeGroups, rowdot
+from ._groups import ShapeGroups, rowdot, stacked_weights
 from .base import Collected, Probe
 
 __all__ = ["UpdateProbe", "is_adam_family"]
@@ -44,6 +44,7 @@ class UpdateProbe(Probe):
     def __init__(self, all_params: bool = False) -> None:
         self.all_params = all_params
         self._before: list[torch.Tensor] | None = None
+        self._before_aa: list[torch.Tensor] | None = None
         self._lrs: list[tuple[float, bool]] = []
         self._pending: Collected | None = None
 
@@ -70,7 +71,7 @@ class UpdateProbe(Probe):
             return
         if self.groups is None:
             return
-        self._before = self.groups.stack([p for _, p in self.tracked])
+        self._before, self._before_aa = stacked_weights(self.session, self.groups, [p for _, p in self.tracked])
         self._lrs = []
         for i in self.groups.order:
             p = self.tracked[i][1]
@@ -95,9 +96,9 @@ class UpdateProbe(Probe):
         after = self.groups.stack([p for _, p in self.tracked])
         norm, rel, angle, angle_row = [], [], [], []
         with torch.no_grad():
-            for a, b in zip(self._before, after):
-                d = b - a
-                aa, ad, dd = rowdot(a, a), rowdot(a, d), rowdot(d, d)
+            for a, aa, d in zip(self._before, self._before_aa, after):
+                d.sub_(a)  # in place: the stacked copy of w_{t+1} becomes D = w_{t+1} - w_t
+                ad, dd = rowdot(a, d), rowdot(d, d)
                 row_angle = _angle(aa, ad, dd)
                 taa, tad, tdd = aa.sum(1), ad.sum(1), dd.sum(1)
                 norm.append(taa.sqrt())
@@ -118,7 +119,7 @@ class UpdateProbe(Probe):
             return rows
 
         self._pending = Collected(keys, values, post)
-        self._before = None
+        self._before = self._before_aa = None
 
     def collect(self, step: int) -> Collected | None:
         out, self._pending = self._pending, None
