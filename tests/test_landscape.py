@@ -482,6 +482,11 @@ def test_trajectory_plane_on_a_real_training_path_and_errors():
         trajectory_plane(model, states[:2], LF, batch, progress=False)
     with pytest.raises(ValueError, match="fewer than two directions"):
         trajectory_plane(model, [states[0]] * 3, LF, batch, progress=False)
+    line = []
+    for t in (3.0, 2.0, 1.0, 0.0):  # collinear checkpoints: one direction only
+        line.append({k: (v + t * (states[0][k] - v) if v.is_floating_point() else v) for k, v in states[-1].items()})
+    with pytest.raises(ValueError, match="fewer than two directions"):
+        trajectory_plane(model, line, LF, batch, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -505,6 +510,12 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
     batch = data(8)
     with pytest.raises(ValueError, match=match):
         loss_landscape(bn_cnn(), LF, batch, progress=False, **kwargs)
+
+
+def test_loss_fn_must_return_a_scalar():
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor .* got \(8,\)"):
+        loss_landscape(bn_cnn(), lambda o, t: F.cross_entropy(o, t, reduction="none"), data(8), dims=1,
+                       resolution=3, progress=False)
 
 
 def test_bad_interpolation_arguments():

@@ -346,7 +346,11 @@ class _Evaluator:
         metrics: dict[str, float] = {}
         for (x, y), w in zip(self.pairs, self.weights):
             out = self.forward(self.model, x)
-            term = self.loss_fn(out, y).detach().double() * w
+            value = self.loss_fn(out, y)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"loss_fn must return a scalar tensor (the mean loss of the pair), got {shape}")
+            term = value.detach().reshape(()).double() * w
             loss = term if loss is None else loss + term
             if self.metric_fn is not None:
                 m = self.metric_fn(out, y)
@@ -942,38 +946,41 @@ def trajectory_plane(
     named = trainable_named_parameters(model)
     keys = [n for n, p in named if include_bias_bn or _is_filter_weight(p, norm_ids)]
     final = states[-1]
-    # Rows theta_i - theta_final, flattened, in float64 on the CPU (n is small).
-    rows = torch.stack([
-        torch.cat([(s[k].detach().double().cpu() - final[k].detach().double().cpu()).flatten() for k in keys])
-        for s in states
-    ])
-    centred = rows - rows.mean(0, keepdim=True)
-    gram = centred @ centred.T
+    # PCA of the rows theta_i - theta_final through the n x n Gram matrix, accumulated one parameter
+    # tensor at a time in float64 on the CPU (never the whole n x P matrix at once).
+    def rows_of(k: str) -> torch.Tensor:
+        f = final[k].detach().double().cpu().flatten()
+        return torch.stack([s[k].detach().double().cpu().flatten() - f for s in states])
+
+    n_states = len(states)
+    gram = torch.zeros(n_states, n_states, dtype=torch.float64)
+    for k in keys:
+        r = rows_of(k)
+        r = r - r.mean(0, keepdim=True)
+        gram += r @ r.T
     evals, evecs = torch.linalg.eigh(gram)
     order = torch.argsort(evals, descending=True)
     evals, evecs = evals[order].clamp(min=0), evecs[:, order]
-    if float(evals[1]) <= 1e-30 * max(float(evals[0]), 1e-300):
+    if float(evals[1]) <= 1e-12 * max(float(evals[0]), 1e-300):  # std ratio 1e-6: numerical noise
         raise ValueError("the checkpoints span fewer than two directions (identical or collinear states)")
-    comps = (centred.T @ evecs[:, :2]) / evals[:2].sqrt()  # (P, 2), orthonormal columns
+    weights = evecs[:, :2] / evals[:2].sqrt()  # component c = centred^T weights[:, c] (orthonormal)
     ratio = (evals[:2] / evals.sum()).numpy()
-    path = (rows @ comps).numpy()
+    pdict = dict(model.named_parameters())
+    dirs: list[Direction] = [{}, {}]
+    path_t = torch.zeros(n_states, 2, dtype=torch.float64)
+    for k in keys:
+        r = rows_of(k)
+        comp = (r - r.mean(0, keepdim=True)).T @ weights  # (numel, 2)
+        path_t += r @ comp
+        p = pdict[k]
+        for c in range(2):
+            dirs[c][k] = comp[:, c].reshape(p.shape).to(device=p.device, dtype=p.dtype)
+    path = path_t.numpy()
     lo, hi = path.min(0), path.max(0)
     ext = np.maximum(hi - lo, 1e-12)
     lo, hi = lo - margin * ext, hi + margin * ext
     alphas = np.linspace(lo[0], hi[0], resolution)
     betas = np.linspace(lo[1], hi[1], resolution)
-
-    pdict = dict(model.named_parameters())
-    dirs: list[Direction] = []
-    for c in range(2):
-        d: Direction = {}
-        off = 0
-        for k in keys:
-            p = pdict[k]
-            n = p.numel()
-            d[k] = comps[off:off + n, c].reshape(p.shape).to(device=p.device, dtype=p.dtype)
-            off += n
-        dirs.append(d)
 
     ev = _Evaluator(model, loss_fn, batch, forward, bn_policy, None)
     chosen = _choose_method(method, model, ev, None)
