@@ -67,11 +67,18 @@ def weight_norms(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, float
 
 
 def singular_values(w: torch.Tensor) -> np.ndarray:
-    """Singular values (float64, descending) of ``w.flatten(1)``."""
+    """Singular values (float64, descending) of ``w.flatten(1)``.
+
+    ``sqrt`` of the eigenvalues of the smaller Gram matrix (``W^T W`` or
+    ``W W^T``, float64): the eigenvalues of ``W^T W`` are what the spectral
+    statistics need, and ``eigvalsh`` of the Gram matrix is several times faster
+    than an SVD. Absolute error of an eigenvalue ~1e-16 * sigma_max^2.
+    """
     if w.ndim < 2:
         raise ValueError(f"singular values need a tensor with ndim >= 2, got shape {tuple(w.shape)}")
     m = w.detach().to(torch.float64).flatten(1)
-    return torch.linalg.svdvals(m).cpu().numpy()
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt().flip(0).cpu().numpy()
 
 
 def stable_rank(w: torch.Tensor | np.ndarray) -> float:
