@@ -354,3 +354,27 @@ def test_continual_learning_loses_plasticity_and_layernorm_l2_keep_more() -> Non
     assert _last3(ln, "accuracy") > _last3(plain, "accuracy")
     assert l2["tasks"][-1]["magnitude"] < 0.95 * plain["tasks"][-1]["magnitude"]
     assert _last3(l2, "erank") > _last3(plain, "erank")
+
+
+def test_through_a_probe_session_with_task_marks(tmp_path) -> None:
+    import dynascope
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    probe_inputs = torch.randn(32, 6, generator=g)
+    with dynascope.probe(model, opt, run_dir=tmp_path / "run", every=5, probes=(),
+                         plasticity=dynascope.Plasticity(every=3, batch=probe_inputs)) as run:
+        for step in range(9):
+            if step % 3 == 0:
+                run.mark("task", step // 3)
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 2, (8,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss)
+    data = load_run(tmp_path / "run")
+    assert list(data.marks("task")["value"]) == [0, 1, 2]
+    assert sorted(set(data.scalars("plasticity.erank")["step"])) == [0, 3, 6]
+    assert data.layers("plasticity.dead") == ["1", "4"]
