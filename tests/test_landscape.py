@@ -635,3 +635,45 @@ def test_figures_render_for_several_runs_and_return_none_without_data(tmp_path):
     assert REGISTRY["landscape_1d"].fn([r1]) is None
     assert REGISTRY["landscape_trajectory"].fn([r1, r2]) is not None
     assert REGISTRY["landscape_interpolation"].fn([r1, r2]) is not None
+
+
+def test_landscape_through_a_probe_session(tmp_path):
+    """dynascope.probe(..., landscape=Landscape(...)): artifacts land in the run, training is unchanged."""
+    import dynascope
+    from dynascope.probes.landscape import Landscape
+
+    batch = data()
+
+    def train_run(run_dir):
+        model = bn_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        ls = Landscape(at="end", batch=batch, loss_fn=LF, resolution=3, keep_checkpoints=3) if run_dir else None
+        torch.manual_seed(7)
+        ctx = dynascope.probe(model, opt, run_dir, landscape=ls, probes=()) if run_dir else None
+        if ctx is not None:
+            ctx.__enter__()
+        for _ in range(6):
+            model.train()
+            opt.zero_grad()
+            loss = LF(model(batch[0]), batch[1])
+            loss.backward()
+            opt.step()
+            if ctx is not None:
+                ctx.step(loss=loss)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        return model, torch.get_rng_state()
+
+    probed, rng_a = train_run(tmp_path / "run")
+    plain, rng_b = train_run(None)
+    for p, q in zip(probed.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(probed.buffers(), plain.buffers()):
+        assert torch.equal(p, q)
+    assert torch.equal(rng_a, rng_b)
+    run = dynascope.load_run(tmp_path / "run")
+    arrays, meta = run.load_artifact("landscape.surface")
+    assert arrays["losses"].shape == (3, 3) and meta["center_loss"] == pytest.approx(eval_loss(probed, batch))
+    traj, _ = run.load_artifact("landscape.trajectory")
+    assert traj["path_steps"][-1] == 5 and len(traj["path_steps"]) >= 3
+    assert not run.artifacts("landscape.interpolation").empty
