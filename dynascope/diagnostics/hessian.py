@@ -17,15 +17,19 @@ How it is computed
   ``g = grad(L, theta, create_graph=True)`` is built once per batch pair and
   kept; each product is then ``H v = grad(g, theta, grad_outputs=v,
   retain_graph=True)`` (double backward over the retained graph). Choice by
-  measurement (``benchmarks/bench_hessian.py --hvp``, ~100k-parameter CNN with
-  BatchNorm, batch 256, CPU, 2 threads; medians of 5 runs of 10 products, see
-  docs/curvature.md): retained-graph double backward 33 ms per product;
-  recomputing forward + double backward each time 49 ms; torch.func
-  forward-over-reverse ``jvp(grad(f))`` 67 ms; ``torch.func.linearize`` of the
-  gradient 99 ms per product after a 0.6 s trace; ``is_grads_batched``
-  (vmap over 8 vectors) 34 ms per product, no gain on CPU. With several batch pairs
-  (``cache_graph=False`` by default there, to bound memory) each product
-  recomputes forward and gradient per pair.
+  measurement (``benchmarks/bench_hessian.py --hvp``: 94,986-parameter CNN with
+  BatchNorm, batch 256, CPU, 2 threads, medians of 10 products, implementations
+  interleaved; docs/curvature.md has the table): retained-graph double backward
+  130 ms per product on a quiet machine and 1433 ms on a loaded one; recomputing
+  forward + gradient each time 123 / 1947 ms; torch.func forward-over-reverse
+  ``jvp(grad(f))`` 151 / 2682 ms; ``is_grads_batched`` (8 vectors) 142 / 1745 ms;
+  ``torch.func.linearize`` 62 / 1858 ms after a 3.5 / 7.8 s trace. Linearize
+  won per product on the quiet run but only pays back its trace after ~50
+  products (a top-k call needs 10-40) and lost under load; recomputing tied on
+  the quiet run and lost by 1.36x under load. Retained double backward has no
+  set-up cost and supports every module autograd does, so it is the default.
+  With several batch pairs (``cache_graph=None`` keeps graphs only for one
+  pair, to bound memory) each product recomputes forward and gradient per pair.
 * **Eigenvalues**: Lanczos with full reorthogonalization (twice, classical
   Gram-Schmidt) of a float64 basis on the parameters' device, Ritz values from
   the tridiagonal matrix (``scipy.linalg.eigh_tridiagonal``). It stops when every
@@ -384,7 +388,8 @@ def _lanczos(
     """
     gen = torch.Generator(device=device).manual_seed(int(seed))
     m_max = min(int(max_iter), n)
-    Q = torch.zeros(m_max, n, dtype=torch.float64, device=device)
+    # the basis grows by doubling: a converging run stays far below max_iter
+    Q = torch.zeros(min(m_max, max(2 * k + 8, 16)), n, dtype=torch.float64, device=device)
     if start is None:
         q = torch.randn(n, generator=gen, dtype=torch.float64, device=device)
     else:
@@ -401,6 +406,10 @@ def _lanczos(
         bar = tqdm(total=m_max, desc="Lanczos", file=sys.stderr, leave=False)
     try:
         for j in range(m_max):
+            if j == Q.shape[0]:
+                grown = torch.zeros(min(m_max, 2 * Q.shape[0]), n, dtype=torch.float64, device=device)
+                grown[:j] = Q
+                Q = grown
             Q[j] = q
             w = matvec(q).to(torch.float64)
             alpha = float(torch.dot(w, q))
