@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="loss on the line between consecutive checkpoints (needs --data)")
     parser.add_argument("--plasticity", action="store_true",
                         help="dead / dormant units, effective rank and srank of activation outputs (needs --data)")
+    parser.add_argument("--plasticity-layers", nargs="+", metavar="PATTERN",
+                        help="module names or fnmatch patterns whose outputs --plasticity measures "
+                             "(default: every activation module such as nn.ReLU)")
     parser.add_argument("-o", "--out", required=True, metavar="RUN_DIR", help="run directory to write (or resume)")
     parser.add_argument("--report", metavar="report.html", help="also write the HTML report of the run")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -206,6 +209,7 @@ class AnalyzeOptions:
     landscape: bool = False
     interpolate: bool = False
     plasticity: bool = False
+    plasticity_layers: list[str] | None = None
     trust: bool = False
     strict: bool = False
     seed: int = 0
@@ -277,6 +281,14 @@ def analyze(
         raise UserError(f"--trace-samples must be >= 2, got {opts.trace_samples}")
     if opts.resolution < 3:
         raise UserError(f"--resolution must be >= 3, got {opts.resolution}")
+    if opts.plasticity:
+        from .diagnostics.plasticity import select_modules
+
+        try:
+            select_modules(model, opts.plasticity_layers)
+        except ValueError as exc:
+            hint = "" if opts.plasticity_layers else " (with --plasticity-layers)"
+            raise UserError(f"--plasticity: {_one_line(exc)}".replace("pass layers=", f"name layers{hint}")) from exc
     try:
         files = find_checkpoints(paths)
     except NotACheckpointError as exc:
@@ -573,7 +585,7 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
         from .diagnostics.plasticity import plasticity_metrics
 
         try:
-            res_p = plasticity_metrics(model, data[0][0])
+            res_p = plasticity_metrics(model, data[0][0], layers=opts.plasticity_layers)
         except ValueError as exc:
             raise ValueError(f"--plasticity: {_one_line(exc)}") from exc
         for metric, value, layer in res_p.rows():
@@ -643,7 +655,8 @@ def run(args: argparse.Namespace) -> int:
     data = _make_data(args.data, model, loss_fn) if args.data else None
     opts = AnalyzeOptions(hessian=args.hessian, hessian_k=args.hessian_k, trace=args.trace,
                           trace_samples=args.trace_samples, resolution=args.resolution, landscape=args.landscape,
-                          interpolate=args.interpolate, plasticity=args.plasticity, trust=args.trust_checkpoint,
+                          interpolate=args.interpolate, plasticity=args.plasticity,
+                          plasticity_layers=args.plasticity_layers, trust=args.trust_checkpoint,
                           strict=args.strict, seed=args.seed, progress=False if args.no_progress else None)
     result = analyze(args.checkpoints, model, args.out, loss_fn=loss_fn, data=data, options=opts,
                      overwrite=args.overwrite, argv=sys.argv)

@@ -208,6 +208,8 @@ def test_corrupt_and_mismatched_checkpoints(workdir: Path, capsys) -> None:
         (["--model", "usermodel.py"], "must look like pkg.module:factory"),
         (["--model", "usermodel.py:make", "--data", "usermodel.py:wrong_data"], "does not fit the model"),
         (["--model", "usermodel.py:make", "--hessian"], "--hessian needs --data"),
+        (["--model", "usermodel.py:make", "--data", "usermodel.py:data", "--plasticity", "--plasticity-layers",
+          "enc*"], "--plasticity: layers='enc*' matches no module"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(workdir: Path, capsys, monkeypatch, args, message) -> None:
