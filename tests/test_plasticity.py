@@ -334,11 +334,10 @@ def _last3(res: dict, key: str) -> float:
 
 
 @pytest.mark.slow
-def test_continual_learning_loses_plasticity_and_layernorm_l2_keep_more() -> None:
+def test_continual_learning_loses_plasticity_and_layernorm_keeps_more() -> None:
     """15 label-reshuffled digit tasks (examples/continual_digits.py): the plain
     ReLU MLP's dead units and weight magnitude rise and its effective rank
-    falls; LayerNorm keeps far more plasticity; L2 stops the weight growth and
-    keeps a higher rank."""
+    falls; LayerNorm keeps far more plasticity; L2 slows the weight growth."""
     ex = _example()
     torch.set_num_threads(2)
     plain = ex.run_sequence("plain", n_tasks=15, seed=0, progress=False)
@@ -352,8 +351,9 @@ def test_continual_learning_loses_plasticity_and_layernorm_l2_keep_more() -> Non
     assert _last3(ln, "dead") < _last3(plain, "dead") - 0.2
     assert _last3(ln, "erank") > 2 * _last3(plain, "erank")
     assert _last3(ln, "accuracy") > _last3(plain, "accuracy")
+    # L2 acts on the weights; at these settings its effect on dead units and rank is not consistent
+    # (see docs/plasticity.md), so only the weight growth is checked
     assert l2["tasks"][-1]["magnitude"] < 0.95 * plain["tasks"][-1]["magnitude"]
-    assert _last3(l2, "erank") > _last3(plain, "erank")
 
 
 def test_through_a_probe_session_with_task_marks(tmp_path) -> None:
