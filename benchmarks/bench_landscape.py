@@ -79,7 +79,8 @@ def main() -> None:
     ap.add_argument("--adaptive-resolution", type=int, default=33)
     ap.add_argument("--adaptive-batch", type=int, default=128, help="samples for the adaptive-grid study")
     ap.add_argument("--train-steps", type=int, default=30)
-    ap.add_argument("--tols", type=float, nargs="+", default=[0.002, 0.005, 0.01, 0.02])
+    ap.add_argument("--tols", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
+    ap.add_argument("--parts", nargs="+", default=["speed", "adaptive"], choices=["speed", "adaptive"])
     args = ap.parse_args()
     torch.set_num_threads(2)
     x, y = make_data()
@@ -95,11 +96,17 @@ def main() -> None:
         with torch.no_grad():
             F.cross_entropy(model(x), y).item()
 
-    for _ in range(3):
-        plain_forward()  # warm up
-    t_fwd = median_time(plain_forward, args.repeats * 4)
-    print(f"plain no_grad forward + loss: {t_fwd * 1e3:.2f} ms (median of {args.repeats * 4})")
+    if "speed" in args.parts:
+        for _ in range(3):
+            plain_forward()  # warm up
+        t_fwd = median_time(plain_forward, args.repeats * 4)
+        print(f"plain no_grad forward + loss: {t_fwd * 1e3:.2f} ms (median of {args.repeats * 4})")
+        speed(args, model, x, y, R, n_points, plain_forward)
+    if "adaptive" in args.parts:
+        adaptive(args, model, x, y)
 
+
+def speed(args, model, x, y, R, n_points, plain_forward) -> None:
     def ours(method: str = "loop", chunk: int = 8) -> None:
         loss_landscape(model, F.cross_entropy, (x, y), dims=2, resolution=R, method=method, chunk=chunk,
                        progress=False)
@@ -151,6 +158,9 @@ def main() -> None:
     print("(ratios: median over rounds of the per-round ratio; 'x forward' is per grid point against one plain "
           "no_grad forward + loss, timed in the same round)")
 
+
+
+def adaptive(args, model, x, y) -> None:
     # Adaptive grid: evaluation count and contour error against the full grid (a smaller batch keeps the
     # full reference grid affordable; the count and the error are what is measured here, not the speed).
     RA = args.adaptive_resolution
