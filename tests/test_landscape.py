@@ -293,6 +293,12 @@ def test_adaptive_grid_matches_full_grid_at_fewer_evaluations():
     rng = full.losses.max() - full.losses.min()
     assert np.abs(ada.losses - full.losses).max() < 0.05 * rng
     assert np.isfinite(ada.losses).all()
+    # any resolution, also even ones (the centre is then off the grid and evaluated on its own)
+    for R in (12,):
+        odd = loss_landscape(model, LF, batch, dims=2, resolution=R, adaptive=True, adaptive_tol=0.05,
+                             progress=False)
+        assert np.isfinite(odd.losses).all() and odd.losses.shape == (R, R)
+        assert odd.n_evaluations == int(odd.evaluated.sum()) + (R % 2 == 0)
 
 
 # ------------------------------------------------------------------------------------------------------------------
