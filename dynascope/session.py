@@ -351,9 +351,10 @@ class Session:
             n = len(c.keys)
             vals = host[pos:pos + n]
             pos += n
-            rows.extend((s, m, lay, float(v)) for (m, lay), v in zip(c.keys, vals))
+            fvals = vals.tolist()  # Python floats in one call
+            rows.extend([(s, m, lay, v) for (m, lay), v in zip(c.keys, fvals)])
             if c.post is not None:
-                lookup = {k: float(v) for k, v in zip(c.keys, vals)}
+                lookup = dict(zip(c.keys, fvals))
                 rows.extend((s, m, lay, float(v)) for m, lay, v in c.post(lookup))
         for s, k, v in self._scalar_buf:
             if isinstance(v, torch.Tensor):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 import sqlite3
@@ -66,6 +67,17 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
         con.execute("PRAGMA synchronous=NORMAL")
         con.execute("PRAGMA cache_size=-32768")  # 32 MiB of page cache for the index inserts of large flushes
     return con
+
+
+_INDEX_ORDER = operator.itemgetter(1, 2)
+
+
+def _sql_value(v: Any) -> float | None:
+    """NaN (and None) become NULL; numbers become Python floats (inf stays inf)."""
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
 
 
 def _json_default(obj: Any) -> Any:
@@ -129,15 +141,17 @@ class RunStore:
 
     def write_scalars(self, rows: Iterable[tuple[int, str, str, float]]) -> None:
         """Append ``(step, metric, layer, value)`` rows in one transaction."""
-        clean = [(int(s), m, lay, None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v))
+        clean = [(s if type(s) is int else int(s), m, lay,
+                  v if type(v) is float and v == v else _sql_value(v))  # v == v: not NaN
                  for s, m, lay, v in rows]
         # in index order (metric, layer, step): the B-tree inserts of one flush then touch neighbouring
         # pages, 2-3x faster per row than the probes' (step, layer, metric) order on a large run
-        clean.sort(key=lambda r: (r[1], r[2]))
+        clean.sort(key=_INDEX_ORDER)
         with self._con:
             self._con.executemany("INSERT INTO scalars VALUES (?, ?, ?, ?)", clean)
 
-    def write_artifact(self, name: str, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> Path:
+    def write_artifact(self, name: str, step: int, arrays: dict[str, np.ndarray],
+                       meta: dict[str, Any] | None = None) -> Path:
         """Save named arrays as ``artifacts/<name>-<step>.npz`` and index them."""
         fname = f"{_safe_name(name)}-{int(step)}.npz"
         target = self.path / ARTIFACTS / fname
@@ -154,7 +168,8 @@ class RunStore:
 
     def mark(self, step: int, key: str, value: Any) -> None:
         with self._con:
-            self._con.execute("INSERT INTO marks VALUES (?, ?, ?)", (int(step), str(key), json.dumps(value, default=_json_default)))
+            self._con.execute("INSERT INTO marks VALUES (?, ?, ?)",
+                              (int(step), str(key), json.dumps(value, default=_json_default)))
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Merge ``meta`` into meta.json (atomic replace)."""
