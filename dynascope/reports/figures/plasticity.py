@@ -79,35 +79,48 @@ def _series(run: RunData, metric: str, layer: str, axis: str) -> tuple[np.ndarra
     return sub["task"].to_numpy(), sub["value"].to_numpy(dtype=float)
 
 
-def _layers(runs: Sequence[RunData], metric: str, include_total: bool = False) -> list[str]:
-    pool: list[str] = []
-    for r in runs:
-        if _has(r, metric):
-            for lay in r.layers(metric):
-                if (lay or include_total) and lay not in pool:
-                    pool.append(lay)
-    if len(pool) <= MAX_LAYERS:
-        return pool
-    idx = np.unique(np.linspace(0, len(pool) - 1, MAX_LAYERS).round().astype(int))
-    return [pool[i] for i in idx]
+def _pick(names: list[str]) -> list[str]:
+    if len(names) <= MAX_LAYERS:
+        return names
+    idx = np.unique(np.linspace(0, len(names) - 1, MAX_LAYERS).round().astype(int))
+    return [names[i] for i in idx]
 
 
-def _panel(fig: Figure, ax, runs: Sequence[RunData], metric: str, layers: list[str], axis: str,
-           scale: float = 1.0, ylabel: str = "", title: str = "", log: bool = False) -> bool:
-    colors = run_colors(runs)
+def _run_layers(run: RunData, metric: str) -> list[str]:
+    """The run's layers of ``metric`` in model order, without the whole-network ``""``, at most MAX_LAYERS."""
+    if not _has(run, metric):
+        return []
+    return _pick([lay for lay in run.layers(metric) if lay])
+
+
+def _layer_plan(runs: Sequence[RunData], metric: str) -> tuple[dict[int, list[str]], list[str] | None]:
+    """Layers per run, and the shared list when every run has the same names (else None: the
+    line style then marks the layer's position in its own network, 1st, 2nd, ...)."""
+    per_run = {id(r): _run_layers(r, metric) for r in runs}
+    lists = [tuple(v) for v in per_run.values() if v]
+    shared = list(lists[0]) if lists and all(v == lists[0] for v in lists) else None
+    return per_run, shared
+
+
+def _colors(runs: Sequence[RunData]) -> dict[int, str]:
+    return {id(r): c for r, c in zip(runs, run_colors(runs))}
+
+
+def _panel(ax, runs: Sequence[RunData], colors: dict[int, str], metric: str, per_run: dict[int, list[str]] | None,
+           axis: str, scale: float = 1.0, ylabel: str = "", title: str = "", log: bool = False) -> bool:
+    """Draw ``metric`` for each run's layers (``per_run`` None: the whole-network layer ``""``)."""
     drawn = False
-    for r, c in zip(runs, colors):
+    for r in runs:
         if not _has(r, metric):
             continue
+        layers = [""] if per_run is None else per_run.get(id(r), [])
         for j, lay in enumerate(layers):
-            if lay not in r.layers(metric):
-                continue
             x, y = _series(r, metric, lay, axis)
             if len(x) == 0:
                 continue
             ls, mk = _STYLES[j % len(_STYLES)]
-            ax.plot(x, y * scale, color=c, linestyle=ls, marker=mk if len(x) <= 40 else None, markersize=3.5,
-                    linewidth=1.3, label=f"{r.name}: {lay or 'all'}")
+            ax.plot(x, y * scale, color=colors[id(r)], linestyle=ls, marker=mk if len(x) <= 40 else None,
+                    markersize=3.5, linewidth=1.3, label=f"{r.name}: {lay or 'all'}")
             drawn = True
     ax.set_xlabel("task" if axis == "task" else "step")
     if axis == "task":
@@ -121,14 +134,27 @@ def _panel(fig: Figure, ax, runs: Sequence[RunData], metric: str, layers: list[s
     return drawn
 
 
-def _legend(fig: Figure, runs: Sequence[RunData], layers: list[str]) -> None:
-    colors = run_colors(runs)
-    handles = [Line2D([], [], color=c, linewidth=2, label=str(r.name).replace("$", r"\$"))
-               for r, c in zip(runs, colors)]
+def _ordinal(k: int) -> str:
+    return f"{k}{'st' if k == 1 else 'nd' if k == 2 else 'rd' if k == 3 else 'th'}"
+
+
+def _legend(fig: Figure, runs: Sequence[RunData], colors: dict[int, str], per_run: dict[int, list[str]],
+            shared: list[str] | None) -> str:
+    """Run colours and layer styles above the panels; returns a caption note on the layers."""
+    handles = [Line2D([], [], color=colors[id(r)], linewidth=2, label=str(r.name).replace("$", r"\$"))
+               for r in runs]
+    n = max((len(v) for v in per_run.values()), default=0)
+    names = shared if shared is not None else [f"{_ordinal(j + 1)} layer" for j in range(n)]
     handles += [Line2D([], [], color="gray", linestyle=_STYLES[j % len(_STYLES)][0],
-                       marker=_STYLES[j % len(_STYLES)][1], markersize=4, label=f"layer {lay or '(all)'}")
-                for j, lay in enumerate(layers)]
+                       marker=_STYLES[j % len(_STYLES)][1], markersize=4,
+                       label=f"layer {lay}" if shared is not None else lay)
+                for j, lay in enumerate(names)]
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 5), frameon=False, fontsize=8)
+    if shared is not None:
+        return ""
+    parts = [f"{r.name}: {', '.join(per_run[id(r)])}" for r in runs if per_run.get(id(r))]
+    return " The runs' layers differ, so the line style gives each layer's position in its own network (" + \
+        "; ".join(parts) + ")."
 
 
 def _axis_note(axis: str) -> str:
@@ -144,16 +170,18 @@ def plasticity_units(runs: Sequence[RunData]) -> Figure | None:
     if not have:
         return None
     axis = _x_axis(have)
-    layers = _layers(have, "plasticity.dead") or _layers(have, "plasticity.dormant")
+    colors = _colors(runs)
+    metric = "plasticity.dead" if any(_has(r, "plasticity.dead") for r in have) else "plasticity.dormant"
+    per_run, shared = _layer_plan(have, metric)
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, sharex=True)
-    _panel(fig, ax1, have, "plasticity.dead", layers, axis, 100, "% of units", "dead (zero on every example)")
-    _panel(fig, ax2, have, "plasticity.dormant", layers, axis, 100, "% of units", "dormant (s_i <= tau)")
-    _legend(fig, have, layers)
+    _panel(ax1, have, colors, "plasticity.dead", per_run, axis, 100, "% of units", "dead (zero on every example)")
+    _panel(ax2, have, colors, "plasticity.dormant", per_run, axis, 100, "% of units", "dormant (s_i <= tau)")
+    note = _legend(fig, have, colors, per_run, shared)
     _set_caption(fig, "Percent of units per layer that are dead (output exactly zero on every example and position "
                  "of the fixed probe batch) and tau-dormant (Sokar et al.: mean |h_i| / mean over units <= tau, "
                  "tau = 0.025 by default). Rising curves are the loss of plasticity Dohare et al. report for ReLU "
-                 "networks trained on a sequence of tasks." + _axis_note(axis))
+                 "networks trained on a sequence of tasks." + _axis_note(axis) + note)
     return fig
 
 
@@ -164,18 +192,20 @@ def plasticity_rank(runs: Sequence[RunData]) -> Figure | None:
     if not have:
         return None
     axis = _x_axis(have)
-    layers = _layers(have, "plasticity.erank")
+    colors = _colors(runs)
+    per_run, shared = _layer_plan(have, "plasticity.erank")
     with_srank = any(_has(r, "plasticity.srank") for r in have)
     fig = Figure(figsize=(10 if with_srank else 6, 3.8), layout="constrained")
     axes = fig.subplots(1, 2 if with_srank else 1, sharex=True, squeeze=False).ravel()
-    _panel(fig, axes[0], have, "plasticity.erank", layers, axis, 1, "effective rank", "effective rank (Roy-Vetterli)")
+    _panel(axes[0], have, colors, "plasticity.erank", per_run, axis, 1, "effective rank",
+           "effective rank (Roy-Vetterli)")
     if with_srank:
-        _panel(fig, axes[1], have, "plasticity.srank", layers, axis, 1, "srank", "srank (delta = 0.01)")
-    _legend(fig, have, layers)
+        _panel(axes[1], have, colors, "plasticity.srank", per_run, axis, 1, "srank", "srank (delta = 0.01)")
+    note = _legend(fig, have, colors, per_run, shared)
     _set_caption(fig, "Effective rank exp(-sum p_i log p_i) with p = singular values / their sum (L1), and srank "
                  "= the number of singular values holding 99% of their sum, of each layer's output on the probe "
                  "batch (examples x units; conv positions count as examples). A falling rank means the features "
-                 "collapse onto fewer directions." + _axis_note(axis))
+                 "collapse onto fewer directions." + _axis_note(axis) + note)
     return fig
 
 
@@ -186,15 +216,16 @@ def plasticity_weight_magnitude(runs: Sequence[RunData]) -> Figure | None:
     if not have:
         return None
     axis = _x_axis(have)
-    layers = _layers(have, "weight.magnitude")
+    colors = _colors(runs)
+    per_run, shared = _layer_plan(have, "weight.magnitude")
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, sharex=True)
-    _panel(fig, ax1, have, "weight.magnitude", [""], axis, 1, "mean |theta|", "whole network")
-    _panel(fig, ax2, have, "weight.magnitude", layers, axis, 1, "mean |theta|", "per layer")
-    _legend(fig, have, layers)
+    _panel(ax1, have, colors, "weight.magnitude", None, axis, 1, "mean |theta|", "whole network")
+    _panel(ax2, have, colors, "weight.magnitude", per_run, axis, 1, "mean |theta|", "per layer")
+    note = _legend(fig, have, colors, per_run, shared)
     _set_caption(fig, "Mean absolute value of the parameters: over the whole network (left, every entry weighs "
                  "the same) and per module (right, weights and biases of that module). Growing weights go with "
-                 "the loss of plasticity; L2 regularisation keeps them small." + _axis_note(axis))
+                 "the loss of plasticity; L2 regularisation keeps them small." + _axis_note(axis) + note)
     return fig
 
 
@@ -204,7 +235,9 @@ def weight_spectra_figure(runs: Sequence[RunData]) -> Figure | None:
     have = [r for r in runs if _has(r, "weight.stable_rank") or _has(r, "weight.alpha")]
     if not have:
         return None
-    layers = _layers(have, "weight.stable_rank") or _layers(have, "weight.alpha")
+    colors = _colors(runs)
+    per_run, shared = _layer_plan(have, "weight.stable_rank" if any(_has(r, "weight.stable_rank") for r in have)
+                                  else "weight.alpha")
     panels = [("weight.stable_rank", "||W||_F^2 / sigma_max^2", "stable rank", False),
               ("weight.alpha", "alpha", "power-law alpha of the ESD of W^T W", False)]
     if any(_has(r, "weight.angle_prev") for r in have):
@@ -212,15 +245,15 @@ def weight_spectra_figure(runs: Sequence[RunData]) -> Figure | None:
     fig = Figure(figsize=(4 * len(panels) + 1, 3.8), layout="constrained")
     axes = fig.subplots(1, len(panels), sharex=True).ravel()
     for ax, (metric, ylabel, title, log) in zip(axes, panels):
-        _panel(fig, ax, have, metric, layers, "step", 1, ylabel, title, log=log)
+        _panel(ax, have, colors, metric, per_run, "step", 1, ylabel, title, log=log)
         if metric == "weight.alpha":
             ax.axhspan(2, 6, color="tab:green", alpha=0.08, linewidth=0)
-    _legend(fig, have, layers)
+    note = _legend(fig, have, colors, per_run, shared)
     _set_caption(fig, "Data-free checks per weight matrix (W.flatten(1)) of each checkpoint: WeightWatcher's stable "
                  "rank, the power-law exponent alpha fitted by maximum likelihood to the tail of the eigenvalues "
                  "of W^T W (xmin by Kolmogorov-Smirnov distance; shaded band 2-6 = the range Martin and Mahoney "
                  "read as well trained, < 2 over-trained, > 8 random-like), and the angle between consecutive "
-                 "checkpoints.")
+                 "checkpoints." + note)
     return fig
 
 
