@@ -18,6 +18,7 @@ figure and for the findings, and the HTML size. Targets: < 10 s, < 10 MB.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -133,6 +134,12 @@ def main() -> None:
     size = out.stat().st_size
     print(f"report: median wall {statistics.median(walls):.2f} s (runs: {', '.join(f'{w:.2f}' for w in walls)}), "
           f"median CPU {statistics.median(cpus):.2f} s; HTML {size / 1e6:.2f} MB")
+    load = os.getloadavg()[0]
+    print(f"load average {load:.1f} on {os.cpu_count()} cores (wall time stretches with it; CPU time does not)")
+    con = sqlite3.connect(db)
+    covering = con.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'scalars'").fetchall()
+    con.close()
+    print("indexes: " + "; ".join(" ".join(str(r[0]).split(" ON ")[-1].split()) for r in covering if r[0]))
     print(f"targets: < 10 s -> {'met' if statistics.median(walls) < 10 else 'MISSED'}; "
           f"< 10 MB -> {'met' if size < 10e6 else 'MISSED'}")
 

@@ -40,7 +40,7 @@ def test_sharpness_rule(tmp_path):
     (f,) = _rules(above, "sharpness_above_threshold")
     assert f.metric == "hessian.eig" and f.layer == "1"
     assert f.value >= f.threshold == pytest.approx(2 / 0.1)
-    assert f.figure_key == "sharpness" and str(f.step) in f.message
+    assert f.figure_key == "curvature_sharpness" and str(f.step) in f.message
     assert _rules(below, "sharpness_above_threshold") == []
 
 

@@ -136,7 +136,7 @@ def sharpness_above_threshold(run: RunData) -> list[Finding]:
         f"at step {s[k]} ({int(hit.sum())} of {int(ok.sum())} measurements at or above; peak ratio "
         f"{_fmt(float(ratio.max()))}). Training is at the edge of stability (Cohen et al. 2021): expect "
         "oscillating or spiking loss; a smaller learning rate or warmup lowers the operating sharpness.",
-        "hessian.eig", "1", int(s[k]), float(v[k]), float(thr[k]), "sharpness")]
+        "hessian.eig", "1", int(s[k]), float(v[k]), float(thr[k]), "curvature_sharpness")]
 
 
 def spikes(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -211,7 +211,8 @@ def loss_spikes(run: RunData) -> list[Finding]:
     return out
 
 
-_NONFINITE_FIGURE = {"loss": "loss", "grad.global_norm": "grad_norm_step", "grad.norm": "grad_norm_step",
+_NONFINITE_FIGURE = {"loss": "loss", "hessian.eig": "curvature_sharpness", "grad.global_norm": "grad_norm_step",
+                     "grad.norm": "grad_norm_step",
                      "weight.norm": "weight_norm", "update.angle_row": "angular_update", "lr.effective": "effective_lr",
                      "act.channel_var": "signal_propagation", "act.channel_sq_mean": "signal_propagation",
                      "act.var": "hidden_variance_depth", "act.absmax": "massive_activations"}
