@@ -207,10 +207,23 @@ class RankReducer:
             if values.numel() != n_keys:
                 raise RuntimeError(f"a probe's finish() returned {values.numel()} values for {n_keys} keys")
             out.append(values.double())
-        for _ in scalars:
-            out.append(gathered[:, pos:pos + 1].mean(0))
-            pos += 1
+        if scalars:  # contiguous at the end
+            out.append(gathered[:, pos:pos + len(scalars)].mean(0))
         return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+_SEGMENT_CACHE: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _segments(sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment id of every channel and channels per module (host tensors, cached per layout)."""
+    hit = _SEGMENT_CACHE.get(sizes)
+    if hit is None:
+        if len(_SEGMENT_CACHE) > 16:
+            _SEGMENT_CACHE.clear()
+        hit = _SEGMENT_CACHE[sizes] = (torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)),
+                                       torch.tensor(sizes, dtype=torch.float64))
+    return hit
 
 
 def activation_reducible(names: Sequence[str], states: Sequence[object]) -> tuple[list[tuple[str, str]], Reducible]:
@@ -237,8 +250,7 @@ def activation_reducible(names: Sequence[str], states: Sequence[object]) -> tupl
         assert sums is not None and maxes is not None and moments is not None
         mu = moments[:, 1]
         var_c = moments[:, 2] / moments[:, 0]
-        counts = torch.tensor(sizes, dtype=torch.float64)
-        seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        seg, counts = _segments(tuple(sizes))
         per = torch.zeros(len(sizes), 3, dtype=torch.float64).index_add_(0, seg, torch.stack([mu, mu * mu, var_c], 1))
         mean, sq_mean, ch_var = (per / counts[:, None]).unbind(1)
         zeros, numel = sums.reshape(-1, 2).unbind(1)
