@@ -294,7 +294,8 @@ def sharded_gradients(probe: object, rank_: int) -> object | None:
     present = [i for i, (_, p) in enumerate(params) if p.grad is not None]
     if not present:
         return None
-    tracked = [i for i in probe.tracked if i in set(present)]  # type: ignore[attr-defined]
+    present_set = set(present)
+    tracked = [i for i in probe.tracked if i in present_set]  # type: ignore[attr-defined]
     device = local_tensor(params[present[0]][1]).device
     with torch.no_grad():
         sq = []
