@@ -409,3 +409,36 @@ def test_wrapped_model_records_the_inner_names(tmp_path, wrapper):
         assert set(data.layers("act.mean")) == {n for n, _ in select_modules(inner)}
     for layers in (data.layers("grad.norm"), data.layers("weight.norm")):
         assert not any(n.startswith(("module.", "_orig_mod")) for n in layers), layers
+
+
+def test_large_activations_with_large_mean(tmp_path):
+    """Outputs above 32k entries take the shifted-sums path on CPU; a mean 200x the
+    standard deviation must not cancel (raw float32 sums of squares would lose ~1e-2)."""
+
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.lin = nn.Linear(16, 16)
+            self.head = nn.Linear(4, 2)
+            with torch.no_grad():
+                self.conv.bias.fill_(200.0)  # conv output (8, 4, 40, 40): 51200 entries, mean/std ~ 200
+
+        def forward(self, x):
+            h = self.conv(x)
+            s = self.lin(h.flatten(2)[..., :16])  # (8, 4, 16), inputs ~ 200: a large mean per channel
+            return self.head(h.mean((2, 3)) + s.mean(-1))
+
+    torch.manual_seed(0)
+    model = Offset()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 40, 40, generator=g), torch.randint(0, 2, (8,), generator=g))]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    data, refs, names = train_with_reference(model, opt, batches, tmp_path / "r")
+    conv_out = refs[0]["acts"]["conv"][0]
+    assert conv_out.numel() > 32768
+    assert conv_out.mean() / conv_out.std() > 100
+    for name in ("conv", "lin"):
+        want = ref_act(names[name], name, refs[0]["acts"][name])
+        for m in ACT:
+            close(value(data, m, name, 0), want[m], rtol=1e-4, what=f"{m}/{name}")
