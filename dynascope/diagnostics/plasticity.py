@@ -93,7 +93,10 @@ def effective_rank(features: torch.Tensor) -> float:
     ``min(examples, units)`` (all singular values equal). Returns 0.0 for an
     all-zero matrix.
     """
-    sv = _singular_values(features)
+    return _erank_from_sv(_singular_values(features))
+
+
+def _erank_from_sv(sv: torch.Tensor) -> float:
     total = sv.sum()
     if total <= 0:
         return 0.0
@@ -111,7 +114,10 @@ def srank(features: torch.Tensor, delta: float = 0.01) -> int:
     """
     if not 0.0 <= delta < 1.0:
         raise ValueError(f"delta must be in [0, 1), got {delta!r}")
-    sv = _singular_values(features)
+    return _srank_from_sv(_singular_values(features), delta)
+
+
+def _srank_from_sv(sv: torch.Tensor, delta: float) -> int:
     total = sv.sum()
     if total <= 0:
         return 0
@@ -327,13 +333,16 @@ def plasticity_metrics(
         raise ValueError("none of the selected layers ran during the forward pass: "
                          f"{[n for n, _ in modules][:8]}")
     result: dict[str, LayerPlasticity] = {}
+    if not 0.0 <= delta < 1.0:
+        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
     for name, out in captured.items():
         mat = _as_matrix(out)
+        sv = _singular_values(mat)  # once per layer, for both ranks
         result[name] = LayerPlasticity(
             dead=dead_fraction(mat),
             dormant=dormant_fraction(mat, tau),
-            erank=effective_rank(mat),
-            srank=srank(mat, delta),
+            erank=_erank_from_sv(sv),
+            srank=_srank_from_sv(sv, delta),
             units=int(mat.shape[1]),
             examples=int(mat.shape[0]),
         )
