@@ -272,6 +272,8 @@ def analyze(
     from .store import RunData, RunExistsError, RunStore, now_iso
 
     opts = options or AnalyzeOptions()
+    if data is not None and loss_fn is None:
+        loss_fn = F.cross_entropy
     needs_data = [f for f in ("hessian", "trace", "landscape", "interpolate", "plasticity") if getattr(opts, f)]
     if needs_data and data is None:
         raise UserError(f"--{needs_data[0]} needs --data (an evaluation batch)")
@@ -310,7 +312,7 @@ def analyze(
     try:
         store = RunStore(out, mode="overwrite" if overwrite else ("resume" if done_marks or prior_source else "new"))
     except (RunExistsError, NotADirectoryError) as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from exc
 
     try:
         return _analyze_into(store, files, model, loss_fn, data, opts, done_marks, written_steps, argv, now_iso)
