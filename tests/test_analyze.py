@@ -114,6 +114,14 @@ def test_data_free_end_to_end(workdir: Path, capsys) -> None:
     marks = run.marks("checkpoint")
     assert list(marks["step"]) == [0, 50, 100]
     assert all(m["step_source"] == "file key 'global_step'" for m in marks["value"])
+    from dynascope.reports.figures.plasticity import plasticity_units, weight_esd, weight_spectra_figure
+
+    fig = weight_spectra_figure([run])
+    assert fig is not None and [a.get_title() for a in fig.axes][:2] == [
+        "stable rank", "power-law alpha of the ESD of W^T W"]
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), sr["0.weight"].to_numpy())
+    assert weight_esd([run]) is not None
+    assert plasticity_units([run]) is None  # no data, no plasticity metrics
 
 
 def test_with_data_loss_and_plasticity(workdir: Path) -> None:
