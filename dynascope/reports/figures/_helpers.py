@@ -77,7 +77,7 @@ def _plain_log_formatter(minor: bool):
         def __call__(self, x: float, pos: int | None = None) -> str:
             return f"{x:g}" if super().__call__(x, pos) else ""
 
-    return PlainLogFormatter(labelOnlyBase=not minor, minor_thresholds=(1, 0.5))
+    return PlainLogFormatter(labelOnlyBase=not minor, minor_thresholds=(2, 2))  # label 2 and 5 up to 2 decades
 
 
 def log_axis(ax, axis: str = "y") -> None:

@@ -131,7 +131,7 @@ def _per_layer_figure(
     if leading is not None and any(_data.has(r, leading[0]) for r in runs):
         panels.append((leading[0], "", leading[1]))
     panels += [(metric, lay, _short(lay)) for lay in shown]
-    rows, cols = _grid(len(panels), 3 if len(panels) <= 6 else 4)
+    rows, cols = _grid(len(panels), 3 if len(panels) <= 6 or len(panels) == 9 else 4)
     fig = new_figure(11 if cols == 4 else 10, 2.6 * rows + 0.7)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True).ravel()
     colors = run_colors(runs)
