@@ -249,7 +249,7 @@ def activation_reducible(names: Sequence[str], states: Sequence[object]) -> tupl
     def finish(sums: torch.Tensor | None, maxes: torch.Tensor | None, moments: torch.Tensor | None) -> torch.Tensor:
         assert sums is not None and maxes is not None and moments is not None
         mu = moments[:, 1]
-        var_c = moments[:, 2] / moments[:, 0]
+        var_c = (moments[:, 2] / moments[:, 0]).clamp_min(0)  # shifted sums can round a hair below 0
         seg, counts = _segments(tuple(sizes))
         per = torch.zeros(len(sizes), 3, dtype=torch.float64).index_add_(0, seg, torch.stack([mu, mu * mu, var_c], 1))
         mean, sq_mean, ch_var = (per / counts[:, None]).unbind(1)
