@@ -28,13 +28,14 @@ GLOBAL_BATCH = 8
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 7),
+    # the conv output (4 x 16 x 8 x 8 per rank) is large enough for the CPU shifted-sum path of the probe
+    return nn.Sequential(nn.Conv2d(2, 16, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 8 * 8, 7),
                          nn.LayerNorm(7), nn.ReLU(), nn.Linear(7, 3))
 
 
 def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 2, 4, 4, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g))
+    return [(torch.randn(GLOBAL_BATCH, 2, 8, 8, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g))
             for _ in range(STEPS)]
 
 
