@@ -193,7 +193,6 @@ def loss_spikes(run: RunData) -> list[Finding]:
                                + (f" >= threshold {_fmt(ht[j])}" if above else " (spike)"))
         (coinciding if why else alone).append((k, why))
     out = []
-    win = s[max(idx[0] - SPIKE_WINDOW, 0):idx[0]]
     for group, sev in ((coinciding, "warning"), (alone, "info")):
         if not group:
             continue
@@ -207,7 +206,6 @@ def loss_spikes(run: RunData) -> list[Finding]:
             f"{int(s[k])} against a median of {_fmt(base)} over the previous {SPIKE_WINDOW} recorded steps "
             f"(spike = more than {SPIKE_FACTOR:g}x the median and {SPIKE_MADS:g} robust SDs above it).",
             "loss", "", int(s[k]), float(v[k]), SPIKE_FACTOR * base, "loss"))
-    del win
     return out
 
 

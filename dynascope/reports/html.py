@@ -124,17 +124,24 @@ def _embed(fig) -> Markup:
     return Markup(f'<img alt="figure" src="data:image/png;base64,{data}">')
 
 
-def _draw(specs: Sequence[FigureSpec], runs: Sequence[RunData]) -> list[tuple[FigureSpec, Any, str | None]]:
+def _draw(specs: Sequence[FigureSpec], runs: Sequence[RunData], progress: bool | None = None,
+          render: Any = None) -> list[tuple[FigureSpec, Any, str | None, Any]]:
+    """Draw every figure (and ``render`` it, e.g. to inline SVG); a figure that raises becomes an error entry."""
+    from tqdm.auto import tqdm
+
     out = []
-    for spec in specs:
+    # progress=None: a bar on stderr only when it is a terminal
+    for spec in tqdm(specs, desc="figures", unit="fig", disable=None if progress is None else not progress,
+                     leave=False):
         try:
             fig = spec.fn(runs)
+            body = None if fig is None or render is None else render(fig)
         except Exception as exc:  # noqa: BLE001 - one broken figure must not lose the report
             warnings.warn(f"figure {spec.key!r} failed: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
-            out.append((spec, None, f"{type(exc).__name__}: {exc}"))
+            out.append((spec, None, f"{type(exc).__name__}: {exc}", None))
             continue
         if fig is not None:
-            out.append((spec, fig, None))
+            out.append((spec, fig, None, body))
     return out
 
 
@@ -252,7 +259,7 @@ def _export(drawn, found: list[Finding], out: Path, fmt: str) -> Path:
         raise FileExistsError(f"--format {fmt} writes a folder of figures, but {str(out)!r} is a file")
     out.mkdir(parents=True, exist_ok=True)
     lines = []
-    for spec, fig, err in drawn:
+    for spec, fig, err, _ in drawn:
         if fig is None:
             lines.append(f"{spec.key}: could not be drawn: {err}\n")
             continue
@@ -274,6 +281,7 @@ def report(
     title: str | None = None,
     figures: Iterable[str] | None = None,
     fmt: str = "html",
+    progress: bool | None = None,
 ) -> Path:
     """Write the report for one or several runs and return its path.
 
@@ -282,6 +290,7 @@ def report(
     ``out``; ``"png"`` / ``"pdf"`` write every figure as a file into the
     folder ``out`` (plus ``figures.txt`` with titles, sources and captions and
     ``findings.txt``). ``figures``: registry keys to draw (default: all).
+    ``progress``: a progress bar on stderr (default: only when stderr is a terminal).
     Raises :class:`~dynascope.store.NotARunError` for a path that is not a run.
     """
     if fmt not in FORMATS:
@@ -290,13 +299,12 @@ def report(
     specs = _select(figures)
     out = Path(out)
     found = compute_findings(run_list)
-    drawn = _draw(specs, run_list)
     if fmt != "html":
-        return _export(drawn, found, out, fmt)
+        return _export(_draw(specs, run_list, progress), found, out, fmt)
+    drawn = _draw(specs, run_list, progress, render=_embed)
 
     rendered: list[_RenderedFigure] = []
-    for spec, fig, err in drawn:
-        body = None if fig is None else _embed(fig)
+    for spec, fig, err, body in drawn:
         caption = "" if fig is None else str(getattr(fig, CAPTION_ATTR, "") or "")
         rendered.append(_RenderedFigure(spec.key, _anchor(spec.key), spec.title, spec.source, caption, body, err,
                                         spec))
