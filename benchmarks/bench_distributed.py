@@ -3,7 +3,8 @@
 Side by side in the same processes (median of ``--repeats``):
 
 * step time of a DDP training loop without dynascope, and with
-  ``dynascope.probe(every=10)`` (default probes; flushes included);
+  ``dynascope.probe(every=10)`` (default probes; session start and close
+  outside the timing, no flush within 100 steps: the flush is timed apart);
 * one flush of 20 buffered recording steps: the cross-rank flush (layout
   header + one all_gather of the stacked payload + merge) against the
   single-process flush of the same buffers (one copy to the host), the
@@ -76,12 +77,12 @@ def worker(rank: int, port: int, repeats: int, steps: int, tmp: str) -> None:
         base.append((time.perf_counter() - t) / steps)
         model = nn.parallel.DistributedDataParallel(make_model())
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        dist.barrier()
-        t = time.perf_counter()
         with dynascope.probe(model, opt, os.path.join(tmp, f"ddp{r}"), every=10, overwrite=True) as run:
-            loop(model, opt, steps, run)
-        dist.barrier()
-        probed.append((time.perf_counter() - t) / steps)
+            dist.barrier()
+            t = time.perf_counter()
+            loop(model, opt, steps, run)  # flushes every 200 steps: --steps 100 times the steps, not the flush
+            dist.barrier()
+            probed.append((time.perf_counter() - t) / steps)
         flush.append(buffered_flush(nn.parallel.DistributedDataParallel(make_model()), os.path.join(tmp, "f")))
     if rank == 0:
         b, p, f = statistics.median(base), statistics.median(probed), statistics.median(flush)
