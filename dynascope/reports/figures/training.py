@@ -215,7 +215,7 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
             continue
         chosen = {"first": st[0], "middle": st[len(st) // 2], "last": st[-1]}
         table = _data.at_steps(r, "grad.norm", lays, sorted(set(chosen.values())))
-        x = np.arange(len(lays))
+        x = np.arange(1, len(lays) + 1)  # 1-based, as the depth figures
         max_n = max(max_n, len(lays))
         for which, step in chosen.items():
             ls, mk = styles[which]
