@@ -136,19 +136,16 @@ def test_custom_probes_through_the_protocol(tmp_path):
     counter = ForwardCounter()
     norms = []
     with dynascope.probe(model, opt, tmp_path / "r", every=2, probes=("gradients", WeightAbsMax(), counter)) as run:
-        for _ in range(5):
-            norms.append(model[2].weight.detach().norm().item())
-            maxima = max(p.detach().abs().max().item() for p in model.parameters())
+        for s in range(5):
             loss = F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,)))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            norms[-1] = model[2].weight.detach().norm().item()
-            maxima = max(p.detach().abs().max().item() for p in model.parameters())
+            norms.append(model[2].weight.detach().norm().item())  # collect() runs after the step
+            if s % 2 == 0:
+                last_max = max(p.detach().abs().max().item() for p in model.parameters())
             run.step(loss=loss)
-            assert run._recording == (run.step_index % 2 == 0)
-            if _ % 2 == 0:
-                last_max = maxima
+            assert run._recording == (run.step_index % 2 == 0)  # hooks armed for the next step only if it records
     assert counter.armed_steps == [0, 2, 4]
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
     data = dynascope.load_run(tmp_path / "r")
