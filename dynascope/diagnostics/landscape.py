@@ -475,11 +475,10 @@ class _Functional(nn.Module):
         return functional_call(self._model, self._values, args, kwargs)
 
 
-def _choose_method(method: str, model: nn.Module, ev: _Evaluator, metric_fn: MetricFn | None) -> str:
+def _choose_method(method: str, ev: _Evaluator, metric_fn: MetricFn | None) -> str:
     """``"loop"``, ``"vmap"`` or ``"measure"`` (time both on the first chunks, keep the faster)."""
     if method not in ("auto", "loop", "vmap", "measure"):
         raise ValueError(f"method must be 'auto', 'loop', 'vmap' or 'measure', got {method!r}")
-    vmap_ok = ev.bn_policy == "eval" and metric_fn is None
     if method in ("vmap", "measure"):
         if ev.bn_policy == "recompute":
             raise ValueError(f"method={method!r} needs bn_policy='eval' (recomputing statistics updates buffers "
@@ -487,22 +486,23 @@ def _choose_method(method: str, model: nn.Module, ev: _Evaluator, metric_fn: Met
         if metric_fn is not None:
             raise ValueError(f"method={method!r} evaluates the loss only; use method='loop' with metric_fn")
         return method
-    # auto: on CPU the in-place loop measured as fast as or faster than vmap over stacked parameters
-    # (benchmarks/bench_landscape.py), so the loop; on accelerators, where batching several points
-    # per call can pay for small models, measure on the first chunks (not yet benchmarked here).
-    device, _ = model_device_dtype(model)
-    return "measure" if (device.type != "cpu" and vmap_ok) else "loop"
+    # auto: the in-place loop. It is deterministic (the same seed gives bit-identical grids, whichever
+    # machine load), supports every option and costs one forward pass per point. vmap over stacked
+    # parameters was 1.1-3x slower on CPU in issue 4's measurement but 0.6x the loop in ours on a heavily
+    # loaded 2-core machine (docs/landscape.md); it stays opt-in (method="vmap" or "measure").
+    return "loop"
 
 
 def _vmap_or_loop(
-    model: nn.Module, mover: _Mover, ev: _Evaluator, points: np.ndarray, chunk: int, bar: Any
+    model: nn.Module, mover: _Mover, ev: _Evaluator, points: np.ndarray, chunk: int, bar: Any, warn: bool = True
 ) -> tuple[np.ndarray, str]:
     try:
         return _evaluate_points_vmap(model, mover, ev, points, chunk, bar), "vmap"
-    except Exception as exc:  # vmap cannot trace every model; fall back, say so
+    except Exception as exc:  # vmap cannot trace every model; fall back (and say so when vmap was asked for)
         import warnings
 
-        warnings.warn(f"vmap evaluation failed ({type(exc).__name__}: {exc}); using the loop", stacklevel=4)
+        if warn:
+            warnings.warn(f"vmap evaluation failed ({type(exc).__name__}: {exc}); using the loop", stacklevel=4)
         bar.reset(total=bar.total)
         return _evaluate_points_loop(mover, ev, points, bar)[0], "loop"
 
@@ -521,14 +521,15 @@ def _run_points(
     losses, per-point metrics and the method actually used."""
     with _progress(len(points), progress, desc) as bar:
         if method == "measure" and len(points) >= 2 * chunk:
+            warn = True
             t0 = time.perf_counter()
             first, _ = _evaluate_points_loop(mover, ev, points[:chunk], bar)
             t_loop = time.perf_counter() - t0
             t0 = time.perf_counter()
-            second, used = _vmap_or_loop(model, mover, ev, points[chunk:2 * chunk], chunk, bar)
+            second, used = _vmap_or_loop(model, mover, ev, points[chunk:2 * chunk], chunk, bar, warn)
             t_vmap = time.perf_counter() - t0
             if used == "vmap" and t_vmap < t_loop:
-                rest, used = _vmap_or_loop(model, mover, ev, points[2 * chunk:], chunk, bar)
+                rest, used = _vmap_or_loop(model, mover, ev, points[2 * chunk:], chunk, bar, warn)
             else:
                 rest, _ = _evaluate_points_loop(mover, ev, points[2 * chunk:], bar)
                 used = "loop"
@@ -680,8 +681,10 @@ def loss_landscape(
     and runs one forward per point; ``"vmap"`` runs ``chunk`` points per call
     with ``torch.func.vmap`` over stacked parameters (eval policy, loss only);
     ``"measure"`` times both on the first chunks and keeps the faster;
-    ``"auto"`` is the loop on CPU (measured faster there) and ``"measure"`` on
-    accelerators. The model is restored exactly afterwards.
+    ``"auto"`` is the loop (deterministic; see docs/landscape.md for the
+    measurements); ``result.method`` says which ran. The centre is always
+    evaluated by the loop, so ``center_loss`` is exactly the model's loss. The
+    model is restored exactly afterwards.
     """
     _check_grid_args(dims, resolution, span)
     if not isinstance(n_directions, int) or n_directions < 1:
@@ -720,7 +723,7 @@ def loss_landscape(
     alphas = _axis(span, resolution)
     betas = _axis(span, resolution) if dims == 2 else None
     ev = _Evaluator(model, loss_fn, batch, forward, bn_policy, metric_fn)
-    chosen = _choose_method(method, model, ev, metric_fn)
+    chosen = _choose_method(method, ev, metric_fn)
     momenta = _saved_bn_momenta(model)
     mover: _Mover | None = None
     try:
@@ -732,11 +735,9 @@ def loss_landscape(
                 evaluated = None
                 per_dir = band = None
                 mid = resolution // 2 if resolution % 2 == 1 else None  # index of the exact centre, if on the grid
-                on_grid_2d = dims == 2 and not adaptive and mid is not None
-                if not on_grid_2d:  # the centre once, explicitly (its grid copies are filled from it)
-                    with torch.no_grad():
-                        c_loss, c_metrics = ev()
-                    center = float(c_loss)
+                with torch.no_grad():  # the centre once, by the loop: exactly the model's loss
+                    c_loss, c_metrics = ev()
+                center = float(c_loss)
                 if dims == 1:
                     cols = [i for i in range(resolution) if i != mid]
                     pts = np.zeros((n_dirs * len(cols), n_dirs))
@@ -757,13 +758,19 @@ def loss_landscape(
                     n_eval = len(pts) + 1
                 elif not adaptive:
                     aa, bb = np.meshgrid(alphas, betas, indexing="ij")
-                    pts = np.stack([aa.ravel(), bb.ravel()], 1)
+                    keep = np.ones(resolution * resolution, dtype=bool)
+                    if mid is not None:
+                        keep[mid * resolution + mid] = False  # filled from the centre evaluation
+                    pts = np.stack([aa.ravel(), bb.ravel()], 1)[keep]
                     vals, ex, used = _run_points(model, mover, ev, pts, chosen, chunk, progress, "landscape 2D")
-                    losses = vals.reshape(resolution, resolution)
-                    extra = {k: v.reshape(resolution, resolution) for k, v in ex.items()}
-                    n_eval = len(pts) + (0 if on_grid_2d else 1)
-                    if on_grid_2d:
-                        center = float(losses[mid, mid])
+                    full = np.full(resolution * resolution, center)
+                    full[keep] = vals
+                    losses = full.reshape(resolution, resolution)
+                    for name, v in ex.items():
+                        e = np.full(resolution * resolution, float(c_metrics.get(name, np.nan)))
+                        e[keep] = v
+                        extra[name] = e.reshape(resolution, resolution)
+                    n_eval = len(pts) + 1
                 else:
                     used = chosen
                     assert betas is not None
@@ -779,7 +786,7 @@ def loss_landscape(
                     known = {} if mid is None else {(mid, mid): center}
                     losses, evaluated = _adaptive_grid(evaluate, resolution, adaptive_tol, adaptive_coarse, known)
                     used = "loop" if used == "measure" else used
-                    n_eval = int(evaluated.sum()) + (0 if mid is not None else 1)
+                    n_eval = int(evaluated.sum()) + (0 if mid is not None else 1)  # + the centre off the grid
             finally:
                 mover.restore()
     finally:
@@ -983,7 +990,7 @@ def trajectory_plane(
     betas = np.linspace(lo[1], hi[1], resolution)
 
     ev = _Evaluator(model, loss_fn, batch, forward, bn_policy, None)
-    chosen = _choose_method(method, model, ev, None)
+    chosen = _choose_method(method, ev, None)
     momenta = _saved_bn_momenta(model)
     try:
         with preserved_state(model):
