@@ -210,9 +210,11 @@ def test_spectrum_integrates_to_one_with_mass_at_dense_eigenvalues():
     near_top = np.abs(sp.grid - ev[-1]) < 3 * math.sqrt(sp.sigma_squared)
     assert sp.density[near_top].max() > 0.5 * sp.weights[:, np.argmax(sp.nodes[0])].mean() / math.sqrt(
         2 * math.pi * sp.sigma_squared)
-    # SLQ mean eigenvalue estimates tr(H)/n
-    est = float((sp.nodes * sp.weights).sum(1).mean())
-    assert abs(est - np.trace(H) / n) < 0.5 * abs(np.trace(H) / n) + 1e-3
+    # quadrature identity: sum_i tau_i theta_i = q^T H q for the run's start vector q = z / sqrt(n)
+    gen = torch.Generator().manual_seed(0)
+    for th, tau in zip(sp.nodes, sp.weights):
+        z = (torch.randint(0, 2, (n,), generator=gen).to(DT) * 2 - 1).numpy()
+        assert float((th * tau).sum()) == pytest.approx(z @ H @ z / n, rel=1e-8, abs=1e-12)
     # a short run still integrates to one
     short = hessian_spectrum(model, CE, (x, y), n_runs=1, n_iter=10, seed=1)
     assert abs(np.trapezoid(short.density, short.grid) - 1) < 1e-3 and short.n_hvp == 10
@@ -285,7 +287,7 @@ def test_unused_parameters_are_zero_blocks():
     ev = np.linalg.eigvalsh(dense_hessian(model, CE, x, y))[::-1]
     res = hessian_eigenvalues(wrapped, CE, (x, y), k=2, tol=1e-9, forward=fwd, return_eigenvectors=True)
     assert rel(res.eigenvalues, ev[:2]) < 1e-6
-    assert all(float(v["unused.weight"].abs().max()) == 0 for v in res.eigenvectors)
+    assert all(float(v["unused.weight"].abs().max()) < 1e-7 for v in res.eigenvectors)
     ls = layer_sharpness(wrapped, CE, (x, y), forward=fwd)
     assert ls.names == ["net.0", "net.2", "unused"] and ls.eigenvalues[-1] == 0
 

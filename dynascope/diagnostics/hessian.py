@@ -380,6 +380,7 @@ def _lanczos(
     progress: bool,
     start: torch.Tensor | None = None,
     stop: bool = True,
+    min_iter: int = 1,
 ) -> dict[str, Any]:
     """Lanczos with full (twice) reorthogonalization in float64.
 
@@ -436,7 +437,7 @@ def _lanczos(
                 result["conv"] = np.ones_like(conv, dtype=bool)
                 result["resid"] = np.zeros_like(resid)
                 break
-            if stop and len(idx) >= k and bool(np.all(conv)):
+            if stop and m >= min_iter and len(idx) >= k and bool(np.all(conv)):
                 break
             if breakdown:
                 # invariant subspace: continue with a fresh random direction
@@ -509,8 +510,11 @@ def _eigen_on_operator(
     max_iter = max_iter if max_iter is not None else max(100, 20 * k)
     start = op.n_hvp
     if method == "lanczos":
+        # a Krylov space of a few vectors can hold a converged Ritz pair of the
+        # second eigenvalue before the first one shows up: never stop before
+        # max(2k + 4, 12) products (ARPACK uses at least 20 vectors)
         r = _lanczos(matvec, n, op.device, k=k, which=which, tol=tol, atol=atol, max_iter=max_iter, seed=seed,
-                     progress=_progress(progress))
+                     progress=_progress(progress), min_iter=min(n, max(2 * k + 4, 12)))
         idx = r["idx"]
         vals = r["theta"][idx]
         resid = r["resid"]
