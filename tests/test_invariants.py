@@ -389,3 +389,19 @@ def test_nonfinite_values_are_recorded_not_crashing(tmp_path):
     upd = data.pivot("update.angle")
     assert np.isfinite(upd.loc[0]).all() and upd.loc[2].isna().all()
     assert data.meta["status"] == "finished"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [16, 800, 5000])  # var_mean, float64-sums and shifted-sums bands of the hook
+def test_activation_hook_never_modifies_outputs(tmp_path, dtype, width):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, width), nn.Identity(), nn.Linear(width, 2)).to(dtype)
+    x = torch.randn(8, 4, dtype=dtype)
+    with torch.no_grad():
+        want = model[0](x).clone()
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    with dynascope.probe(model, None, tmp_path / "r", every=1, probes=("activations",)) as run:
+        model(x)
+        run.step()
+    assert torch.equal(seen[0], want)  # Identity's output is Linear's output: untouched by the probe's hooks

@@ -421,13 +421,14 @@ def test_large_activations_with_large_mean(tmp_path):
             self.conv = nn.Conv2d(3, 4, 3, padding=1)
             self.lin = nn.Linear(16, 16)
             self.head = nn.Linear(4, 2)
+            self.mid = nn.Linear(16, 800)  # (8, 800) = 6400 entries: the float64-sums band
             with torch.no_grad():
                 self.conv.bias.fill_(200.0)  # conv output (8, 4, 40, 40): 51200 entries, mean/std ~ 200
 
         def forward(self, x):
             h = self.conv(x)
             s = self.lin(h.flatten(2)[..., :16])  # (8, 4, 16), inputs ~ 200: a large mean per channel
-            return self.head(h.mean((2, 3)) + s.mean(-1))
+            return self.head(h.mean((2, 3)) + s.mean(-1) + self.mid(s.mean(1)).mean(-1, keepdim=True))
 
     torch.manual_seed(0)
     model = Offset()
@@ -438,7 +439,8 @@ def test_large_activations_with_large_mean(tmp_path):
     conv_out = refs[0]["acts"]["conv"][0]
     assert conv_out.numel() > 32768
     assert conv_out.mean() / conv_out.std() > 100
-    for name in ("conv", "lin"):
+    assert refs[0]["acts"]["mid"][0].numel() == 6400
+    for name in ("conv", "lin", "mid"):
         want = ref_act(names[name], name, refs[0]["acts"][name])
         for m in ACT:
             close(value(data, m, name, 0), want[m], rtol=1e-4, what=f"{m}/{name}")
