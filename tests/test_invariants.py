@@ -354,7 +354,7 @@ def test_memory_flat_over_thousands_of_steps(tmp_path):
     assert t2 <= t1, f"live tensors grew from {t1} to {t2}"
     assert d2 <= 50 * 3 and s2 <= 50, (d2, s2)
     assert r2 - r1 < 20, f"RSS grew by {r2 - r1:.1f} MB over 1600 steps"
-    assert len(dynascope.load_run(tmp_path / "r").steps("act.mean")) == 2500
+    assert len(dynascope.load_run(tmp_path / "r").steps("act.mean")) == 2000
 
 
 # ----------------------------------------------------------------------------- non-finite values
