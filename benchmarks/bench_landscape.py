@@ -80,7 +80,8 @@ def main() -> None:
     ap.add_argument("--adaptive-batch", type=int, default=128, help="samples for the adaptive-grid study")
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--tols", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
-    ap.add_argument("--parts", nargs="+", default=["speed", "adaptive"], choices=["speed", "adaptive"])
+    ap.add_argument("--parts", nargs="+", default=["point", "speed", "adaptive"],
+                    choices=["point", "speed", "adaptive"])
     args = ap.parse_args()
     torch.set_num_threads(2)
     x, y = make_data()
@@ -96,6 +97,8 @@ def main() -> None:
         with torch.no_grad():
             F.cross_entropy(model(x), y).item()
 
+    if "point" in args.parts:
+        per_point(args, model, x, y, plain_forward)
     if "speed" in args.parts:
         for _ in range(3):
             plain_forward()  # warm up
@@ -104,6 +107,56 @@ def main() -> None:
         speed(args, model, x, y, R, n_points, plain_forward)
     if "adaptive" in args.parts:
         adaptive(args, model, x, y)
+
+
+def per_point(args, model, x, y, plain_forward) -> None:
+    """One grid point (set the weights in place + loss) against one plain forward, interleaved point by
+    point: the finest-grained comparison, least exposed to load changes."""
+    from dynascope.diagnostics.landscape import _Evaluator, _Mover, filter_normalized_direction
+
+    g = torch.Generator().manual_seed(0)
+    dirs = [filter_normalized_direction(model, generator=g) for _ in range(2)]
+    ev = _Evaluator(model, F.cross_entropy, (x, y), None, "eval", None)
+    ev.prepare()
+    mover = _Mover(model, dirs)
+    try:
+        def point(a: float, b: float) -> None:
+            with torch.no_grad():
+                mover.set([a, b])
+                float(ev()[0])
+
+        def touched() -> None:  # weights written in place (same values), then a plain forward
+            with torch.no_grad():
+                torch._foreach_copy_(mover.params, mover.base)
+            plain_forward()
+
+        for f in (plain_forward, touched, lambda: point(0.1, 0.1)):
+            f()
+        n = max(40, args.repeats * 6)
+        tp, tt, tq, ts = [], [], [], []
+        for i in range(n):
+            t0 = time.perf_counter()
+            plain_forward()
+            tp.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            touched()
+            tt.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            point(0.1 * (i % 7) - 0.3, 0.05 * (i % 5) - 0.1)
+            tq.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            mover.set([0.2, -0.1])
+            ts.append(time.perf_counter() - t0)
+    finally:
+        mover.restore()
+    med = statistics.median
+    print(f"\nper grid point, interleaved with plain forwards ({n} each):")
+    print(f"  plain no_grad forward + loss           {med(tp) * 1e3:8.2f} ms")
+    print(f"  in-place weight update alone           {med(ts) * 1e3:8.3f} ms")
+    print(f"  grid point (update + loss)             {med(tq) * 1e3:8.2f} ms   x forward "
+          f"{med(a / b for a, b in zip(tq, tp)):.3f}")
+    print(f"  forward after an in-place weight write {med(tt) * 1e3:8.2f} ms   x forward "
+          f"{med(a / b for a, b in zip(tt, tp)):.3f}")
 
 
 def speed(args, model, x, y, R, n_points, plain_forward) -> None:
