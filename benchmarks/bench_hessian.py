@@ -185,6 +185,8 @@ def main() -> None:
     ap.add_argument("--hvp", action="store_true", help="only compare HVP implementations")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ref-cache", default=None, help="file (.npy) to keep the float64 reference eigenvalues in")
+    ap.add_argument("--ph-tol", type=float, default=None, help="skip PyHessian's calibration: use this tol")
+    ap.add_argument("--ds-tol", type=float, default=None, help="skip dynascope's calibration: use this tol")
     ap.add_argument("--skip-arpack", action="store_true", help="skip the Lanczos-vs-ARPACK HVP count")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -222,14 +224,14 @@ def main() -> None:
         target = ref.eigenvalues[:k]
         # calibrate: loosest tolerance that meets the accuracy
         ph_tol = ph_err = None
-        for tol in ladder_ph:
+        for tol in [args.ph_tol] if args.ph_tol else ladder_ph:
             vals, _ = pyhessian_eigs(counter, model, loss_fn, x, y, k, tol)
             ph_err, ph_tol = rel_err(vals, target), tol
             print(f"  (calibrating top-{k}: PyHessian tol {tol:g} -> rel err {ph_err:.1e})", flush=True)
             if ph_err <= args.rel:
                 break
         ds_tol = ds_err = None
-        for tol in ladder_ds:
+        for tol in [args.ds_tol] if args.ds_tol else ladder_ds:
             r = hessian_eigenvalues(model, loss_fn, (x, y), k=k, tol=tol)
             ds_err, ds_tol = rel_err(r.eigenvalues, target), tol
             print(f"  (calibrating top-{k}: dynascope tol {tol:g} -> rel err {ds_err:.1e})", flush=True)
