@@ -442,9 +442,7 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
                 continue
             if e.step in written_steps:
                 # an interrupted attempt (or an older version of this file) left rows at this step: replace them
-                with store._con:
-                    store._con.execute("DELETE FROM scalars WHERE step = ?", (int(e.step),))
-                    store._con.execute("DELETE FROM marks WHERE key = 'checkpoint' AND step = ?", (int(e.step),))
+                store.delete_step(e.step, mark_key="checkpoint")
             store.write_scalars(rows)
             store.mark(e.step, "checkpoint", {**e.key, "step": e.step, "step_source": e.source,
                                               "container": ck.container, "stripped": stripped})

@@ -70,6 +70,7 @@ def make_mlp(batchnorm: bool, width: int = 128, depth: int = 4) -> nn.Module:
 
 def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> Path:
     import dynascope
+
     from .datasets import load_digits
 
     x, y = load_digits()
@@ -81,13 +82,11 @@ def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> P
     model = make_mlp(cfg.batchnorm)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = nn.functional.cross_entropy
-    extra: dict[str, Any] = {}
-    if hasattr(dynascope, "Curvature"):
-        extra["curvature"] = dynascope.Curvature(every=100, batch=probe_batch, loss_fn=loss_fn, k=3)
-    if hasattr(dynascope, "Plasticity"):
-        extra["plasticity"] = dynascope.Plasticity(every=100, batch=probe_batch[0])
-    if hasattr(dynascope, "Landscape"):
-        extra["landscape"] = dynascope.Landscape(at="end", batch=probe_batch, loss_fn=loss_fn, resolution=21)
+    extra: dict[str, Any] = {
+        "curvature": dynascope.Curvature(every=100, batch=probe_batch, loss_fn=loss_fn, k=3),
+        "plasticity": dynascope.Plasticity(every=100, batch=probe_batch[0]),
+        "landscape": dynascope.Landscape(at="end", batch=probe_batch, loss_fn=loss_fn, resolution=21),
+    }
     run_dir = out / "runs" / cfg.name
     batch = 64
     with dynascope.probe(model, opt, run_dir, every=5, overwrite=True, name=cfg.name, seed=seed,

@@ -50,19 +50,10 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def metrics(run: RunData) -> list[str]:
-    """Recorded metric names (index skip-scan: one seek per metric)."""
+    """Recorded metric names, read once per report (the run may still grow)."""
     c = _cache(run)
     if "metrics" not in c:
-        out: list[str] = []
-        con = _connect(run)
-        try:
-            row = con.execute("SELECT MIN(metric) FROM scalars").fetchone()
-            while row and row[0] is not None:
-                out.append(row[0])
-                row = con.execute("SELECT MIN(metric) FROM scalars WHERE metric > ?", (row[0],)).fetchone()
-        finally:
-            con.close()
-        c["metrics"] = out
+        c["metrics"] = run.metrics()
     return c["metrics"]
 
 

@@ -74,12 +74,6 @@ def _as_runs(runs: Any) -> list[RunData]:
     out = [r if isinstance(r, RunData) else load_run(r) for r in runs]
     if not out:
         raise ValueError("report() needs at least one run (a run directory path or a RunData)")
-    for r in out:
-        # RunData.metrics() runs SELECT DISTINCT over the whole table (about 1 s per call on a 17M-row run) and
-        # figure modules call it through has() many times; answer from one index skip-scan per report instead
-        if not hasattr(r, "_dynascope_fast_metrics"):
-            r._dynascope_fast_metrics = True  # type: ignore[attr-defined]
-            r.metrics = (lambda run: lambda: list(_data.metrics(run)))(r)  # type: ignore[method-assign]
     return out
 
 

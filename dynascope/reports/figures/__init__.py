@@ -43,7 +43,8 @@ def figure(key: str, *, section: str, title: str, source: str, order: int) -> Ca
     return deco
 
 
-_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e",
+            "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 
 
 def run_colors(runs: Sequence[RunData]) -> list[str]:
