@@ -90,7 +90,7 @@ def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> P
     run_dir = out / "runs" / cfg.name
     batch = 64
     with dynascope.probe(model, opt, run_dir, every=5, overwrite=True, name=cfg.name, seed=seed,
-                         blocks="[0-9]", **extra) as run:
+                         blocks=[str(i) for i in range(4)], **extra) as run:
         step = 0
         while step < steps:
             order = torch.randperm(len(x), generator=g)

@@ -66,6 +66,18 @@ def test_spike_detector_ignores_smooth_decay_and_noise():
     assert F.spikes(s, v).tolist() == [1500]
 
 
+def test_loss_spike_floor_ignores_minibatch_noise_near_zero_loss():
+    # heavy-tailed minibatch loss near zero: single batches jump 10x the median, yet by a tiny amount
+    rng = np.random.default_rng(1)
+    s = np.arange(600)
+    v = 2.3 * np.exp(-s / 30) + 0.003 * rng.lognormal(0.0, 1.0, 600)
+    v[400] = 0.05  # 10x+ the median, far above 6 MADs, but a rise of 2% of the starting loss
+    assert 400 in F.spikes(s, v).tolist()  # the relative test alone flags it
+    assert 400 not in F.spikes(s, v, min_rise=F.SPIKE_MIN_RISE).tolist()
+    v[500] = 1.0  # back to 40% of the starting loss: an instability
+    assert 500 in F.spikes(s, v, min_rise=F.SPIKE_MIN_RISE).tolist()
+
+
 def test_non_finite_rule(tmp_path):
     nan = load_run(make_run(tmp_path / "nan", nan_at=150, inf_grad_at=30))
     found = _rules(nan, "non_finite_values")

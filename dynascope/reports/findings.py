@@ -10,7 +10,9 @@ Thresholds (module constants):
 - ``SHARPNESS_RATIO = 1.0``: ``hessian.eig`` (layer "1") >= ``hessian.threshold``.
 - ``SPIKE_WINDOW = 20``, ``SPIKE_FACTOR = 2.0``, ``SPIKE_MADS = 6.0``: a spike is a value above
   ``SPIKE_FACTOR`` x the median of the previous ``SPIKE_WINDOW`` recorded values and above that median
-  by more than ``SPIKE_MADS`` robust standard deviations (1.4826 x MAD).
+  by more than ``SPIKE_MADS`` robust standard deviations (1.4826 x MAD); a loss spike also rises by at
+  least ``SPIKE_MIN_RISE = 0.1`` x the loss at the start of the run (minibatch noise near zero loss is
+  not a spike).
 - ``DEPTH_VAR_RATIO = 10``, ``DEPTH_VAR_RHO = 0.8``: variance at the last depth point >= 10x the first,
   Spearman rank correlation with depth >= 0.8, at least 4 depth points.
 - ``MASSIVE_ABS = 100``, ``MASSIVE_MEDIAN_RATIO = 1000`` (with a recorded median),
@@ -42,6 +44,7 @@ SPIKE_WINDOW = 20
 SPIKE_FACTOR = 2.0
 SPIKE_MADS = 6.0
 SPIKE_COINCIDE_STEPS = 1  # recorded steps either side
+SPIKE_MIN_RISE = 0.1  # a loss spike also rises by >= 10% of the loss at the start of the run
 DEPTH_VAR_RATIO = 10.0
 DEPTH_VAR_RHO = 0.8
 MASSIVE_ABS = 100.0
@@ -139,16 +142,21 @@ def sharpness_above_threshold(run: RunData) -> list[Finding]:
         "hessian.eig", "1", int(s[k]), float(v[k]), float(thr[k]), "curvature_sharpness")]
 
 
-def spikes(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
+def spikes(steps: np.ndarray, values: np.ndarray, min_rise: float = 0.0) -> np.ndarray:
     """Indices of spikes: value > SPIKE_FACTOR x median of the previous SPIKE_WINDOW recorded values and above
-    that median by more than SPIKE_MADS x 1.4826 x MAD (at least 5 previous values). Non-finite values are
-    neither spikes nor part of the window."""
+    that median by more than SPIKE_MADS x 1.4826 x MAD (at least 5 previous values), and by at least
+    ``min_rise`` x the median of the first SPIKE_WINDOW values (an absolute floor: a minibatch loss near zero
+    doubles by noise alone). Non-finite values are neither spikes nor part of the window."""
     v = pd.Series(np.where(np.isfinite(values), values, np.nan))
     prev = v.shift(1)
     med = prev.rolling(SPIKE_WINDOW, min_periods=5).median()
     mad = (prev - med).abs().rolling(SPIKE_WINDOW, min_periods=5).median()
     robust = 1.4826 * mad
     cond = (v > SPIKE_FACTOR * med) & (v > med + SPIKE_MADS * robust) & (med > 0)
+    if min_rise > 0:
+        start = float(np.nanmedian(v.to_numpy()[:SPIKE_WINDOW])) if v.notna().any() else float("nan")
+        if np.isfinite(start):
+            cond &= v - med >= min_rise * abs(start)
     return np.flatnonzero(cond.to_numpy())
 
 
@@ -158,14 +166,15 @@ def loss_spikes(run: RunData) -> list[Finding]:
 
     Sources: Cohen et al. 2021 (loss spikes when sharpness exceeds 2/eta); Gilmer et al. 2021, "A Loss
     Curvature Perspective on Training Instability in Deep Learning"; Chowdhery et al. 2022 (PaLM) for
-    loss spikes with gradient-norm spikes. Spike: see :func:`spikes`. Coincides: a ``grad.global_norm``
+    loss spikes with gradient-norm spikes. Spike: see :func:`spikes`, with the rise at least
+    SPIKE_MIN_RISE x the loss at the start of the run. Coincides: a ``grad.global_norm``
     spike within SPIKE_COINCIDE_STEPS recorded steps, or the last sharpness measurement at or before the
     loss spike at or above its threshold (or itself a spike). Coinciding spikes are warnings, others info.
     """
     if not _data.has(run, "loss"):
         return []
     s, v = _data.series(run, "loss")
-    idx = spikes(s, v)
+    idx = spikes(s, v, min_rise=SPIKE_MIN_RISE)
     if len(idx) == 0:
         return []
     g_steps: np.ndarray = np.zeros(0, dtype=np.int64)

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from ...store import RunData
 from . import figure, run_colors
+from ._helpers import log_axis
 
 SECTION = "Loss landscape"
 SOURCE = "Li et al. 2018, Visualizing the Loss Landscape of Neural Nets"
@@ -199,6 +200,11 @@ def landscape_interpolation(runs: Sequence[RunData]) -> Figure | None:
         ax.plot(arrays["t"][[ia, ib]], arrays["losses"][[ia, ib]], "o", color=colors[i], ms=5)
     for t in (0.0, 1.0):
         ax.axvline(t, color="0.6", lw=0.8, ls=":")
+    # beyond the endpoints the loss can explode by orders of magnitude; a log axis keeps the path between them legible
+    values = np.concatenate([np.asarray(arrays["losses"], dtype=float).ravel() for _, _, arrays, _ in found])
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 100:
+        log_axis(ax)
     ax.set_xlabel(r"$t$ in $(1-t)\,\theta_{first} + t\,\theta_{final}$")
     ax.set_ylabel("loss")
     ax.set_title("Linear interpolation between checkpoints")
