@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._checks import positive_int
 from ._guard import preserved_state
 from ._names import ModuleFilter, named_parameters, select_modules
 from .distributed import RankReducer, is_active
@@ -93,10 +94,8 @@ class Session:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
-            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+        positive_int("every", every)
+        positive_int("flush_every", flush_every)
         if resume and overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
         if optimizer is not None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .._checks import positive_int
 from ..probes.gradients import GradientProbe
 from ..session import Session
 
@@ -59,8 +60,7 @@ class DynascopeCallback(_Callback):
     """
 
     def __init__(self, run_dir: str | os.PathLike[str] | None = None, every: int = 10, **probe_options: Any) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        positive_int("every", every)
         self.run_dir = run_dir
         self.every = every
         self.options = probe_options

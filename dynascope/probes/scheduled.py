@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import positive_int
+
 __all__ = ["Scheduled", "ScheduledContext"]
 
 
@@ -52,8 +54,8 @@ class Scheduled:
     name: str = "scheduled"
 
     def __init__(self, every: int | None = None, at: Sequence[int] | str | None = None) -> None:
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"{type(self).__name__}: every must be a positive integer or None, got {every!r}")
+        if every is not None:
+            positive_int("every", every, owner=type(self).__name__)
         if isinstance(at, str) and at not in ("end", "start"):
             raise ValueError(f"{type(self).__name__}: at must be 'start', 'end' or a sequence of steps, got {at!r}")
         if every is None and at is None:
