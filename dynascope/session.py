@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__
 from ._checks import positive_int
 from ._guard import preserved_state
-from ._names import ModuleFilter, named_parameters, select_modules
+from ._names import ModuleFilter, is_wrapped, named_parameters, select_modules
 from .distributed import RankReducer, is_active
 from .probes.activations import ActivationProbe
 from .probes.base import Collected, Probe
@@ -55,6 +55,15 @@ def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]
                 hp[k] = list(v) if isinstance(v, tuple) else v
         out.append(hp)
     return out
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) if is_wrapped(model) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def _is_rank_zero() -> bool:
@@ -176,7 +185,7 @@ class Session:
         device = next((str(p.device) for p in self.model.parameters()), "cpu")
         meta: dict[str, Any] = {
             "name": self._name or os.path.basename(os.path.normpath(self.run_dir)),
-            "model": {"class": type(self.model).__name__, "n_parameters": n_params, "n_trainable": n_train,
+            "model": {"class": type(_unwrapped(self.model)).__name__, "n_parameters": n_params, "n_trainable": n_train,
                       "summary": summary[:20000]},
             "optimizer": None if self.optimizer is None else {
                 "class": type(self.optimizer).__name__, "hyperparameters": _optimizer_hparams(self.optimizer)},
