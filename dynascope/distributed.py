@@ -254,7 +254,8 @@ def activation_reducible(names: Sequence[str], states: Sequence[object]) -> tupl
         per = torch.zeros(len(sizes), 3, dtype=torch.float64).index_add_(0, seg, torch.stack([mu, mu * mu, var_c], 1))
         mean, sq_mean, ch_var = (per / counts[:, None]).unbind(1)
         zeros, numel = sums.reshape(-1, 2).unbind(1)
-        return torch.stack([mean, ch_var + sq_mean - mean * mean, sq_mean, ch_var, maxes, zeros / numel], 1).reshape(-1)
+        zero_frac = torch.where(torch.isnan(maxes), torch.full_like(maxes, float("nan")), zeros / numel)  # as collect
+        return torch.stack([mean, ch_var + sq_mean - mean * mean, sq_mean, ch_var, maxes, zero_frac], 1).reshape(-1)
 
     keys = [(m, n) for n in names for m in ACT_METRICS]
     return keys, Reducible(finish, sums=sums, maxes=maxes, moments=moments)

@@ -444,3 +444,24 @@ def test_large_activations_with_large_mean(tmp_path):
         want = ref_act(names[name], name, refs[0]["acts"][name])
         for m in ACT:
             close(value(data, m, name, 0), want[m], rtol=1e-4, what=f"{m}/{name}")
+
+
+def test_fast_nonzero_count_matches_count_nonzero_on_large_cpu_outputs():
+    from dynascope.probes.activations import _count_nonzero
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(8, 16, 32, 32, generator=g))  # about half exact zeros, > _SMALL_NUMEL entries
+    x[0, 0, 0, :3] = torch.tensor([float("inf"), -float("inf"), -0.0])
+    assert int(_count_nonzero(x)) == int(torch.count_nonzero(x))
+
+
+def test_zero_fraction_of_an_output_with_nan_is_nan_on_every_path(tmp_path):
+    for width in (8, 4096):  # count_nonzero path and the fast CPU path
+        model = nn.Sequential(nn.Linear(4, width), nn.ReLU())
+        x = torch.randn(2, 4)
+        x[0, 0] = float("nan")
+        with dynascope.probe(model, None, tmp_path / f"w{width}", every=1) as run:
+            model(x)
+            run.step(loss=0.0)
+        zf = dynascope.load_run(tmp_path / f"w{width}").scalars("act.zero_frac")
+        assert zf["value"].isna().all() and len(zf) == 2
