@@ -51,6 +51,7 @@ def channel_dim(module: nn.Module, x: torch.Tensor) -> int:
 # output over dim 0; 30 ms against 4 ms for 32x32x32x32 over (0, 2, 3)), so CPU
 # outputs above a few thousand entries use sums (float64 up to 32768 entries,
 # shifted float32 above); CUDA keeps var_mean (one kernel), and tiny outputs too.
+_FAST_COUNT_MIN_NUMEL = 16384  # below, count_nonzero is as fast (8.9 vs 10.2 us at 8192 entries; 27.6 vs 21.0 at 32768)
 _SMALL_NUMEL = 2048  # up to here var_mean (one kernel) is the cheapest
 _SHIFTED_MIN_NUMEL = 32768  # up to here float64 sums (16 us against 55 us for 128x64), above: shifted float32 sums
 
@@ -88,7 +89,7 @@ def _count_nonzero(x: torch.Tensor) -> torch.Tensor:
     ones is exact below 2^24 entries per summation block (torch's cascade sum).
     CPU ``sign`` maps NaN to 0, so this count treats NaN as zero; ``collect``
     reports the zero fraction of an output holding NaN as NaN on every path."""
-    if x.device.type != "cpu" or x.numel() <= _SMALL_NUMEL:
+    if x.device.type != "cpu" or x.numel() <= _FAST_COUNT_MIN_NUMEL:
         return torch.count_nonzero(x)
     s = x.sign()
     s.abs_()
