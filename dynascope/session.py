@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -97,6 +98,7 @@ class Session:
         flush_every: int = 20,
         flush_seconds: float = 10.0,
         meta: dict[str, Any] | None = None,
+        on_diagnostic_error: str = "warn",
         tensorboard: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -105,6 +107,9 @@ class Session:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         positive_int("every", every)
         positive_int("flush_every", flush_every)
+        if on_diagnostic_error not in ("warn", "raise"):
+            raise ValueError(f"on_diagnostic_error must be 'warn' or 'raise', got {on_diagnostic_error!r}")
+        self.on_diagnostic_error = on_diagnostic_error
         if resume and overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
         if optimizer is not None:
@@ -332,11 +337,21 @@ class Session:
                 self.store.write_artifact(name, step, arrays, meta)
 
         ctx = ScheduledContext(self.model, self.optimizer, step, final, log_fn, artifact_fn)
-        with preserved_state(self.model), torch.enable_grad():
-            if close:
-                diag.on_close(ctx)
-            else:
-                diag.run(ctx)
+        try:
+            with preserved_state(self.model), torch.enable_grad():
+                if close:
+                    diag.on_close(ctx)
+                else:
+                    diag.run(ctx)
+        except Exception as exc:
+            # the guard has restored the model: training can go on unchanged, and the failure stays on record
+            if self.on_diagnostic_error == "raise":
+                raise
+            name = type(diag).__name__
+            self._host_rows.append((step, "diagnostic.failed", name, 1.0))
+            warnings.warn(f"dynascope: {name} failed at step {step} ({type(exc).__name__}: {exc}); training goes on "
+                          f"unchanged and the failure is recorded as 'diagnostic.failed' (pass "
+                          f"on_diagnostic_error='raise' to stop instead)", RuntimeWarning, stacklevel=4)
 
     # -- flushing ------------------------------------------------------------------
     def flush(self) -> None:

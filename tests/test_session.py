@@ -219,3 +219,44 @@ def test_rotational_equilibrium_adamw(tmp_path):
     assert predicted == pytest.approx(3.244e-3, rel=1e-3)
     assert measured["3.weight"] == pytest.approx(predicted, rel=0.15), measured
     assert measured["0.weight"] < predicted  # fewer live coordinates: a smaller angle, as explained above
+
+
+class _Broken(dynascope.Scheduled):
+    """A scheduled diagnostic that moves the weights and then fails."""
+
+    def run(self, ctx):
+        with torch.no_grad():
+            for p in ctx.model.parameters():
+                p.add_(1.0)
+        raise RuntimeError("diagnostic bug")
+
+
+def _train_with(tmp_path, name, **opts):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with dynascope.probe(model, opt, tmp_path / name, every=1, **opts) as run:
+        for _ in range(6):
+            loss = model(torch.randn(16, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss)
+    return model
+
+
+def test_a_failing_scheduled_diagnostic_warns_records_and_leaves_training_unchanged(tmp_path):
+    reference = _train_with(tmp_path, "plain")
+    with pytest.warns(RuntimeWarning, match="_Broken failed at step 0 .*diagnostic bug"):
+        probed = _train_with(tmp_path, "broken", scheduled=[_Broken(every=3)])
+    for a, b in zip(reference.parameters(), probed.parameters()):
+        assert torch.equal(a, b)
+    failed = dynascope.load_run(tmp_path / "broken").scalars("diagnostic.failed")
+    assert failed["step"].tolist() == [0, 3] and set(failed["layer"]) == {"_Broken"}
+
+
+def test_a_failing_scheduled_diagnostic_raises_when_asked(tmp_path):
+    with pytest.raises(RuntimeError, match="diagnostic bug"):
+        _train_with(tmp_path, "strict", scheduled=[_Broken(every=3)], on_diagnostic_error="raise")
+    with pytest.raises(ValueError, match="on_diagnostic_error must be 'warn' or 'raise'"):
+        _train_with(tmp_path, "bad", on_diagnostic_error="ignore")
