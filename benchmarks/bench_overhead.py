@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/bench_overhead.py                 # the table in docs/benchmarks.md
     python benchmarks/bench_overhead.py --quick         # a fast smoke run
+    python benchmarks/bench_overhead.py --baseline 8fb709a   # before (that commit) and after, side by side
 """
 
 from __future__ import annotations
@@ -170,26 +171,51 @@ def train_steps(model, opt, batch, loss_fn, n, run=None) -> float:
     return CLOCK() - t0
 
 
-def measure(factory, steps: int, repeats: int, everies=(1, 10), workdir: Path | None = None) -> dict:
+def load_baseline(rev: str, into: Path):
+    """dynascope as it was at git revision ``rev``, imported as ``dynascope_base`` (a
+    copy of its package from ``git archive``), so before and after run side by side
+    in one process."""
+    import importlib
+    import subprocess
+    import tarfile
+
+    repo = Path(__file__).resolve().parents[1]
+    archive = into / "base.tar"
+    with open(archive, "wb") as f:
+        subprocess.run(["git", "-C", str(repo), "archive", rev, "dynascope"], stdout=f, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "src", filter="data")
+    (into / "src" / "dynascope").rename(into / "src" / "dynascope_base")
+    sys.path.insert(0, str(into / "src"))
+    return importlib.import_module("dynascope_base")
+
+
+def measure(factory, steps: int, repeats: int, everies=(1, 10), workdir: Path | None = None,
+            variants: dict | None = None) -> dict:
+    """Interleaved blocks: plain, then each variant (``{label: dynascope module}``) at each ``every``."""
+    variants = variants or {"": dynascope}
     torch.manual_seed(0)
     model, opt, batch, loss_fn = factory()
     n_params = sum(p.numel() for p in model.parameters())
     train_steps(model, opt, batch, loss_fn, 3)  # warm-up
-    times: dict[str, list[float]] = {"plain": [], **{f"every={e}": [] for e in everies}}
-    dirs = {e: workdir / f"every{e}" for e in everies} if workdir else {}
+    labels = [f"{v}every={e}" for v in variants for e in everies]
+    times: dict[str, list[float]] = {"plain": [], **{k: [] for k in labels}}
     opened = set()
     for _ in range(repeats):
         times["plain"].append(train_steps(model, opt, batch, loss_fn, steps))
-        for e in everies:
-            with dynascope.probe(model, opt, dirs[e], every=e, resume=e in opened, flush_seconds=1e9) as run:
-                opened.add(e)
-                times[f"every={e}"].append(train_steps(model, opt, batch, loss_fn, steps, run))
+        for v, mod in variants.items():
+            for e in everies:
+                key = f"{v}every={e}"
+                with mod.probe(model, opt, workdir / key.replace(" ", "_"), every=e, resume=key in opened,
+                               flush_seconds=1e9) as run:
+                    opened.add(key)
+                    times[key].append(train_steps(model, opt, batch, loss_fn, steps, run))
     plain = times["plain"]
     out = {"params": n_params, "plain_ms": 1e3 * statistics.median(plain) / steps}
-    for e in everies:
-        t = times[f"every={e}"]
-        out[f"every={e}"] = statistics.median([a / b for a, b in zip(t, plain)])
-        out[f"every={e} (sum)"] = sum(t) / sum(plain)
+    for key in labels:
+        t = times[key]
+        out[key] = statistics.median([a / b for a, b in zip(t, plain)])
+        out[f"{key} (sum)"] = sum(t) / sum(plain)
     return out
 
 
@@ -211,6 +237,8 @@ def main() -> None:
     ap.add_argument("--mem-steps", type=int, default=2000)
     ap.add_argument("--only", default=None, help="substring of one model name")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also measure dynascope at this git revision, interleaved in one process (before/after)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time, robust to other processes on a shared machine (use with --threads 1)")
     args = ap.parse_args()
@@ -225,17 +253,21 @@ def main() -> None:
           "ratio = median over repeats of probed / plain block time (sum ratio in brackets)")
     tmp = Path(tempfile.mkdtemp(prefix="dynascope-bench-"))
     rows = []
+    variants = {"": dynascope}
+    if args.baseline:
+        variants = {"before ": load_baseline(args.baseline, tmp), "": dynascope}
     try:
         for name, factory in setups(args.quick).items():
             if args.only and args.only not in name:
                 continue
             big = name.startswith("~50M")
             r = measure(factory, 5 if big else args.steps, 3 if big else args.repeats,
-                        workdir=tmp / name.replace(" ", "_").replace("/", ""))
+                        workdir=tmp / name.replace(" ", "_").replace("/", ""), variants=variants)
             rows.append((name, r))
-            print(f"{name:40s} {r['params'] / 1e6:7.2f}M params  plain {r['plain_ms']:8.1f} ms/step  "
-                  f"every=1 {r['every=1']:.3f}x ({r['every=1 (sum)']:.3f}x)  "
-                  f"every=10 {r['every=10']:.3f}x ({r['every=10 (sum)']:.3f}x)", flush=True)
+            cols = "  ".join(f"{v}every={e} {r[f'{v}every={e}']:.3f}x ({r[f'{v}every={e} (sum)']:.3f}x)"
+                             for v in variants for e in (1, 10))
+            print(f"{name:40s} {r['params'] / 1e6:7.2f}M params  plain {r['plain_ms']:8.1f} ms/step  {cols}",
+                  flush=True)
             if big:
                 big_size(factory, tmp / "big-size", args.big_steps)
         if not args.only or "memory" in args.only:

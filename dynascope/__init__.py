@@ -22,7 +22,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .probes.base import Collected, Probe  # noqa: E402
+from .probes.base import Collected, Probe, ProbeContext, Stat  # noqa: E402
 from .probes.scheduled import Scheduled, ScheduledContext  # noqa: E402
 from .session import Session, probe  # noqa: E402
 from .store import RunData, load_run  # noqa: E402
@@ -50,8 +50,8 @@ _LAZY: dict[str, str] = {
     "equilibrium_angle": "dynascope.diagnostics.scale",
 }
 
-__all__ = ["__version__", "Collected", "Probe", "RunData", "Scheduled", "ScheduledContext", "Session",
-           "load_run", "probe", *_LAZY]
+__all__ = ["__version__", "Collected", "Probe", "ProbeContext", "Stat", "RunData", "Scheduled", "ScheduledContext",
+           "Session", "load_run", "probe", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

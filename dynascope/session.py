@@ -29,9 +29,9 @@ from . import __version__
 from ._checks import positive_int
 from ._guard import preserved_state
 from ._names import ModuleFilter, is_wrapped, named_parameters, select_modules
-from .distributed import RankReducer, is_active
+from .distributed import RankReducer, is_active, rank, world_size
 from .probes.activations import ActivationProbe
-from .probes.base import Collected, Probe
+from .probes.base import Collected, Probe, ProbeContext
 from .probes.gradients import GradientProbe
 from .probes.optimizer import UpdateProbe
 from .probes.scheduled import Scheduled, ScheduledContext
@@ -58,6 +58,27 @@ def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]
     return out
 
 
+def _optimizer_list(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """``optimizer=`` as a list: None, one optimizer, or a sequence of them."""
+    if optimizer is None:
+        return []
+    opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    if not isinstance(opts, (list, tuple)):
+        raise TypeError("optimizer must be a torch.optim.Optimizer, a sequence of them, or None, "
+                        f"got {type(optimizer).__name__}")
+    for o in opts:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, a sequence of them, or None, "
+                            f"got a {type(o).__name__} in the sequence")
+    if len({id(o) for o in opts}) != len(opts):
+        raise ValueError("the same optimizer is given twice")
+    return list(opts)
+
+
+def _optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"class": type(optimizer).__name__, "hyperparameters": _optimizer_hparams(optimizer)}
+
+
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The user's model inside DDP / DataParallel / torch.compile wrappers."""
     while True:
@@ -78,7 +99,7 @@ class Session:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         *,
         every: int = 10,
@@ -103,8 +124,7 @@ class Session:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        optimizers = _optimizer_list(optimizer)
         positive_int("every", every)
         positive_int("flush_every", flush_every)
         if on_diagnostic_error not in ("warn", "raise"):
@@ -112,13 +132,15 @@ class Session:
         self.on_diagnostic_error = on_diagnostic_error
         if resume and overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
-        if optimizer is not None:
-            model_ids = {id(p) for p in model.parameters()}
-            opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        model_ids = {id(p) for p in model.parameters()}
+        for k, opt in enumerate(optimizers):
+            opt_ids = {id(p) for g in opt.param_groups for p in g["params"]}
             if opt_ids and not (opt_ids & model_ids):
-                raise ValueError("the optimizer holds none of the model's parameters: was it built for another model?")
+                which = "the optimizer" if len(optimizers) == 1 else f"optimizer {k} ({type(opt).__name__})"
+                raise ValueError(f"{which} holds none of the model's parameters: was it built for another model?")
         self.model = model
-        self.optimizer = optimizer
+        self.optimizers = optimizers
+        self.optimizer = optimizers[0] if optimizers else None
         self.every = every
         self.module_filter = modules
         self.flush_every = flush_every
@@ -126,8 +148,6 @@ class Session:
         self.param_names = named_parameters(model)
         self.module_names = [n for n, _ in select_modules(model, modules)]
         self.probes: list[Probe] = [self._make_probe(p, all_params) for p in probes]
-        if optimizer is None:
-            self.probes = [p for p in self.probes if not isinstance(p, UpdateProbe)]
         self.scheduled: list[Scheduled] = [s for s in (curvature, landscape, plasticity) if s is not None]
         self.scheduled += list(scheduled)
         for s in self.scheduled:
@@ -154,8 +174,9 @@ class Session:
         self.step_index = 0
         self._recording = False
         self._hooks: list[Any] = []
-        self._memo: dict[Any, Any] = {}
-        self._device_buf: list[tuple[int, Collected]] = []
+        self.ctx = ProbeContext(model, list(optimizers), self.param_names, modules, self.module_names,
+                                rank=rank(), world=world_size())
+        self._device_buf: list[tuple[int, Collected | torch.Tensor, Collected]] = []
         self._host_rows: list[tuple[int, str, str, float]] = []
         self._scalar_buf: list[tuple[int, str, Any]] = []
         self._recorded_since_flush = 0
@@ -192,8 +213,8 @@ class Session:
             "name": self._name or os.path.basename(os.path.normpath(self.run_dir)),
             "model": {"class": type(_unwrapped(self.model)).__name__, "n_parameters": n_params, "n_trainable": n_train,
                       "summary": summary[:20000]},
-            "optimizer": None if self.optimizer is None else {
-                "class": type(self.optimizer).__name__, "hyperparameters": _optimizer_hparams(self.optimizer)},
+            "optimizer": None if self.optimizer is None else _optimizer_meta(self.optimizer),
+            "optimizers": [_optimizer_meta(o) for o in self.optimizers],
             "torch_version": torch.__version__,
             "dynascope_version": __version__,
             "python_version": platform.python_version(),
@@ -239,10 +260,10 @@ class Session:
             self.store.write_meta(meta)
         self._t0 = time.monotonic()
         for p in self.probes:
-            p.setup(self)
-        if self.optimizer is not None:
-            self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
-            self._hooks.append(self.optimizer.register_step_post_hook(self._post_step))
+            p.setup(self.ctx)
+        for opt in self.optimizers:
+            self._hooks.append(opt.register_step_pre_hook(self._pre_step))
+            self._hooks.append(opt.register_step_post_hook(self._post_step))
         self._open = True
         self._set_recording(self._records(self.step_index))
 
@@ -259,22 +280,34 @@ class Session:
         self._recording = on
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._recording:
-            return
-        self._memo.clear()  # per-step work shared between probes (stacked weights)
-        for p in self.probes:
-            if isinstance(p, GradientProbe):
-                p.capture()
-            elif isinstance(p, UpdateProbe):
-                p.before_step()
-        self._memo.clear()
+        self.before_optimizer_step(optimizer)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.after_optimizer_step(optimizer)
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step records the probes."""
+        return self._recording
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Tell the probes that ``optimizer`` is about to step (gradients are final).
+        Called by each optimizer's step pre-hook; an integration whose gradients
+        appear only inside ``optimizer.step(closure)`` (Lightning) calls it again
+        once they exist: the later reading replaces the earlier one."""
+        if not self._recording:
+            return
+        self.ctx.cache.clear()  # per-step work shared between probes (stacked weights)
+        for p in self.probes:
+            p.before_optimizer_step(optimizer)
+        self.ctx.cache.clear()
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Tell the probes that ``optimizer`` has stepped (called by its post-hook)."""
         if not self._recording:
             return
         for p in self.probes:
-            if isinstance(p, UpdateProbe):
-                p.after_step()
+            p.after_optimizer_step(optimizer)
 
     # -- the loop ------------------------------------------------------------------
     def step(self, loss: Any = None, **scalars: Any) -> None:
@@ -295,10 +328,13 @@ class Session:
                 raise TypeError(f"scalar {key!r} must be a number or a one-element tensor, got {type(value).__name__}")
             self._scalar_buf.append((s, key, value))
         if self._recording:
+            if not self.optimizers:  # no optimizer step to hook: gradients are read now
+                self.before_optimizer_step(None)
             for p in self.probes:
                 got = p.collect(s)
                 if got is not None:
-                    self._device_buf.append((s, got))
+                    # one process: finish at once on the device (no reduction to wait for)
+                    self._device_buf.append((s, got.local_values() if self.reducer is None else got, got))
             self._recorded_since_flush += 1
         due = [d for d in self.scheduled if d.due(s)]
         if due:
@@ -357,20 +393,14 @@ class Session:
     def flush(self) -> None:
         """Move every buffered value to the host in one transfer and write it."""
         rows: list[tuple[int, str, str, float]] = list(self._host_rows)
-        device_parts: list[torch.Tensor] = []
-        index: list[tuple[int, Collected]] = []
-        for s, c in self._device_buf:
-            device_parts.append(c.values.reshape(-1).float())
-            index.append((s, c))
-        scalar_tensors = [(s, k, v) for s, k, v in self._scalar_buf if isinstance(v, torch.Tensor)]
-        for _, _, v in scalar_tensors:
-            device_parts.append(v.reshape(1).float())
-        if self.reducer is not None:
-            host = self.reducer.to_host([c for _, c in index], [v for _, _, v in scalar_tensors])
+        scalar_tensors = [v for _, _, v in self._scalar_buf if isinstance(v, torch.Tensor)]
+        if self.reducer is not None:  # statistics reduced over the ranks, then each probe's finish
+            device_parts = self.reducer.values([c for _, c, _ in self._device_buf], scalar_tensors)
         else:
-            host = _to_host(device_parts)
+            device_parts = [v for _, v, _ in self._device_buf] + [v.reshape(1) for v in scalar_tensors]
+        host = _to_host([p.reshape(-1).float() for p in device_parts])
         pos = 0
-        for s, c in index:
+        for s, _, c in self._device_buf:
             n = len(c.keys)
             vals = host[pos:pos + n]
             pos += n

@@ -19,7 +19,7 @@ from torch import nn
 
 import dynascope
 import dynascope.distributed
-from dynascope.distributed import LayoutMismatchError, RankReducer, chan_merge
+from dynascope.distributed import LayoutMismatchError, RankReducer, chan_merge, shifted_moments, unshifted_moments
 
 WORLD = 2
 STEPS = 3
@@ -45,10 +45,59 @@ def _optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
+class AllKinds(dynascope.Probe):
+    """A custom probe with one statistic of every reduction kind, on the last layer's output."""
+
+    name = "all_kinds"
+
+    def setup(self, ctx: dynascope.ProbeContext) -> None:
+        super().setup(ctx)
+        self._out: list[torch.Tensor] = []
+        last = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)][-1]
+        self._handle = last.register_forward_hook(lambda m, i, o: self._out.append(o.detach()))
+
+    def collect(self, step: int) -> dynascope.Collected | None:
+        if not self._out:
+            return None
+        x = torch.cat(self._out).double()
+        self._out.clear()
+        n = torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64)
+        moments = torch.stack([n, x.mean(0), ((x - x.mean(0)) ** 2).sum(0)], dim=1)
+        stats = {"s": dynascope.Stat("sum", x.sum()[None]), "hi": dynascope.Stat("max", x.max()[None]),
+                 "lo": dynascope.Stat("min", x.min()[None]), "m": dynascope.Stat("moments", moments),
+                 "r": dynascope.Stat("replicated", torch.tensor([float(x.shape[1])], dtype=torch.float64))}
+        return dynascope.Collected([("custom.sum", ""), ("custom.max", ""), ("custom.min", ""),
+                                    ("custom.var", "col0"), ("custom.width", "")], stats=stats, finish=_custom_finish)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _custom_finish(r):
+    m = r["m"]
+    return torch.cat([r["s"], r["hi"], r["lo"], (m[0, 2] / m[0, 0])[None], r["r"]])
+
+
+FINISHED: list[str] = []
+
+
+def _spy_finish(module) -> None:
+    """Record the first metric of every Collected that goes through checked_finish in ``module``."""
+    real = module.checked_finish
+
+    def spy(c, reduced):
+        FINISHED.append(c.keys[0][0])
+        return real(c, reduced)
+
+    module.checked_finish = spy
+
+
 def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int = GLOBAL_BATCH,
            after_backward=None) -> dict:
     opt = _optimizer(opt_kind, model)
-    with dynascope.probe(model, opt, run_dir, every=1, flush_every=2, all_params=True) as run:
+    FINISHED.clear()
+    with dynascope.probe(model, opt, run_dir, every=1, flush_every=2, all_params=True,
+                         probes=("activations", "gradients", "updates", AllKinds())) as run:
         for x, y in _data():
             loss = ((model(x[lo:hi]) - y[lo:hi]) ** 2).mean()
             opt.zero_grad()
@@ -59,12 +108,15 @@ def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int =
             run.step(loss=loss.detach())
         counts = {"collectives": run.reducer.collectives if run.reducer else 0}
     counts["collectives_after_close"] = run.reducer.collectives if run.reducer else 0
+    counts["bytes_per_flush"] = run.reducer.bytes_per_flush if run.reducer else 0
+    counts["finished"] = sorted(set(FINISHED))
     return counts
 
 
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+    _spy_finish(dynascope.distributed)
     report: dict = {}
     per = GLOBAL_BATCH // WORLD
     try:
@@ -165,9 +217,28 @@ def test_ddp_run_equals_global_batch_on_one_process(spawned, tmp_path):
     assert {"act.channel_var", "act.zero_frac", "grad.norm", "grad.global_norm", "grad.weight_cos_rowmax",
             "weight.norm", "update.angle", "update.angle_row", "lr.effective", "loss"} <= metrics
     _assert_same(ref, got)
+    assert {"custom.sum", "custom.max", "custom.min", "custom.var", "custom.width"} <= metrics
     assert not (out / "ddp" / "rank1").exists(), "only rank 0 writes"
-    # 2 flushes (after 2 recording steps, at close), each: one layout handshake + one payload gather
-    assert reports[0]["ddp"] == {"collectives": 2, "collectives_after_close": 4}
+    # 2 flushes (after 2 recording steps, at close), each: a layout check, the shifts of the moments, one
+    # all_reduce of the sums and one of the maxima
+    assert reports[0]["ddp"]["collectives"] == 4 and reports[0]["ddp"]["collectives_after_close"] == 8
+
+
+def test_one_process_and_ranks_go_through_the_same_finish(spawned, tmp_path, monkeypatch):
+    """Every built-in probe and a custom one turn statistics into values through their one finish(),
+    in one process (the local statistics) and on 2 ranks (the reduced statistics)."""
+    out, reports = spawned
+    import dynascope.probes.base as base
+
+    FINISHED.clear()
+    real = base.checked_finish
+    monkeypatch.setattr(base, "checked_finish", lambda c, r: FINISHED.append(c.keys[0][0]) or real(c, r))
+    _train(_model(), "sgd", str(tmp_path / "single"))
+    want = {"act.mean", "grad.norm", "weight.norm", "custom.sum"}
+    assert set(FINISHED) == want
+    assert set(reports[0]["ddp"]["finished"]) == want and set(reports[1]["ddp"]["finished"]) == want
+    # the payload a rank moves per flush is its own statistics, the same on every rank (not world x payload)
+    assert reports[0]["ddp"]["bytes_per_flush"] == reports[1]["ddp"]["bytes_per_flush"] > 0
 
 
 def test_fsdp2_sharded_run_equals_global_batch_on_one_process(spawned, tmp_path):
@@ -179,7 +250,7 @@ def test_fsdp2_sharded_run_equals_global_batch_on_one_process(spawned, tmp_path)
     assert reports[0]["fsdp_bias_sharded"] is False  # the replicated one counts once
     _assert_same(ref, _rows(out / "fsdp" / "rank0"))
     assert not (out / "fsdp" / "rank1").exists()
-    assert reports[0]["fsdp"]["collectives_after_close"] == 4
+    assert reports[0]["fsdp"]["collectives_after_close"] == 8
 
 
 def test_activation_moments_merge_exactly_with_unequal_batches(spawned, tmp_path):
@@ -219,3 +290,17 @@ def test_single_process_needs_no_reducer(tmp_path):
     m = _model()
     with dynascope.probe(m, None, tmp_path / "r", every=1) as run:
         assert run.reducer is None
+
+
+def test_shifted_moments_sum_to_the_pooled_moments_without_cancellation():
+    """The all-reduce form of Chan's merge: rows shifted by a common K add up; at |mean| / std = 1e6 the
+    merged variance keeps 1e-6 relative accuracy (raw sums of squares would lose every digit)."""
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 4, generator=g, dtype=torch.float64) * 1e-3 + 1e3 for n in (3, 5, 8)]
+    stats = torch.stack([torch.stack([torch.full((4,), float(p.shape[0]), dtype=torch.float64), p.mean(0),
+                                      ((p - p.mean(0)) ** 2).sum(0)], dim=1) for p in parts])
+    shift = stats[0, :, 1].clone()
+    merged = unshifted_moments(sum(shifted_moments(s, shift) for s in stats), shift)
+    torch.testing.assert_close(merged, chan_merge(stats), rtol=1e-6, atol=0)
+    pooled = torch.cat(parts)
+    torch.testing.assert_close(merged[:, 2], ((pooled - pooled.mean(0)) ** 2).sum(0), rtol=1e-6, atol=0)

@@ -35,8 +35,12 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     model, opt = small()
     with pytest.raises(TypeError, match="nn.Module.*function"):
         dynascope.probe(lambda x: x, opt, tmp_path / "a")
-    with pytest.raises(TypeError, match="optimizer.*list"):
-        dynascope.probe(model, [opt], tmp_path / "a")
+    with pytest.raises(TypeError, match="optimizer must be .* got a str in the sequence"):
+        dynascope.probe(model, [opt, "adam"], tmp_path / "a")
+    with pytest.raises(TypeError, match="optimizer must be .* got dict"):
+        dynascope.probe(model, {"opt": opt}, tmp_path / "a")
+    with pytest.raises(ValueError, match="the same optimizer is given twice"):
+        dynascope.probe(model, [opt, opt], tmp_path / "a")
     other = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="optimizer holds none of the model's parameters"):
         dynascope.probe(model, torch.optim.SGD(other.parameters(), lr=0.1), tmp_path / "a")

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from .._checks import positive_int
-from ..probes.gradients import GradientProbe
 from ..session import Session
 
 try:  # the unified package first: its Trainer only accepts its own Callback class
@@ -76,13 +75,11 @@ class DynascopeCallback(_Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.session is not None:
             self.session.close()
-        optimizers = list(getattr(trainer, "optimizers", []) or [])
-        optimizer = optimizers[0] if optimizers else None
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            optimizer = None
+        optimizers = [getattr(o, "_optimizer", o)  # a LightningOptimizer wraps the torch one
+                      for o in list(getattr(trainer, "optimizers", []) or [])]
+        optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
         run_dir = self.run_dir if self.run_dir is not None else self._default_run_dir(trainer)
-        session = Session(pl_module, optimizer, run_dir, every=self.every, **self.options)
+        session = Session(pl_module, optimizers, run_dir, every=self.every, **self.options)
         session.step_index = int(trainer.global_step)
         session.start()
         self.session = session
@@ -90,12 +87,8 @@ class DynascopeCallback(_Callback):
         self._losses = []
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        session = self.session
-        if session is None or not session._recording:
-            return
-        for p in session.probes:  # gradients exist only now: re-read them (replaces the pre-hook's reading)
-            if isinstance(p, GradientProbe):
-                p.capture()
+        if self.session is not None:  # gradients exist only now: read them again (replaces the pre-hook's reading)
+            self.session.before_optimizer_step(getattr(optimizer, "_optimizer", optimizer))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.session is None:

@@ -9,10 +9,12 @@ row (the layer view)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["ShapeGroups", "rowdot", "stacked_weights"]
+__all__ = ["ShapeGroups", "rowdot", "stacked_weights", "ParamLayout", "rows_whole", "is_sharded", "local_tensor",
+           "row_view_shape"]
 
 
 def row_view_shape(shape: torch.Size) -> tuple[int, int]:
@@ -57,18 +59,61 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b, dim=-1).double()
 
 
-def stacked_weights(session: object, groups: ShapeGroups,
+def stacked_weights(cache: dict[Any, Any], key: Any, groups: ShapeGroups,
                     params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Stacked copies of ``params`` and their row squared norms ``<w, w>``, shared
     between the probes of one optimizer step (the gradient probe's weight-cosine
-    and the update probe's ``w_t`` read the same weights): memoised in
-    ``session._memo``, which the session clears around every step."""
-    memo = getattr(session, "_memo", None)
-    key = ("weights", tuple(id(p) for p in params))
-    if memo is not None and key in memo:
-        return memo[key]
+    and the update probe's ``w_t`` read the same weights): memoised in the
+    context's per-step ``cache``, which the session clears around every
+    optimizer step. ``key`` names the parameter set (ids of the parameters, not
+    of the local views, which are new objects on every call)."""
+    key = ("weights", key)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
     ws = groups.stack(params)
     out = (ws, [rowdot(w, w) for w in ws])
-    if memo is not None:
-        memo[key] = out
+    cache[key] = out
     return out
+
+
+def rows_whole(p: torch.Tensor) -> bool:
+    """True when this rank's piece of ``p`` holds whole rows of the row view
+    (a plain or replicated tensor, or a >= 2-D tensor sharded on dim 0 as
+    FSDP2's fully_shard does)."""
+    placements = getattr(p, "placements", None)
+    if not placements:
+        return True
+    shards = [q for q in placements if type(q).__name__ in ("Shard", "_StridedShard")]
+    if not shards:
+        return True
+    return p.ndim >= 2 and all(getattr(q, "dim", None) == 0 for q in shards)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor with a Shard placement (FSDP2 / fully_shard parameters)."""
+    placements = getattr(t, "placements", None)
+    return bool(placements) and any(type(p).__name__ in ("Shard", "_StridedShard") for p in placements)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and gradients), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+class ParamLayout:
+    """What a probe needs to know about each of its parameters under sharding:
+    whether this rank counts it (a sharded tensor on every rank, a replicated one
+    on rank 0 only, so nothing is counted twice), whether its local piece holds
+    whole rows, and how to get the local piece."""
+
+    def __init__(self, params: Sequence[torch.Tensor], rank: int) -> None:
+        self.sharded = [is_sharded(p) for p in params]
+        self.any_sharded = any(self.sharded)
+        self.contributes = [s or rank == 0 for s in self.sharded]
+        self.whole = [rows_whole(p) for p in params]
+        self.one_d = [p.ndim < 2 for p in params]
+
+    def local(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [local_tensor(t) for t in tensors] if self.any_sharded else list(tensors)

@@ -20,13 +20,14 @@ so the reduction over N, H, W is over dims (0, 2, 3) in NCHW).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._names import ModuleFilter, select_modules
-from .base import Collected, Probe
+from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]
 
@@ -70,30 +71,33 @@ def _shifted_var_mean(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Ten
     keeps E[x-K] of the order of the standard deviation, so the difference does
     not cancel the way raw float32 sums of squares do when |mean| >> std
     (measured 1e-6 relative to a float64 reference; tested at mean/std > 100).
+    Three passes: the shifted copy, its sum, and its 2-norm (a reduction that
+    writes nothing, where squaring in place read and wrote the copy again).
     The variance may come out a rounding error below 0; ``collect`` clamps it."""
     index = tuple(0 if d in dims else slice(None) for d in range(x.ndim))
     shift = x[index]
     shape = [1 if d in dims else -1 for d in range(x.ndim)]
     y = x - shift.reshape(shape)
-    m = y.mean(dims)
-    y.square_()
-    return y.mean(dims) - m * m, m + shift.reshape(-1)
+    inv_n = 1.0 / (y.numel() // max(shift.numel(), 1))
+    m = y.sum(dims).mul_(inv_n)
+    sq = torch.linalg.vector_norm(y, 2, dims)
+    return sq.square_().mul_(inv_n).sub_(m * m), m + shift.reshape(-1)
 
 
 def _count_nonzero(x: torch.Tensor) -> torch.Tensor:
-    """Number of non-zero entries (NaN counts as non-zero, as in ``count_nonzero``).
-
-    On the CPU ``torch.count_nonzero`` is slow: 5.0 ms for a 2M-entry ReLU
-    output against 0.22 ms for a float32 sum of |sign(x)| (2 threads), and it
-    was the largest single cost of the activation hooks. The float32 sum of
-    ones is exact below 2^24 entries per summation block (torch's cascade sum).
-    CPU ``sign`` maps NaN to 0, so this count treats NaN as zero; ``collect``
-    reports the zero fraction of an output holding NaN as NaN on every path."""
+    """Number of non-zero entries. On the CPU ``torch.count_nonzero`` is slow
+    (5.0 ms for a 2M-entry ReLU output against 0.22 ms for a float32 sum of
+    |sign(x)|, 2 threads); the 0-"norm" ``vector_norm(x, 0)`` counts in one read
+    without a temporary (a float32 count: exact below 2^24 per summation block).
+    An output holding NaN gets a NaN zero fraction in ``finish`` on every path."""
     if x.device.type != "cpu" or x.numel() <= _FAST_COUNT_MIN_NUMEL:
         return torch.count_nonzero(x)
-    s = x.sign()
-    s.abs_()
-    return s.sum()
+    return torch.linalg.vector_norm(x, 0)
+
+
+def _absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| in one read (the inf-norm; NaN when x holds NaN)."""
+    return torch.linalg.vector_norm(x, float("inf"))
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
@@ -110,30 +114,16 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 class _State:
     """Sufficient statistics of one module's outputs in one step. The hook
-    stores raw reductions (3 reductions per call: ``var_mean``, ``aminmax``,
-    a non-zero count); ``absmax``, ``m2`` and ``zeros`` are derived on demand."""
+    stores raw reductions: per-channel mean and (ddof=0) variance, max |x| and
+    the non-zero count."""
 
-    __slots__ = ("n", "mean", "var", "lo", "hi", "nnz", "numel")
+    __slots__ = ("n", "mean", "var", "absmax", "nnz", "numel")
 
-    def __init__(self, n: float, mean: torch.Tensor, var: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+    def __init__(self, n: float, mean: torch.Tensor, var: torch.Tensor, absmax: torch.Tensor,
                  nnz: torch.Tensor, numel: int) -> None:
-        self.n, self.mean, self.var, self.lo, self.hi, self.nnz, self.numel = n, mean, var, lo, hi, nnz, numel
+        self.n, self.mean, self.var, self.absmax, self.nnz, self.numel = n, mean, var, absmax, nnz, numel
 
-    @property
-    def m2(self) -> torch.Tensor:
-        """Per-channel sum of squared deviations."""
-        return self.var * self.n
-
-    @property
-    def absmax(self) -> torch.Tensor:
-        return torch.maximum(self.hi, -self.lo)
-
-    @property
-    def zeros(self) -> torch.Tensor:
-        """Fraction of exact zeros."""
-        return 1.0 - self.nnz / self.numel
-
-    def merge(self, n: float, mean: torch.Tensor, var: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+    def merge(self, n: float, mean: torch.Tensor, var: torch.Tensor, absmax: torch.Tensor,
               nnz: torch.Tensor, numel: int) -> None:
         """Chan et al.'s parallel merge of (n, mean, M2) with another call's statistics."""
         na, nb = self.n, n
@@ -142,8 +132,7 @@ class _State:
         self.mean = self.mean + delta * (nb / tot)
         self.var = (self.var * na + var * nb + delta * delta * (na * nb / tot)) / tot
         self.n = tot
-        self.lo = torch.minimum(self.lo, lo)
-        self.hi = torch.maximum(self.hi, hi)
+        self.absmax = torch.maximum(self.absmax, absmax)
         self.nnz = self.nnz + nnz
         self.numel += numel
 
@@ -158,11 +147,11 @@ class ActivationProbe(Probe):
         self._handles: list[Any] = []
         self._states: dict[str, _State] = {}
         self._order: list[str] = []
-        self._seg_cache: dict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._layouts: dict[Any, dict[str, Any]] = {}
 
-    def setup(self, session: Any) -> None:
-        super().setup(session)
-        self.modules = select_modules(session.model, self.filter)
+    def setup(self, ctx: ProbeContext) -> None:
+        super().setup(ctx)
+        self.modules = select_modules(ctx.model, self.filter)
 
     def arm(self) -> None:
         if self._handles:
@@ -204,69 +193,82 @@ class ActivationProbe(Probe):
             else:  # a 1-D output: a single "example", each entry a channel
                 mean, var = x, torch.zeros_like(x)
             n = float(numel // max(mean.numel(), 1))
-            lo, hi = torch.aminmax(x)
+            absmax = _absmax(x)
             nnz = _count_nonzero(x)
             old = states.get(name)
             if old is None or old.mean.shape != mean.shape:
                 if old is None:
                     order.append(name)
-                states[name] = _State(n, mean, var, lo, hi, nnz, numel)
+                states[name] = _State(n, mean, var, absmax, nnz, numel)
             else:
-                old.merge(n, mean, var, lo, hi, nnz, numel)
+                old.merge(n, mean, var, absmax, nnz, numel)
 
         return hook
-
-    def _segments(self, sizes: tuple[int, ...], numels: tuple[int, ...],
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Segment ids, segment sizes and 1/numel as device tensors, cached: built once per layout."""
-        key = (sizes, numels)
-        cached = self._seg_cache.get(key)
-        if cached is None or cached[0].device != device:
-            counts = torch.tensor(sizes, device=device)
-            seg = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
-            inv = 1.0 / torch.tensor(numels, dtype=torch.float64, device=device)
-            cached = (seg, counts.double(), inv)
-            self._seg_cache = {key: cached}
-        return cached
 
     def collect(self, step: int) -> Collected | None:
         if not self._states:
             return None
         names = [n for n in self._order if n in self._states]
         states = [self._states[n] for n in names]
-        if getattr(self.session, "reducer", None) is not None:  # torch.distributed: merged across ranks at the flush
-            from ..distributed import activation_reducible
-
-            keys, reducible = activation_reducible(names, states)
-            self._states.clear()
-            self._order.clear()
-            return Collected(keys, torch.empty(0), reduce=reducible)
-        device = states[0].mean.device
+        self._states.clear()  # in place: the armed hooks hold this dict
+        self._order.clear()
         with torch.no_grad():
+            device = states[0].mean.device
             # float64 over the (few) channel values: act.var = mean var_c + mean mu_c^2 - (mean mu_c)^2
             # cancels in float32 when |mean| >> std (e.g. 0.3477 instead of 0.3445 at mean 200)
             acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            sizes = tuple(s.mean.numel() for s in states)
+            counts = tuple(s.n for s in states)
+            lay = self._layout(sizes, counts, device, acc)
             mus = torch.cat([s.mean.reshape(-1) for s in states]).to(acc)
             vars_ = torch.cat([s.var.reshape(-1) for s in states]).to(acc).clamp_min_(0)
-            sizes = tuple(s.mean.numel() for s in states)
-            numels = tuple(s.numel for s in states)
-            seg, counts, inv_numel = self._segments(sizes, numels, device)
-            sums = torch.zeros(len(states), 3, device=device, dtype=acc)
-            sums.index_add_(0, seg, torch.stack([mus, mus * mus, vars_], dim=1))
-            per = sums / counts.to(acc)[:, None]
-            mean, sq_mean, ch_var = per.unbind(1)
-            var = ch_var + sq_mean - mean * mean
-            lo = torch.stack([s.lo for s in states]).to(acc)
-            hi = torch.stack([s.hi for s in states]).to(acc)
-            absmax = torch.maximum(hi, -lo)
-            zero_frac = 1.0 - torch.stack([s.nnz.to(acc) for s in states]) * inv_numel.to(acc)
-            # an output holding NaN has an undefined zero fraction (the fast CPU count sees NaN as zero)
-            zero_frac = torch.where(torch.isnan(absmax), torch.full_like(zero_frac, float("nan")), zero_frac)
-            values = torch.stack([mean, var, sq_mean, ch_var, absmax, zero_frac], dim=1).reshape(-1).float()
+            moments = torch.stack([lay["n"], mus, vars_ * lay["n"]], dim=1)
+            absmax = torch.stack([s.absmax for s in states]).to(acc)
+            nnz = torch.stack([s.nnz.to(acc) for s in states])
+            zeros = torch.stack([lay["numel"] - nnz, lay["numel"]], dim=1)
+        stats = {"moments": Stat("moments", moments), "absmax": Stat("max", absmax),
+                 "zeros": Stat("sum", zeros)}
         keys = [(m, n) for n in names for m in ACT_METRICS]
-        self._states.clear()  # in place: the armed hooks hold this dict
-        self._order.clear()
-        return Collected(keys, values)
+        return Collected(keys, stats=stats, finish=lay["finish"])
+
+    def _layout(self, sizes: tuple[int, ...], counts: tuple[float, ...], device: torch.device,
+                acc: torch.dtype) -> dict[str, Any]:
+        """Device tables of one layout (channels per module, examples per channel,
+        elements per module) and its ``finish``: built once per layout."""
+        key = (sizes, counts, device, acc)
+        hit = self._layouts.get(key)
+        if hit is not None:
+            return hit
+        n_mod = len(sizes)
+        seg = torch.repeat_interleave(torch.arange(n_mod, device=device), torch.tensor(sizes, device=device))
+        per_mod = torch.tensor(sizes, dtype=acc, device=device)
+
+        def finish(r: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            """The activation formulas (module docstring) from per-channel moments."""
+            mom = r["moments"]
+            dev = mom.device
+            seg_d, per_d = (seg, per_mod) if dev == device else (seg.to(dev), per_mod.to(dev))
+            n, mu, m2 = mom.unbind(1)
+            var_c = (m2 / n).clamp_min(0)
+            sums = torch.zeros(n_mod, 3, device=dev, dtype=mom.dtype)
+            sums.index_add_(0, seg_d, torch.stack([mu, mu * mu, var_c], dim=1))
+            mean, sq_mean, ch_var = (sums / per_d.to(mom.dtype)[:, None]).unbind(1)
+            var = ch_var + sq_mean - mean * mean
+            absmax = r["absmax"]
+            zeros, numel = r["zeros"].unbind(1)
+            # an output holding NaN has an undefined zero fraction (the fast CPU count sees NaN as zero)
+            zero_frac = torch.where(torch.isnan(absmax), torch.full_like(absmax, float("nan")), zeros / numel)
+            return torch.stack([mean, var, sq_mean, ch_var, absmax.to(mean.dtype), zero_frac.to(mean.dtype)],
+                               dim=1).reshape(-1).float()
+
+        numels = [float(c * s) for c, s in zip(counts, sizes)]
+        lay = {"n": torch.repeat_interleave(torch.tensor(counts, dtype=acc, device=device),
+                                            torch.tensor(sizes, device=device)),
+               "numel": torch.tensor(numels, dtype=acc, device=device), "finish": finish}
+        if len(self._layouts) > 8:
+            self._layouts.clear()
+        self._layouts[key] = lay
+        return lay
 
     def close(self) -> None:
         self.disarm()

@@ -1,56 +1,167 @@
 """The probe protocol: how a stateful collector plugs into a session.
 
-A probe is armed before the forward pass of a step that records and disarmed
-after it, so steps that do not record pay nothing (no hooks attached). At the
-end of a recording step ``collect`` returns the step's statistics as ONE
-device tensor with a key per entry; the session keeps it on the device until a
-flush moves everything to the host in one transfer (architecture invariant 2).
+A probe sees a narrow :class:`ProbeContext` (the model, its optimizers, the
+selected parameters and modules, a per-step cache, rank and world size), never
+the session. On a recording step the session calls, in order:
 
-Write your own probe by subclassing :class:`Probe`::
+* ``arm()`` before the step's forward pass (attach or switch on hooks),
+* ``before_optimizer_step(optimizer)`` / ``after_optimizer_step(optimizer)``
+  around each optimizer's ``step()`` (gradients are read before, updates
+  around it),
+* ``collect(step)`` at ``run.step()``, then ``disarm()``.
 
-    class WeightMax(Probe):
-        name = "weight_max"
+``collect`` returns the step's *sufficient statistics* as named device tensors,
+each tagged with how it combines across processes (:class:`Stat`), and ONE
+``finish(reduced) -> values`` that holds the probe's formulas. In one process
+``finish`` runs on the local statistics (the trivial reduction); under
+``torch.distributed`` it runs on the statistics reduced over the ranks by a
+generic reducer that knows no probe (:mod:`dynascope.distributed`). So every
+formula exists once, and a custom probe works under DDP/FSDP for free::
+
+    class WeightAbsMax(Probe):
+        name = "weight_absmax"
         def collect(self, step):
-            ps = [p for p in self.session.model.parameters()]
-            return Collected([("weight.absmax", "")], torch.stack([p.detach().abs().max() for p in ps]).max()[None])
+            ps = [p.detach() for p in self.ctx.model.parameters()]
+            m = torch.stack([p.abs().max() for p in ps]).max()
+            return Collected([("weight.absmax", "")], stats={"m": Stat("max", m[None])},
+                             finish=lambda r: r["m"])
 
-and pass it as ``dynascope.probe(model, opt, probes=("activations", WeightMax()))``.
+A probe that needs no cross-rank reduction may return plain values,
+``Collected(keys, values)``: they are taken as they are on the writing rank.
+Nothing is copied to the host before the flush (one transfer per flush).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..distributed import Reducible
-    from ..session import Session
-
-__all__ = ["Probe", "Collected", "Row"]
+__all__ = ["Probe", "Collected", "Row", "Stat", "ProbeContext", "REDUCTIONS"]
 
 Row = tuple[str, str, float]  # metric, layer, value
+
+#: How a statistic combines across ranks:
+#: ``sum`` adds, ``max``/``min`` take the extremum, ``moments`` are rows
+#: ``(n, mean, M2)`` merged with Chan et al.'s update, ``replicated`` is the same
+#: on every rank and is taken once (the local value).
+REDUCTIONS = ("sum", "max", "min", "moments", "replicated")
+Reduction = Literal["sum", "max", "min", "moments", "replicated"]
+
+
+@dataclass
+class Stat:
+    """A device tensor of sufficient statistics and how it combines across ranks.
+
+    ``moments`` tensors have shape ``(K, 3)``: count, mean and sum of squared
+    deviations per row; every other kind is any shape (kept as is)."""
+
+    kind: Reduction
+    value: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.kind not in REDUCTIONS:
+            raise ValueError(f"Stat kind must be one of {REDUCTIONS}, got {self.kind!r}")
+        if self.kind == "moments" and (self.value.ndim != 2 or self.value.shape[-1] != 3):
+            raise ValueError(f"a 'moments' Stat needs shape (K, 3) rows (n, mean, M2), got {tuple(self.value.shape)}")
+
+
+Finish = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
 class Collected:
     """One recording step's output of a probe.
 
-    ``keys[i]`` is the ``(metric, layer)`` of ``values[i]`` (a 1-D device
-    tensor). ``post``, if given, runs on the host at flush time with the
-    transferred values (``{(metric, layer): float}``) and returns extra rows
-    computed from them and host-side data (e.g. learning rates), so no extra
-    host-device transfer is needed.
+    ``keys[i]`` is the ``(metric, layer)`` of the i-th value. Either ``stats``
+    (named :class:`Stat`) with ``finish`` (reduced statistics -> 1-D tensor of
+    ``len(keys)`` values, on the statistics' device), or plain ``values`` (a
+    1-D device tensor, taken as is). ``post``, if given, runs on the host at
+    flush time with the values (``{(metric, layer): float}``) and returns extra
+    rows computed from them and host-side data (e.g. learning rates).
     """
 
     keys: list[tuple[str, str]]
-    values: torch.Tensor
+    values: torch.Tensor | None = None
     post: Callable[[Mapping[tuple[str, str], float]], list[Row]] | None = None
-    # under torch.distributed: statistics to combine across ranks at the flush,
-    # whose finish() gives the values (``values`` is then ignored); see dynascope.distributed
-    reduce: Reducible | None = None
+    stats: dict[str, Stat] | None = None
+    finish: Finish | None = None
+
+    def __post_init__(self) -> None:
+        if (self.values is None) == (self.stats is None):
+            raise ValueError("Collected needs either values or stats (with finish), not both")
+        if self.stats is not None and self.finish is None:
+            raise ValueError("Collected with stats needs a finish(reduced) -> values function")
+
+    def local_values(self) -> torch.Tensor:
+        """The values of this step in one process: ``finish`` of the local statistics."""
+        if self.values is not None:
+            return self.values.reshape(-1)
+        assert self.stats is not None and self.finish is not None
+        return checked_finish(self, {k: s.value for k, s in self.stats.items()})
+
+
+def checked_finish(c: Collected, reduced: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Run ``c.finish`` and check it returned one value per key."""
+    assert c.finish is not None
+    values = c.finish(reduced).reshape(-1)
+    if values.numel() != len(c.keys):
+        raise RuntimeError(f"a probe's finish() returned {values.numel()} values for {len(c.keys)} keys")
+    return values
+
+
+@dataclass
+class ProbeContext:
+    """What a probe sees of the run: the (possibly wrapped) model, its optimizers,
+    the named parameters and selected modules, a cache shared by the probes
+    within one optimizer step (cleared around it), and the process's rank and
+    world size (1 outside ``torch.distributed``)."""
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    param_names: list[tuple[str, nn.Parameter]]
+    module_filter: Any
+    module_names: list[str]
+    rank: int = 0
+    world: int = 1
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._group_of: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    self._group_of.setdefault(id(p), (opt, g))
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The first optimizer (None without one)."""
+        return self.optimizers[0] if self.optimizers else None
+
+    def optimizer_of(self, p: torch.Tensor) -> torch.optim.Optimizer | None:
+        """The optimizer that owns parameter ``p`` (None when no optimizer does)."""
+        hit = self._group_of.get(id(p))
+        return None if hit is None else hit[0]
+
+    def group_of(self, p: torch.Tensor) -> dict[str, Any] | None:
+        """The param group (of its optimizer) that holds ``p``."""
+        hit = self._group_of.get(id(p))
+        return None if hit is None else hit[1]
+
+    def owned_by(self, optimizer: torch.optim.Optimizer | None,
+                 named: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
+        """Indices into ``named`` of the parameters ``optimizer`` owns. Parameters no
+        optimizer owns go with the first optimizer (they are read at its step)."""
+        first = self.optimizer
+        out = []
+        for i, (_, p) in enumerate(named):
+            o = self.optimizer_of(p)
+            if o is optimizer or (o is None and optimizer is first):
+                out.append(i)
+        return out
 
 
 class Probe:
@@ -58,18 +169,29 @@ class Probe:
     except ``collect``."""
 
     name: str = "probe"
-    session: Session
+    ctx: ProbeContext
 
-    def setup(self, session: Session) -> None:
-        """Called once when the session starts; ``session.model``,
-        ``session.optimizer`` and ``session.module_names`` are available."""
-        self.session = session
+    @property
+    def session(self) -> ProbeContext:
+        """The probe's context (the name dynascope 0.1 probes used)."""
+        return self.ctx
+
+    def setup(self, ctx: ProbeContext) -> None:
+        """Called once when the session starts."""
+        self.ctx = ctx
 
     def arm(self) -> None:
-        """Attach hooks before a recording step's forward pass."""
+        """Switch on before a recording step's forward pass."""
 
     def disarm(self) -> None:
-        """Remove the hooks attached by ``arm``."""
+        """Switch off after the recording step."""
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Before ``optimizer.step()`` on a recording step (``None``: the run has no
+        optimizer and this is called at ``run.step()``)."""
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After ``optimizer.step()`` on a recording step."""
 
     def collect(self, step: int) -> Collected | None:
         """Return this step's statistics, or None when there is nothing."""

@@ -15,21 +15,29 @@ output unit), with eps = 1e-8 as in AdamP's ``_cosine_similarity``:
   (|cos| < delta / sqrt(numel)); the test of AdamP (Heo et al. 2021,
   clovaai/AdamP ``_projection``), on the raw gradient.
 
-Gradients are read in the optimizer's step pre-hook (so a loop that zeroes
-gradients after ``optimizer.step()`` still records them), or at
+Gradients are read in each optimizer's step pre-hook, for the parameters that
+optimizer owns (so a loop that zeroes gradients after ``optimizer.step()``
+still records them, and with several optimizers each parameter is read at ITS
+optimizer's step; parameters no optimizer owns are read with the first), or at
 ``run.step()`` when no optimizer is given.
+
+Sufficient statistics (summed across ranks; a replicated parameter counts on
+rank 0 only): ||g||^2 per parameter, <g, w>, ||g||^2, ||w||^2 per tracked
+weight; the row maximum of |cos| per tracked weight (max across ranks; rows of
+an FSDP2 shard on dim 0 are whole). ONE ``finish`` turns them into the values.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .._names import select_modules
-from ._groups import ShapeGroups, rowdot, stacked_weights
-from .base import Collected, Probe
+from ._groups import ParamLayout, ShapeGroups, row_view_shape, rowdot, stacked_weights
+from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["GradientProbe", "ADAMP_DELTA", "COS_EPS"]
 
@@ -51,115 +59,189 @@ class GradientProbe(Probe):
 
     def __init__(self, all_params: bool = False) -> None:
         self.all_params = all_params
-        self._pending: Collected | None = None
-        self._layout_cache: dict[tuple[int, ...], Any] = {}
+        self._parts: list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Tensor | None,
+                                torch.Tensor | None]] = []
+        self._plans: dict[tuple[int, ...], dict[str, Any]] = {}
+        self._finish_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], Any] = {}
 
-    def setup(self, session: Any) -> None:
-        super().setup(session)
-        self.params = session.param_names  # list[(name, param)]
+    def setup(self, ctx: ProbeContext) -> None:
+        super().setup(ctx)
+        self.params = ctx.param_names  # list[(name, param)]
         index = {id(p): i for i, (_, p) in enumerate(self.params)}
         self.module_params: list[tuple[str, list[int]]] = []
-        for name, module in select_modules(session.model, session.module_filter):
+        for name, module in select_modules(ctx.model, ctx.module_filter):
             ids = sorted({index[id(p)] for p in module.parameters() if id(p) in index})
             if ids:
                 self.module_params.append((name, ids))
-        self.tracked = [i for i, (_, p) in enumerate(self.params) if p.ndim >= 2 or self.all_params]
+        self.is_tracked = [p.ndim >= 2 or self.all_params for _, p in self.params]
+        self.layout = ParamLayout([p for _, p in self.params], ctx.rank)
+        self._owned: dict[int, list[int]] = {}
 
-    # called by the session: from the optimizer pre-hook, or at step() without optimizer
-    def capture(self) -> None:
-        reducer = getattr(self.session, "reducer", None)
-        if reducer is not None and reducer.sharded(self.params):  # FSDP2 shards: summed across ranks at the flush
-            from ..distributed import sharded_gradients
+    def arm(self) -> None:
+        self._parts.clear()
 
-            self._pending = sharded_gradients(self, reducer.rank)
-            return
-        present = tuple(i for i, (_, p) in enumerate(self.params) if p.grad is not None)
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Read the gradients of the parameters ``optimizer`` owns (a later call for
+        the same optimizer in the same step replaces the earlier reading)."""
+        owned = self._owned.get(id(optimizer))
+        if owned is None:
+            owned = self._owned[id(optimizer)] = (list(range(len(self.params))) if optimizer is None
+                                                  else self.ctx.owned_by(optimizer, self.params))
+        present = tuple(i for i in owned if self.params[i][1].grad is not None)
+        self._parts = [p for p in self._parts if not set(p[0]) & set(owned)]
         if not present:
-            self._pending = None
             return
-        layout = self._layout(present)
-        grads = [self.params[i][1].grad.detach() for i in present]  # type: ignore[union-attr]
+        lay = self.layout
+        plan = self._plan(present)
+        grads = lay.local([self.params[i][1].grad for i in present])  # type: ignore[misc]
         with torch.no_grad():
-            norms = _norms(grads)
-            device = norms.device
-            sq = norms.double() ** 2
-            keys = [("grad.norm", self.params[i][0]) for i in present]
-            parts = [norms]
-            mod_names, mod_idx, par_idx = layout["modules"]
-            if mod_names:
-                msq = torch.zeros(len(mod_names), dtype=torch.float64, device=device)
-                msq.index_add_(0, mod_idx, sq[par_idx])
-                parts.append(msq.sqrt().float())
-                keys += [("grad.norm", n) for n in mod_names]
-            parts.append(sq.sum().sqrt().float()[None])
-            keys.append(("grad.global_norm", ""))
-            tracked = layout["tracked"]
+            sq = _norms([g.detach() for g in grads]).double() ** 2
+            if plan["sq_mask"] is not None:
+                sq = sq * plan["sq_mask"].to(sq.device)
+            tracked: tuple[int, ...] = plan["tracked"]
+            dots = rowmax = None
             if tracked:
-                groups: ShapeGroups = layout["groups"]
-                gs = groups.stack([self.params[i][1].grad for i in tracked])  # type: ignore[misc]
-                ws, wws = stacked_weights(self.session, groups, [self.params[i][1] for i in tracked])
-                cos, rowmax, inv = [], [], []
-                for g, w, ww, (r, c) in zip(gs, ws, wws, groups.row_shapes):
-                    gw, gg = rowdot(g, w), rowdot(g, g)
-                    row_cos = gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))
-                    rmax = row_cos.abs().amax(dim=1)
-                    tcos = gw.sum(1) / (gg.sum(1).sqrt().clamp_min(COS_EPS) * ww.sum(1).sqrt().clamp_min(COS_EPS))
-                    cos.append(tcos)
-                    rowmax.append(rmax)
-                    inv.append((rmax < ADAMP_DELTA / math.sqrt(c)) | (tcos.abs() < ADAMP_DELTA / math.sqrt(r * c)))
-                names = layout["tracked_names"]
-                parts += [torch.cat(cos).float(), torch.cat(rowmax).float(), torch.cat(inv).float()]
-                for metric in ("grad.weight_cos", "grad.weight_cos_rowmax", "scale_invariant"):
-                    keys += [(metric, n) for n in names]
-            values = torch.cat([p.reshape(-1).to(device) for p in parts])
+                dots, rowmax = self._weight_stats(plan)
+        self._parts.append((present, tracked, sq, dots, rowmax))
 
-        thresholds = layout["thresholds"]
+    def _plan(self, present: tuple[int, ...]) -> dict[str, Any]:
+        """Per set of present parameters (cached): the tracked ones in shape-group
+        order, their groups, and the contribution masks (device tensors)."""
+        plan = self._plans.get(present)
+        if plan is not None:
+            return plan
+        lay = self.layout
+        device = lay.local([self.params[present[0]][1]])[0].device
+        tracked = [i for i in present if self.is_tracked[i]]
+        groups = ShapeGroups(lay.local([self.params[i][1] for i in tracked])) if tracked else None
+        unordered = tracked
+        if groups is not None:
+            tracked = [tracked[k] for k in groups.order]  # results come out in group order
+        contributes = [lay.contributes[i] for i in tracked]
+        keep_row = [lay.contributes[i] and lay.whole[i] for i in tracked]
+        plan = {
+            "tracked": tuple(tracked),
+            "unordered": tuple(unordered),
+            "groups": groups,
+            "sq_mask": None if all(lay.contributes[i] for i in present) else torch.tensor(
+                [float(lay.contributes[i]) for i in present], dtype=torch.float64, device=device),
+            "dot_mask": None if all(contributes) else torch.tensor(
+                [float(c) for c in contributes], dtype=torch.float64, device=device)[:, None],
+            "row_mask": None if all(keep_row) else torch.tensor(
+                [float(c) for c in keep_row], dtype=torch.float64, device=device),
+        }
+        if len(self._plans) > 8:
+            self._plans.clear()
+        self._plans[present] = plan
+        return plan
+
+    def _weight_stats(self, plan: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(<g,w>, ||g||^2, ||w||^2) per tracked weight and the row max of |cos(g, w)|."""
+        lay = self.layout
+        groups: ShapeGroups = plan["groups"]
+        ps = [self.params[i][1] for i in plan["unordered"]]  # the order the groups index
+        local_w = lay.local(ps)
+        gs = groups.stack(lay.local([p.grad for p in ps]))  # type: ignore[misc]
+        ws, wws = stacked_weights(self.ctx.cache, tuple(id(p) for p in ps), groups, local_w)
+        dots, rmaxes = [], []
+        for g, w, ww in zip(gs, ws, wws):
+            gw, gg = rowdot(g, w), rowdot(g, g)
+            dots.append(torch.stack([gw.sum(1), gg.sum(1), ww.sum(1)], dim=1))
+            if gw.shape[1]:
+                row_cos = gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))
+                rmaxes.append(row_cos.abs().amax(dim=1))
+            else:  # an empty shard: |cos| >= 0, so 0 is neutral for the max over ranks
+                rmaxes.append(gw.new_zeros(gw.shape[0]))
+        dots_t = torch.cat(dots)
+        rmax = torch.cat(rmaxes)
+        if plan["dot_mask"] is not None:
+            dots_t = dots_t * plan["dot_mask"].to(dots_t.device)
+        if plan["row_mask"] is not None:
+            rmax = rmax * plan["row_mask"].to(rmax.device)
+        return dots_t, rmax
+
+    def collect(self, step: int) -> Collected | None:
+        if not self.ctx.optimizers:
+            self.before_optimizer_step(None)
+        parts, self._parts = self._parts, []
+        if not parts:
+            return None
+        present = tuple(i for p in parts for i in p[0])
+        tracked = tuple(i for p in parts for i in p[1])
+        sq = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+        stats = {"sq": Stat("sum", sq)}
+        if tracked:
+            dots = [p[3] for p in parts if p[3] is not None]
+            rmax = [p[4] for p in parts if p[4] is not None]
+            stats["dots"] = Stat("sum", torch.cat(dots) if len(dots) > 1 else dots[0])
+            stats["rowmax"] = Stat("max", torch.cat(rmax) if len(rmax) > 1 else rmax[0])
+        keys, finish, post = self._finisher(present, tracked)
+        return Collected(keys, stats=stats, finish=finish, post=post)
+
+    def _finisher(self, present: tuple[int, ...], tracked: tuple[int, ...]) -> Any:
+        """Keys, ``finish`` and ``post`` for one layout of present/tracked parameters (cached)."""
+        hit = self._finish_cache.get((present, tracked))
+        if hit is not None:
+            return hit
+        pos = {i: k for k, i in enumerate(present)}
+        mod_names, mod_idx, par_idx = [], [], []
+        for name, ids in self.module_params:
+            got = [pos[i] for i in ids if i in pos]
+            if got:
+                mod_idx += [len(mod_names)] * len(got)
+                par_idx += got
+                mod_names.append(name)
+        shapes = [row_view_shape(self.params[i][1].shape) for i in tracked]
+        one_d = [self.layout.one_d[i] for i in tracked]
+        split = [not self.layout.whole[i] and not self.layout.one_d[i] for i in tracked]
+        consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+        def tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+            t = consts.get(device)
+            if t is None:
+                t = consts[device] = (
+                    torch.tensor(mod_idx, dtype=torch.long, device=device),
+                    torch.tensor(par_idx, dtype=torch.long, device=device),
+                    torch.tensor(one_d, dtype=torch.bool, device=device),
+                    torch.tensor(split, dtype=torch.bool, device=device),
+                    torch.tensor([float(c) for _, c in shapes], dtype=torch.float64, device=device),
+                    torch.tensor([float(r * c) for r, c in shapes], dtype=torch.float64, device=device))
+            return t
+
+        def finish(r: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            sq = r["sq"]
+            m_idx, p_idx, one_d_t, split_t, cols, numel = tables(sq.device)
+            out = [sq.sqrt()]
+            if mod_names:
+                msq = torch.zeros(len(mod_names), dtype=sq.dtype, device=sq.device).index_add_(0, m_idx, sq[p_idx])
+                out.append(msq.sqrt())
+            out.append(sq.sum().sqrt()[None])
+            if tracked:
+                gw, gg, ww = r["dots"].unbind(1)
+                cos = gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))
+                rmax = torch.where(one_d_t, cos.abs(), r["rowmax"])
+                rmax = torch.where(split_t, torch.full_like(rmax, float("nan")), rmax)
+                inv = (rmax < ADAMP_DELTA / cols.sqrt()) | (cos.abs() < ADAMP_DELTA / numel.sqrt())
+                out += [cos, rmax, inv.to(cos.dtype)]
+            return torch.cat([o.float() for o in out])
+
+        names = [self.params[i][0] for i in present]
+        tracked_names = [self.params[i][0] for i in tracked]
+        keys = [("grad.norm", n) for n in names] + [("grad.norm", n) for n in mod_names] + [("grad.global_norm", "")]
+        for metric in ("grad.weight_cos", "grad.weight_cos_rowmax", "scale_invariant"):
+            keys += [(metric, n) for n in tracked_names]
+        thresholds = [(n, ADAMP_DELTA / math.sqrt(c)) for n, (_, c) in zip(tracked_names, shapes)]
 
         def post(_: Any) -> list[tuple[str, str, float]]:
             return [("grad.weight_cos_threshold", n, t) for n, t in thresholds]
 
-        self._pending = Collected(keys, values, post if thresholds else None)
-
-    def _layout(self, present: tuple[int, ...]) -> dict[str, Any]:
-        layout = self._layout_cache.get(present)
-        if layout is not None:
-            return layout
-        pos = {i: k for k, i in enumerate(present)}
-        mod_names, mod_idx, par_idx = [], [], []
-        for name, ids in self.module_params:
-            hit = [pos[i] for i in ids if i in pos]
-            if hit:
-                mod_idx += [len(mod_names)] * len(hit)
-                par_idx += hit
-                mod_names.append(name)
-        tracked = [i for i in self.tracked if i in pos]
-        groups = ShapeGroups([self.params[i][1] for i in tracked]) if tracked else None
-        device = self.params[present[0]][1].device
-        layout: dict[str, Any] = {
-            "modules": (mod_names, torch.tensor(mod_idx, dtype=torch.long, device=device),
-                        torch.tensor(par_idx, dtype=torch.long, device=device)),
-            "tracked": tracked,
-            "groups": groups,
-            "tracked_names": [],
-            "thresholds": [],
-        }
-        if groups is not None:
-            for g, (_, c) in zip(groups.groups, groups.row_shapes):
-                for k in g:
-                    name = self.params[tracked[k]][0]
-                    layout["tracked_names"].append(name)
-                    layout["thresholds"].append((name, ADAMP_DELTA / math.sqrt(c)))
-        if len(self._layout_cache) > 8:
-            self._layout_cache.clear()
-        self._layout_cache[present] = layout
-        return layout
-
-    def collect(self, step: int) -> Collected | None:
-        if self.session.optimizer is None:
-            self.capture()
-        out, self._pending = self._pending, None
+        out = (keys, finish, post if thresholds else None)
+        if len(self._finish_cache) > 8:
+            self._finish_cache.clear()
+        self._finish_cache[(present, tracked)] = out
         return out
 
     def close(self) -> None:
-        self._pending = None
-        self._layout_cache.clear()
+        self._parts = []
+        self._plans.clear()
+        self._finish_cache.clear()

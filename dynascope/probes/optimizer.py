@@ -14,7 +14,13 @@ view for ``update.angle_row``):
 * ``update.angle_row`` = mean over rows (of non-zero weight) of the row angles
 * ``lr.effective``    = lr / ||w_t||^2 for SGD-family optimizers (van Laarhoven
   2017), lr / ||w_t|| for Adam-family ones (their param group has ``betas``);
-  the lr is the group's current lr at this step.
+  the lr is the group's current lr at this step. Not recorded for Muon (no
+  published formula for its orthogonalised, shape-scaled update).
+
+With several optimizers, each weight is measured around ITS optimizer's step.
+Sufficient statistics per weight (summed across ranks; a replicated weight
+counts on rank 0 only): <w,w>, <w,D>, <D,D> and the sum and count of its row
+angles; ONE ``finish`` gives the four metrics.
 
 Sources: metrics-reference section 2; rotational equilibrium: Kosson et al.
 2024 (epfml/REQ).
@@ -22,20 +28,43 @@ Sources: metrics-reference section 2; rotational equilibrium: Kosson et al.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ._groups import ShapeGroups, rowdot, stacked_weights
-from .base import Collected, Probe
+from ._groups import ParamLayout, ShapeGroups, rowdot, stacked_weights
+from .base import Collected, Probe, ProbeContext, Stat
 
-__all__ = ["UpdateProbe", "is_adam_family"]
+__all__ = ["UpdateProbe", "is_adam_family", "lr_rule"]
 
 
-def is_adam_family(optimizer: torch.optim.Optimizer, group: dict[str, Any] | None = None) -> bool:
+def is_adam_family(optimizer: torch.optim.Optimizer | None, group: dict[str, Any] | None = None) -> bool:
     """Adam-like (update size independent of gradient scale): a group with ``betas``."""
-    group = group if group is not None else optimizer.param_groups[0]
+    if group is None:
+        if optimizer is None:
+            return False
+        group = optimizer.param_groups[0]
     return "betas" in group
+
+
+def lr_rule(optimizer: torch.optim.Optimizer | None, group: dict[str, Any] | None) -> str | None:
+    """Which effective-learning-rate formula applies to a parameter of this group:
+    ``"adam"`` (lr / ||w||), ``"sgd"`` (lr / ||w||^2) or None where no published
+    formula does (Muon's orthogonalised update: its size is set by the shape, not
+    by ||w||; no parameter group)."""
+    if group is None:
+        return None
+    if type(optimizer).__name__ == "Muon" or "ns_coefficients" in group or "ns_steps" in group:
+        return None
+    return "adam" if "betas" in group else "sgd"
+
+
+def _lr_value(group: dict[str, Any]) -> float:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):  # a CUDA tensor lr would need a sync to read: not recorded
+        return float(lr) if lr.device.type == "cpu" else float("nan")
+    return float(lr)
 
 
 class UpdateProbe(Probe):
@@ -43,91 +72,136 @@ class UpdateProbe(Probe):
 
     def __init__(self, all_params: bool = False) -> None:
         self.all_params = all_params
-        self._before: list[torch.Tensor] | None = None
-        self._before_aa: list[torch.Tensor] | None = None
-        self._lrs: list[tuple[float, bool]] = []
-        self._pending: Collected | None = None
+        self._before: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[float, str | None]]]] = {}
+        self._parts: list[tuple[tuple[int, ...], torch.Tensor]] = []
 
-    def setup(self, session: Any) -> None:
-        super().setup(session)
-        params = session.param_names
-        self.tracked = [(n, p) for n, p in params if p.requires_grad and (p.ndim >= 2 or self.all_params)]
-        self.groups = ShapeGroups([p for _, p in self.tracked]) if self.tracked else None
-        self.names = [self.tracked[i][0] for i in self.groups.order] if self.groups else []
-        opt = session.optimizer
-        self._group_of: dict[int, dict[str, Any]] = {}
-        if opt is not None:
-            for g in opt.param_groups:
-                for p in g["params"]:
-                    self._group_of[id(p)] = g
+    def setup(self, ctx: ProbeContext) -> None:
+        super().setup(ctx)
+        self.tracked = [(n, p) for n, p in ctx.param_names if p.requires_grad and (p.ndim >= 2 or self.all_params)]
+        self.layout = ParamLayout([p for _, p in self.tracked], ctx.rank)
+        self._plans: dict[int, dict[str, Any]] = {}
+        self._finish_cache: dict[tuple[int, ...], Any] = {}
+        self._lrs = {}
 
-    def before_step(self) -> None:
-        """Optimizer pre-hook on recording steps: snapshot w_t (one stacked copy per shape)."""
-        reducer = getattr(self.session, "reducer", None)
-        if reducer is not None and reducer.sharded(self.tracked):  # FSDP2 shards: summed across ranks at the flush
-            from ..distributed import sharded_snapshot
+    def _plan(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The tracked weights ``optimizer`` owns, their shape groups (group order)
+        and contribution mask (cached per optimizer)."""
+        key = id(optimizer)
+        if key in self._plans:
+            return self._plans[key]
+        idx = self.ctx.owned_by(optimizer, self.tracked)  # weights no optimizer owns: with the first (D = 0)
+        plan = None
+        if idx:
+            lay = self.layout
+            groups = ShapeGroups(lay.local([self.tracked[i][1] for i in idx]))
+            ordered = [idx[k] for k in groups.order]
+            device = lay.local([self.tracked[idx[0]][1]])[0].device
+            mask = [lay.contributes[i] for i in ordered]
+            row_ok = [lay.contributes[i] and lay.whole[i] for i in ordered]
+            plan = {"idx": tuple(idx), "ordered": tuple(ordered), "groups": groups,
+                    "mask": None if all(mask) and all(row_ok) else torch.tensor(
+                        [[float(m)] * 3 + [float(r)] * 2 for m, r in zip(mask, row_ok)], dtype=torch.float64,
+                        device=device)}
+        self._plans[key] = plan
+        return plan
 
-            self._sharded_before = sharded_snapshot(self)
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Snapshot w_t of the weights ``optimizer`` owns (one stacked copy per shape)."""
+        plan = None if optimizer is None else self._plan(optimizer)
+        if plan is None:
             return
-        if self.groups is None:
-            return
-        self._before, self._before_aa = stacked_weights(self.session, self.groups, [p for _, p in self.tracked])
-        self._lrs = []
-        for i in self.groups.order:
+        ps = [self.tracked[i][1] for i in plan["idx"]]
+        ws, wws = stacked_weights(self.ctx.cache, tuple(id(p) for p in ps), plan["groups"], self.layout.local(ps))
+        lrs = []
+        for i in plan["ordered"]:
             p = self.tracked[i][1]
-            g = self._group_of.get(id(p))
-            if g is None:
-                self._lrs.append((float("nan"), False))
-                continue
-            lr = g["lr"]
-            lr = float(lr) if not isinstance(lr, torch.Tensor) or lr.device.type == "cpu" else float("nan")
-            self._lrs.append((lr, "betas" in g))
+            g = self.ctx.group_of(p)
+            lrs.append((_lr_value(g) if g is not None else float("nan"), lr_rule(self.ctx.optimizer_of(p), g)))
+        self._before[id(optimizer)] = (ws, wws, lrs)
 
-    def after_step(self) -> None:
-        """Optimizer post-hook: compare with w_{t+1} on the device."""
-        if getattr(self, "_sharded_before", None) is not None:
-            from ..distributed import sharded_updates
-
-            (before, lrs), self._sharded_before = self._sharded_before, None
-            self._pending = sharded_updates(self, before, lrs, self.session.reducer.rank)
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Compare with w_{t+1} on the device: sums of <w,w>, <w,D>, <D,D> and of the row angles."""
+        got = self._before.pop(id(optimizer), None)
+        plan = self._plan(optimizer)
+        if got is None or plan is None:
             return
-        if self._before is None or self.groups is None:
-            return
-        after = self.groups.stack([p for _, p in self.tracked])
-        norm, rel, angle, angle_row = [], [], [], []
+        before, before_aa, lrs = got
+        ps = [self.tracked[i][1] for i in plan["idx"]]
+        after = plan["groups"].stack(self.layout.local(ps))
+        parts = []
         with torch.no_grad():
-            for a, aa, d in zip(self._before, self._before_aa, after):
+            for a, aa, d in zip(before, before_aa, after):
                 d.sub_(a)  # in place: the stacked copy of w_{t+1} becomes D = w_{t+1} - w_t
                 ad, dd = rowdot(a, d), rowdot(d, d)
                 row_angle = _angle(aa, ad, dd)
-                taa, tad, tdd = aa.sum(1), ad.sum(1), dd.sum(1)
-                norm.append(taa.sqrt())
-                rel.append((tdd / taa).sqrt())
-                angle.append(_angle(taa, tad, tdd))
-                angle_row.append(torch.nanmean(row_angle, dim=1))
-            values = torch.cat([torch.cat(x).float() for x in (norm, rel, angle, angle_row)])
-        keys = [(m, n) for m in ("weight.norm", "update.relative", "update.angle", "update.angle_row")
-                for n in self.names]
-        lrs = dict(zip(self.names, self._lrs))
+                ok = ~torch.isnan(row_angle)  # rows of zero weight have no angle (a padding embedding row)
+                parts.append(torch.stack([aa.sum(1), ad.sum(1), dd.sum(1),
+                                          torch.where(ok, row_angle, torch.zeros_like(row_angle)).sum(1),
+                                          ok.sum(1).to(aa.dtype)], dim=1))
+            sums = torch.cat(parts)
+            if plan["mask"] is not None:
+                sums = sums * plan["mask"].to(sums.device)
+        self._parts = [p for p in self._parts if p[0] != plan["ordered"]]
+        self._parts.append((plan["ordered"], sums))
+        self._lrs.update(zip(plan["ordered"], lrs))
 
-        def post(vals: Any) -> list[tuple[str, str, float]]:
+    def arm(self) -> None:
+        self._parts = []
+        self._lrs: dict[int, tuple[float, str | None]] = {}
+
+    def collect(self, step: int) -> Collected | None:
+        parts, self._parts = self._parts, []
+        self._before.clear()
+        if not parts:
+            return None
+        order = tuple(i for p in parts for i in p[0])
+        sums = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        keys, finish = self._finisher(order)
+        lrs = {self.tracked[i][0]: self._lrs[i] for i in order}
+
+        def post(vals: Mapping[tuple[str, str], float]) -> list[tuple[str, str, float]]:
             rows = []
-            for name, (lr, adam) in lrs.items():
+            for name, (lr, rule) in lrs.items():
+                if rule is None:
+                    continue
                 w = vals[("weight.norm", name)]
-                denom = w if adam else w * w
+                denom = w if rule == "adam" else w * w
                 rows.append(("lr.effective", name, lr / denom if denom else float("inf")))
             return rows
 
-        self._pending = Collected(keys, values, post)
-        self._before = self._before_aa = None
+        return Collected(keys, stats={"sums": Stat("sum", sums)}, finish=finish, post=post)
 
-    def collect(self, step: int) -> Collected | None:
-        out, self._pending = self._pending, None
+    def _finisher(self, order: tuple[int, ...]) -> Any:
+        hit = self._finish_cache.get(order)
+        if hit is not None:
+            return hit
+        one_d = [self.layout.one_d[i] for i in order]
+        consts: dict[torch.device, torch.Tensor] = {}
+
+        def finish(r: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            sums = r["sums"]
+            flag = consts.get(sums.device)
+            if flag is None:
+                flag = consts[sums.device] = torch.tensor(one_d, dtype=torch.bool, device=sums.device)
+            aa, ad, dd, row_sum, row_n = sums.unbind(1)
+            angle = _angle(aa, ad, dd)
+            # the mean over rows of non-zero weight; a 1-D weight is one row: its angle
+            angle_row = torch.where(flag, angle, row_sum / row_n)
+            return torch.cat([aa.sqrt(), (dd / aa).sqrt(), angle, angle_row]).float()
+
+        names = [self.tracked[i][0] for i in order]
+        keys = [(m, n) for m in ("weight.norm", "update.relative", "update.angle", "update.angle_row")
+                for n in names]
+        out = (keys, finish)
+        if len(self._finish_cache) > 8:
+            self._finish_cache.clear()
+        self._finish_cache[order] = out
         return out
 
     def close(self) -> None:
-        self._before = None
-        self._pending = None
+        self._before.clear()
+        self._parts = []
+        self._finish_cache.clear()
 
 
 def _angle(aa: torch.Tensor, ad: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
