@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -29,6 +30,7 @@ from . import __version__
 from ._checks import positive_int
 from ._guard import preserved_state
 from ._names import ModuleFilter, is_wrapped, named_parameters, select_modules
+from .coverage import CoverageRow, coverage_frame, merge
 from .distributed import RankReducer, is_active, rank, world_size
 from .probes.activations import ActivationProbe
 from .probes.base import Collected, Probe, ProbeContext
@@ -261,11 +263,32 @@ class Session:
         self._t0 = time.monotonic()
         for p in self.probes:
             p.setup(self.ctx)
+        if self.store is not None:
+            self.store.write_meta({"coverage": [r.as_dict() for r in self._coverage_rows()]})
         for opt in self.optimizers:
             self._hooks.append(opt.register_step_pre_hook(self._pre_step))
             self._hooks.append(opt.register_step_post_hook(self._post_step))
         self._open = True
         self._set_recording(self._records(self.step_index))
+
+    def coverage(self) -> pd.DataFrame:
+        """What this run records and what it cannot, and why: one row per module,
+        parameter or metric (columns ``kind, name, recorded, reason, probe``). Before
+        the first recording step it lists what is hooked; afterwards also what
+        the run revealed (outputs that are not floating tensors, parameters that
+        never had a gradient)."""
+        return coverage_frame(self._coverage_rows())
+
+    def _coverage_rows(self) -> list[CoverageRow]:
+        rows: list[CoverageRow] = []
+        for p in self.probes:
+            rows += p.coverage()
+        if self.optimizers:
+            for name, p in self.param_names:
+                if p.requires_grad and self.ctx.optimizer_of(p) is None:
+                    rows.append(CoverageRow("parameter", name, True, "no optimizer owns it: read with the "
+                                            "first optimizer's step", "session"))
+        return merge(rows)
 
     def _records(self, step: int) -> bool:
         return step % self.every == 0
@@ -455,6 +478,7 @@ class Session:
                                                                           if self.store.resumed else 0.0),
                         "steps": self.step_index,
                         "status": "failed" if failed else "finished",
+                        "coverage": [r.as_dict() for r in self._coverage_rows()],
                     }
                     if error is not None:
                         meta["error"] = "".join(traceback.format_exception_only(type(error), error)).strip()[:2000]

@@ -296,6 +296,14 @@ class RunData:
             arrays = {k: z[k] for k in z.files}
         return arrays, row["meta"]
 
+    def coverage(self) -> pd.DataFrame:
+        """What the run recorded and what it could not, and why (columns ``kind, name,
+        recorded, reason, probe``; see :mod:`dynascope.coverage`); empty for runs
+        written before dynascope 0.2."""
+        from .coverage import coverage_frame
+
+        return coverage_frame(self.meta.get("coverage", []))
+
     def marks(self, key: str | None = None) -> pd.DataFrame:
         if key is None:
             df = self._query("SELECT step, key, value FROM marks ORDER BY step")

@@ -136,3 +136,6 @@ def test_muon_plus_adamw(tmp_path):
     assert "2.weight" not in lr_eff.columns and "4.weight" not in lr_eff.columns  # Muon: no formula, no row
     assert {"0.weight", "7.weight"} <= set(lr_eff.columns)
     assert [o["class"] for o in data.meta["optimizers"]] == ["Muon", "AdamW"]
+    cov = data.coverage().set_index(["kind", "name"])
+    assert "no published effective-learning-rate formula for Muon" in cov.loc[("metric", "lr.effective@2.weight"),
+                                                                               "reason"]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._names import ModuleFilter, select_modules
+from ..coverage import CoverageRow
 from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]
@@ -148,6 +149,8 @@ class ActivationProbe(Probe):
         self._states: dict[str, _State] = {}
         self._order: list[str] = []
         self._layouts: dict[Any, dict[str, Any]] = {}
+        self._seen: set[str] = set()
+        self._skipped: dict[str, str] = {}
 
     def setup(self, ctx: ProbeContext) -> None:
         super().setup(ctx)
@@ -169,12 +172,18 @@ class ActivationProbe(Probe):
         order = self._order
         dims_of: dict[int, tuple[int, ...]] = {}  # output ndim -> reduced dims, resolved once per module
 
+        skipped = self._skipped
+
         def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
             x = output if type(output) is torch.Tensor else _first_tensor(output)
             if x is None or not x.is_floating_point():
+                if name not in skipped:
+                    skipped[name] = ("its output holds no tensor" if x is None
+                                     else f"its output is not a floating tensor ({x.dtype})")
                 return
             numel = x.numel()
             if numel == 0:
+                skipped.setdefault(name, "its output is empty")
                 return
             x = x.detach()  # no graph: cheaper than entering torch.no_grad() per call
             if x.dtype in _HALF:
@@ -210,6 +219,7 @@ class ActivationProbe(Probe):
             return None
         names = [n for n in self._order if n in self._states]
         states = [self._states[n] for n in names]
+        self._seen.update(names)
         self._states.clear()  # in place: the armed hooks hold this dict
         self._order.clear()
         with torch.no_grad():
@@ -269,6 +279,17 @@ class ActivationProbe(Probe):
             self._layouts.clear()
         self._layouts[key] = lay
         return lay
+
+    def coverage(self) -> list[CoverageRow]:
+        started = bool(self._seen or self._skipped)
+        rows = []
+        for name, _ in self.modules:
+            if name in self._seen or not started:
+                rows.append(CoverageRow("module", name, True, "", self.name))
+            else:
+                reason = self._skipped.get(name, "not called in the forward pass of any recording step")
+                rows.append(CoverageRow("module", name, False, reason, self.name))
+        return rows
 
     def close(self) -> None:
         self.disarm()

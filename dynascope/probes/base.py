@@ -40,6 +40,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..coverage import CoverageRow
+
 __all__ = ["Probe", "Collected", "Row", "Stat", "ProbeContext", "REDUCTIONS"]
 
 Row = tuple[str, str, float]  # metric, layer, value
@@ -196,6 +198,11 @@ class Probe:
     def collect(self, step: int) -> Collected | None:
         """Return this step's statistics, or None when there is nothing."""
         raise NotImplementedError
+
+    def coverage(self) -> list[CoverageRow]:
+        """What this probe records and what it cannot, and why (the coverage report);
+        asked at start and again at close."""
+        return []
 
     def close(self) -> None:
         """Release everything (hooks, references); also called on exceptions."""

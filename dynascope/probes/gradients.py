@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .._names import select_modules
+from ..coverage import CoverageRow
 from ._groups import ParamLayout, ShapeGroups, row_view_shape, rowdot, stacked_weights
 from .base import Collected, Probe, ProbeContext, Stat
 
@@ -76,6 +77,7 @@ class GradientProbe(Probe):
         self.is_tracked = [p.ndim >= 2 or self.all_params for _, p in self.params]
         self.layout = ParamLayout([p for _, p in self.params], ctx.rank)
         self._owned: dict[int, list[int]] = {}
+        self._seen: set[tuple[int, ...]] = set()
 
     def arm(self) -> None:
         self._parts.clear()
@@ -103,6 +105,7 @@ class GradientProbe(Probe):
             if tracked:
                 dots, rowmax = self._weight_stats(plan)
         self._parts.append((present, tracked, sq, dots, rowmax))
+        self._seen.add(present)
 
     def _plan(self, present: tuple[int, ...]) -> dict[str, Any]:
         """Per set of present parameters (cached): the tracked ones in shape-group
@@ -240,6 +243,20 @@ class GradientProbe(Probe):
             self._finish_cache.clear()
         self._finish_cache[(present, tracked)] = out
         return out
+
+    def coverage(self) -> list[CoverageRow]:
+        seen = {i for t in self._seen for i in t}
+        rows = []
+        for i, (name, p) in enumerate(self.params):
+            if not p.requires_grad:
+                rows.append(CoverageRow("parameter", name, False, "frozen (requires_grad=False): no gradient",
+                                        self.name))
+            elif self._seen and i not in seen:
+                rows.append(CoverageRow("parameter", name, False,
+                                        "no gradient at any recording step (unused in the forward pass?)", self.name))
+            else:
+                rows.append(CoverageRow("parameter", name, True, "", self.name))
+        return rows
 
     def close(self) -> None:
         self._parts = []

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..coverage import CoverageRow
 from ._groups import ParamLayout, ShapeGroups, rowdot, stacked_weights
 from .base import Collected, Probe, ProbeContext, Stat
 
@@ -197,6 +198,31 @@ class UpdateProbe(Probe):
             self._finish_cache.clear()
         self._finish_cache[order] = out
         return out
+
+    def coverage(self) -> list[CoverageRow]:
+        if not self.ctx.optimizers:
+            return [CoverageRow("metric", "update.*", False, "no optimizer given: no weight/update metrics",
+                                self.name)]
+        tracked = {id(p) for _, p in self.tracked}
+        rows = []
+        for name, p in self.ctx.param_names:
+            if not p.requires_grad:
+                continue
+            if id(p) not in tracked:
+                rows.append(CoverageRow("metric", f"update.*@{name}", False,
+                                        "1-D parameter: not tracked by the weight/update metrics "
+                                        "(all_params=True tracks it)", self.name))
+                continue
+            opt = self.ctx.optimizer_of(p)
+            if opt is None:
+                rows.append(CoverageRow("metric", f"update.*@{name}", True,
+                                        "no optimizer owns it: its update is 0 (measured at the first "
+                                        "optimizer's step)", self.name))
+            elif lr_rule(opt, self.ctx.group_of(p)) is None:
+                rows.append(CoverageRow("metric", f"lr.effective@{name}", False,
+                                        f"no published effective-learning-rate formula for {type(opt).__name__}",
+                                        self.name))
+        return rows
 
     def close(self) -> None:
         self._before.clear()

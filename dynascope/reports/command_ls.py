@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..coverage import summarize
 from ..store import NotARunError, RunData, load_run
 from . import _data
 
@@ -26,7 +27,9 @@ def describe(run: RunData) -> str:
     meta = run.meta
     lines = [f"run {run.name}  ({run.path})"]
     model = (meta.get("model") or {}).get("class")
-    opt = (meta.get("optimizer") or {}).get("class") if meta.get("optimizer") else None
+    opts = [o.get("class") for o in meta.get("optimizers") or []] or (
+        [(meta.get("optimizer") or {}).get("class")] if meta.get("optimizer") else [])
+    opt = " + ".join(str(o) for o in opts)
     lines.append(f"  status {meta.get('status', 'n/a')}, model {model or 'n/a'}, optimizer {opt or 'none'}, "
                  f"every {meta.get('every', 'n/a')}")
     metrics = _data.metrics(run)
@@ -43,6 +46,8 @@ def describe(run: RunData) -> str:
         for name, grp in arts.groupby("name", sort=True):
             st = grp["step"].to_numpy()
             lines.append(f"  {name}  steps {int(st.min())}..{int(st.max())} ({len(st)})")
+    lines.append("coverage:")
+    lines += summarize(run.coverage())
     marks = run.marks()
     lines.append(f"marks ({len(marks)}):")
     for _, row in marks.head(20).iterrows():
