@@ -176,6 +176,7 @@ class Session:
         self.step_index = 0
         self._recording = False
         self._hooks: list[Any] = []
+        self._dynamo_patch: Any = None
         self.ctx = ProbeContext(model, list(optimizers), self.param_names, modules, self.module_names,
                                 rank=rank(), world=world_size())
         self._device_buf: list[tuple[int, Collected | torch.Tensor, Collected]] = []
@@ -293,7 +294,21 @@ class Session:
     def _records(self, step: int) -> bool:
         return step % self.every == 0
 
+    def _scope_dynamo(self) -> None:
+        """Under torch.compile, let Dynamo guard on module hooks for this session, so a
+        graph traced without the recording hooks is not reused when they are attached
+        (``torch._dynamo.config.skip_nnmodule_hook_guards``, True by default). Scoped:
+        restored at close. Only when Dynamo is loaded (importing it costs seconds)."""
+        if self._dynamo_patch is not None or "torch._dynamo" not in sys.modules:
+            return
+        config = sys.modules["torch._dynamo"].config
+        if getattr(config, "skip_nnmodule_hook_guards", False):
+            self._dynamo_patch = config.patch(skip_nnmodule_hook_guards=False)
+            self._dynamo_patch.__enter__()
+
     def _set_recording(self, on: bool) -> None:
+        if on:
+            self._scope_dynamo()
         if on and not self._recording:
             for p in self.probes:
                 p.arm()
@@ -457,6 +472,9 @@ class Session:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._dynamo_patch is not None:
+            self._dynamo_patch.__exit__(None, None, None)
+            self._dynamo_patch = None
         try:
             if not failed:
                 last = self.step_index - 1

@@ -20,6 +20,7 @@ so the reduction over N, H, W is over dims (0, 2, 3) in NCHW).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -151,18 +152,24 @@ class ActivationProbe(Probe):
         self._layouts: dict[Any, dict[str, Any]] = {}
         self._seen: set[str] = set()
         self._skipped: dict[str, str] = {}
+        self.on = False
+        self._warned_empty = False
 
     def setup(self, ctx: ProbeContext) -> None:
         super().setup(ctx)
         self.modules = select_modules(ctx.model, self.filter)
 
     def arm(self) -> None:
+        self.on = True
         if self._handles:
             return
         for name, module in self.modules:
             self._handles.append(module.register_forward_hook(self._make_hook(name, module)))
 
     def disarm(self) -> None:
+        # the switch matters under torch.compile: a graph traced with the hooks inlined keeps running them
+        # after they are removed, but Dynamo guards on this attribute, so the "off" graph skips them
+        self.on = False
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -173,8 +180,11 @@ class ActivationProbe(Probe):
         dims_of: dict[int, tuple[int, ...]] = {}  # output ndim -> reduced dims, resolved once per module
 
         skipped = self._skipped
+        probe = self
 
         def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
+            if not probe.on:
+                return
             x = output if type(output) is torch.Tensor else _first_tensor(output)
             if x is None or not x.is_floating_point():
                 if name not in skipped:
@@ -216,6 +226,12 @@ class ActivationProbe(Probe):
 
     def collect(self, step: int) -> Collected | None:
         if not self._states:
+            if not self._warned_empty and not self._skipped and self.modules:
+                self._warned_empty = True
+                warnings.warn(f"dynascope: no module output was seen during recording step {step}, so it has no "
+                              "activation statistics (no forward pass in this step, or a torch.compile graph traced "
+                              "before dynascope.probe started: compile after starting the probe, or start the probe "
+                              "before the first compiled call). Warned once.", RuntimeWarning, stacklevel=3)
             return None
         names = [n for n in self._order if n in self._states]
         states = [self._states[n] for n in names]
