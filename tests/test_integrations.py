@@ -181,6 +181,59 @@ def test_lightning_callback_records_what_the_optimizer_sees(tmp_path):
     assert run.has("update.angle") and run.has("lr.effective")
 
 
+def test_lightning_callback_passes_every_optimizer(tmp_path):
+    """Manual optimization with two optimizers: each parameter read at its own optimizer's step."""
+    _need("lightning", "lightning")
+    import lightning as L
+
+    from dynascope.integrations.lightning import DynascopeCallback
+
+    class TwoNets(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.a = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+            self.b = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+            self.seen: list[dict[str, float]] = []
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            x, y = batch
+            opt_a, opt_b = self.optimizers()
+            seen = {}
+            for net, opt in ((self.a, opt_a), (self.b, opt_b)):
+                loss = nn.functional.cross_entropy(net(x), y) + 0.1 * nn.functional.cross_entropy(
+                    self.a(x) + self.b(x), y)  # also leaves a gradient on the other net
+                opt.zero_grad()
+                self.manual_backward(loss)
+                seen.update({n: p.grad.norm().item() for n, p in self.named_parameters()
+                             if n.startswith("a." if net is self.a else "b.")})
+                opt.step()
+            self.seen.append(seen)
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.Adam(self.b.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    module = TwoNets()
+    trainer = L.Trainer(max_epochs=1, default_root_dir=str(tmp_path), accelerator="cpu",
+                        callbacks=[DynascopeCallback(every=1)], enable_progress_bar=False,
+                        enable_model_summary=False, logger=True)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    run = dynascope.load_run(Path(trainer.log_dir) / "dynascope")
+    assert [o["class"] for o in run.meta["optimizers"]] == ["SGD", "Adam"]
+    gn = run.scalars("grad.norm")
+    got = {(int(s), la): v for s, la, v in zip(gn.step, gn.layer, gn.value)}
+    assert len(module.seen) == 4
+    for step, seen in enumerate(module.seen):
+        for name, ref in seen.items():
+            assert got[(step, name)] == pytest.approx(ref, rel=1e-5), (step, name)
+    lr = run.pivot("lr.effective")
+    w = run.pivot("weight.norm")
+    assert lr["a.0.weight"].iloc[0] == pytest.approx(0.1 / w["a.0.weight"].iloc[0] ** 2, rel=1e-5)
+    assert lr["b.0.weight"].iloc[0] == pytest.approx(1e-3 / w["b.0.weight"].iloc[0], rel=1e-5)
+
+
 def test_lightning_callback_marks_a_crashed_run_failed(tmp_path):
     _need("lightning", "lightning")
     import lightning as L
