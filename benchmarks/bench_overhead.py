@@ -172,20 +172,26 @@ def train_steps(model, opt, batch, loss_fn, n, run=None) -> float:
 
 
 def load_baseline(rev: str, into: Path):
-    """dynascope as it was at git revision ``rev``, imported as ``dynascope_base`` (a
-    copy of its package from ``git archive``), so before and after run side by side
-    in one process."""
+    """dynascope as it was at git revision ``rev`` (or in folder ``rev``/dynascope),
+    imported as ``dynascope_base`` (a copy of its package), so before and after
+    run side by side in one process."""
     import importlib
     import subprocess
     import tarfile
 
-    repo = Path(__file__).resolve().parents[1]
-    archive = into / "base.tar"
-    with open(archive, "wb") as f:
-        subprocess.run(["git", "-C", str(repo), "archive", rev, "dynascope"], stdout=f, check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into / "src", filter="data")
-    (into / "src" / "dynascope").rename(into / "src" / "dynascope_base")
+    src = into / "src"
+    if Path(rev, "dynascope").is_dir():  # a folder holding an extracted dynascope package (no git needed)
+        import shutil
+
+        shutil.copytree(Path(rev, "dynascope"), src / "dynascope_base")
+    else:
+        repo = Path(__file__).resolve().parents[1]
+        archive = into / "base.tar"
+        with open(archive, "wb") as f:
+            subprocess.run(["git", "-C", str(repo), "archive", rev, "dynascope"], stdout=f, check=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(src, filter="data")
+        (src / "dynascope").rename(src / "dynascope_base")
     sys.path.insert(0, str(into / "src"))
     return importlib.import_module("dynascope_base")
 

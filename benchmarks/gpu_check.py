@@ -13,15 +13,20 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import dynascope
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dynascope  # noqa: E402
 
 
 def cnn() -> nn.Module:
@@ -64,7 +69,7 @@ def make(kind: str):
     return model, x, x, loss_fn
 
 
-def timed_steps(kind: str, every: int | None, n: int, sync_count: list[int] | None = None) -> float:
+def timed_steps(kind: str, every: int | None, n: int, sync_count: list[int] | None = None, mod=dynascope) -> float:
     torch.manual_seed(0)
     model, x, y, loss_fn = make(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -78,7 +83,7 @@ def timed_steps(kind: str, every: int | None, n: int, sync_count: list[int] | No
             run.step(loss=loss)
 
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = dynascope.probe(model, opt, f"{tmp}/run", every=every, flush_every=10_000,
+        ctx = mod.probe(model, opt, f"{tmp}/run", every=every, flush_every=10_000,
                               flush_seconds=1e9) if every else None
         run = ctx.__enter__() if ctx else None
         try:
@@ -109,8 +114,18 @@ def timed_steps(kind: str, every: int | None, n: int, sync_count: list[int] | No
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also time dynascope at this git revision, interleaved (before/after)")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
+    variants = {"": dynascope}
+    if args.baseline:
+        from bench_overhead import load_baseline
+
+        variants = {"before ": load_baseline(args.baseline, Path(tempfile.mkdtemp())), "": dynascope}
     for kind in ("cnn", "transformer"):
         counts: list[int] = []
         timed_steps(kind, None, 20, counts)
@@ -118,14 +133,16 @@ def main() -> None:
         timed_steps(kind, 10, 20, counts)
         print(f"{kind}: synchronising calls in 20 steps without flush: baseline={counts[0]} "
               f"every=1: {counts[1]} every=10: {counts[2]}")
-        base, e1, e10 = [], [], []
-        for _ in range(5):
+        base: list[float] = []
+        times: dict[str, list[float]] = {f"{v}every={e}": [] for v in variants for e in (1, 10)}
+        for _ in range(args.repeats):
             base.append(timed_steps(kind, None, 50))
-            e1.append(timed_steps(kind, 1, 50))
-            e10.append(timed_steps(kind, 10, 50))
+            for v, m in variants.items():
+                for e in (1, 10):
+                    times[f"{v}every={e}"].append(timed_steps(kind, e, 50, mod=m))
         b = statistics.median(base)
-        print(f"{kind}: step {b:.2f} ms; overhead every=1: {statistics.median(e1) / b:.3f}x, "
-              f"every=10: {statistics.median(e10) / b:.3f}x (medians of 5)")
+        cols = ", ".join(f"{k}: {statistics.median(t) / b:.3f}x" for k, t in times.items())
+        print(f"{kind}: step {b:.2f} ms; overhead {cols} (medians of {args.repeats})")
 
 
 if __name__ == "__main__":

@@ -108,8 +108,9 @@ class GradientProbe(Probe):
         self._seen.add(present)
 
     def _plan(self, present: tuple[int, ...]) -> dict[str, Any]:
-        """Per set of present parameters (cached): the tracked ones in shape-group
-        order, their groups, and the contribution masks (device tensors)."""
+        """Per set of present parameters (cached): the tracked ones, their shape
+        groups, the permutation from group order back to parameter order, and the
+        contribution masks (device tensors)."""
         plan = self._plans.get(present)
         if plan is not None:
             return plan
@@ -117,15 +118,21 @@ class GradientProbe(Probe):
         device = lay.local([self.params[present[0]][1]])[0].device
         tracked = [i for i in present if self.is_tracked[i]]
         groups = ShapeGroups(lay.local([self.params[i][1] for i in tracked])) if tracked else None
-        unordered = tracked
-        if groups is not None:
-            tracked = [tracked[k] for k in groups.order]  # results come out in group order
+        # tracked stays in parameter order, the same on every rank; results come out in shape-group order,
+        # put back in parameter order (local shapes, and so the groups, can differ between ranks: uneven FSDP2
+        # shards)
+        perm = None
+        if groups is not None and groups.order != sorted(groups.order):
+            inv = [0] * len(groups.order)
+            for k, i in enumerate(groups.order):
+                inv[i] = k
+            perm = torch.tensor(inv, dtype=torch.long, device=device)
         contributes = [lay.contributes[i] for i in tracked]
         keep_row = [lay.contributes[i] and lay.whole[i] for i in tracked]
         plan = {
             "tracked": tuple(tracked),
-            "unordered": tuple(unordered),
             "groups": groups,
+            "perm": perm,
             "sq_mask": None if all(lay.contributes[i] for i in present) else torch.tensor(
                 [float(lay.contributes[i]) for i in present], dtype=torch.float64, device=device),
             "dot_mask": None if all(contributes) else torch.tensor(
@@ -142,7 +149,7 @@ class GradientProbe(Probe):
         """(<g,w>, ||g||^2, ||w||^2) per tracked weight and the row max of |cos(g, w)|."""
         lay = self.layout
         groups: ShapeGroups = plan["groups"]
-        ps = [self.params[i][1] for i in plan["unordered"]]  # the order the groups index
+        ps = [self.params[i][1] for i in plan["tracked"]]
         local_w = lay.local(ps)
         gs = groups.stack(lay.local([p.grad for p in ps]))  # type: ignore[misc]
         ws, wws = stacked_weights(self.ctx.cache, tuple(id(p) for p in ps), groups, local_w)
@@ -157,6 +164,8 @@ class GradientProbe(Probe):
                 rmaxes.append(gw.new_zeros(gw.shape[0]))
         dots_t = torch.cat(dots)
         rmax = torch.cat(rmaxes)
+        if plan["perm"] is not None:
+            dots_t, rmax = dots_t[plan["perm"]], rmax[plan["perm"]]
         if plan["dot_mask"] is not None:
             dots_t = dots_t * plan["dot_mask"].to(dots_t.device)
         if plan["row_mask"] is not None:

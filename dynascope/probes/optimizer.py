@@ -95,11 +95,17 @@ class UpdateProbe(Probe):
         if idx:
             lay = self.layout
             groups = ShapeGroups(lay.local([self.tracked[i][1] for i in idx]))
-            ordered = [idx[k] for k in groups.order]
+            ordered = list(idx)  # parameter order, the same on every rank (local shapes and groups may differ)
             device = lay.local([self.tracked[idx[0]][1]])[0].device
+            perm = None
+            if groups.order != sorted(groups.order):
+                inv = [0] * len(groups.order)
+                for k, i in enumerate(groups.order):
+                    inv[i] = k
+                perm = torch.tensor(inv, dtype=torch.long, device=device)
             mask = [lay.contributes[i] for i in ordered]
             row_ok = [lay.contributes[i] and lay.whole[i] for i in ordered]
-            plan = {"idx": tuple(idx), "ordered": tuple(ordered), "groups": groups,
+            plan = {"idx": tuple(idx), "ordered": tuple(ordered), "groups": groups, "perm": perm,
                     "mask": None if all(mask) and all(row_ok) else torch.tensor(
                         [[float(m)] * 3 + [float(r)] * 2 for m, r in zip(mask, row_ok)], dtype=torch.float64,
                         device=device)}
@@ -140,6 +146,8 @@ class UpdateProbe(Probe):
                                           torch.where(ok, row_angle, torch.zeros_like(row_angle)).sum(1),
                                           ok.sum(1).to(aa.dtype)], dim=1))
             sums = torch.cat(parts)
+            if plan["perm"] is not None:
+                sums = sums[plan["perm"]]
             if plan["mask"] is not None:
                 sums = sums * plan["mask"].to(sums.device)
         self._parts = [p for p in self._parts if p[0] != plan["ordered"]]
