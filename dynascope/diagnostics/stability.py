@@ -3,7 +3,11 @@ sharpness, and the stability thresholds of SGD, heavy ball, Nesterov and Adam.
 
 * **Preconditioned sharpness** (Cohen et al. 2022, "Adaptive gradient methods at
   the edge of stability"): lambda_1(P^-1/2 H P^-1/2) = lambda_1(P^-1 H) with
-  Adam's P = (1 - beta1^t) (diag(sqrt(v_hat)) + eps), v_hat = v / (1 - beta2^t).
+  Adam's P = (1 - beta1^t) (diag(sqrt(v_hat)) + eps), v_hat = v / (1 - beta2^t),
+  over the coordinates with a second moment (v > 0): before a coordinate's
+  first non-zero gradient Adam has no preconditioner for it (P = eps would
+  scale its curvature by ~1e8), so it is left out; before the optimizer's first
+  step there is no preconditioned sharpness at all.
 * **Thresholds** (Cohen et al. 2021, 2022): GD 2/lr; heavy-ball momentum beta
   (2 + 2 beta)/lr; Nesterov (2 + 2 beta)/((1 + 2 beta) lr); Adam (2 + 2 beta1) /
   ((1 - beta1) lr) for the preconditioned sharpness.
@@ -62,6 +66,19 @@ def adam_preconditioner(
     return out
 
 
+def _has_second_moment(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+    """Per parameter with Adam state (keyed by ``id(param)``): where its second
+    moment is non-zero, i.e. where Adam has a preconditioner."""
+    out: dict[int, torch.Tensor] = {}
+    for g in optimizer.param_groups:
+        key = "max_exp_avg_sq" if g.get("amsgrad", False) else "exp_avg_sq"
+        for p in g["params"]:
+            st = optimizer.state.get(p, {})
+            if key in st:
+                out[id(p)] = st[key].detach() != 0
+    return out
+
+
 def preconditioned_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -82,17 +99,27 @@ def preconditioned_sharpness(
     """Top eigenvalues of P^-1/2 H P^-1/2 (same spectrum as P^-1 H) with Adam's
     preconditioner P from the optimizer's state (:func:`adam_preconditioner`),
     over the model's trainable parameters that the optimizer has state for.
-    Compare with ``stability_threshold(optimizer)`` = (2 + 2 beta1)/((1 - beta1) lr)."""
+    Compare with ``stability_threshold(optimizer)`` = (2 + 2 beta1)/((1 - beta1) lr).
+
+    Coordinates whose second moment is still zero (no non-zero gradient yet,
+    e.g. embedding rows of tokens not seen in the first steps) have no
+    preconditioner: Adam has not moved them and P = eps there is a placeholder
+    that would scale their curvature by ~1/eps. They are left out (P^-1/2 = 0 on
+    them); a ValueError says when no coordinate has a second moment yet."""
     _check_common(k, tol, "largest")
     P = adam_preconditioner(optimizer, bias_correction1)
+    seen = _has_second_moment(optimizer)
     names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in P]
     if not names:
         raise ValueError("none of the model's trainable parameters is in the optimizer's state")
+    lookup = dict(model.named_parameters())
+    if not any(bool(seen[id(lookup[n])].any()) for n in names):
+        raise ValueError("the optimizer has no second moment yet for any parameter (no non-zero gradient so far)")
     with preserved_state(model, params=False, grads=False):
         op = _make_operator(model, loss_fn, batch, names, forward, dtype, mode, seed, cache_graph)
-        lookup = dict(model.named_parameters())
         d = torch.cat([P[id(lookup[n])].reshape(-1) for n in op.names]).to(device=op.device, dtype=torch.float64)
-        d = d.rsqrt()
+        mask = torch.cat([seen[id(lookup[n])].reshape(-1) for n in op.names]).to(device=op.device)
+        d = torch.where(mask, d.rsqrt(), torch.zeros_like(d))
 
         def mv(x: torch.Tensor) -> torch.Tensor:
             return op.matvec((d * x).to(op.dtype)).to(torch.float64) * d
