@@ -112,7 +112,8 @@ def main() -> None:
 def per_point(args, model, x, y, plain_forward) -> None:
     """One grid point (set the weights in place + loss) against one plain forward, interleaved point by
     point: the finest-grained comparison, least exposed to load changes."""
-    from dynascope.diagnostics.landscape import _Evaluator, _Mover, filter_normalized_direction
+    from dynascope.diagnostics.landscape.directions import filter_normalized_direction
+    from dynascope.diagnostics.landscape.engine import _Evaluator, _Mover
 
     g = torch.Generator().manual_seed(0)
     dirs = [filter_normalized_direction(model, generator=g) for _ in range(2)]

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import math
 import os
+import pkgutil
 import sys
 import time
 from collections.abc import Callable
@@ -105,8 +106,7 @@ def import_object(spec: str, what: str) -> Any:
             if not path.is_file():
                 raise UserError(f"{what} {spec!r}: file {mod_name!r} does not exist")
             name = f"_dynascope_user_{abs(hash(str(path.resolve())))}"
-            module = sys.modules.get(name)
-            if module is None:
+            if name not in sys.modules:
                 s = importlib.util.spec_from_file_location(name, path)
                 assert s is not None and s.loader is not None
                 module = importlib.util.module_from_spec(s)
@@ -116,21 +116,25 @@ def import_object(spec: str, what: str) -> Any:
                 except BaseException:
                     sys.modules.pop(name, None)
                     raise
+            target = f"{name}:{attr}"
         else:
             cwd = os.getcwd()
             if cwd not in sys.path and "" not in sys.path:
                 sys.path.insert(0, cwd)
-            module = importlib.import_module(mod_name)
+            name, target = mod_name, spec
+        return pkgutil.resolve_name(target)
     except UserError:
         raise
+    except AttributeError as exc:
+        if name in sys.modules:  # the module imported; the attribute path is wrong
+            raise UserError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}") from exc
+        raise UserError(f"cannot import {mod_name!r} for {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
+    except ValueError as exc:
+        if not str(exc).startswith("invalid format"):  # raised by the module's own code while importing
+            raise UserError(f"cannot import {mod_name!r} for {what} (ValueError: {_one_line(exc)})") from exc
+        raise UserError(f"{what} {spec!r} must look like pkg.module:factory (or path/to/file.py:factory)") from exc
     except Exception as exc:
         raise UserError(f"cannot import {mod_name!r} for {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def _one_line(exc: BaseException) -> str:
@@ -402,6 +406,7 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
         meta["data"] = {"n_batches": len(data), "n_samples": int(sum(batch_size(x) for x, _ in data))}
     store.write_meta(meta)
 
+    scheduled = _scheduled(loss_fn, data, opts)
     summary_rows: list[dict[str, Any]] = []
     prev_sd: dict[str, torch.Tensor] | None = None
     prev_step: int | None = None
@@ -431,7 +436,7 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
                 model.load_state_dict(sd)
                 e.ckpt = None  # free the cache
                 rows, row_summary = _diagnose(store, model, e.step, sd, prev_sd, prev_step, loss_fn, data, opts,
-                                              bar, progress)
+                                              bar, progress, scheduled)
             except (CheckpointError, ValueError, RuntimeError) as exc:
                 msg = str(exc) if isinstance(exc, CheckpointError) else \
                     f"{str(e.path)!r}: {type(exc).__name__}: {_one_line(exc)}"
@@ -450,8 +455,8 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
             row_summary.update(step=e.step, name=e.path.name)
             summary_rows.append(row_summary)
             prev_sd, prev_step, prev_path = {k: v.detach().clone() for k, v in sd.items()}, e.step, e.path
-        if opts.landscape and data is not None:
-            _trajectory(store, model, entries, bad, loss_fn, data, opts)
+        if scheduled.landscape is not None and opts.landscape:
+            _trajectory(store, model, entries, bad, scheduled.landscape, opts)
         status = "finished"
     except BaseException:
         status = "interrupted"
@@ -472,7 +477,8 @@ def _load_matched(path: Path, model: nn.Module, trust: bool) -> dict[str, torch.
 
 def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tensor],
               prev_sd: dict[str, torch.Tensor] | None, prev_step: int | None, loss_fn: Any, data: Any,
-              opts: AnalyzeOptions, bar: Any, progress: bool) -> tuple[list[tuple[int, str, str, float]], dict]:
+              opts: AnalyzeOptions, bar: Any, progress: bool, scheduled: _Scheduled | None = None
+              ) -> tuple[list[tuple[int, str, str, float]], dict]:
     from .diagnostics.plasticity import weight_magnitude
     from .diagnostics.weights import angular_change, weight_norms, weight_spectra
 
@@ -487,8 +493,9 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
     norms = weight_norms(model)
     for k, v in norms.items():
         add("weight.norm", v, k)
-    for k, v in weight_magnitude(model).items():
-        add("weight.magnitude", v, k)
+    if not (opts.plasticity and data is not None):  # else Plasticity records it, as in a live run
+        for k, v in weight_magnitude(model).items():
+            add("weight.magnitude", v, k)
     spectra = weight_spectra(model)
     arrays: dict[str, np.ndarray] = {}
     for k, s in spectra.items():
@@ -539,66 +546,107 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
         add("accuracy", correct / n)
         summary["accuracy"] = correct / n
 
-    if opts.hessian:
-        bar.set_postfix_str(f"step {step}: hessian")
-        from .diagnostics.hessian import hessian_eigenvalues
-
-        res = hessian_eigenvalues(model, loss_fn, data, k=opts.hessian_k, seed=opts.seed, progress=False)
-        for i, (ev, conv) in enumerate(zip(res.eigenvalues, res.converged), start=1):
-            add("hessian.eig", float(ev), str(i))
-            add("hessian.converged", float(bool(conv)), str(i))
-        summary["lambda_max"] = float(res.eigenvalues[0])
-        bar.update(1)
-    if opts.trace:
-        bar.set_postfix_str(f"step {step}: trace")
-        from .diagnostics.hessian import hessian_trace
-
-        tr = hessian_trace(model, loss_fn, data, n_samples=opts.trace_samples, seed=opts.seed, progress=False)
-        add("hessian.trace", tr.trace)
-        add("hessian.trace_stderr", tr.stderr)
-        summary["trace"] = tr.trace
-        bar.update(1)
-    if opts.landscape:
-        bar.set_postfix_str(f"step {step}: landscape")
-        from .diagnostics.landscape import loss_landscape
-
-        ls = loss_landscape(model, loss_fn, data, dims=1, resolution=opts.resolution, seed=opts.seed,
-                            progress=False)
-        arrays_ls, meta_ls = ls.to_arrays()
-        store.write_artifact("landscape.surface", step, arrays_ls, meta_ls)
-        add("landscape.center_loss", ls.center_loss)
-        bar.update(1)
-    if opts.interpolate:
-        bar.set_postfix_str(f"step {step}: interpolate")
-        if prev_sd is not None:
-            from .diagnostics.landscape import interpolate
-
-            curve = interpolate(model, prev_sd, sd, loss_fn, data, n_points=opts.resolution, progress=False)
-            arrays_i, meta_i = curve.to_arrays()
-            meta_i.update(step_a=int(prev_step) if prev_step is not None else None, step_b=int(step))
-            store.write_artifact("landscape.interpolation", step, arrays_i, meta_i)
-            add("landscape.interpolation_barrier",
-                float(np.max(curve.losses[curve.index_a:curve.index_b + 1]) - max(curve.loss_a, curve.loss_b)))
-        bar.update(1)
-    if opts.plasticity:
-        bar.set_postfix_str(f"step {step}: plasticity")
-        from .diagnostics.plasticity import plasticity_metrics
-
-        try:
-            res_p = plasticity_metrics(model, data[0][0], layers=opts.plasticity_layers)
-        except ValueError as exc:
-            raise ValueError(f"--plasticity: {_one_line(exc)}") from exc
-        for metric, value, layer in res_p.rows():
-            if metric != "weight.magnitude":  # already recorded above
-                add(metric, value, layer)
-        summary["dead"] = float(np.mean([lp.dead for lp in res_p.layers.values()]))
-        bar.update(1)
+    if scheduled is None:
+        scheduled = _scheduled(loss_fn, data, opts)
+    step_rows = _run_scheduled(store, model, step, scheduled, prev_sd, prev_step, opts, bar)
+    rows += step_rows
+    eig1 = [v for _, m, lay, v in step_rows if m == "hessian.eig" and lay == "1"]
+    if eig1:
+        summary["lambda_max"] = eig1[0]
+    trace = [v for _, m, _, v in step_rows if m == "hessian.trace"]
+    if trace:
+        summary["trace"] = trace[0]
+    dead = [v for _, m, _, v in step_rows if m == "plasticity.dead"]
+    if dead:
+        summary["dead"] = float(np.mean(dead))
     return rows, summary
 
 
-def _trajectory(store: Any, model: nn.Module, entries: list[_Entry], bad: list[_Entry], loss_fn: Any, data: Any,
+@dataclass
+class _Scheduled:
+    """The live run's scheduled diagnostics, configured from the analyze flags."""
+
+    curvature: Any = None
+    landscape: Any = None
+    plasticity: Any = None
+
+
+def _scheduled(loss_fn: Any, data: Any, opts: AnalyzeOptions) -> _Scheduled:
+    """One Curvature / Landscape / Plasticity per analysis, the classes a live run
+    uses, so each metric has one name, one tolerance and one code path."""
+    out = _Scheduled()
+    if data is None:
+        return out
+    if opts.hessian or opts.trace:
+        from .probes.curvature import Curvature
+
+        out.curvature = Curvature(every=1, batch=data, loss_fn=loss_fn, k=opts.hessian_k, eigenvalues=opts.hessian,
+                                  trace=opts.trace, trace_samples=opts.trace_samples, seed=opts.seed)
+    if opts.landscape or opts.interpolate:
+        from .probes.landscape import Landscape
+
+        # surfaces at every checkpoint with --landscape (at no step otherwise); the snapshots are the
+        # checkpoints themselves (set per checkpoint below), so keep_checkpoints only has to hold two
+        out.landscape = Landscape(every=1 if opts.landscape else None, at=None if opts.landscape else (),
+                                  batch=data, loss_fn=loss_fn, resolution=opts.resolution, dims=1, seed=opts.seed,
+                                  keep_checkpoints=2, checkpoint_every=1, trajectory=opts.landscape,
+                                  interpolation="consecutive" if opts.interpolate else False)
+    if opts.plasticity:
+        from .probes.plasticity import Plasticity
+
+        out.plasticity = Plasticity(every=1, batch=data[0], layers=opts.plasticity_layers)
+    return out
+
+
+def _context(store: Any, model: nn.Module, step: int, rows: list[tuple[int, str, str, float]],
+             final: bool = False) -> Any:
+    from .probes.scheduled import ScheduledContext
+
+    def log_fn(metric: str, value: float, layer: str) -> None:
+        rows.append((step, metric, layer, float(value)))
+
+    def artifact_fn(name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        store.write_artifact(name, step, arrays, meta)
+
+    return ScheduledContext(model, None, step, final, log_fn, artifact_fn)
+
+
+def _run_scheduled(store: Any, model: nn.Module, step: int, scheduled: _Scheduled,
+                   prev_sd: dict[str, torch.Tensor] | None, prev_step: int | None, opts: AnalyzeOptions,
+                   bar: Any) -> list[tuple[int, str, str, float]]:
+    """Run the scheduled diagnostics on the checkpoint loaded in ``model``, as a live run does at a due step."""
+    from .probes.scheduled import run_guarded
+
+    rows: list[tuple[int, str, str, float]] = []
+    ctx = _context(store, model, step, rows)
+    if scheduled.curvature is not None:
+        bar.set_postfix_str(f"step {step}: curvature")
+        run_guarded(scheduled.curvature, ctx)
+        bar.update(int(opts.hessian) + int(opts.trace))
+    if scheduled.landscape is not None:
+        bar.set_postfix_str(f"step {step}: landscape")
+        # the previous checkpoint (reloaded from its file when resuming) is the snapshot to interpolate from
+        scheduled.landscape.snapshots = [] if prev_sd is None or prev_step is None else [
+            (int(prev_step), {k: v.detach().to("cpu", copy=True) for k, v in prev_sd.items()})]
+        run_guarded(scheduled.landscape, ctx)
+        scheduled.landscape.snapshots = []
+        bar.update(int(opts.landscape) + int(opts.interpolate))
+    if scheduled.plasticity is not None:
+        bar.set_postfix_str(f"step {step}: plasticity")
+        try:
+            run_guarded(scheduled.plasticity, ctx)
+        except ValueError as exc:
+            raise ValueError(f"--plasticity: {_one_line(exc)}") from exc
+        bar.update(1)
+    return rows
+
+
+def _trajectory(store: Any, model: nn.Module, entries: list[_Entry], bad: list[_Entry], landscape: Any,
                 opts: AnalyzeOptions) -> None:
-    """PCA plane of the checkpoint trajectory (Li et al. 2018), when there are >= 3 checkpoints."""
+    """PCA plane of the checkpoint trajectory (Li et al. 2018), when there are >= 3 checkpoints: the live
+    Landscape's close, with the checkpoints as its snapshots."""
+    from .probes.scheduled import run_guarded
+
     bad_paths = {str(b.path) for b in bad}
     good = [e for e in entries if str(e.path) not in bad_paths]
     if len(good) < 3:
@@ -607,8 +655,6 @@ def _trajectory(store: Any, model: nn.Module, entries: list[_Entry], bad: list[_
     if n_params * len(good) > 2e8:
         _log(f"trajectory plane skipped: {len(good)} checkpoints x {n_params} parameters is too large to hold")
         return
-    from .diagnostics.landscape import trajectory_plane
-
     states = []
     for e in good:
         try:
@@ -616,14 +662,17 @@ def _trajectory(store: Any, model: nn.Module, entries: list[_Entry], bad: list[_
         except CheckpointError:
             return
     model.load_state_dict(states[-1])
+    last = int(good[-1].step)  # type: ignore[arg-type]
+    landscape.snapshots = [(int(e.step), st) for e, st in zip(good[:-1], states[:-1])]  # type: ignore[arg-type]
+    rows: list[tuple[int, str, str, float]] = []
     try:
-        plane = trajectory_plane(model, states, loss_fn, data, resolution=opts.resolution, progress=False)
-    except ValueError as exc:
-        _log(f"trajectory plane skipped: {_one_line(exc)}")
-        return
-    arrays, meta = plane.to_arrays()
-    arrays["path_steps"] = np.array([e.step for e in good])
-    store.write_artifact("landscape.trajectory", int(good[-1].step), arrays, meta)
+        run_guarded(landscape, _context(store, model, last, rows, final=True), close=True)
+    finally:
+        landscape.snapshots = []
+    if any(m == "landscape.trajectory_skipped" for _, m, _, _ in rows):
+        _log("trajectory plane skipped: the checkpoints span no plane (weights that never moved?)")
+    if rows:
+        store.write_scalars(rows)
 
 
 # -- the command --------------------------------------------------------------------------------------

@@ -303,3 +303,101 @@ def test_refuses_a_live_run_directory(workdir: Path, capsys) -> None:
     assert rc == 2 and "not written by dynascope analyze" in capsys.readouterr().err
     meta = json.loads((workdir / "live" / "meta.json").read_text())
     assert meta["source"] == "probe"
+
+
+def _load_usermodel(workdir: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("um_live", workdir / "usermodel.py")
+    um = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(um)
+    return um
+
+
+SCHEDULED = ("hessian.", "landscape.", "plasticity.", "weight.magnitude")
+
+
+def _scheduled_rows(run) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for metric in run.metrics():
+        if metric.startswith(SCHEDULED):
+            df = run.scalars(metric)
+            assert len(df) == len(set(df["layer"])), f"{metric} recorded more than once per layer"
+            out.update({(metric, lay): v for lay, v in zip(df["layer"], df["value"])})
+    return out
+
+
+def test_analyze_records_what_a_live_run_records(workdir: Path) -> None:
+    """A live run with Curvature / Landscape / Plasticity at step 3 and `dynascope analyze` over a checkpoint
+    of the weights at that step: the same metric names and the same values (same seed), and the same surface."""
+    import dynascope
+    from dynascope.probes.curvature import Curvature
+    from dynascope.probes.landscape import Landscape
+    from dynascope.probes.plasticity import Plasticity
+
+    um = _load_usermodel(workdir)
+    model = um.make()
+    x, y = um.data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    ce = nn.functional.cross_entropy
+    step = 3
+    (workdir / "ck").mkdir()
+    with dynascope.probe(
+        model, opt, workdir / "live", every=100,
+        curvature=Curvature(at=[step], every=None, batch=(x, y), loss_fn=ce, k=2, trace=True, trace_samples=5,
+                            seed=7),
+        landscape=Landscape(at=[step], batch=(x, y), loss_fn=ce, dims=1, resolution=7, seed=7, keep_checkpoints=0),
+        plasticity=Plasticity(at=[step], batch=(x, y)),
+    ) as run:
+        for s in range(step + 1):
+            loss = ce(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss)
+            if s == step:  # the weights the scheduled diagnostics saw at this step
+                torch.save({"model_state_dict": model.state_dict(), "global_step": s}, workdir / "ck" / "c.pt")
+    rc = main(["analyze", str(workdir / "ck"), *_model_arg(workdir), "--data", f"{workdir / 'usermodel.py'}:data",
+               "--hessian", "--hessian-k", "2", "--trace", "--trace-samples", "5", "--landscape", "--resolution", "7",
+               "--plasticity", "--seed", "7", "-o", str(workdir / "offline"), "--no-progress"])
+    assert rc == 0
+    live, offline = load_run(workdir / "live"), load_run(workdir / "offline")
+    got, want = _scheduled_rows(offline), _scheduled_rows(live)
+    # the optimizer's threshold needs the optimizer, which a checkpoint analysis does not have
+    assert ("hessian.threshold", "") in want
+    want.pop(("hessian.threshold", ""))
+    assert set(got) == set(want)
+    assert {m for m, _ in got} == {
+        "hessian.eig", "hessian.eig_converged", "hessian.trace", "hessian.trace_stderr", "hessian.n_hvp",
+        "landscape.center_loss", "plasticity.dead", "plasticity.dormant", "plasticity.erank", "plasticity.srank",
+        "weight.magnitude"}
+    for key, v in want.items():
+        assert got[key] == pytest.approx(v, rel=1e-6, abs=1e-9), key
+    assert list(offline.scalars("weight.magnitude")["step"].unique()) == [step]  # recorded once, not twice
+    a_live, m_live = live.load_artifact("landscape.surface", step=step)
+    a_off, m_off = offline.load_artifact("landscape.surface", step=step)
+    assert set(a_live) == set(a_off)
+    for k in a_live:
+        np.testing.assert_allclose(a_off[k], a_live[k], rtol=1e-6)
+    assert m_off["center_loss"] == pytest.approx(m_live["center_loss"], rel=1e-6)
+
+
+def test_interpolation_barrier_between_consecutive_checkpoints(workdir: Path) -> None:
+    """--interpolate goes through the live Landscape (interpolation="consecutive"): one curve per checkpoint
+    after the first, from the previous one, and the barrier read off the curve."""
+    _write_checkpoints(workdir / "ck", steps=(0, 10, 20))
+    rc = main(["analyze", str(workdir / "ck"), *_model_arg(workdir), "--data", f"{workdir / 'usermodel.py'}:data",
+               "--interpolate", "--resolution", "9", "-o", str(workdir / "run"), "--no-progress"])
+    assert rc == 0
+    run = load_run(workdir / "run")
+    assert not run.has("landscape.center_loss")  # no surfaces without --landscape
+    barrier = run.pivot("landscape.interpolation_barrier")[""]
+    assert list(barrier.index) == [10, 20]
+    for step, prev in ((10, 0), (20, 10)):
+        arrays, meta = run.load_artifact("landscape.interpolation", step=step)
+        assert (meta["step_a"], meta["step_b"]) == (prev, step)
+        t, losses = arrays["t"], arrays["losses"]
+        inside = losses[(t >= 0) & (t <= 1)]
+        ends = max(losses[t == 0.0][0], losses[t == 1.0][0])
+        assert barrier.loc[step] == pytest.approx(float(inside.max() - ends), abs=1e-12)
+        assert barrier.loc[step] >= 0

@@ -198,3 +198,40 @@ def test_figures_draw_and_skip_runs_without_data(tmp_path):
     assert ax.get_yscale() == "log"
     assert figs.sharpness([a]).axes[-1].get_yscale() == "linear"
     assert figs.spectrum([a]).axes[0].get_yscale() == "log"
+
+
+def test_live_adam_step0_leaves_out_coordinates_without_second_moment(tmp_path):
+    """issue 11: in a live run the step-0 diagnostic runs after the first AdamW step; embedding rows that
+    step did not use have no second moment (P = eps there gave ~1e7). They are left out: the recorded value
+    is the one preconditioned_sharpness gives for the same state, and far below the eps-scaled one."""
+    import dynascope
+    from dynascope.diagnostics.stability import _has_second_moment
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(30, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.emb(tokens).mean(1)))
+
+    torch.manual_seed(0)
+    model = Bag()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    probe_batch = (torch.randint(0, 30, (32, 6), generator=g), torch.randint(0, 3, (32,), generator=g))
+    x0, y0 = torch.randint(0, 5, (32, 6), generator=g), torch.randint(0, 3, (32,), generator=g)  # tokens 0..4
+    with dynascope.probe(model, opt, tmp_path / "run", probes=(),
+                         curvature=Curvature(at=[0], every=None, batch=probe_batch, loss_fn=CE, k=1, tol=1e-6)) as run:
+        opt.zero_grad()
+        loss = CE(model(x0), y0)
+        loss.backward()
+        opt.step()
+        run.step(loss)
+    assert not bool(_has_second_moment(opt)[id(model.emb.weight)].all())  # the case of the issue
+    rec = RunData(tmp_path / "run").scalars("hessian.precond_eig")
+    assert list(rec["step"]) == [0]
+    want = preconditioned_sharpness(model, CE, probe_batch, opt, k=1, tol=1e-6, seed=0)
+    assert rec["value"].iloc[0] == pytest.approx(want.eigenvalues[0], rel=1e-5)
+    assert rec["value"].iloc[0] < 38 / 1e-2  # below Adam's threshold; ~1e6 with P = eps on the unseen rows

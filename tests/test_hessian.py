@@ -383,6 +383,53 @@ def test_preconditioned_sharpness_matches_dense(opt_cls, kw):
     assert len(adam_preconditioner(opt)) == 4
 
 
+class _Bag(nn.Module):
+    """Embedding bag + linear head: embedding rows of tokens a batch does not use get no gradient."""
+
+    def __init__(self, vocab: int = 12, d: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(tokens).mean(1)))
+
+
+def test_preconditioned_sharpness_leaves_out_coordinates_without_second_moment():
+    """One AdamW step on tokens 0..3 only: rows 4..11 have v = 0 and P = (1 - beta1) eps. Adam has no
+    preconditioner there; they are left out (issue 11: ~1e7 at step 0). Dense float64 reference."""
+    torch.manual_seed(0)
+    model = _Bag().to(DT)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    x0, y0 = torch.randint(0, 4, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g)
+    opt.zero_grad()
+    CE(model(x0), y0).backward()
+    opt.step()
+    x, y = torch.randint(0, 12, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g)
+    H = dense_hessian(model, CE, x, y)
+    b1, b2 = opt.param_groups[0]["betas"]
+    eps = opt.param_groups[0]["eps"]
+    ps, seen = [], []
+    for p in model.parameters():
+        v = opt.state[p]["exp_avg_sq"].double()
+        ps.append(((1 - b1) * ((v / (1 - b2)).sqrt() + eps)).reshape(-1))
+        seen.append((v != 0).reshape(-1))
+    P, mask = torch.cat(ps).numpy(), torch.cat(seen).numpy()
+    assert 0 < (~mask).sum() < mask.size and (~mask).sum() == 8 * 3  # the unseen rows
+    d = np.where(mask, 1 / np.sqrt(P), 0.0)
+    want = np.linalg.eigvalsh(d[:, None] * H * d[None, :])[::-1][:2]
+    res = preconditioned_sharpness(model, CE, (x, y), opt, k=2, tol=1e-9)
+    assert rel(res.eigenvalues, want) < 1e-6
+    d_all = 1 / np.sqrt(P)  # with the eps placeholder: the defect the rule removes
+    assert np.linalg.eigvalsh(d_all[:, None] * H * d_all[None, :])[-1] > 100 * want[0]
+    opt.state[model.emb.weight]["exp_avg_sq"].zero_()
+    opt.state[model.head.weight]["exp_avg_sq"].zero_()
+    opt.state[model.head.bias]["exp_avg_sq"].zero_()
+    with pytest.raises(ValueError, match="no second moment"):
+        preconditioned_sharpness(model, CE, (x, y), opt)
+
+
 def test_preconditioned_sharpness_needs_adam_state():
     model, x, y = mlp()
     opt = torch.optim.Adam(model.parameters())

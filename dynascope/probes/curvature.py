@@ -24,15 +24,8 @@ from typing import Any, Literal
 import torch
 
 from ..diagnostics._batch import Forward, LossFn
-from ..diagnostics.hessian import (
-    _adam_like,
-    hessian_eigenvalues,
-    hessian_spectrum,
-    hessian_trace,
-    layer_sharpness,
-    preconditioned_sharpness,
-    stability_threshold,
-)
+from ..diagnostics.hessian import hessian_eigenvalues, hessian_spectrum, hessian_trace, layer_sharpness
+from ..diagnostics.stability import _adam_like, preconditioned_sharpness, stability_threshold
 from .scheduled import Scheduled, ScheduledContext
 
 __all__ = ["Curvature"]
@@ -41,6 +34,7 @@ __all__ = ["Curvature"]
 class Curvature(Scheduled):
     """Curvature of the loss on a fixed ``batch`` every ``every`` steps.
 
+    ``eigenvalues=False`` skips the top-k eigenvalues (e.g. only the trace).
     ``preconditioned``: "auto" (when the optimizer is Adam/AdamW and has
     state), True or False. ``tol`` is the eigenvalue residual tolerance,
     ``trace_samples`` the Hutchinson sample budget (``trace_stderr`` stops
@@ -57,6 +51,7 @@ class Curvature(Scheduled):
         batch: Any,
         loss_fn: LossFn,
         k: int = 3,
+        eigenvalues: bool = True,
         trace: bool = False,
         spectrum: bool = False,
         layers: bool = False,
@@ -87,6 +82,7 @@ class Curvature(Scheduled):
         self.batch = batch if isinstance(batch, (tuple, list)) else list(batch)
         self.loss_fn = loss_fn
         self.k = k
+        self.eigenvalues = eigenvalues
         self.trace = trace
         self.spectrum = spectrum
         self.layers = layers
@@ -110,16 +106,17 @@ class Curvature(Scheduled):
         model, opt = ctx.model, ctx.optimizer
         seed = self.seed + int(ctx.step)
         n_hvp = 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RuntimeWarning)
-            eig = hessian_eigenvalues(model, self.loss_fn, self.batch, k=self.k, tol=self.tol, max_iter=self.max_iter,
-                                      seed=seed, **self._common())
-        if caught:
-            warnings.warn(f"Curvature at step {ctx.step}: {caught[0].message}", RuntimeWarning, stacklevel=2)
-        n_hvp += eig.n_hvp
-        for i, v in enumerate(eig.eigenvalues, start=1):
-            ctx.log("hessian.eig", float(v), str(i))
-        ctx.log("hessian.eig_converged", float(eig.all_converged))
+        if self.eigenvalues:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                eig = hessian_eigenvalues(model, self.loss_fn, self.batch, k=self.k, tol=self.tol,
+                                          max_iter=self.max_iter, seed=seed, **self._common())
+            if caught:
+                warnings.warn(f"Curvature at step {ctx.step}: {caught[0].message}", RuntimeWarning, stacklevel=2)
+            n_hvp += eig.n_hvp
+            for i, v in enumerate(eig.eigenvalues, start=1):
+                ctx.log("hessian.eig", float(v), str(i))
+            ctx.log("hessian.eig_converged", float(eig.all_converged))
         adam = opt is not None and _adam_like(opt)
         if opt is not None:
             try:

@@ -11,13 +11,17 @@ Records (see docs/landscape.md):
 * scalar ``landscape.center_loss`` at the same steps;
 * artifact ``landscape.trajectory`` at close: ``alphas``, ``betas``,
   ``losses``, ``path``, ``path_steps``, ``explained_variance_ratio``;
-* artifact ``landscape.interpolation`` at close: ``t``, ``losses``.
+* artifact ``landscape.interpolation`` at close: ``t``, ``losses`` (meta
+  ``step_a``, ``step_b``), and scalar ``landscape.interpolation_barrier``;
+  with ``interpolation="consecutive"`` instead at every snapshot, from the
+  previous snapshot to the current weights (what ``dynascope analyze
+  --interpolate`` records between consecutive checkpoints).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,7 +43,9 @@ class Landscape(Scheduled):
     budget is full every other snapshot is dropped and the interval doubles, so
     the kept ones stay evenly spread over the whole run. At close they give the
     trajectory plane and the interpolation curve (``trajectory=False`` /
-    ``interpolation=False`` to skip). ``keep_checkpoints=0`` keeps none.
+    ``interpolation=False`` to skip). ``interpolation="consecutive"``
+    interpolates at every snapshot from the previous kept snapshot instead
+    (and not at close). ``keep_checkpoints=0`` keeps none.
     """
 
     name = "landscape"
@@ -63,7 +69,7 @@ class Landscape(Scheduled):
         checkpoint_every: int = 1,
         trajectory: bool = True,
         trajectory_resolution: int | None = None,
-        interpolation: bool = True,
+        interpolation: bool | Literal["consecutive"] = True,
         progress: bool | None = False,
     ) -> None:
         super().__init__(every=every, at=at)
@@ -79,6 +85,8 @@ class Landscape(Scheduled):
             raise ValueError(f"Landscape: resolution must be an integer >= 2, got {resolution!r}")
         if span <= 0:
             raise ValueError(f"Landscape: span must be positive, got {span!r}")
+        if interpolation not in (True, False, "consecutive"):
+            raise ValueError(f"Landscape: interpolation must be True, False or 'consecutive', got {interpolation!r}")
         if bn_policy not in ("eval", "recompute"):
             raise ValueError(f"Landscape: bn_policy must be 'eval' or 'recompute', got {bn_policy!r}")
         self.batch = batch
@@ -120,9 +128,27 @@ class Landscape(Scheduled):
             self.snapshots = self.snapshots[::2]
             self.checkpoint_every *= 2
 
+    def _interpolation(self, ctx: ScheduledContext, step_a: int, state_a: dict[str, torch.Tensor],
+                       step_b: int, state_b: dict[str, torch.Tensor]) -> None:
+        curve = interpolate(
+            ctx.model, state_a, state_b, self.loss_fn, self.batch,
+            n_points=self.trajectory_resolution, bn_policy=self.bn_policy,  # type: ignore[arg-type]
+            forward=self.forward, progress=self.progress,
+        )
+        arrays, meta = curve.to_arrays()
+        meta.update(step_a=int(step_a), step_b=int(step_b))
+        ctx.save_artifact("landscape.interpolation", arrays, meta)
+        ctx.log("landscape.interpolation_barrier", curve.barrier)
+
     def run(self, ctx: ScheduledContext) -> None:
         if self._snapshot_due(ctx.step) and not ctx.final:
+            prev = self.snapshots[-1] if self.snapshots else None
             self._snapshot(ctx)
+            if self.interpolation == "consecutive" and prev is not None and prev[0] != ctx.step:
+                current = next((st for s, st in self.snapshots if s == ctx.step), None)
+                if current is None:  # thinned away at once: a copy, never the live tensors interpolate writes
+                    current = {k: v.detach().to("cpu", copy=True) for k, v in ctx.model.state_dict().items()}
+                self._interpolation(ctx, prev[0], prev[1], ctx.step, current)
         if not (self._surface_due(ctx.step) or (ctx.final and self.at_end)):
             return
         res = loss_landscape(
@@ -136,7 +162,7 @@ class Landscape(Scheduled):
         ctx.log("landscape.center_loss", res.center_loss)
 
     def on_close(self, ctx: ScheduledContext) -> None:
-        if self.keep_checkpoints == 0 or not (self.trajectory or self.interpolation):
+        if self.keep_checkpoints == 0 or not (self.trajectory or self.interpolation is True):
             return
         # The final weights always end the trajectory.
         state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.model.state_dict().items()}
@@ -156,12 +182,5 @@ class Landscape(Scheduled):
                 arrays, meta = plane.to_arrays()
                 arrays["path_steps"] = steps
                 ctx.save_artifact("landscape.trajectory", arrays, meta)
-        if self.interpolation and len(states) >= 2:
-            curve = interpolate(
-                ctx.model, states[0], states[-1], self.loss_fn, self.batch,
-                n_points=self.trajectory_resolution, bn_policy=self.bn_policy,  # type: ignore[arg-type]
-                forward=self.forward, progress=self.progress,
-            )
-            arrays, meta = curve.to_arrays()
-            meta.update(step_a=int(steps[0]), step_b=int(steps[-1]))
-            ctx.save_artifact("landscape.interpolation", arrays, meta)
+        if self.interpolation is True and len(states) >= 2:
+            self._interpolation(ctx, int(steps[0]), states[0], int(steps[-1]), states[-1])

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .._checks import positive_int
+from .._guard import preserved_state
 
-__all__ = ["Scheduled", "ScheduledContext"]
+__all__ = ["Scheduled", "ScheduledContext", "run_guarded"]
 
 
 @dataclass
@@ -84,3 +85,14 @@ class Scheduled:
     def on_close(self, ctx: ScheduledContext) -> None:
         """Called once when the probe closes (after a final ``run`` if any), under
         the state guard; e.g. to turn kept checkpoints into a trajectory plane."""
+
+
+def run_guarded(diag: Scheduled, ctx: ScheduledContext, *, close: bool = False) -> None:
+    """``diag.run(ctx)`` (or ``diag.on_close(ctx)`` with ``close=True``) under the
+    state guard and with autograd on: how a scheduled diagnostic runs, at a due
+    step of a live run or on a checkpoint in ``dynascope analyze``."""
+    with preserved_state(ctx.model), torch.enable_grad():
+        if close:
+            diag.on_close(ctx)
+        else:
+            diag.run(ctx)

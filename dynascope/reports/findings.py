@@ -273,11 +273,13 @@ def _depth(run: RunData, metric: str) -> tuple[list[str], str]:
 
 
 def _spearman(y: np.ndarray) -> float:
-    x = np.arange(len(y))
-    ry = pd.Series(y).rank().to_numpy()
-    if np.std(ry) == 0:
+    """Spearman rank correlation of ``y`` with its index (depth); 0 for a constant ``y``."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(y) == 0:
         return 0.0
-    return float(np.corrcoef(x, ry)[0, 1])
+    rho, _ = spearmanr(np.arange(len(y)), y)
+    return float(rho)
 
 
 @rule

@@ -107,7 +107,9 @@ def sharpness(runs: Sequence[RunData]) -> Figure | None:
     if any_pre:
         cap += (" For Adam the threshold (2+2β1)/((1-β1)η) = 38/η (β1 = 0.9) applies to the preconditioned "
                 "sharpness λ1(P^-1/2 H P^-1/2), P = (1-β1^t)(diag(sqrt(v̂))+ε), drawn bold; the raw sharpness "
-                "is faint.")
+                "is faint. Before the optimizer's first step there is no preconditioned sharpness (no point), and "
+                "coordinates without a second moment yet (no non-zero gradient so far, e.g. unseen embedding rows "
+                "at step 0) are left out: P would be ε there.")
     if not any_thr:
         cap += " No threshold recorded (optimizer without a known threshold)."
     set_caption(fig, cap)
