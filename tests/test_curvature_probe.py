@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from dynascope._guard import preserved_state, rng_state
-from dynascope.diagnostics.hessian import hessian_eigenvalues, preconditioned_sharpness
+from dynascope.diagnostics.hessian import (
+    hessian_eigenvalues,
+    hessian_trace,
+    layer_sharpness,
+    preconditioned_sharpness,
+)
 from dynascope.probes.curvature import Curvature
 from dynascope.probes.scheduled import ScheduledContext
 from dynascope.store import RunData, RunStore
@@ -67,8 +72,13 @@ def test_values_match_the_function_at_that_step(tmp_path):
     model, x, y = make(1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     store = RunStore(tmp_path / "run")
-    probe = Curvature(every=1, batch=[(x[:10], y[:10]), (x[10:], y[10:])], loss_fn=CE, k=2, tol=1e-8)
-    want = hessian_eigenvalues(model, CE, (x, y), k=2, tol=1e-8, seed=5)
+    batch = [(x[:10], y[:10]), (x[10:], y[10:])]
+    probe = Curvature(every=1, batch=batch, loss_fn=CE, k=2, tol=1e-8, trace=True, trace_samples=7, layers=True,
+                      seed=3)
+    want = hessian_eigenvalues(model, CE, (x, y), k=2, tol=1e-8, seed=8)
+    # the probe's seed at step 5 is seed + step = 8: the same Rademacher draws as the direct call
+    want_tr = hessian_trace(model, CE, batch, n_samples=7, seed=8)
+    want_ls = layer_sharpness(model, CE, batch, tol=1e-8, seed=8)
     with preserved_state(model):
         probe.run(context(store, model, opt, 5))
     store.close()
@@ -76,6 +86,15 @@ def test_values_match_the_function_at_that_step(tmp_path):
     got = run.pivot("hessian.eig").loc[5].to_numpy()
     np.testing.assert_allclose(got, want.eigenvalues, rtol=1e-6)
     assert run.scalars("hessian.threshold")["value"].iloc[0] == pytest.approx(20)
+    trace = run.scalars("hessian.trace")["value"].to_numpy()
+    stderr = run.scalars("hessian.trace_stderr")["value"].to_numpy()
+    assert abs(want_tr.trace) > 3 * want_tr.stderr  # the two rows are told apart
+    np.testing.assert_allclose(trace, [want_tr.trace], rtol=1e-9)
+    np.testing.assert_allclose(stderr, [want_tr.stderr], rtol=1e-9)
+    layer = run.scalars("hessian.layer_eig").set_index("layer")["value"]
+    assert want_ls.names == ["0", "1", "4"] and len(set(np.round(want_ls.eigenvalues, 6))) == 3
+    for name, v in zip(want_ls.names, want_ls.eigenvalues):
+        assert layer[name] == pytest.approx(v, rel=1e-6), name
 
 
 def test_adam_records_preconditioned_sharpness(tmp_path):

@@ -20,6 +20,7 @@ from dynascope.diagnostics.plasticity import (
     srank,
     weight_magnitude,
 )
+from dynascope.diagnostics.weights import stable_rank
 from dynascope.probes.plasticity import Plasticity
 from dynascope.probes.scheduled import ScheduledContext
 from dynascope.store import RunStore, load_run
@@ -90,9 +91,9 @@ def test_srank_cumulative_share_threshold() -> None:
     assert srank(a, delta=0.01) == 2   # 0.99 >= 0.99
     assert srank(a, delta=0.001) == 3  # 0.999 >= 0.999
     assert srank(a, delta=0.2) == 1
-    # not ||A||_F^2 / ||A||_2^2 (which is ~1.01 here)
-    fro_ratio = float((torch.linalg.matrix_norm(a) / torch.linalg.matrix_norm(a, 2)) ** 2)
-    assert fro_ratio == pytest.approx(1.0101, abs=1e-3)
+    # not ||A||_F^2 / ||A||_2^2 (dynascope's weight stable rank, ~1.01 here): srank counts shares of sum(sigma)
+    assert stable_rank(a) == pytest.approx((90**2 + 9**2 + 0.9**2 + 0.1**2) / 90**2, rel=1e-9)
+    assert round(stable_rank(a)) == 1 != srank(a, delta=0.01)
 
 
 def test_srank_rejects_bad_delta() -> None:

@@ -465,3 +465,97 @@ def test_zero_fraction_of_an_output_with_nan_is_nan_on_every_path(tmp_path):
             run.step(loss=0.0)
         zf = dynascope.load_run(tmp_path / f"w{width}").scalars("act.zero_frac")
         assert zf["value"].isna().all() and len(zf) == 2
+
+
+# ----------------------------------------------------------------------------- zero rows, AdamP views
+class PaddedEmbedding(nn.Module):
+    """A BERT-style token embedding: the ``padding_idx`` row is zero and gets no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 8, padding_idx=0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x).mean(1))
+
+
+def test_update_angle_row_leaves_the_zero_padding_row_out(tmp_path):
+    torch.manual_seed(0)
+    model = PaddedEmbedding()
+    assert float(model.emb.weight.detach()[0].abs().sum()) == 0.0
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        x = torch.randint(1, 12, (4, 6), generator=g)
+        x[:, 4:] = 0  # padded positions
+        batches.append((x, torch.randint(0, 3, (4,), generator=g)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    data, refs, _ = train_with_reference(model, opt, batches, tmp_path / "r")
+    for step, ref in enumerate(refs):
+        w0, w1 = ref["before"]["emb.weight"].numpy(), ref["after"]["emb.weight"].numpy()
+        assert not w0[0].any() and not w1[0].any()  # the padding row stays zero
+        want = np.mean([ref_angle(a, b) for a, b in zip(w0[1:], w1[1:])])
+        got = value(data, "update.angle_row", "emb.weight", step)
+        assert math.isfinite(got), f"update.angle_row/emb.weight@{step} is {got}: the zero row was averaged in"
+        close(got, float(want), rtol=1e-4, atol=1e-7, what=f"update.angle_row@{step}")
+        close(value(data, "update.angle", "emb.weight", step), ref_angle(w0.ravel(), w1.ravel()), rtol=1e-4,
+              atol=1e-7, what="update.angle")
+
+
+def _probe_given_gradient(tmp_path, w: torch.Tensor, g: torch.Tensor):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    model = nn.Sequential(lin)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with dynascope.probe(model, opt, tmp_path, every=1) as run:
+        lin.weight.grad = g.clone()
+        opt.step()
+        run.step()
+    data = dynascope.load_run(tmp_path)
+    return {m: value(data, m, "0.weight", 0) for m in ("scale_invariant", "grad.weight_cos", "grad.weight_cos_rowmax")}
+
+
+def test_scale_invariance_channel_view_alone_passes(tmp_path):
+    """Every row nearly orthogonal to its weight row (the channel view passes) but all tilted the same way, so
+    the whole-layer cosine is above delta / sqrt(numel) (the layer view fails): invariant by the channel view."""
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 16, 25
+    w = torch.randn(rows, cols, generator=g)
+    r = torch.randn(rows, cols, generator=g)
+    r = r - (r * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w  # orthogonal to each row
+    target_cos = 0.5 * 0.1 / math.sqrt(cols)  # half the channel threshold
+    grad = r / r.norm(dim=1, keepdim=True) + target_cos / math.sqrt(1 - target_cos ** 2) * w / w.norm(dim=1,
+                                                                                                          keepdim=True)
+    ws, gs = w.double(), grad.double()
+    row_cos = (F.cosine_similarity(gs, ws, dim=1)).abs()
+    layer_cos = float(F.cosine_similarity(gs.ravel(), ws.ravel(), dim=0))
+    assert row_cos.max() < 0.1 / math.sqrt(cols) and abs(layer_cos) > 0.1 / math.sqrt(rows * cols)
+    assert adamp_scale_invariant(grad, w) == 1.0
+    got = _probe_given_gradient(tmp_path / "r", w, grad)
+    assert got["scale_invariant"] == 1.0
+    close(got["grad.weight_cos_rowmax"], float(row_cos.max()), rtol=1e-4, what="rowmax")
+    close(got["grad.weight_cos"], layer_cos, rtol=1e-4, what="cos")
+
+
+def test_scale_invariance_layer_view_alone_passes(tmp_path):
+    """One row's gradient is parallel to its weight row (the channel view fails), another row's anti-parallel
+    so that <g, w> = 0 over the layer (the layer view passes): invariant by the layer view."""
+    g = torch.Generator().manual_seed(1)
+    rows, cols = 6, 10
+    w = torch.randn(rows, cols, generator=g)
+    grad = torch.zeros(rows, cols)
+    grad[0] = w[0]
+    grad[1] = -w[1] * (w[0] @ w[0]) / (w[1] @ w[1])
+    ws, gs = w.double(), grad.double()
+    assert float(F.cosine_similarity(gs, ws, dim=1).abs().max()) > 0.999
+    assert abs(float(F.cosine_similarity(gs.ravel(), ws.ravel(), dim=0))) < 1e-6
+    assert adamp_scale_invariant(grad, w) == 1.0
+    got = _probe_given_gradient(tmp_path / "r", w, grad)
+    assert got["scale_invariant"] == 1.0
+    assert got["grad.weight_cos_rowmax"] == pytest.approx(1.0, rel=1e-5)
+    # neither view passes once the cancelling row is gone
+    grad[1] = 0.0
+    assert adamp_scale_invariant(grad, w) == 0.0
+    assert _probe_given_gradient(tmp_path / "r2", w, grad)["scale_invariant"] == 0.0

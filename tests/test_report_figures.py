@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from _synthetic import make_run
 
 from dynascope import load_run
 from dynascope.diagnostics.scale import equilibrium_angle, equilibrium_angle_from_hyperparameters
@@ -85,3 +86,31 @@ def test_depth_prefers_marked_blocks_and_falls_back_to_top_level(tmp_path):
     run = _run_with_modules(tmp_path / "b", ["stem", "body", "body.inner", "head"])
     chosen, how = depth_modules(run, "act.var")
     assert chosen == ["stem", "body", "head"] and "top-level" in how
+
+
+@pytest.mark.parametrize("n_blocks", [3, 6, 30])
+def test_layer_index_axes_have_integer_ticks(tmp_path, n_blocks):
+    """A numeric layer / block index axis (two runs, or too many layers to name) ticks only integers."""
+    from matplotlib.ticker import FixedLocator
+
+    from dynascope.reports.figures import REGISTRY, all_figures
+
+    all_figures()  # imports every figure module into the registry
+    runs = [load_run(make_run(tmp_path / f"r{k}", n_blocks=n_blocks, steps=12, seed=k, massive=True))
+            for k in range(2)]
+    index_labels = ("layer index", "block depth")
+    seen = 0
+    for key in ("signal_propagation", "hidden_variance_depth", "massive_activations", "grad_norm_depth"):
+        fig = REGISTRY[key].fn(runs)
+        assert fig is not None, key
+        fig.canvas.draw()
+        for ax in fig.axes:
+            if not ax.get_visible() or ax.get_xlabel() not in index_labels:
+                continue
+            assert not isinstance(ax.xaxis.get_major_locator(), FixedLocator), key  # numeric, not named
+            lo, hi = sorted(ax.get_xlim())
+            ticks = [t for t in ax.get_xticks() if lo - 1e-9 <= t <= hi + 1e-9]
+            assert len(ticks) >= 2, (key, ticks)
+            assert all(float(t).is_integer() for t in ticks), f"{key}: fractional layer ticks {ticks}"
+            seen += 1
+    assert seen >= 6

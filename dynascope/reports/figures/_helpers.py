@@ -24,7 +24,7 @@ from .. import _data
 
 __all__ = ["new_figure", "plot_series", "decimate", "pick_layers", "depth_modules", "set_caption", "text",
            "run_gid", "short", "run_label", "finish", "log_axis", "few_xticks", "NONFINITE_HANDLE", "run_legend",
-           "CAPTION_ATTR", "GID_LABELS_ATTR"]
+           "CAPTION_ATTR", "GID_LABELS_ATTR", "index_xticks"]
 
 CAPTION_ATTR = "dynascope_caption"
 GID_LABELS_ATTR = "dynascope_gid_labels"
@@ -97,6 +97,14 @@ def few_xticks(ax, n: int = 5) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(n, integer=True))
+
+
+def index_xticks(ax) -> None:
+    """Integer ticks on a numeric layer / block index axis (no 1.5, 2.5); named ticks (a FixedLocator) stay."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    if not isinstance(ax.xaxis.get_major_locator(), FixedLocator):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def set_caption(fig: Figure, caption: str) -> None:

@@ -27,6 +27,7 @@ from ._helpers import (
     NONFINITE_HANDLE,
     depth_modules,
     finish,
+    index_xticks,
     log_axis,
     new_figure,
     plot_series,
@@ -100,6 +101,7 @@ def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("block depth")
+        index_xticks(ax)
         log_axis(ax)
         ax.grid(alpha=0.3)
     extra = [Line2D([], [], color="gray", linestyle="--", marker="o", markerfacecolor="white",
@@ -153,6 +155,7 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
         log_axis(ax)
         ax.set_title(run_label(r), fontsize=10, color=colors[i])
         ax.set_xlabel("layer index")
+        index_xticks(ax)
         ax.set_ylabel("variance of the output")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="step", title_fontsize=7, loc="best")
@@ -205,6 +208,7 @@ def massive_activations(runs: Sequence[RunData]) -> Figure | None:
     ax.axhline(MASSIVE_ABS, color="black", linewidth=0.8, linestyle="-.")
     log_axis(ax)
     ax.set_xlabel("layer index")
+    index_xticks(ax)
     ax.set_ylabel("max |activation|")
     ax.grid(alpha=0.3)
     extra = [Line2D([], [], color="gray", marker="o", label="last recorded step"),

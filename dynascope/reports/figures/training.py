@@ -24,6 +24,7 @@ from ._helpers import (
     depth_modules,
     few_xticks,
     finish,
+    index_xticks,
     log_axis,
     new_figure,
     pick_layers,
@@ -229,6 +230,7 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
         return None
     log_axis(ax)
     ax.set_xlabel("layer index")
+    index_xticks(ax)
     ax.set_ylabel("gradient norm")
     ax.grid(alpha=0.3)
     extra = [Line2D([], [], color="gray", linestyle=ls, marker=mk, label=f"{w} recorded step")
