@@ -188,9 +188,17 @@ class RunStore:
         self.resumed = exists and mode == "resume"
         self.meta: dict[str, Any] = {}
         if self.resumed and (self.path / META_NAME).exists():
-            self.meta = json.loads((self.path / META_NAME).read_text())
+            try:
+                self.meta = json.loads((self.path / META_NAME).read_text())
+            except ValueError as exc:
+                raise RunStoreError(f"{self.path / META_NAME}: not valid JSON ({_one_line(exc)})") from None
         self._con: sqlite3.Connection | None = None
-        self._open()
+        try:
+            self._open()
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:  # not a database, malformed: the file, not the moment, is the problem
+            raise RunStoreError(f"{db}: {_one_line(exc)}") from None
         if not (self.path / META_NAME).exists():
             self.write_meta({})  # every run has a meta.json: a reader tells a damaged run by its absence
 
