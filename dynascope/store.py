@@ -418,14 +418,14 @@ class ResilientWriter:
         if rows:
             self._last_step = max(self._last_step, max(int(r[0]) for r in rows))
         self._rows.extend(rows)
-        self._trim()
-        self._drain()
+        if not self._drain():
+            self._trim()
 
     def mark(self, step: int, key: str, value: Any) -> None:
         self._last_step = max(self._last_step, int(step))
         self._marks.append((int(step), str(key), value))
-        self._trim()
-        self._drain()
+        if not self._drain():
+            self._trim()
 
     def write_artifact(self, name: str, step: int, arrays: dict[str, np.ndarray],
                        meta: dict[str, Any] | None = None) -> Path | None:
@@ -456,6 +456,7 @@ class ResilientWriter:
 
     # -- internals ------------------------------------------------------------------------------------------
     def _trim(self) -> None:
+        """After a failed write: keep the newest ``max_pending_rows`` rows (and marks), count the rest."""
         cap = self.max_pending_rows
         for buf in (self._rows, self._marks):
             extra = len(buf) - cap
