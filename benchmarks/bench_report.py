@@ -53,7 +53,7 @@ def write_run(path: Path) -> None:
         cols.append((metric, layer, np.asarray(values, dtype=float)))
 
     loss = 2.3 * np.exp(-4 * frac) + 0.05 + 0.03 * rng.standard_normal(STEPS)
-    loss[7000] = 5.0
+    loss[int(0.7 * STEPS)] = 5.0  # step 7000 of 10,000
     put("loss", "", loss)
     put("accuracy", "", np.clip(1 - loss / 2.4, 0, 1))
     put("grad.global_norm", "", 1 + 0.1 * rng.standard_normal(STEPS))

@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 from .probes.base import Collected, Probe, ProbeContext, Stat  # noqa: E402
 from .probes.scheduled import Scheduled, ScheduledContext  # noqa: E402
 from .session import Session, probe  # noqa: E402
-from .store import RunData, load_run  # noqa: E402
+from .store import RunData, RunStoreError, load_run  # noqa: E402
 
 # public name -> module that defines it (imported lazily)
 _LAZY: dict[str, str] = {
@@ -51,7 +51,7 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = ["__version__", "Collected", "Probe", "ProbeContext", "Stat", "RunData", "Scheduled", "ScheduledContext",
-           "Session", "load_run", "probe", *_LAZY]
+           "Session", "load_run", "probe", "RunStoreError", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -273,7 +273,7 @@ def analyze(
     Raises UserError for input that stops the whole analysis (and, with
     ``options.strict``, for the first bad checkpoint).
     """
-    from .store import RunData, RunExistsError, RunStore, now_iso
+    from .store import RunData, RunExistsError, RunStore, RunStoreError, now_iso
 
     opts = options or AnalyzeOptions()
     if data is not None and loss_fn is None:
@@ -304,7 +304,10 @@ def analyze(
     out = Path(out)
     prior_source = None
     if (out / "dynascope.sqlite").exists() and not overwrite:
-        prior = RunData(out)
+        try:
+            prior = RunData(out)
+        except RunStoreError as exc:
+            raise UserError(f"{exc} (pass --overwrite to start {str(out)!r} afresh)") from None
         prior_source = prior.meta.get("source")
         if prior_source != "analyze":
             raise UserError(f"{str(out)!r} holds a run that was not written by dynascope analyze "
@@ -315,7 +318,7 @@ def analyze(
         done_marks, written_steps = [], set()
     try:
         store = RunStore(out, mode="overwrite" if overwrite else ("resume" if done_marks or prior_source else "new"))
-    except (RunExistsError, NotADirectoryError) as exc:
+    except (RunExistsError, NotADirectoryError, RunStoreError) as exc:
         raise UserError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from exc
 
     try:

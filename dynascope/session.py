@@ -37,7 +37,7 @@ from .probes.base import Collected, Probe, ProbeContext
 from .probes.gradients import GradientProbe
 from .probes.optimizer import UpdateProbe
 from .probes.scheduled import Scheduled, ScheduledContext
-from .store import RunStore, now_iso
+from .store import ResilientWriter, RunStore, now_iso
 
 __all__ = ["Session", "probe", "PROBES"]
 
@@ -172,7 +172,7 @@ class Session:
         self._blocks = self._resolve(blocks)
         self._branches = self._resolve(branches)
         self._user_meta = dict(meta or {})
-        self.store: RunStore | None = None
+        self.store: ResilientWriter | None = None  # a storage fault never reaches the training loop
         self.step_index = 0
         self._recording = False
         self._hooks: list[Any] = []
@@ -251,7 +251,7 @@ class Session:
         if self._open:
             raise RuntimeError("this probe session is already running")
         if self.writer:
-            self.store = RunStore(self.run_dir, self._mode)
+            self.store = ResilientWriter(RunStore(self.run_dir, self._mode))
             meta = self._meta()
             if self.store.resumed:
                 last = self.store.last_step()

@@ -115,11 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
-    from ..store import NotARunError, load_run
+    from ..store import RunStoreError, load_run
 
     try:
         names = [load_run(r).name for r in args.runs]
-    except NotARunError as exc:
+    except RunStoreError as exc:
         raise UserError(str(exc)) from None
     if len(set(names)) != len(names) and len(names) > 1:
         names = [f"{n}_{i}" for i, n in enumerate(names)]
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         target = args.tensorboard if len(args.runs) == 1 else os.path.join(args.tensorboard, name)
         try:
             n = export(path, target, prefix=args.prefix, metrics=args.metrics)
-        except ImportError as exc:
+        except (ImportError, RunStoreError) as exc:
             raise UserError(str(exc)) from None
         print(f"{path}: {n} scalars -> {target}")
     return 0

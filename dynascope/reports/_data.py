@@ -1,24 +1,24 @@
-"""Selective reads of a run's scalars for reports.
+"""Selective reads of a run's scalars for reports, cached per report.
 
 ``RunData.scalars`` loads a whole metric; a long run (10,000 steps x 100
 layers) has a million rows per metric, and a report needs only a few layers
-at every step, or every layer at a few steps. These helpers query the
-SQLite index ``(metric, layer, step)`` directly with seeks, so a report reads
-a small fraction of the run. Non-finite values come back as NaN (NULL in
-SQLite) or +-inf.
+at every step, or every layer at a few steps. These helpers ask
+:class:`~dynascope.store.RunData` for just those rows (seeks in the store's
+``(series, step)`` key, or the ``(metric, layer, step)`` index of a format-1
+run) and cache the answers for one report. Non-finite values come back as NaN
+(NULL in SQLite) or +-inf.
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..store import DB_NAME, RunData
+from ..store import RunData
 
 __all__ = ["layers", "steps", "query", "series", "at_steps", "layer_max", "non_finite_summary", "has", "metrics"]
 
@@ -31,18 +31,6 @@ def _cache(run: RunData) -> dict[Any, Any]:
         c = {}
         setattr(run, _CACHE_ATTR, c)
     return c
-
-
-def _connect(run: RunData) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{run.path / DB_NAME}?mode=ro", uri=True, timeout=30)
-
-
-def _rows(run: RunData, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-    con = _connect(run)
-    try:
-        return con.execute(sql, tuple(params)).fetchall()
-    finally:
-        con.close()
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -66,18 +54,7 @@ def layers(run: RunData, metric: str) -> list[str]:
     c = _cache(run)
     key = ("layers", metric)
     if key not in c:
-        found: list[str] = []
-        if has(run, metric):
-            con = _connect(run)
-            try:
-                row = con.execute("SELECT MIN(layer) FROM scalars WHERE metric = ?", (metric,)).fetchone()
-                while row and row[0] is not None:
-                    found.append(row[0])
-                    row = con.execute(
-                        "SELECT MIN(layer) FROM scalars WHERE metric = ? AND layer > ?", (metric, row[0])
-                    ).fetchone()
-            finally:
-                con.close()
+        found = run.layer_names(metric) if has(run, metric) else []
         names = list(run.meta.get("modules") or []) + list(run.meta.get("parameters") or [])
         order = {n: i for i, n in enumerate(names)}
         c[key] = sorted(found, key=lambda n: (order.get(n, len(order)), _natural_key(n)))
@@ -93,34 +70,14 @@ def steps(run: RunData, metric: str, layer: str | None = None) -> np.ndarray:
         if not lays:
             c[key] = np.zeros(0, dtype=np.int64)
         else:
-            lay = layer if layer is not None else lays[0]
-            rows = _rows(run, "SELECT DISTINCT step FROM scalars WHERE metric = ? AND layer = ? ORDER BY step",
-                         (metric, lay))
-            c[key] = np.array([r[0] for r in rows], dtype=np.int64)
+            c[key] = run.steps(metric, layer if layer is not None else lays[0])
     return c[key]
 
 
 def query(run: RunData, metric: str, layers_: Sequence[str] | None = None,
           steps_: Sequence[int] | None = None) -> pd.DataFrame:
     """Rows ``step, layer, value`` of ``metric``, optionally only these layers / steps."""
-    sql = "SELECT step, layer, value FROM scalars WHERE metric = ?"
-    params: list[Any] = [metric]
-    if layers_ is not None:
-        layers_ = list(layers_)
-        if not layers_:
-            return pd.DataFrame({"step": [], "layer": [], "value": []})
-        sql += f" AND layer IN ({','.join('?' * len(layers_))})"
-        params += layers_
-    if steps_ is not None:
-        steps_ = [int(s) for s in steps_]
-        if not steps_:
-            return pd.DataFrame({"step": [], "layer": [], "value": []})
-        sql += f" AND step IN ({','.join('?' * len(steps_))})"
-        params += steps_
-    rows = _rows(run, sql + " ORDER BY layer, step", params)
-    df = pd.DataFrame(rows, columns=["step", "layer", "value"])
-    df["value"] = pd.to_numeric(df["value"], errors="coerce").astype(float)
-    return df
+    return run.query(metric, layers_, steps_)
 
 
 def series(run: RunData, metric: str, layer: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -128,15 +85,7 @@ def series(run: RunData, metric: str, layer: str = "") -> tuple[np.ndarray, np.n
     c = _cache(run)
     key = ("series", metric, layer)
     if key not in c:
-        rows = _rows(run, "SELECT step, value FROM scalars WHERE metric = ? AND layer = ? ORDER BY step",
-                     (metric, layer))
-        if not rows:
-            c[key] = (np.zeros(0, dtype=np.int64), np.zeros(0))
-        else:
-            s = np.array([r[0] for r in rows], dtype=np.int64)
-            v = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=float)
-            keep = np.r_[s[1:] != s[:-1], True]
-            c[key] = (s[keep], v[keep])
+        c[key] = run.series(metric, layer)
     return c[key]
 
 
@@ -154,27 +103,13 @@ def layer_max(run: RunData, metric: str, layers_: Sequence[str] | None = None) -
     c = _cache(run)
     key = ("max", metric, None if layers_ is None else tuple(layers_))
     if key not in c:
-        sql = "SELECT layer, MAX(value) FROM scalars WHERE metric = ?"
-        params: list[Any] = [metric]
-        if layers_ is not None:
-            sql += f" AND layer IN ({','.join('?' * len(layers_))})"
-            params += list(layers_)
-        c[key] = {lay: (np.nan if v is None else float(v)) for lay, v in _rows(run, sql + " GROUP BY layer", params)}
+        c[key] = run.layer_max(metric, layers_)
     return c[key]
 
 
 def non_finite_summary(run: RunData) -> pd.DataFrame:
-    """Per metric and layer: count and first step of NaN / +-inf values (one scan of the table)."""
+    """Per metric and layer: count and first step of NaN / +-inf values (reads only those rows)."""
     c = _cache(run)
     if "nonfinite" not in c:
-        # runs written by this version keep a partial index of exactly these rows (store.py), so the
-        # query reads only the non-finite rows; older runs fall back to one scan of the table
-        indexed = bool(_rows(run, "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'scalars_nonfinite'"))
-        rows = _rows(
-            run,
-            "SELECT metric, layer, COUNT(*), MIN(step), SUM(value IS NULL), SUM(value > 1e308 OR value < -1e308) "
-            f"FROM scalars {'INDEXED BY scalars_nonfinite ' if indexed else ''}"
-            "WHERE value IS NULL OR value > 1e308 OR value < -1e308 GROUP BY metric, layer",
-        )
-        c["nonfinite"] = pd.DataFrame(rows, columns=["metric", "layer", "count", "first_step", "n_nan", "n_inf"])
+        c["nonfinite"] = run.non_finite()
     return c["nonfinite"]

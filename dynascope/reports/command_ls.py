@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..coverage import summarize
-from ..store import NotARunError, RunData, load_run
+from ..store import RunData, RunStoreError, load_run
 from . import _data
 
 __all__ = ["add_arguments", "run", "describe"]
@@ -62,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
     for i, path in enumerate(args.runs):
         try:
-            data = load_run(path)
-        except NotARunError as exc:
+            text = describe(load_run(path))
+        except RunStoreError as exc:
             raise UserError(str(exc)) from None
         if i:
             print()
-        print(describe(data))
+        print(text)
     return 0

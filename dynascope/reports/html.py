@@ -30,7 +30,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from .. import __version__
-from ..store import RunData, load_run
+from ..store import RunData, RunStoreError, load_run
 from . import _data
 from .figures import FigureSpec, all_figures, run_colors
 from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
@@ -130,6 +130,8 @@ def _draw(specs: Sequence[FigureSpec], runs: Sequence[RunData], progress: bool |
         try:
             fig = spec.fn(runs)
             body = None if fig is None or render is None else render(fig)
+        except RunStoreError:
+            raise  # a damaged run store is the run's problem, not the figure's: the caller names the run
         except Exception as exc:  # noqa: BLE001 - one broken figure must not lose the report
             warnings.warn(f"figure {spec.key!r} failed: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
             out.append((spec, None, f"{type(exc).__name__}: {exc}", None))
@@ -276,6 +278,7 @@ def report(
     figures: Iterable[str] | None = None,
     fmt: str = "html",
     progress: bool | None = None,
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Write the report for one or several runs and return its path.
 
@@ -285,14 +288,19 @@ def report(
     folder ``out`` (plus ``figures.txt`` with titles, sources and captions and
     ``findings.txt``). ``figures``: registry keys to draw (default: all).
     ``progress``: a progress bar on stderr (default: only when stderr is a terminal).
-    Raises :class:`~dynascope.store.NotARunError` for a path that is not a run.
+    ``skipped``: ``(path, problem)`` of runs left out (``dynascope report --skip-bad``), shown as
+    error findings at the top of the report.
+    Raises :class:`~dynascope.store.RunStoreError` (a :class:`~dynascope.store.NotARunError` for a
+    path that is not a run) naming the file and the problem of a run that cannot be read.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     run_list = _as_runs(runs)
     specs = _select(figures)
     out = Path(out)
-    found = compute_findings(run_list)
+    found = [Finding("error", f"run {path} was left out of this report: {problem}", "", "", None, None, None, None,
+                     run=str(path), rule="store.unreadable") for path, problem in skipped]
+    found += compute_findings(run_list)
     if fmt != "html":
         return _export(_draw(specs, run_list, progress), found, out, fmt)
     drawn = _draw(specs, run_list, progress, render=_embed)
