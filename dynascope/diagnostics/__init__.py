@@ -43,3 +43,7 @@ from .weights import (  # noqa: E402, F401
     weight_norms,
     weight_spectra,
 )
+from .calibration import CalibrationBins, CalibrationResult, calibration  # noqa: E402, F401
+from .collapse import CollapseResult, neural_collapse  # noqa: E402, F401
+from .noise_scale import NoiseScaleResult, gradient_noise_scale, noise_scale_from_norms  # noqa: E402, F401
+from .scores import ExampleScores, example_scores  # noqa: E402, F401

@@ -59,6 +59,7 @@ class ExampleScores:
 
 
 def _logits(out: Any) -> torch.Tensor:
+    """The logits of a model output: the tensor, ``.logits`` (Hugging Face), ``["logits"]`` or the first tensor."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
