@@ -19,10 +19,16 @@ and ``|G_big|^2 = |g_B|^2``, the unbiased estimators are
 * ``tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)``,
 * ``B_simple = tr(Sigma) / |G|^2``.
 
-Standard errors are over the micro-batches: each micro-batch's
-``|g_i|^2`` in place of ``|G_small|^2`` gives one estimate of each quantity;
-their mean is the estimate and ``std(ddof=1) / sqrt(k)`` its standard error
-(the first-order delta method for the ratio). The ratio of two noisy
+Standard errors are over the micro-batches, by the delete-one jackknife:
+leaving micro-batch ``i`` out gives estimates from ``k - 1`` micro-batches
+(``|G_big|^2`` of the remaining ones is ``|k g_B - g_i|^2 / (k - 1)^2``, which
+needs ``<g_i, g_B>``: the micro-batch gradients are kept, or recomputed with
+the same random state when keeping them would take more than
+``KEEP_BYTES``), and ``se^2 = (k - 1) / k * sum_i (theta_(i) - mean theta)^2``.
+The standard error of ``B_simple`` is the first-order delta method with the
+jackknife covariance of ``tr(Sigma)`` and ``|G|^2``. (The spread of the
+per-micro-batch ``|g_i|^2`` alone would miss the noise of ``|G_big|^2``,
+which dominates the ``|G|^2`` estimate.) The ratio of two noisy
 estimates is itself noisy: McCandlish et al. average ``|G|^2`` and
 ``tr(Sigma)`` over many steps before dividing, which is what the report does.
 When the ``|G|^2`` estimate is not positive (noise dominates the batch) the
@@ -40,10 +46,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._guard import preserved_state
+from .._guard import preserved_state, rng_state, set_rng_state
 from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, trainable_named_parameters
 
-__all__ = ["gradient_noise_scale", "NoiseScaleResult", "noise_scale_from_norms"]
+__all__ = ["gradient_noise_scale", "NoiseScaleResult", "noise_scale_from_norms", "KEEP_BYTES"]
+
+KEEP_BYTES = 256 * 2**20  # keep the micro-batch gradients below this; above, recompute them once
 
 
 @dataclass(frozen=True)
@@ -65,31 +73,48 @@ class NoiseScaleResult:
     big_sq: float
 
 
-def noise_scale_from_norms(micro_sq: np.ndarray | Iterable[float], big_sq: float, b_small: int) -> NoiseScaleResult:
-    """The appendix-A estimators from the squared norms ``|g_i|^2`` of ``k`` micro-batch gradients (``b_small``
-    examples each) and ``|g_B|^2`` of the gradient of all ``k * b_small`` examples."""
+def _estimates(small: np.ndarray | float, big: np.ndarray | float, b: float, big_b: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    grad_sq = (big_b * np.asarray(big) - b * np.asarray(small)) / (big_b - b)
+    trace = (np.asarray(small) - np.asarray(big)) / (1.0 / b - 1.0 / big_b)
+    return grad_sq, trace
+
+
+def noise_scale_from_norms(micro_sq: np.ndarray | Iterable[float], big_sq: float, b_small: int,
+                           dots: np.ndarray | Iterable[float]) -> NoiseScaleResult:
+    """The appendix-A estimators from ``k`` micro-batch gradients ``g_i`` of ``b_small`` examples each and their
+    mean ``g_B`` (the gradient of all ``k * b_small`` examples): ``micro_sq`` = ``|g_i|^2``, ``big_sq`` =
+    ``|g_B|^2`` and ``dots`` = ``<g_i, g_B>`` (for the jackknife standard errors)."""
     n_i = np.asarray(list(micro_sq) if not isinstance(micro_sq, np.ndarray) else micro_sq, dtype=np.float64)
+    d_i = np.asarray(list(dots) if not isinstance(dots, np.ndarray) else dots, dtype=np.float64)
     k = n_i.size
     if k < 2:
         raise ValueError(f"the noise scale needs at least 2 micro-batches, got {k}")
+    if d_i.shape != n_i.shape:
+        raise ValueError(f"dots must have one value per micro-batch ({k}), got {d_i.size}")
     if isinstance(b_small, bool) or not isinstance(b_small, int) or b_small < 1:
         raise ValueError(f"b_small must be an integer >= 1, got {b_small!r}")
-    b, big = float(b_small), float(k * b_small)
-    # one estimate per micro-batch (|g_i|^2 in place of |G_small|^2); their mean is the estimator
-    grad_sq_i = (big * big_sq - b * n_i) / (big - b)
-    trace_i = (n_i - big_sq) / (1.0 / b - 1.0 / big)
-    grad_sq, trace = float(grad_sq_i.mean()), float(trace_i.mean())
-    se_g = float(grad_sq_i.std(ddof=1) / math.sqrt(k))
-    se_t = float(trace_i.std(ddof=1) / math.sqrt(k))
+    b = float(b_small)
+    grad_sq, trace = (float(v) for v in _estimates(n_i.mean(), big_sq, b, k * b))
+    if k >= 3:
+        # delete-one jackknife: the estimates from the other k - 1 micro-batches
+        small_j = (n_i.sum() - n_i) / (k - 1)
+        big_j = (k * k * big_sq - 2 * k * d_i + n_i) / (k - 1) ** 2
+        g_j, t_j = _estimates(small_j, big_j, b, (k - 1) * b)
+        scale = (k - 1) / k
+        var_g = scale * float(np.sum((g_j - g_j.mean()) ** 2))
+        var_t = scale * float(np.sum((t_j - t_j.mean()) ** 2))
+        cov = scale * float(np.sum((g_j - g_j.mean()) * (t_j - t_j.mean())))
+    else:  # one micro-batch left out leaves a single one: no two batch sizes to compare
+        var_g = var_t = cov = float("nan")
     if grad_sq > 0:
         ratio = trace / grad_sq
-        cov = float(np.cov(trace_i, grad_sq_i, ddof=1)[0, 1]) / k
-        var = (se_t**2 - 2 * ratio * cov + ratio**2 * se_g**2) / grad_sq**2
-        se_r = math.sqrt(max(var, 0.0))
+        var_r = (var_t - 2 * ratio * cov + ratio**2 * var_g) / grad_sq**2
+        se_r = math.sqrt(max(var_r, 0.0)) if math.isfinite(var_r) else float("nan")
     else:
         ratio = se_r = float("nan")
-    return NoiseScaleResult(ratio, grad_sq, trace, se_r, se_g, se_t, int(b_small), int(k * b_small), k,
-                            float(n_i.mean()), float(big_sq))
+    return NoiseScaleResult(ratio, grad_sq, trace, se_r, math.sqrt(var_g), math.sqrt(var_t), int(b_small),
+                            int(k * b_small), k, float(n_i.mean()), float(big_sq))
 
 
 def _take(obj: Any, start: int, stop: int) -> Any:
@@ -124,7 +149,9 @@ def gradient_noise_scale(
     is a function of that example alone, as the estimators assume, and dropout
     is off), "train" (the training-mode gradient: BatchNorm statistics then
     differ between micro-batch and batch) or "current". One backward pass per
-    micro-batch; the model, its gradients, buffers, modes and the RNG are
+    micro-batch (two when ``micro_batches`` gradients take more than
+    ``KEEP_BYTES``); the standard errors need ``micro_batches >= 3`` (NaN
+    otherwise). The model, its gradients, buffers, modes and the RNG are
     restored.
     """
     if not callable(loss_fn):
@@ -146,27 +173,50 @@ def gradient_noise_scale(
     fwd = forward or default_forward
     named = trainable_named_parameters(model, params)
     ps = [p for _, p in named]
-    with preserved_state(model, params=False):
+    keep = micro_batches * sum(p.numel() * p.element_size() for p in ps) <= KEEP_BYTES
+
+    def micro_grads(i: int) -> list[torch.Tensor | None]:
+        x = _take(inputs, i * b, (i + 1) * b)
+        y = _take(targets, i * b, (i + 1) * b)
+        loss = loss_fn(fwd(model, x), y)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("gradient_noise_scale: loss_fn must return a scalar tensor (the mean loss)")
+        return [None if g is None else g.detach() for g in torch.autograd.grad(loss, ps, allow_unused=True)]
+
+    with preserved_state(model, params=False), torch.enable_grad():
         if mode != "current":
             model.train(mode == "train")
         total = [torch.zeros_like(p, dtype=torch.float64) for p in ps]
-        norms = []
-        with torch.enable_grad():
-            for i in range(micro_batches):
-                x = _take(inputs, i * b, (i + 1) * b)
-                y = _take(targets, i * b, (i + 1) * b)
-                loss = loss_fn(fwd(model, x), y)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise ValueError("gradient_noise_scale: loss_fn must return a scalar tensor (the mean loss)")
-                grads = torch.autograd.grad(loss, ps, allow_unused=True)
-                sq = torch.zeros((), dtype=torch.float64, device=loss.device)
-                for t, g in zip(total, grads):
-                    if g is None:
-                        continue
-                    g64 = g.detach().to(torch.float64)
-                    t.add_(g64)
-                    sq = sq + g64.square().sum().to(sq.device)
-                norms.append(sq)
-        big = sum((t.square().sum().cpu() for t in total), torch.zeros((), dtype=torch.float64)) / micro_batches**2
-        micro = torch.stack([s.cpu() for s in norms]).numpy()
-    return noise_scale_from_norms(micro, float(big), b)
+        norms, kept, rngs = [], [], []
+        for i in range(micro_batches):
+            rngs.append(rng_state())
+            grads = micro_grads(i)
+            norms.append(_sq_norm(grads))
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t.add_(g.to(torch.float64))
+            if keep:
+                kept.append(grads)
+        mean = [t / micro_batches for t in total]
+        dots = []
+        for i in range(micro_batches):
+            if keep:
+                grads = kept[i]
+            else:  # recompute with the same random state (dropout) rather than hold k gradients
+                set_rng_state(rngs[i])
+                grads = micro_grads(i)
+            dots.append(_dot(grads, mean))
+        del kept
+        big = _sq_norm(mean)
+        host = torch.stack([torch.stack(norms), torch.stack(dots)]).cpu().numpy()
+    return noise_scale_from_norms(host[0], float(big), b, host[1])
+
+
+def _sq_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+    parts = [t.to(torch.float64).square().sum() for t in tensors if t is not None]
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
+
+
+def _dot(a: list[torch.Tensor | None], b: list[torch.Tensor]) -> torch.Tensor:
+    parts = [(x.to(torch.float64) * y).sum() for x, y in zip(a, b) if x is not None]
+    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)

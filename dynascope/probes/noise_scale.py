@@ -72,14 +72,15 @@ class NoiseScale(Scheduled):
     def run(self, ctx: ScheduledContext) -> None:
         res = gradient_noise_scale(ctx.model, self.loss_fn, self.batch.on(ctx.model)[0], self.micro_batches,
                                    params=self.params, forward=self.forward, mode=self.mode)
-        if math.isfinite(res.b_simple):
-            ctx.log("gns.simple", res.b_simple)
-            ctx.log("gns.simple_stderr", res.b_simple_stderr)
-        ctx.log("gns.grad_sq", res.grad_sq)
-        ctx.log("gns.trace_cov", res.trace_cov)
-        ctx.log("gns.grad_sq_stderr", res.grad_sq_stderr)
-        ctx.log("gns.trace_cov_stderr", res.trace_cov_stderr)
-        ctx.log("gns.batch_size", float(self.batch_size))
+        # B_simple is undefined where the |G|^2 estimate is not positive, the standard errors with 2
+        # micro-batches: such rows are left out rather than recorded as NaN (which would read as a divergence)
+        for metric, value in (("gns.simple", res.b_simple), ("gns.grad_sq", res.grad_sq),
+                              ("gns.trace_cov", res.trace_cov), ("gns.simple_stderr", res.b_simple_stderr),
+                              ("gns.grad_sq_stderr", res.grad_sq_stderr),
+                              ("gns.trace_cov_stderr", res.trace_cov_stderr),
+                              ("gns.batch_size", float(self.batch_size))):
+            if math.isfinite(value):
+                ctx.log(metric, value)
 
 
 def _size(inputs: Any) -> int:
