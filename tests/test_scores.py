@@ -121,3 +121,57 @@ def test_bad_arguments():
         example_scores(m, F.cross_entropy, d, batch_size=0)
     with pytest.raises(TypeError, match="integer class indices"):
         example_scores(m, None, (d[0], d[1].float()), "el2n", progress=False)
+
+
+# -- dynascope analyze --scores ------------------------------------------------------------------------------
+
+def test_analyze_records_quantiles_and_per_example_scores(tmp_path, capsys):
+    from test_analyze import MODEL_SRC, _write_checkpoints
+
+    from dynascope.cli import main
+
+    (tmp_path / "usermodel.py").write_text(MODEL_SRC)
+    _write_checkpoints(tmp_path / "ck", steps=(0, 40))
+    out = tmp_path / "run"
+    model_arg = ["--model", f"{tmp_path / 'usermodel.py'}:make"]
+    rc = main(["analyze", str(tmp_path / "ck"), *model_arg, "--data", f"{tmp_path / 'usermodel.py'}:data",
+               "--scores", "el2n", "grand", "-o", str(out), "--no-progress", "--report", str(tmp_path / "r.html")])
+    assert rc == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "el2n" in header and "grand" in header
+    run = dynascope.load_run(out)
+    ns: dict = {}
+    exec(MODEL_SRC, ns)
+    x, y = ns["data"]()
+    for step in (0, 40):
+        model = ns["make"]()
+        model.load_state_dict(torch.load(tmp_path / "ck" / f"ckpt_{step}.pt", weights_only=True)["model_state_dict"])
+        for kind in ("el2n", "grand"):
+            ref = example_scores(model, F.cross_entropy, (x, y), kind, progress=False)
+            table = run.pivot(f"scores.{kind}")
+            assert sorted(table.columns) == ["mean", "q10", "q50", "q90"]
+            for name, value in ref.summary().items():
+                assert table.loc[step, name] == pytest.approx(value, rel=1e-6), (kind, step, name)
+            arrays, meta = run.load_artifact(f"scores.{kind}", step)
+            np.testing.assert_allclose(arrays["scores"], ref.scores, rtol=1e-6)
+            assert meta["n"] == 64
+    # training lowers the typical EL2N of the training batch
+    el2n = run.pivot("scores.el2n")
+    assert el2n.loc[40, "q50"] < el2n.loc[0, "q50"]
+    assert "Example difficulty scores per checkpoint" in (tmp_path / "r.html").read_text()
+
+
+def test_analyze_scores_needs_data_and_a_known_kind(tmp_path, capsys):
+    from test_analyze import MODEL_SRC, _write_checkpoints
+
+    from dynascope.cli import main
+
+    (tmp_path / "usermodel.py").write_text(MODEL_SRC)
+    _write_checkpoints(tmp_path / "ck", steps=(0,))
+    model_arg = ["--model", f"{tmp_path / 'usermodel.py'}:make"]
+    rc = main(["analyze", str(tmp_path / "ck"), *model_arg, "--scores", "el2n", "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--scores needs --data" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(tmp_path / "ck"), *model_arg, "--scores", "forgetting", "-o", str(tmp_path / "run")])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
