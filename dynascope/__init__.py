@@ -48,6 +48,13 @@ _LAZY: dict[str, str] = {
     "dormant_fraction": "dynascope.diagnostics.plasticity",
     "weight_magnitude": "dynascope.diagnostics.plasticity",
     "equilibrium_angle": "dynascope.diagnostics.scale",
+    "Calibration": "dynascope.probes.calibration",
+    "NoiseScale": "dynascope.probes.noise_scale",
+    "Collapse": "dynascope.probes.collapse",
+    "calibration": "dynascope.diagnostics.calibration",
+    "gradient_noise_scale": "dynascope.diagnostics.noise_scale",
+    "neural_collapse": "dynascope.diagnostics.collapse",
+    "example_scores": "dynascope.diagnostics.scores",
 }
 
 __all__ = ["__version__", "Collected", "Probe", "ProbeContext", "Stat", "RunData", "Scheduled", "ScheduledContext",

@@ -4,7 +4,7 @@
 
     dynascope analyze CKPT_DIR_OR_FILES... --model pkg.module:factory
         [--data pkg.module:factory] [--loss cross_entropy|mse|pkg.module:fn]
-        [--hessian] [--trace] [--landscape] [--interpolate] [--plasticity]
+        [--hessian] [--trace] [--landscape] [--interpolate] [--plasticity] [--scores el2n grand]
         -o RUN_DIR [--report report.html] [--trust-checkpoint] [--strict]
 
 Writes the same run format as a live probe (step = the checkpoint's step), so
@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plasticity-layers", nargs="+", metavar="PATTERN",
                         help="module names or fnmatch patterns whose outputs --plasticity measures "
                              "(default: every activation module such as nn.ReLU)")
+    parser.add_argument("--scores", nargs="+", choices=("el2n", "grand"), metavar="el2n|grand",
+                        help="per-example difficulty scores on --data (Paul et al. 2021): their quantiles per "
+                             "checkpoint and every example's score as an artifact")
     parser.add_argument("-o", "--out", required=True, metavar="RUN_DIR", help="run directory to write (or resume)")
     parser.add_argument("--report", metavar="report.html", help="also write the HTML report of the run")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -214,6 +217,7 @@ class AnalyzeOptions:
     interpolate: bool = False
     plasticity: bool = False
     plasticity_layers: list[str] | None = None
+    scores: list[str] | None = None
     trust: bool = False
     strict: bool = False
     seed: int = 0
@@ -278,7 +282,8 @@ def analyze(
     opts = options or AnalyzeOptions()
     if data is not None and loss_fn is None:
         loss_fn = F.cross_entropy
-    needs_data = [f for f in ("hessian", "trace", "landscape", "interpolate", "plasticity") if getattr(opts, f)]
+    needs_data = [f for f in ("hessian", "trace", "landscape", "interpolate", "plasticity", "scores")
+                  if getattr(opts, f)]
     if needs_data and data is None:
         raise UserError(f"--{needs_data[0]} needs --data (an evaluation batch)")
     if opts.hessian_k < 1:
@@ -384,8 +389,8 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
     todo = [e for e in entries if not any(_same(m, e.key) for m in done_marks)]
     todo_ids = {id(e) for e in todo}
     n_params = sum(p.numel() for p in model.parameters())
-    diagnostics = ["weights"] + [f for f in ("hessian", "trace", "landscape", "interpolate", "plasticity")
-                                  if getattr(opts, f)]
+    diagnostics = ["weights"] + [f for f in ("hessian", "trace", "landscape", "interpolate", "plasticity",
+                                             "scores") if getattr(opts, f)]
     meta = {
         "name": store.path.name,
         "source": "analyze",
@@ -562,6 +567,9 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
     dead = [v for _, m, _, v in step_rows if m == "plasticity.dead"]
     if dead:
         summary["dead"] = float(np.mean(dead))
+    if opts.scores:
+        _scores(store, model, step, loss_fn, data, opts.scores, add, summary, bar, progress)
+        bar.update(1)
     return rows, summary
 
 
@@ -644,6 +652,24 @@ def _run_scheduled(store: Any, model: nn.Module, step: int, scheduled: _Schedule
     return rows
 
 
+def _scores(store: Any, model: nn.Module, step: int, loss_fn: Any, data: Any, kinds: list[str], add: Any,
+            summary: dict[str, Any], bar: Any, progress: bool) -> None:
+    """``scores.<kind>`` quantiles (layers q10, q50, q90, mean) and the per-example scores as an artifact."""
+    from .diagnostics.scores import example_scores
+
+    for kind in dict.fromkeys(kinds):
+        bar.set_postfix_str(f"step {step}: {kind}")
+        try:
+            res = example_scores(model, loss_fn, data, kind, progress=progress)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--scores {kind}: {_one_line(exc)}") from exc
+        for name, value in res.summary().items():
+            add(f"scores.{kind}", value, name)
+        store.write_artifact(f"scores.{kind}", step, {"scores": res.scores},
+                             {"kind": kind, "n": len(res), "what": "one score per --data example, in data order"})
+        summary[kind] = res.summary()["q50"]
+
+
 def _trajectory(store: Any, model: nn.Module, entries: list[_Entry], bad: list[_Entry], landscape: Any,
                 opts: AnalyzeOptions) -> None:
     """PCA plane of the checkpoint trajectory (Li et al. 2018), when there are >= 3 checkpoints: the live
@@ -690,7 +716,7 @@ def _fmt(v: Any) -> str:
 
 def _summary_table(rows: list[dict[str, Any]]) -> str:
     cols = ["step", "name", "loss", "accuracy", "weight_norm", "angle_prev", "stable_rank", "alpha", "lambda_max",
-            "trace", "dead"]
+            "trace", "dead", "el2n", "grand"]
     cols = [c for c in cols if any(c in r for r in rows)]
     table = [[c for c in cols]] + [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
@@ -708,7 +734,7 @@ def run(args: argparse.Namespace) -> int:
     opts = AnalyzeOptions(hessian=args.hessian, hessian_k=args.hessian_k, trace=args.trace,
                           trace_samples=args.trace_samples, resolution=args.resolution, landscape=args.landscape,
                           interpolate=args.interpolate, plasticity=args.plasticity,
-                          plasticity_layers=args.plasticity_layers, trust=args.trust_checkpoint,
+                          plasticity_layers=args.plasticity_layers, scores=args.scores, trust=args.trust_checkpoint,
                           strict=args.strict, seed=args.seed, progress=False if args.no_progress else None)
     result = analyze(args.checkpoints, model, args.out, loss_fn=loss_fn, data=data, options=opts,
                      overwrite=args.overwrite, argv=sys.argv)

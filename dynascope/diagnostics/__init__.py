@@ -2,6 +2,8 @@
 
 No hooks, no files, no global state; each restores the model exactly.
 """
+from .calibration import CalibrationBins, CalibrationResult, calibration  # noqa: E402, F401
+from .collapse import CollapseResult, neural_collapse  # noqa: E402, F401
 from .hessian import (  # noqa: E402, F401
     EigenResult,
     LayerSharpnessResult,
@@ -24,6 +26,7 @@ from .landscape import (  # noqa: E402, F401
     loss_landscape,
     trajectory_plane,
 )
+from .noise_scale import NoiseScaleResult, gradient_noise_scale, noise_scale_from_norms  # noqa: E402, F401
 from .plasticity import (  # noqa: E402, F401
     PlasticityResult,
     dead_fraction,
@@ -33,6 +36,7 @@ from .plasticity import (  # noqa: E402, F401
     srank,
     weight_magnitude,
 )
+from .scores import ExampleScores, example_scores  # noqa: E402, F401
 from .weights import (  # noqa: E402, F401
     PowerLawFit,
     WeightSpectrum,

@@ -21,6 +21,10 @@ Thresholds (module constants):
 - ``EFF_LR_DECAY = 10``: effective LR of a scale-invariant weight fell more than 10x with weight decay 0.
 - ``DEAD_FRACTION = 0.10``, ``DORMANT_FRACTION = 0.20``: fraction of units per layer.
 - ``ERANK_DROP = 0.5``: effective rank below half of its first recorded value.
+- ``NLL_RISE = 0.10``, ``ACC_HOLD = 0.01``: held-out NLL at the last calibration measurement >= 1.10x its
+  minimum while the accuracy is at most 0.01 below its value at that minimum (Guo et al.'s over-confidence).
+- ``GNS_FAR = 10``: training batch size >= 10x or <= 1/10 of the gradient noise scale B_simple (ratio of the
+  means of tr(Sigma) and |G|^2 over the last half of the measurements, at least ``GNS_MIN_POINTS = 3``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ DEAD_FRACTION = 0.10
 DORMANT_FRACTION = 0.20
 ERANK_DROP = 0.5
 SCALE_INVARIANT_MAJORITY = 0.5
+NLL_RISE = 0.10
+ACC_HOLD = 0.01
+GNS_FAR = 10.0
+GNS_MIN_POINTS = 3
 
 
 @dataclass(frozen=True)
@@ -547,6 +555,94 @@ def effective_rank_collapse(run: RunData) -> list[Finding]:
         f"({r:.0%} of its first value, threshold {ERANK_DROP:.0%}){others}: the representation uses fewer "
         "directions, a sign of lost plasticity (Dohare et al. 2024).",
         "plasticity.erank", lay, s1, b, ERANK_DROP * a, "plasticity_rank")]
+
+
+@rule
+def overconfidence(run: RunData) -> list[Finding]:
+    """Over-confidence: held-out NLL rising while accuracy holds or improves.
+
+    Source: Guo et al. 2017, "On Calibration of Modern Neural Networks", Fig. 3 (the NLL on held-out data
+    overfits while the error keeps falling: the network becomes over-confident). Rule, on
+    ``calibration.nll`` and ``calibration.accuracy`` (the scheduled :class:`dynascope.Calibration`): at least 3
+    measurements, the NLL at the last one >= (1 + NLL_RISE) = 1.10x its minimum, which came earlier, and the
+    accuracy at the last one >= its value at the NLL minimum - ACC_HOLD (0.01).
+    """
+    if not (_data.has(run, "calibration.nll") and _data.has(run, "calibration.accuracy")):
+        return []
+    s, nll = _data.series(run, "calibration.nll")
+    sa, acc = _data.series(run, "calibration.accuracy")
+    acc_at = pd.Series(acc, index=sa).reindex(s).to_numpy(dtype=float)
+    ok = np.isfinite(nll) & np.isfinite(acc_at)
+    s, nll, acc_at = s[ok], nll[ok], acc_at[ok]
+    if len(s) < 3:
+        return []
+    k = int(np.argmin(nll))
+    if k == len(s) - 1 or nll[k] <= 0:
+        return []
+    last_nll, last_acc = float(nll[-1]), float(acc_at[-1])
+    if last_nll < (1 + NLL_RISE) * nll[k] or last_acc < acc_at[k] - ACC_HOLD:
+        return []
+    ece = ""
+    if _data.has(run, "calibration.ece"):
+        se, ev = _data.series(run, "calibration.ece")
+        e = pd.Series(ev, index=se)
+        if int(s[k]) in e.index and int(s[-1]) in e.index:
+            ece = f"; ECE {_fmt(float(e[int(s[k])]))} -> {_fmt(float(e[int(s[-1])]))}"
+    return [Finding(
+        "warning",
+        f"Over-confidence: held-out NLL rose from its minimum {_fmt(float(nll[k]))} at step {int(s[k])} to "
+        f"{_fmt(last_nll)} at step {int(s[-1])} ({last_nll / nll[k]:.2f}x, threshold {1 + NLL_RISE:.2f}x) while "
+        f"accuracy went from {acc_at[k]:.3f} to {last_acc:.3f}{ece}. The model overfits the likelihood and its "
+        "probabilities are too confident (Guo et al. 2017); temperature scaling on held-out data, weight decay "
+        "or early stopping on NLL restore calibration.",
+        "calibration.nll", "", int(s[-1]), last_nll, float((1 + NLL_RISE) * nll[k]), "calibration")]
+
+
+@rule
+def batch_size_vs_noise_scale(run: RunData) -> list[Finding]:
+    """Training batch size far above or below the gradient noise scale.
+
+    Source: McCandlish et al. 2018, "An Empirical Model of Large-Batch Training": the simple noise scale
+    B_simple = tr(Sigma)/|G|^2 predicts the critical batch size; well below it, doubling the batch nearly halves
+    the steps needed (step-inefficient), well above it, more examples per step buy little (compute-inefficient).
+    Rule: B_simple as the ratio of the means of ``gns.trace_cov`` and ``gns.grad_sq`` over the last half of the
+    measurements (at least GNS_MIN_POINTS = 3 in all; the paper also averages before dividing), compared with
+    ``gns.batch_size``: a warning at >= GNS_FAR (10) x B_simple, info at <= B_simple / 10.
+    """
+    if not (_data.has(run, "gns.grad_sq") and _data.has(run, "gns.trace_cov") and _data.has(run, "gns.batch_size")):
+        return []
+    sg, g = _data.series(run, "gns.grad_sq")
+    st, t = _data.series(run, "gns.trace_cov")
+    both = pd.DataFrame({"g": pd.Series(g, index=sg), "t": pd.Series(t, index=st)}).dropna()
+    if len(both) < GNS_MIN_POINTS:
+        return []
+    tail = both.iloc[len(both) // 2:]
+    mean_g, mean_t = float(tail["g"].mean()), float(tail["t"].mean())
+    if not (mean_g > 0 and mean_t > 0):
+        return []
+    b_simple = mean_t / mean_g
+    _, bv = _data.series(run, "gns.batch_size")
+    batch = float(bv[-1])
+    ratio = batch / b_simple
+    first, last = int(tail.index[0]), int(tail.index[-1])
+    where = f"over steps {first}-{last}" if first != last else f"at step {last}"
+    if ratio >= GNS_FAR:
+        return [Finding(
+            "warning",
+            f"Batch size {batch:g} is {_fmt(ratio)}x the gradient noise scale B_simple = {_fmt(b_simple)} {where} "
+            f"(threshold {GNS_FAR:g}x): far above the critical batch size, extra examples per step barely reduce "
+            "the steps needed, so most of the compute is spent on redundant gradient precision (McCandlish et al. "
+            "2018). A smaller batch would reach the same loss with far fewer examples.",
+            "gns.simple", "", last, b_simple, batch / GNS_FAR, "gradient_noise_scale")]
+    if ratio <= 1 / GNS_FAR:
+        return [Finding(
+            "info",
+            f"Batch size {batch:g} is {_fmt(1 / ratio)}x below the gradient noise scale B_simple = {_fmt(b_simple)} "
+            f"{where} (threshold {GNS_FAR:g}x): the gradient is dominated by noise, and a larger batch (up to about "
+            "B_simple, with a correspondingly larger learning rate) would cut the number of steps almost "
+            "proportionally at little extra cost in examples (McCandlish et al. 2018).",
+            "gns.simple", "", last, b_simple, batch * GNS_FAR, "gradient_noise_scale")]
+    return []
 
 
 _SEVERITY_ORDER = {s: i for i, s in enumerate(SEVERITIES)}

@@ -8,6 +8,7 @@ across every figure (:func:`run_colors`).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,5 +56,7 @@ def run_colors(runs: Sequence[RunData]) -> list[str]:
 def all_figures() -> list[FigureSpec]:
     """Every registered figure, in report order (imports the figure modules)."""
     from . import curvature, landscape, plasticity, signal, training  # noqa: F401
+    for extra in ("calibration", "collapse", "noise_scale", "scores"):  # issue 12's figures
+        importlib.import_module(f"{__name__}.{extra}")
 
     return sorted(REGISTRY.values(), key=lambda s: s.order)

@@ -1,0 +1,86 @@
+"""Figure: example difficulty scores per checkpoint (Paul, Ganguli and Dziugaite 2021, "Deep Learning on a Data
+Diet"), recorded by ``dynascope analyze --scores el2n|grand``.
+
+Per score kind: the 10-90% quantile band, median and mean against the
+checkpoint's step, and the histogram of the per-example scores at the first
+and the last checkpoint (from the ``scores.<kind>`` artifacts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from ...store import RunData
+from .. import _data
+from . import figure, run_colors
+from ._helpers import finish, new_figure, run_gid, run_legend, set_caption
+
+__all__ = ["scores_figure"]
+
+KINDS = (("el2n", "EL2N = ||softmax(f(x)) - onehot(y)||"), ("grand", "GraNd = ||grad_theta loss(x, y)||"))
+
+
+def _steps(run: RunData, name: str) -> list[int]:
+    try:
+        return [int(s) for s in run.artifacts(name)["step"]]
+    except Exception:  # noqa: BLE001 - no artifacts in this run
+        return []
+
+
+@figure("example_scores", section="Example difficulty", title="Example difficulty scores per checkpoint",
+        source="Paul, Ganguli and Dziugaite 2021, Deep Learning on a Data Diet (EL2N and GraNd)", order=640)
+def scores_figure(runs: Sequence[RunData]) -> Figure | None:
+    kinds = [(k, label) for k, label in KINDS if any(_data.has(r, f"scores.{k}") for r in runs)]
+    if not kinds:
+        return None
+    colors = run_colors(runs)
+    fig = new_figure(10, 3.6 * len(kinds) + 0.5)
+    axes = fig.subplots(len(kinds), 2, squeeze=False)
+    drawn = []
+    for (kind, label), (ax_q, ax_h) in zip(kinds, axes):
+        metric = f"scores.{kind}"
+        for i, r in enumerate(runs):
+            if not _data.has(r, metric):
+                continue
+            drawn.append(i)
+            c = colors[i]
+            s10, q10 = _data.series(r, metric, "q10")
+            s90, q90 = _data.series(r, metric, "q90")
+            s50, q50 = _data.series(r, metric, "q50")
+            sm, mean = _data.series(r, metric, "mean")
+            if len(s10) and np.array_equal(s10, s90):
+                ax_q.fill_between(s10, q10, q90, color=c, alpha=0.18, linewidth=0)
+            gid = run_gid(fig, i, f"{r.name}: {metric} median")
+            ax_q.plot(s50, q50, color=c, linewidth=1.6, marker="o" if len(s50) <= 40 else None, markersize=3, gid=gid)
+            ax_q.plot(sm, mean, color=c, linewidth=1.1, linestyle="--")
+            steps = _steps(r, metric)
+            for step, alpha in ((steps[0], 0.35), (steps[-1], 0.9)) if steps else ():
+                arrays, _ = r.load_artifact(metric, step)
+                v = np.asarray(arrays["scores"], dtype=float)
+                v = v[np.isfinite(v)]
+                if v.size:
+                    ax_h.hist(v, bins=40, histtype="step", color=c, alpha=alpha, linewidth=1.4,
+                              linestyle=":" if alpha < 0.5 else "-")
+        ax_q.set_title(f"{label}: median, 10-90% band, mean", fontsize=10)
+        ax_q.set_xlabel("checkpoint step")
+        ax_q.grid(alpha=0.3)
+        ax_h.set_title(f"{kind.upper() if kind == 'el2n' else 'GraNd'} histogram: first (dotted) and last checkpoint",
+                       fontsize=10)
+        ax_h.set_xlabel("score")
+        ax_h.set_ylabel("examples")
+        ax_h.grid(alpha=0.3)
+    keep = sorted(set(drawn))
+    run_legend(fig, [runs[i] for i in keep], [colors[i] for i in keep],
+               [Patch(color="gray", alpha=0.25, label="10-90% of examples"),
+                Line2D([], [], color="gray", linestyle="--", label="mean")])
+    finish(fig, len(kinds), 2, wgap=0.8, hgap=0.8)
+    set_caption(fig, "Per-example difficulty on the --data examples at each checkpoint: EL2N is the L2 distance "
+                "between the softmax output and the one-hot label, GraNd the norm of the example's own loss "
+                "gradient (per-sample gradients, eval mode). Paul et al. score early in training and keep the "
+                "high-score examples when pruning the data set; low scores mark the examples already learnt.")
+    return fig
