@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the default settings")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    grid = [(8, 5, 2)] if args.quick else [(1, 2, 2), (1, 6, 6), (4, 2, 2), (4, 4, 4), (8, 3, 2), (8, 4, 2),
+    grid = [(12, 3, 2)] if args.quick else [(1, 2, 2), (1, 6, 6), (4, 2, 2), (4, 4, 4), (8, 3, 2), (8, 4, 2),
                                             (8, 5, 2), (12, 3, 2)]
     print(f"{'optimizer':9} {'every':>5} {'block':>5} {'iters':>5} {'upd.it':>6} {'weight err':>11} {'update err':>11}")
     for kind in ("sgd", "adamw"):

@@ -13,30 +13,33 @@ For every trainable weight with ndim >= 2, viewed as the matrix
   control (Bernstein and Newhouse; Large et al. 2024, Scalable Optimization in
   the Modular Norm).
 
-sigma_max by block power (subspace) iteration on W^T W with ``block`` = 8
+sigma_max by block power (subspace) iteration on W^T W with ``block`` = 12
 orthonormal right vectors and the Ritz value (:func:`power_iteration`),
 batched over the weights of one shape (one ``bmm`` per product: reading W once
-for 8 vectors costs about what one matrix-vector product does), warm-started
-from the previous recording step's block (weights and updates keep separate
-blocks). A single vector is not enough: the top singular values of random-like
-weights are close, and the top direction swaps between near-equal ones from
-step to step (measured: 5-18% error with one vector where 8 give 1e-5). The
-first recording step starts from random vectors (a private generator: the
-global RNG is not touched) with ``cold_iters`` = 30 iterations; later steps run
-``iters`` = 5 (weights) and ``update_iters`` = 2 (updates). The estimate never
-exceeds sigma_max. Defaults from ``benchmarks/bench_spectral.py`` (short SGD
-and AdamW runs of an MLP, recording every step and every 10 steps, worst case
-over layers and warm steps against ``torch.linalg.matrix_norm(W, 2)``): 5
-weight iterations stay within 1e-3 relative (4 reach 1.01e-3 with SGD at
-every=10), 2 update iterations within 1e-4 (updates are low-rank).
+for 12 vectors costs about what one matrix-vector product does on an
+accelerator), warm-started from the previous recording step's block (weights
+and updates keep separate blocks). A single vector is not enough: the top
+singular values of random-like weights are close, and the top direction swaps
+between near-equal ones from step to step (measured: 3-14% error with one
+vector and 2-6 iterations). The first recording step starts from random
+vectors (a private generator: the global RNG is not touched) with
+``cold_iters`` = 30 iterations; later steps run ``iters`` = 3 (weights) and
+``update_iters`` = 2 (updates). The estimate never exceeds sigma_max (up to
+rounding). Defaults from ``benchmarks/bench_spectral.py`` (an MLP trained with
+SGD and with AdamW, recording every step and every 10 steps; worst relative
+error over layers and warm recording steps against
+``torch.linalg.matrix_norm(W, 2)`` in float64): weights 1.1e-4 (block 8 needs
+5 iterations for 4.6e-4, block 4 stays at 3e-3 after 4), updates 3e-5 (updates
+are low-rank: 2 iterations are plenty; the 2% target holds from block 4).
 
 Cost on a recording step: a stacked copy of the weights before the step and
 one after it (transient: two copies of the matrices), and 2 (iters +
-update_iters) + 2 batched products with 8 vectors per shape (plus a QR of
-the (n, 8) block and an 8 x 8 eigenvalue by repeated squaring); state between recording steps: two blocks of
-8 right vectors per matrix. Without an optimizer only ``weight.spectral_norm`` is recorded (at
-``run.step``). When ``optimizer.step`` runs several times in one recording
-step, the first call's update is measured.
+update_iters) + 2 batched products with 12 vectors per shape (plus a QR of
+each (n, 12) block and a 12 x 12 top eigenvalue by repeated squaring); state
+between recording steps: two blocks of 12 right vectors per matrix. Without
+an optimizer only ``weight.spectral_norm`` is recorded (at ``run.step``).
+When ``optimizer.step`` runs several times in one recording step, the first
+call's update is measured.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class SpectralProbe(Probe):
 
     name = "spectral"
 
-    def __init__(self, iters: int = 5, update_iters: int = 2, cold_iters: int = 30, block: int = 8,
+    def __init__(self, iters: int = 3, update_iters: int = 2, cold_iters: int = 30, block: int = 12,
                  seed: int = 0) -> None:
         for name, v in (("iters", iters), ("update_iters", update_iters), ("cold_iters", cold_iters),
                         ("block", block)):
