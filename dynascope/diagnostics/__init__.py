@@ -43,3 +43,4 @@ from .weights import (  # noqa: E402, F401
     weight_norms,
     weight_spectra,
 )
+from .batchnorm import BNGapResult, batch_vs_running, train_eval_gap  # noqa: E402, F401

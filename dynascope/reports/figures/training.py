@@ -36,7 +36,7 @@ from ._helpers import (
 
 MAX_LAYERS = 8
 _PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.",
-                   "plasticity.")
+                   "plasticity.", "bn.")
 
 
 def _user_scalars(run: RunData) -> list[str]:
