@@ -2,6 +2,7 @@
 
 No hooks, no files, no global state; each restores the model exactly.
 """
+from .batchnorm import BNGapResult, batch_vs_running, train_eval_gap  # noqa: E402, F401
 from .hessian import (  # noqa: E402, F401
     EigenResult,
     LayerSharpnessResult,
@@ -43,4 +44,3 @@ from .weights import (  # noqa: E402, F401
     weight_norms,
     weight_spectra,
 )
-from .batchnorm import BNGapResult, batch_vs_running, train_eval_gap  # noqa: E402, F401

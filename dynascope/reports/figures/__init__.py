@@ -54,7 +54,6 @@ def run_colors(runs: Sequence[RunData]) -> list[str]:
 
 def all_figures() -> list[FigureSpec]:
     """Every registered figure, in report order (imports the figure modules)."""
-    from . import curvature, landscape, plasticity, signal, training  # noqa: F401
-    from . import dynamics  # noqa: F401  (BatchNorm statistics, distance from init, spectral norms)
+    from . import curvature, dynamics, landscape, plasticity, signal, training  # noqa: F401
 
     return sorted(REGISTRY.values(), key=lambda s: s.order)
