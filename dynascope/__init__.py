@@ -33,6 +33,7 @@ _LAZY: dict[str, str] = {
     "Curvature": "dynascope.probes.curvature",
     "Landscape": "dynascope.probes.landscape",
     "Plasticity": "dynascope.probes.plasticity",
+    "BNGap": "dynascope.probes.batchnorm",
     "hessian_eigenvalues": "dynascope.diagnostics.hessian",
     "hessian_trace": "dynascope.diagnostics.hessian",
     "hessian_spectrum": "dynascope.diagnostics.hessian",

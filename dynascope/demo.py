@@ -15,7 +15,8 @@ UCI; a 5-layer ReLU MLP of width 128):
 Every run records the default probes every 5 steps, sharpness (top-3 Hessian
 eigenvalues on a fixed batch of 512) every 100 steps against its 2(1+beta)/eta
 threshold, plasticity statistics every 100 steps, and a 2D loss landscape with
-the trajectory at the end.
+the trajectory at the end. The BatchNorm runs also record their batch against
+running statistics (default probe) and the train/eval loss gap every 100 steps.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> P
         "plasticity": dynascope.Plasticity(every=100, batch=probe_batch[0]),
         "landscape": dynascope.Landscape(at="end", batch=probe_batch, loss_fn=loss_fn, resolution=21),
     }
+    if cfg.batchnorm:  # BatchNorm statistics are recorded by the default probes; the train/eval gap is scheduled
+        extra["scheduled"] = [dynascope.BNGap(every=100, batch=probe_batch, loss_fn=loss_fn)]
     run_dir = out / "runs" / cfg.name
     batch = 64
     with dynascope.probe(model, opt, run_dir, every=5, overwrite=True, name=cfg.name, seed=seed,

@@ -41,7 +41,8 @@ from .store import ResilientWriter, RunStore, now_iso
 
 __all__ = ["Session", "probe", "PROBES"]
 
-PROBES = ("activations", "gradients", "updates")
+PROBES = ("activations", "gradients", "updates", "batchnorm")
+OPT_IN_PROBES = ("distance", "spectral")
 
 
 def _optimizer_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -197,7 +198,17 @@ class Session:
             return GradientProbe(all_params)
         if spec == "updates":
             return UpdateProbe(all_params)
-        raise ValueError(f"unknown probe {spec!r}; known probes: {', '.join(PROBES)} (or a dynascope Probe instance)")
+        if spec == "batchnorm":
+            from .probes.batchnorm import BatchNormProbe
+            return BatchNormProbe()
+        if spec == "distance":
+            from .probes.distance import DistanceProbe
+            return DistanceProbe(all_params)
+        if spec == "spectral":
+            from .probes.spectral import SpectralProbe
+            return SpectralProbe()
+        raise ValueError(f"unknown probe {spec!r}; known probes: {', '.join(PROBES + OPT_IN_PROBES)} "
+                         "(or a dynascope Probe instance)")
 
     def _resolve(self, spec: Sequence[str] | str | None) -> list[str] | None:
         if spec is None:

@@ -2,6 +2,7 @@
 
 No hooks, no files, no global state; each restores the model exactly.
 """
+from .batchnorm import BNGapResult, batch_vs_running, train_eval_gap  # noqa: E402, F401
 from .calibration import CalibrationBins, CalibrationResult, calibration  # noqa: E402, F401
 from .collapse import CollapseResult, neural_collapse  # noqa: E402, F401
 from .hessian import (  # noqa: E402, F401

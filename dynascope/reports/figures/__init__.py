@@ -55,7 +55,7 @@ def run_colors(runs: Sequence[RunData]) -> list[str]:
 
 def all_figures() -> list[FigureSpec]:
     """Every registered figure, in report order (imports the figure modules)."""
-    from . import curvature, landscape, plasticity, signal, training  # noqa: F401
+    from . import curvature, dynamics, landscape, plasticity, signal, training  # noqa: F401
     for extra in ("calibration", "collapse", "noise_scale", "scores"):  # issue 12's figures
         importlib.import_module(f"{__name__}.{extra}")
 

@@ -1,0 +1,115 @@
+"""Distance from initialisation (opt-in probe ``"distance"``; Hoffer, Hubara
+and Soudry 2017, Train longer, generalize better: ||w_t - w_0|| grows like
+log t, a "random walk on a random potential").
+
+Recorded at the end of every recording step ``t`` (after that step's update):
+
+* ``weight.distance_init`` (layer = parameter name) = ||w - w_0||_F per tracked
+  weight tensor (ndim >= 2, or every trainable parameter with ``all_params``);
+* ``weight.distance_init`` (layer ``""``) = sqrt(sum over tracked tensors of
+  ||w - w_0||^2), the distance of the whole network.
+
+``w_0`` is the weights when the probe starts (before step 0's update). It is
+saved once in the run directory (``distance_init.pt``, loaded with
+``weights_only=True``), so a resumed run (``resume=True``) keeps measuring from
+the true initialisation; if that file is missing or its shapes do not match,
+the weights at resume are ``w_0`` and the run metadata says so
+(``coverage.distance.origin``).
+
+Memory: one persistent copy of the tracked weights on their device (the same
+size as the tracked parameters), plus a transient copy of them on recording
+steps (the differences, by ``torch._foreach_sub``, freed after the
+``torch._foreach_norm``), and the same size once on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from .base import Collected, Probe
+
+__all__ = ["DistanceProbe", "INIT_FILE"]
+
+INIT_FILE = "distance_init.pt"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class DistanceProbe(Probe):
+    """||w_t - w_0|| per tracked tensor and for the whole network."""
+
+    name = "distance"
+
+    def __init__(self, all_params: bool = False, save_init: bool = True) -> None:
+        self.all_params = all_params
+        self.save_init = save_init
+        self.tracked: list[tuple[str, torch.nn.Parameter]] = []
+        self.init: list[torch.Tensor] = []
+        self.origin = "start"
+
+    def setup(self, session: Any) -> None:
+        super().setup(session)
+        self.tracked = [(n, p) for n, p in session.param_names
+                        if p.requires_grad and (p.ndim >= 2 or self.all_params)]
+        run_dir = getattr(session, "run_dir", None)
+        path = os.path.join(run_dir, INIT_FILE) if run_dir else None
+        store = getattr(session, "store", None)
+        resumed = bool(getattr(store, "resumed", False))  # the writing rank's: its rows are the recorded ones
+        loaded = self._load(path) if resumed and path else None
+        if loaded is not None:
+            self.init = loaded
+            self.origin = "saved initial weights (distance_init.pt)"
+        else:
+            self.init = [p.detach().clone() for _, p in self.tracked]
+            self.origin = "weights at resume (no matching distance_init.pt)" if resumed else "weights at start"
+            if resumed:
+                warnings.warn(f"dynascope: distance probe resumed without a matching {INIT_FILE} in the run "
+                              "directory; weight.distance_init is measured from the weights at resume",
+                              RuntimeWarning, stacklevel=2)
+            if store is not None and path and self.save_init:
+                tmp = path + ".tmp"
+                torch.save({n: w.detach().cpu() for (n, _), w in zip(self.tracked, self.init)}, tmp)
+                os.replace(tmp, path)
+        if store is not None:
+            coverage = dict(store.meta.get("coverage") or {})
+            coverage["distance"] = {"origin": self.origin, "tracked": len(self.tracked),
+                                    "init_copy_bytes": sum(w.numel() * w.element_size() for w in self.init)}
+            store.write_meta({"coverage": coverage})
+
+    def _load(self, path: str) -> list[torch.Tensor] | None:
+        if not os.path.exists(path):
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged file: fall back to the weights at resume (and say so)
+            return None
+        out = []
+        for name, p in self.tracked:
+            w = saved.get(name) if isinstance(saved, dict) else None
+            if not isinstance(w, torch.Tensor) or w.shape != p.shape:
+                return None
+            out.append(w.to(device=p.device, dtype=p.dtype))
+        return out
+
+    def collect(self, step: int) -> Collected | None:
+        if not self.tracked:
+            return None
+        params = [p.detach() for _, p in self.tracked]
+        init = self.init
+        with torch.no_grad():
+            if any(p.dtype in _HALF for p in params):  # differences of half weights in float32
+                params = [p.float() for p in params]
+                init = [w.float() for w in init]
+            diffs = torch._foreach_sub(params, init)
+            norms = torch.stack([n.float() for n in torch._foreach_norm(diffs)])
+            del diffs
+            total = norms.double().square().sum().sqrt().float()
+            values = torch.cat([norms, total[None]])
+        keys = [("weight.distance_init", n) for n, _ in self.tracked] + [("weight.distance_init", "")]
+        return Collected(keys, values)
+
+    def close(self) -> None:
+        self.init = []

@@ -1,0 +1,279 @@
+"""Figures: BatchNorm batch-vs-running statistics and the train/eval gap, distance
+from initialisation, spectral norms of the weights and of their updates.
+
+Orders 192-198 (weights section) and 230-239 (BatchNorm section). Runs keep
+their colour; per-layer figures are small multiples of at most 8 layers
+(evenly spaced in model order, named in the caption); non-finite values are
+marked with an ``x`` at the top of the panel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from ...store import RunData
+from .. import _data
+from . import figure, run_colors
+from ._helpers import (
+    NONFINITE_HANDLE,
+    few_xticks,
+    finish,
+    log_axis,
+    new_figure,
+    pick_layers,
+    plot_series,
+    run_gid,
+    run_legend,
+    set_caption,
+    short,
+    text,
+)
+
+MAX_LAYERS = 8
+BN_SECTION = "BatchNorm statistics"
+WEIGHT_SECTION = "Weights and effective learning rate"
+
+
+def _layers_caption(shown: list[str], total: int) -> str:
+    if total <= len(shown):
+        return f"All {total} layers: {', '.join(shown)}."
+    return f"{len(shown)} of {total} layers, evenly spaced in model order: {', '.join(shown)}."
+
+
+def _panels(
+    runs: Sequence[RunData],
+    metric: str,
+    *,
+    ylabel: str,
+    logy: bool = False,
+    logx: bool = False,
+    leading: tuple[str, str, str] | None = None,
+    extra: Callable[[Figure, object, int, RunData, str, str], list] | None = None,
+) -> tuple[Figure, list[str], int] | None:
+    """Small multiples of ``metric`` against step (``logx``: against step + 1 on a log axis),
+    runs overlaid; ``leading`` = (metric, layer, title) of a first panel (e.g. the whole network)."""
+    have = [r for r in runs if _data.has(r, metric)]
+    if not have:
+        return None
+    pool: list[str] = []
+    for r in have:
+        for lay in _data.layers(r, metric):
+            if lay and lay not in pool:
+                pool.append(lay)
+    shown = pick_layers(pool, MAX_LAYERS)
+    panels = ([leading] if leading is not None else []) + [(metric, lay, short(lay, 38)) for lay in shown]
+    if not panels:
+        return None
+    cols = min(len(panels), 3 if len(panels) <= 6 or len(panels) == 9 else 4)
+    rows = math.ceil(len(panels) / cols)
+    fig = new_figure(11 if cols == 4 else 10, 2.6 * rows + 0.7)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True).ravel()
+    colors = run_colors(runs)
+    handles: dict[str, object] = {}
+    any_bad = False
+    for ax, (m, lay, title) in zip(axes, panels):
+        for i, (r, c) in enumerate(zip(runs, colors)):
+            s, v = _data.series(r, m, lay)
+            if len(s) == 0:
+                continue
+            x = s + 1 if logx else s
+            any_bad |= plot_series(ax, x, v, color=c, log=logy, linewidth=1.1,
+                                   gid=run_gid(fig, i, f"{r.name}: {m} {lay}"))
+            if extra is not None:
+                for h in extra(fig, ax, i, r, m, lay):
+                    handles[h.get_label()] = h
+        if logy:
+            log_axis(ax)
+        if logx:
+            log_axis(ax, "x")
+        else:
+            few_xticks(ax, 4)
+        ax.set_title(text(title), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for k, ax in enumerate(axes[:len(panels)]):
+        if k + cols >= len(panels):  # the lowest panel of its column: label its step axis
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("step + 1 (updates applied)" if logx else "step", fontsize=9)
+    for ax in axes[::cols]:
+        ax.set_ylabel(text(ylabel), fontsize=9)
+    idx = [i for i, r in enumerate(runs) if _data.has(r, metric)]  # a run without the metric has no legend entry
+    run_legend(fig, [runs[i] for i in idx], [colors[i] for i in idx],
+               list(handles.values()) + ([NONFINITE_HANDLE] if any_bad else []))
+    finish(fig, rows, cols, hgap=0.45, wgap=0.7)
+    return fig, shown, len(pool)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+@figure("bn_mean_shift", section=BN_SECTION, title="Batch mean against running mean, per BatchNorm layer",
+        source="Ioffe 2017, Batch Renormalization; Schneider et al. 2020, test-time BN adaptation", order=230)
+def bn_mean_shift(runs: Sequence[RunData]) -> Figure | None:
+    out = _panels(runs, "bn.mean_shift", ylabel="mean shift (running sd)")
+    if out is None:
+        return None
+    fig, shown, total = out
+    set_caption(fig, "bn.mean_shift = mean over channels of |batch mean - running mean| / sqrt(running var + eps), "
+                "from the input of each BatchNorm layer in train mode at recording steps, against the running "
+                "statistics before that forward. Large values: eval mode (running statistics) normalises this "
+                "data differently from training (small batches, a shifted input distribution, a momentum too low "
+                "to follow fast-moving weights). " + _layers_caption(shown, total))
+    return fig
+
+
+@figure("bn_var_ratio", section=BN_SECTION, title="Batch variance over running variance, per BatchNorm layer",
+        source="Ioffe 2017, Batch Renormalization; Yao et al. 2021 / Shen et al. 2020, PowerNorm", order=232)
+def bn_var_ratio(runs: Sequence[RunData]) -> Figure | None:
+    ref = Line2D([], [], color="gray", linestyle="--", label="ratio 1 (running = batch)")
+
+    def extra(fig, ax, i, r, m, lay):
+        if i == 0 and not getattr(ax, "_dynascope_one", False):
+            ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+            ax._dynascope_one = True
+        return [ref]
+
+    out = _panels(runs, "bn.var_ratio", ylabel="batch var / running var", logy=True, extra=extra)
+    if out is None:
+        return None
+    fig, shown, total = out
+    set_caption(fig, "bn.var_ratio = mean over channels of batch variance (ddof=0) / (running variance + eps) for "
+                "each BatchNorm layer in train mode. 1 when the running variance matches the batches; far from 1 "
+                "the eval-mode outputs are scaled differently from the training ones (PowerNorm's argument "
+                "against batch statistics with large fluctuations). " + _layers_caption(shown, total))
+    return fig
+
+
+@figure("bn_gap", section=BN_SECTION, title="Loss with running statistics minus loss with batch statistics",
+        source="train/eval discrepancy of BatchNorm (Ioffe 2017; Summers and Dinneen 2020)", order=236)
+def bn_gap(runs: Sequence[RunData]) -> Figure | None:
+    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "bn.train_eval_gap")]
+    if not have:
+        return None
+    fig = new_figure(10, 3.6)
+    ax1, ax2 = fig.subplots(1, 2)
+    colors = run_colors(runs)
+    any_bad = False
+    losses: list[np.ndarray] = []
+    for i, r in have:
+        s, v = _data.series(r, "bn.train_eval_gap")
+        any_bad |= plot_series(ax1, s, v, color=colors[i], marker="o", markersize=3, linewidth=1.1,
+                               gid=run_gid(fig, i, f"{r.name}: bn.train_eval_gap"))
+        for metric, ls in (("bn.eval_loss", "-"), ("bn.train_loss", "--")):
+            s, v = _data.series(r, metric)
+            if len(s):
+                any_bad |= plot_series(ax2, s, v, color=colors[i], linestyle=ls, linewidth=1.1,
+                                       gid=run_gid(fig, i, f"{r.name}: {metric}"))
+                losses.append(v[np.isfinite(v)])
+    vals = np.concatenate(losses) if losses else np.zeros(0)
+    if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 20:
+        log_axis(ax2)
+    ax1.axhline(0.0, color="gray", linewidth=0.8)
+    ax1.set_title("bn.train_eval_gap = eval loss - batch-statistics loss", fontsize=9)
+    ax2.set_title("loss on the fixed batch", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        few_xticks(ax, 5)
+    ax1.set_ylabel("loss difference")
+    ax2.set_ylabel("loss")
+    styles = [Line2D([], [], color="gray", linestyle="-", label="eval mode (running statistics)"),
+              Line2D([], [], color="gray", linestyle="--", label="BatchNorm on batch statistics")]
+    run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have],
+               styles + ([NONFINITE_HANDLE] if any_bad else []))
+    finish(fig, 1, 2, wgap=0.8)
+    set_caption(fig, "On a fixed batch (dynascope.BNGap): the loss in eval mode minus the loss with only the "
+                "BatchNorm layers in train mode (normalising with the batch's own statistics; dropout off). A "
+                "positive gap is what the running statistics cost at evaluation; model and running statistics "
+                "are restored after each measurement.")
+    return fig
+
+
+# ----------------------------------------------------------------------------- distance from initialisation
+def _log_fit(s: np.ndarray, v: np.ndarray) -> tuple[float, float, float] | None:
+    """Least-squares a + b log(t) with t = step + 1, and its R^2 (numpy.polyfit)."""
+    ok = np.isfinite(v)
+    t, y = s[ok] + 1.0, v[ok]
+    if len(t) < 4 or np.ptp(np.log(t)) <= 0:
+        return None
+    b, a = np.polyfit(np.log(t), y, 1)
+    resid = y - (a + b * np.log(t))
+    tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid ** 2).sum()) / tot if tot > 0 else float("nan")
+    return float(a), float(b), r2
+
+
+@figure("distance_init", section=WEIGHT_SECTION, title="Distance from initialisation against log step",
+        source="Hoffer, Hubara and Soudry 2017, Train longer, generalize better (Fig. 2)", order=192)
+def distance_init(runs: Sequence[RunData]) -> Figure | None:
+    fits: list[str] = []
+    fit_handle = Line2D([], [], color="gray", linestyle=":", linewidth=1.5, label="fit a + b log(t)")
+
+    def extra(fig, ax, i, r, m, lay):
+        if lay != "":
+            return []
+        s, v = _data.series(r, m, lay)
+        fit = _log_fit(s, v)
+        if fit is None:
+            return []
+        a, b, r2 = fit
+        t = np.geomspace(1, s.max() + 1, 50)
+        ax.plot(t, a + b * np.log(t), color=run_colors(runs)[i], linestyle=":", linewidth=1.5,
+                gid=run_gid(fig, i, f"{r.name}: fit {a:.3g} + {b:.3g} log t"))
+        fits.append(f"{r.name}: b = {b:.3g} per e-fold of steps, R^2 = {r2:.3f}")
+        return [fit_handle]
+
+    out = _panels(runs, "weight.distance_init", ylabel="||w_t - w_0||", logx=True,
+                  leading=("weight.distance_init", "", "whole network"), extra=extra)
+    if out is None:
+        return None
+    fig, shown, total = out
+    set_caption(fig, "||w - w_0|| after each recorded step's update (w_0: the weights when the probe started, "
+                "kept across resumes), against step + 1 on a log axis. Hoffer et al. observe a random walk on a "
+                "random potential: the distance grows like log t, a straight line here. First panel: the whole "
+                "network (dotted: least-squares fit a + b log t; "
+                + ("; ".join(fits) if fits else "too few points to fit") + "). " + _layers_caption(shown, total))
+    return fig
+
+
+# ----------------------------------------------------------------------------- spectral norms
+@figure("spectral_norm", section=WEIGHT_SECTION, title="Spectral norm of each weight matrix against step",
+        source="Miyato et al. 2018, Spectral Normalization; Bernstein and Newhouse 2024", order=194)
+def spectral_norm(runs: Sequence[RunData]) -> Figure | None:
+    out = _panels(runs, "weight.spectral_norm", ylabel="sigma_max(W)", logy=True)
+    if out is None:
+        return None
+    fig, shown, total = out
+    set_caption(fig, "Largest singular value of each weight matrix w.flatten(1) before the step, by warm-started "
+                "block power iteration (within 1e-3 of the exact value once warm). It bounds the layer's Lipschitz "
+                "constant (Miyato et al.). " + _layers_caption(shown, total))
+    return fig
+
+
+@figure("update_spectral_norm", section=WEIGHT_SECTION,
+        title="Spectral norm of the update (RMS-to-RMS operator norm) against step",
+        source="Bernstein and Newhouse 2024, Old Optimizer, New Norm; Large et al. 2024, modular norm", order=196)
+def update_spectral_norm(runs: Sequence[RunData]) -> Figure | None:
+    spec = Line2D([], [], color="gray", linestyle=":", label="sigma_max(update), raw")
+
+    def extra(fig, ax, i, r, m, lay):
+        s, v = _data.series(r, "update.spectral_norm", lay)
+        if len(s) == 0:
+            return []
+        plot_series(ax, s, v, color=run_colors(runs)[i], linestyle=":", linewidth=1, log=True,
+                    gid=run_gid(fig, i, f"{r.name}: update.spectral_norm {lay}"))
+        return [spec]
+
+    out = _panels(runs, "update.rms_to_rms", ylabel="RMS-to-RMS norm", logy=True, extra=extra)
+    if out is None:
+        return None
+    fig, shown, total = out
+    set_caption(fig, "Solid: update.rms_to_rms = sqrt(fan_in / fan_out) * sigma_max(w_t+1 - w_t), the operator "
+                "norm of the step between RMS-normed inputs and outputs that modular-norm optimizers (Muon) hold "
+                "near a target; dotted: sigma_max of the update itself. " + _layers_caption(shown, total))
+    return fig
