@@ -48,6 +48,9 @@ _LAZY: dict[str, str] = {
     "dormant_fraction": "dynascope.diagnostics.plasticity",
     "weight_magnitude": "dynascope.diagnostics.plasticity",
     "equilibrium_angle": "dynascope.diagnostics.scale",
+    "findings": "dynascope.check",
+    "compare": "dynascope.comparison",
+    "detect_events": "dynascope.forensics",
 }
 
 __all__ = ["__version__", "Collected", "Probe", "RunData", "Scheduled", "ScheduledContext", "Session",

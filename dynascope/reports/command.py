@@ -1,4 +1,4 @@
-"""``dynascope report RUN... -o report.html [--format html|png|pdf] [--title ...]``."""
+"""``dynascope report RUN... -o report.html [--format html|png|pdf] [--title ...] [--baseline GOOD_RUN]``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None, help="report title (default: names the runs)")
     parser.add_argument("--figures", default=None, metavar="KEY,...",
                         help="only these figures (comma-separated registry keys)")
+    parser.add_argument("--baseline", default=None, metavar="GOOD_RUN",
+                        help="a known-good run: the report lists where the runs leave its band first")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,10 +34,14 @@ def run(args: argparse.Namespace) -> int:
             runs.append(load_run(path))
         except NotARunError as exc:
             raise UserError(str(exc)) from None
+    try:
+        baseline = None if args.baseline is None else load_run(args.baseline)
+    except NotARunError as exc:
+        raise UserError(str(exc)) from None
     out = Path(args.out) if args.out else Path("report.html" if args.fmt == "html" else "report-figures")
     figures = [k.strip() for k in args.figures.split(",") if k.strip()] if args.figures else None
     try:
-        path = report(runs, out, title=args.title, figures=figures, fmt=args.fmt)
+        path = report(runs, out, title=args.title, figures=figures, fmt=args.fmt, baseline=baseline)
     except (ValueError, FileExistsError, NotADirectoryError) as exc:
         raise UserError(str(exc)) from None
     print(path)
