@@ -48,7 +48,7 @@ __all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRIC
 
 BAND_WINDOW = 20        # recorded values in a module's running band
 BAND_MADS = 6.0         # band half-width in robust SDs (1.4826 x MAD)
-MIN_RATIO = 1.5         # ... and at least this factor from the running median
+MIN_RATIO = 2.0         # ... and at least this factor from the running median (a jump, not a drift)
 LOOKBACK = 20           # recorded steps before the event that are searched (the event step included)
 MIN_PERIODS = 5         # finite values a band needs
 EVENT_MERGE = 5         # detected events of one kind within this many recorded steps form one episode

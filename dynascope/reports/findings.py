@@ -614,6 +614,28 @@ def _ratio_text(row: pd.Series) -> str:
     return f"{row['metric']} {row['direction']} ({_fmt(row['z'])} robust SDs)"
 
 
+def _layer_groups(deviations: pd.DataFrame) -> dict[str, list[str]]:
+    """Deviating layers in compare order, each with the later layers whose deviations are identical (same
+    metrics, first steps and values: e.g. a Linear and the Identity after it) folded into it."""
+    groups: dict[str, list[str]] = {}
+    seen: dict[tuple, str] = {}
+    for lay, sub in deviations.groupby("layer", sort=False):
+        sig = tuple((m, int(s), round(float(v), 9)) for m, s, v in zip(sub["metric"], sub["first_step"],
+                                                                       sub["value"].fillna(0.0)))
+        if sig in seen:
+            groups[seen[sig]].append(str(lay))
+        else:
+            seen[sig] = str(lay)
+            groups[str(lay)] = [str(lay)]
+    first = {lay: i for i, lay in enumerate(dict.fromkeys(deviations["layer"]))}
+    return dict(sorted(groups.items(), key=lambda kv: first[kv[0]]))
+
+
+def distinct_layers(deviations: pd.DataFrame) -> list[str]:
+    """The deviating layers in compare order, layers with identical deviations listed once."""
+    return list(_layer_groups(deviations))
+
+
 def baseline_findings(run: RunData, baseline: RunData, deviations: pd.DataFrame | None = None) -> list[Finding]:
     """The deviations of ``run`` from ``baseline`` (:func:`dynascope.compare`) as findings, in the compare order:
     one warning per deviating layer for the first MAX_DEVIATION_FINDINGS layers (its metrics listed), then one
@@ -625,13 +647,17 @@ def baseline_findings(run: RunData, baseline: RunData, deviations: pd.DataFrame 
     if deviations.empty:
         return []
     out: list[Finding] = []
-    order = list(dict.fromkeys(deviations["layer"]))
+    groups = _layer_groups(deviations)
+    order = list(groups)
     for lay in order[:MAX_DEVIATION_FINDINGS]:
         sub = deviations[deviations["layer"] == lay]
         first = sub.iloc[0]
         what = ", ".join(_ratio_text(r) for _, r in sub.head(4).iterrows())
         more = f" and {len(sub) - 4} more metric(s)" if len(sub) > 4 else ""
-        where = f"layer {lay!r}" if lay else "run-level"
+        same = groups[lay][1:]
+        twins = f" (and {', '.join(repr(t) for t in same[:3])}{' ...' if len(same) > 3 else ''}, identical)" \
+            if same else ""
+        where = (f"layer {lay!r}" if lay else "run-level") + twins
         out.append(Finding(
             "warning",
             f"Deviates from baseline {baseline.name!r} at {where} from step {int(first['first_step'])}: {what}{more} "
@@ -640,7 +666,7 @@ def baseline_findings(run: RunData, baseline: RunData, deviations: pd.DataFrame 
             float(first["ratio"]) if math.isfinite(first["ratio"]) else None, None, BASELINE_FIGURE,
             run.name, BASELINE_RULE))
     if len(order) > MAX_DEVIATION_FINDINGS:
-        rest = deviations[deviations["layer"].isin(order[MAX_DEVIATION_FINDINGS:])]
+        rest = deviations[deviations["layer"].isin([t for lay in order[MAX_DEVIATION_FINDINGS:] for t in groups[lay]])]
         out.append(Finding(
             "info",
             f"{len(order) - MAX_DEVIATION_FINDINGS} more layer(s) deviate from baseline {baseline.name!r} "
@@ -659,8 +685,9 @@ def collect(runs: Sequence[RunData], baseline: RunData | None = None, rules: Seq
     out: list[Finding] = []
     if baseline is not None:
         for run in runs:
-            dev = None if deviations is None else deviations.get(run.name)
-            out += baseline_findings(run, baseline, dev)
+            if deviations is not None and run.name not in deviations:
+                continue  # the caller could not compare this run (and said so)
+            out += baseline_findings(run, baseline, None if deviations is None else deviations[run.name])
     return out + findings(runs, rules)
 
 

@@ -35,7 +35,7 @@ from ._helpers import (
 )
 
 MAX_LAYERS = 8
-_PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.",
+_PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.", "event.",
                    "plasticity.")
 
 
