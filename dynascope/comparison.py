@@ -38,7 +38,7 @@ __all__ = ["compare", "band", "COMPARE_WINDOW", "COMPARE_MADS", "COMPARE_MIN_RAT
            "SKIPPED"]
 
 COMPARE_WINDOW = 11       # recorded steps, centred
-COMPARE_MADS = 6.0        # band half-width in robust SDs of the step-to-step differences
+COMPARE_MADS = 4.0        # band half-width in robust SDs of the step-to-step differences
 COMPARE_MIN_RATIO = 1.5   # deviations smaller than this factor are not reported
 COMPARE_PERSIST = 3       # consecutive common steps out of the band
 COMPARE_SHIFT = 5         # recorded steps a run may lead or lag the baseline
