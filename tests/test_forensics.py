@@ -198,3 +198,21 @@ def test_report_opens_with_forensics_of_the_event(fault_run, tmp_path):
     first_row = section[section.index('<tr class="top">'):]
     assert f"<td>{layer}</td>" in first_row[:300]
     assert section.count("<svg") >= 1 and f"#1 {layer}" in section
+
+
+def test_spike_threshold_against_a_loop():
+    """The findings' and the events' spike threshold: max(2 x median, median + 6 x 1.4826 x MAD, median + 0.1 x
+    starting loss) over the previous 20 finite values, computed here with statistics.median."""
+    rng = np.random.default_rng(11)
+    v = 1.0 + 0.3 * rng.standard_normal(80)  # noisy enough that the MAD term dominates 2 x median
+    v[33] = np.nan
+    thr = F.spike_threshold(v, min_rise=0.1)
+    start = statistics.median([x for x in v[:20] if math.isfinite(x)])
+    for i in (10, 34, 60, 79):
+        w = [x for x in v[max(i - 20, 0):i] if math.isfinite(x)]
+        m = statistics.median(w)
+        mad = statistics.median([abs(x - m) for x in w])
+        ref = max(2 * m, m + 6 * 1.4826 * mad, m + 0.1 * start)
+        assert thr[i] == pytest.approx(ref, rel=1e-12)
+    assert (6 * 1.4826 * mad) > m  # the MAD term is the binding one here
+    assert np.isnan(thr[:5]).all()  # fewer than 5 previous values
