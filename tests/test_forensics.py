@@ -198,6 +198,9 @@ def test_report_opens_with_forensics_of_the_event(fault_run, tmp_path):
     first_row = section[section.index('<tr class="top">'):]
     assert f"<td>{layer}</td>" in first_row[:300]
     assert section.count("<svg") >= 1 and f"#1 {layer}" in section
+    # a gradient-norm spike of the same episode is not shown twice
+    step = int(run.events().query("kind == 'loss_spike'")["step"].iloc[0])
+    assert f"grad_spike at step {step} " not in section and f"grad_spike at step {step + 1} " not in section
 
 
 def test_spike_threshold_against_a_loop():

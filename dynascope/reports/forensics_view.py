@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..forensics import BAND_MADS, BAND_WINDOW, LOOKBACK, MAD_TO_SD, MIN_RATIO, rolling_band
+from ..forensics import BAND_MADS, BAND_WINDOW, EVENT_MERGE, LOOKBACK, MAD_TO_SD, MIN_RATIO, rolling_band
 from ..store import RunData
 from . import _data
 from .figures._helpers import CAPTION_ATTR, few_xticks, finish, log_axis, new_figure, plot_series, set_caption, text
@@ -125,7 +125,13 @@ def forensics_figure(run: RunData, event: pd.Series, table: pd.DataFrame, *, pan
 def _events_to_show(events: pd.DataFrame, max_events: int) -> pd.DataFrame:
     if events.empty:
         return events
-    loss_first = events.assign(_grad=[0 if str(k).startswith("loss") else 1 for k in events["kind"]])
+    is_loss = np.array([str(k).startswith("loss") for k in events["kind"]])
+    loss_steps = events["step"].to_numpy()[is_loss]
+    # another kind within EVENT_MERGE steps of a loss event is the same episode: its forensics repeat
+    near = np.array([bool(len(loss_steps)) and bool(np.any(np.abs(loss_steps - st) <= EVENT_MERGE))
+                     for st in events["step"]])
+    keep = events[is_loss | ~near]
+    loss_first = keep.assign(_grad=[0 if str(k).startswith("loss") else 1 for k in keep["kind"]])
     chosen = loss_first.sort_values(["_grad", "step"], kind="stable").head(max_events)
     return chosen.drop(columns="_grad")  # loss events first (by step), then the others
 
