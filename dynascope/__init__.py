@@ -56,6 +56,9 @@ _LAZY: dict[str, str] = {
     "gradient_noise_scale": "dynascope.diagnostics.noise_scale",
     "neural_collapse": "dynascope.diagnostics.collapse",
     "example_scores": "dynascope.diagnostics.scores",
+    "findings": "dynascope.check",
+    "compare": "dynascope.comparison",
+    "detect_events": "dynascope.forensics",
 }
 
 __all__ = ["__version__", "Collected", "Probe", "ProbeContext", "Stat", "RunData", "Scheduled", "ScheduledContext",

@@ -1,4 +1,4 @@
-"""Command line: ``dynascope demo | report | ls | analyze | export``.
+"""Command line: ``dynascope demo | report | ls | analyze | export | check``.
 
 ``python -m dynascope`` is the same program. Each subcommand lives in its own
 module that provides ``add_arguments(parser)`` and ``run(args) -> int``; this
@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("dynascope.reports.command_ls", "list the metrics, layers and steps a run recorded"),
     "analyze": ("dynascope.analyze", "run diagnostics over saved checkpoints into a run directory"),
     "export": ("dynascope.integrations.tensorboard", "export a run's scalars to TensorBoard event files"),
+    "check": ("dynascope.check", "print a run's findings; exit 1 when one is at or above --fail-on (a gate)"),
 }
 
 

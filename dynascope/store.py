@@ -847,6 +847,23 @@ class RunData:
         df["value"] = [json.loads(v) if v else None for v in df["value"]]
         return df
 
+    def events(self, *, detect: bool | None = None) -> pd.DataFrame:
+        """Events (loss spikes, non-finite losses, ...): columns step, kind, value, threshold, source.
+
+        The stored ``event.<kind>`` rows, or events detected from the recorded loss when none is stored
+        (see :func:`dynascope.forensics.run_events` and docs/forensics.md).
+        """
+        from .forensics import run_events
+
+        return run_events(self, detect=detect)
+
+    def forensics(self, step: int, **kwargs: Any) -> pd.DataFrame:
+        """Modules ranked by when they left their running band before the event at ``step``: columns
+        module, metric, first_step, ratio, ... (see :func:`dynascope.forensics.forensics`)."""
+        from .forensics import forensics
+
+        return forensics(self, step, **kwargs)
+
 
 def _natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -1,4 +1,4 @@
-"""``dynascope report RUN... -o report.html [--format html|png|pdf] [--title ...]``."""
+"""``dynascope report RUN... -o report.html [--format html|png|pdf] [--title ...] [--baseline GOOD_RUN]``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out runs that cannot be read (damaged store, missing meta.json) and say so "
                              "at the top of the report, instead of stopping with an error")
+    parser.add_argument("--baseline", default=None, metavar="GOOD_RUN",
+                        help="a known-good run: the report lists where the runs leave its band first")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,13 +41,18 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"run {path}: {exc} (pass --skip-bad to report on the other runs)"
                                 if len(args.runs) > 1 else str(exc)) from None
             skipped.append((path, str(exc)))
+    try:
+        baseline = None if args.baseline is None else load_run(args.baseline)
+    except RunStoreError as exc:
+        raise UserError(f"--baseline: {exc}") from None
     out = Path(args.out) if args.out else Path("report.html" if args.fmt == "html" else "report-figures")
     figures = [k.strip() for k in args.figures.split(",") if k.strip()] if args.figures else None
     while True:
         if not runs:
             raise UserError(f"no run could be read ({len(skipped)} skipped): " + "; ".join(p for _, p in skipped))
         try:
-            path = report(runs, out, title=args.title, figures=figures, fmt=args.fmt, skipped=skipped)
+            path = report(runs, out, title=args.title, figures=figures, fmt=args.fmt, skipped=skipped,
+                          baseline=baseline)
             break
         except RunStoreError as exc:  # damage met while reading (past the checks at load time)
             bad = next((r for r in runs if str(r.path) in str(exc)), None)

@@ -39,7 +39,8 @@ import pandas as pd
 from ..store import RunData
 from . import _data
 
-__all__ = ["Finding", "RULES", "findings", "rule"]
+__all__ = ["Finding", "RULES", "RULE_SOURCES", "findings", "rule", "collect", "frame", "baseline_findings",
+           "FRAME_COLUMNS"]
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -150,22 +151,34 @@ def sharpness_above_threshold(run: RunData) -> list[Finding]:
         "hessian.eig", "1", int(s[k]), float(v[k]), float(thr[k]), "curvature_sharpness")]
 
 
-def spikes(steps: np.ndarray, values: np.ndarray, min_rise: float = 0.0) -> np.ndarray:
-    """Indices of spikes: value > SPIKE_FACTOR x median of the previous SPIKE_WINDOW recorded values and above
-    that median by more than SPIKE_MADS x 1.4826 x MAD (at least 5 previous values), and by at least
-    ``min_rise`` x the median of the first SPIKE_WINDOW values (an absolute floor: a minibatch loss near zero
-    doubles by noise alone). Non-finite values are neither spikes nor part of the window."""
-    v = pd.Series(np.where(np.isfinite(values), values, np.nan))
-    prev = v.shift(1)
-    med = prev.rolling(SPIKE_WINDOW, min_periods=5).median()
-    mad = (prev - med).abs().rolling(SPIKE_WINDOW, min_periods=5).median()
-    robust = 1.4826 * mad
-    cond = (v > SPIKE_FACTOR * med) & (v > med + SPIKE_MADS * robust) & (med > 0)
-    if min_rise > 0:
-        start = float(np.nanmedian(v.to_numpy()[:SPIKE_WINDOW])) if v.notna().any() else float("nan")
+def spike_threshold(values: np.ndarray, min_rise: float = 0.0) -> np.ndarray:
+    """Per index, the level above which a value is a spike (NaN where undefined): the largest of
+    SPIKE_FACTOR x the median of the previous SPIKE_WINDOW recorded values, that median + SPIKE_MADS x
+    1.4826 x MAD (at least 5 previous values), and that median + ``min_rise`` x the median of the first
+    SPIKE_WINDOW values (an absolute floor: a minibatch loss near zero doubles by noise alone). Non-finite
+    values are not part of the window. One implementation for the findings and the events of
+    :func:`dynascope.forensics.detect_events`."""
+    from ..forensics import rolling_band
+
+    v = np.where(np.isfinite(values), values, np.nan).astype(float)
+    med, mad = rolling_band(v, SPIKE_WINDOW, min_periods=5)  # exact median and MAD of the previous values
+    thr = np.fmax(SPIKE_FACTOR * med, med + SPIKE_MADS * 1.4826 * mad)
+    if min_rise > 0 and np.isfinite(v).any():
+        start = float(np.nanmedian(v[:SPIKE_WINDOW])) if np.isfinite(v[:SPIKE_WINDOW]).any() else float("nan")
         if np.isfinite(start):
-            cond &= v - med >= min_rise * abs(start)
-    return np.flatnonzero(cond.to_numpy())
+            thr = np.fmax(thr, med + min_rise * abs(start))
+    with np.errstate(invalid="ignore"):
+        thr[~(med > 0)] = np.nan
+    return thr
+
+
+def spikes(steps: np.ndarray, values: np.ndarray, min_rise: float = 0.0) -> np.ndarray:
+    """Indices of spikes: finite values above :func:`spike_threshold` (value > SPIKE_FACTOR x the median of
+    the previous SPIKE_WINDOW recorded values, above it by more than SPIKE_MADS robust SDs, and by at least
+    ``min_rise`` x the loss at the start). Non-finite values are neither spikes nor part of the window."""
+    v = np.asarray(values, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return np.flatnonzero(np.isfinite(v) & (v > spike_threshold(v, min_rise)))
 
 
 @rule
@@ -247,6 +260,7 @@ def non_finite_values(run: RunData) -> list[Finding]:
     of layers, and the first step and layer; ``loss`` first, then by first step.
     """
     df = _data.non_finite_summary(run)
+    df = df[~df["metric"].str.startswith("event.")]  # a stored non-finite event repeats a metric's value
     if df.empty:
         return []
     df = df.copy()
@@ -668,3 +682,124 @@ def findings(runs: Sequence[RunData], rules: Sequence[str] | None = None) -> lis
             out += [Finding(f.severity, f.message, f.metric, f.layer, f.step, f.value, f.threshold, f.figure_key,
                             run.name, name) for f in found]
     return sorted(out, key=lambda f: _SEVERITY_ORDER.get(f.severity, 9))
+
+
+# the literature behind each rule (the ``source`` column of dynascope.findings); a test checks every rule has one
+RULE_SOURCES: dict[str, str] = {
+    "sharpness_above_threshold": "Cohen et al. 2021 (edge of stability); Cohen et al. 2022 (adaptive)",
+    "loss_spikes": "Cohen et al. 2021; Gilmer et al. 2021; Chowdhery et al. 2022 (PaLM)",
+    "non_finite_values": "NaN/inf in a recorded value",
+    "variance_grows_with_depth": "Sun et al. 2025 (curse of depth); Brock, De, Smith 2021",
+    "massive_activations": "Sun et al. 2024 (massive activations)",
+    "grad_norm_depth_ratio": "Xiong et al. 2020 (Post-LN); Shleifer et al. 2021 (NormFormer)",
+    "effective_lr_decay": "van Laarhoven 2017; Hoffer et al. 2018; Heo et al. 2021 (AdamP)",
+    "dead_units": "Dohare et al. 2024 (loss of plasticity)",
+    "dormant_units": "Sokar et al. 2023 (dormant neurons)",
+    "effective_rank_collapse": "Dohare et al. 2024; Kumar et al. 2021",
+}
+BASELINE_RULE = "baseline_deviation"
+BASELINE_FIGURE = "baseline_deviations"  # anchor of the report's comparison figure
+MAX_DEVIATION_FINDINGS = 8               # deviating layers listed one per finding; the rest in one line
+FRAME_COLUMNS = ["severity", "rule", "metric", "layer", "step", "message", "source", "run", "value", "threshold",
+                 "figure"]
+
+
+def _ratio_text(row: pd.Series) -> str:
+    if row["direction"] == "non-finite":
+        return f"{row['metric']} non-finite"
+    if isinstance(row["ratio"], float) and math.isfinite(row["ratio"]):
+        return f"{row['metric']} {_fmt(row['ratio'])}x {row['direction']}"
+    return f"{row['metric']} {row['direction']} ({_fmt(row['z'])} robust SDs)"
+
+
+def _layer_groups(deviations: pd.DataFrame) -> dict[str, list[str]]:
+    """Deviating layers in compare order, each with the later layers whose deviations are identical (same
+    metrics, first steps and values: e.g. a Linear and the Identity after it) folded into it."""
+    groups: dict[str, list[str]] = {}
+    seen: dict[tuple, str] = {}
+    for lay, sub in deviations.groupby("layer", sort=False):
+        sig = tuple((m, int(s), round(float(v), 9)) for m, s, v in zip(sub["metric"], sub["first_step"],
+                                                                       sub["value"].fillna(0.0)))
+        if sig in seen:
+            groups[seen[sig]].append(str(lay))
+        else:
+            seen[sig] = str(lay)
+            groups[str(lay)] = [str(lay)]
+    first = {lay: i for i, lay in enumerate(dict.fromkeys(deviations["layer"]))}
+    return dict(sorted(groups.items(), key=lambda kv: first[kv[0]]))
+
+
+def distinct_layers(deviations: pd.DataFrame) -> list[str]:
+    """The deviating layers in compare order, layers with identical deviations listed once."""
+    return list(_layer_groups(deviations))
+
+
+def baseline_findings(run: RunData, baseline: RunData, deviations: pd.DataFrame | None = None) -> list[Finding]:
+    """The deviations of ``run`` from ``baseline`` (:func:`dynascope.compare`) as findings, in the compare order:
+    one warning per deviating layer for the first MAX_DEVIATION_FINDINGS layers (its metrics listed), then one
+    info line counting the rest."""
+    if deviations is None:
+        from ..comparison import compare
+
+        deviations = compare(run, baseline)
+    if deviations.empty:
+        return []
+    out: list[Finding] = []
+    groups = _layer_groups(deviations)
+    order = list(groups)
+    for lay in order[:MAX_DEVIATION_FINDINGS]:
+        sub = deviations[deviations["layer"] == lay]
+        first = sub.iloc[0]
+        what = ", ".join(_ratio_text(r) for _, r in sub.head(4).iterrows())
+        more = f" and {len(sub) - 4} more metric(s)" if len(sub) > 4 else ""
+        same = groups[lay][1:]
+        twins = f" (and {', '.join(repr(t) for t in same[:3])}{' ...' if len(same) > 3 else ''}, identical)" \
+            if same else ""
+        where = (f"layer {lay!r}" if lay else "run-level") + twins
+        out.append(Finding(
+            "warning",
+            f"Deviates from baseline {baseline.name!r} at {where} from step {int(first['first_step'])}: {what}{more} "
+            f"(outside the baseline's band at the same steps for {int(first['n_steps'])} recorded step(s)).",
+            str(first["metric"]), str(lay), int(first["first_step"]),
+            float(first["ratio"]) if math.isfinite(first["ratio"]) else None, None, BASELINE_FIGURE,
+            run.name, BASELINE_RULE))
+    if len(order) > MAX_DEVIATION_FINDINGS:
+        rest = deviations[deviations["layer"].isin([t for lay in order[MAX_DEVIATION_FINDINGS:] for t in groups[lay]])]
+        out.append(Finding(
+            "info",
+            f"{len(order) - MAX_DEVIATION_FINDINGS} more layer(s) deviate from baseline {baseline.name!r} "
+            f"({len(rest)} metric/layer pairs, first at step {int(rest['first_step'].min())}); "
+            "dynascope.compare lists them all.",
+            str(rest.iloc[0]["metric"]), "", int(rest["first_step"].min()), None, None, BASELINE_FIGURE, run.name,
+            BASELINE_RULE))
+    return out
+
+
+def collect(runs: Sequence[RunData], baseline: RunData | None = None, rules: Sequence[str] | None = None,
+            deviations: dict[str, pd.DataFrame] | None = None) -> list[Finding]:
+    """What the report lists and ``dynascope.findings`` / ``dynascope check`` return: with a baseline, its
+    deviations first (per run, :func:`baseline_findings`), then every rule's findings (:func:`findings`).
+    ``deviations``: precomputed ``compare`` tables keyed by run name."""
+    out: list[Finding] = []
+    if baseline is not None:
+        for run in runs:
+            if deviations is not None and run.name not in deviations:
+                continue  # the caller could not compare this run (and said so)
+            out += baseline_findings(run, baseline, None if deviations is None else deviations[run.name])
+    return out + findings(runs, rules)
+
+
+def frame(found: Sequence[Finding], baseline: RunData | None = None) -> pd.DataFrame:
+    """Findings as a DataFrame with :data:`FRAME_COLUMNS` (``source``: the rule's literature, or the baseline run)."""
+    rows = []
+    for f in found:
+        if f.rule == BASELINE_RULE:
+            source = f"baseline run {baseline.name!r}" if baseline is not None else "baseline run"
+        else:
+            source = RULE_SOURCES.get(f.rule, "")
+        rows.append({"severity": f.severity, "rule": f.rule, "metric": f.metric, "layer": f.layer,
+                     "step": f.step, "message": f.message, "source": source, "run": f.run, "value": f.value,
+                     "threshold": f.threshold, "figure": f.figure_key})
+    df = pd.DataFrame(rows, columns=FRAME_COLUMNS)
+    df["step"] = df["step"].astype("Int64")
+    return df

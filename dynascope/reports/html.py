@@ -34,8 +34,9 @@ from ..store import RunData, RunStoreError, load_run
 from . import _data
 from .figures import FigureSpec, all_figures, run_colors
 from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
-from .findings import Finding
-from .findings import findings as compute_findings
+from .findings import BASELINE_RULE, Finding
+from .findings import collect as collect_findings
+from .forensics_view import comparison_items, forensics_items
 
 __all__ = ["report", "SVG_LIMIT", "FORMATS"]
 
@@ -245,6 +246,22 @@ def _resolve_anchor(f: Finding, keys: list[str]) -> str | None:
     return None
 
 
+def _deviations(runs: Sequence[RunData], baseline: RunData | None) -> dict[str, Any]:
+    """``compare(run, baseline)`` per run name; a run that cannot be compared gets a warning, not an error."""
+    if baseline is None:
+        return {}
+    from ..comparison import compare
+
+    out = {}
+    for r in runs:
+        try:
+            out[r.name] = compare(r, baseline)
+        except ValueError as exc:
+            warnings.warn(f"run {r.name!r} not compared with baseline {baseline.name!r}: {exc}", RuntimeWarning,
+                          stacklevel=3)
+    return out
+
+
 def _default_title(runs: Sequence[RunData]) -> str:
     names = ", ".join(r.name for r in runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
     return f"dynascope report: {names}"
@@ -279,6 +296,7 @@ def report(
     fmt: str = "html",
     progress: bool | None = None,
     skipped: Sequence[tuple[str, str]] = (),
+    baseline: str | os.PathLike[str] | RunData | None = None,
 ) -> Path:
     """Write the report for one or several runs and return its path.
 
@@ -290,6 +308,9 @@ def report(
     ``progress``: a progress bar on stderr (default: only when stderr is a terminal).
     ``skipped``: ``(path, problem)`` of runs left out (``dynascope report --skip-bad``), shown as
     error findings at the top of the report.
+    ``baseline``: a known-good run; the findings open with where each run leaves its band
+    (:func:`dynascope.compare`), a comparison section draws them, and the figures show the baseline too.
+    The report opens with the forensics of each run's events (docs/forensics.md).
     Raises :class:`~dynascope.store.RunStoreError` (a :class:`~dynascope.store.NotARunError` for a
     path that is not a run) naming the file and the problem of a run that cannot be read.
     """
@@ -298,12 +319,15 @@ def report(
     run_list = _as_runs(runs)
     specs = _select(figures)
     out = Path(out)
+    base = None if baseline is None else _as_runs(baseline)[0]
+    deviations = _deviations(run_list, base)
     found = [Finding("error", f"run {path} was left out of this report: {problem}", "", "", None, None, None, None,
                      run=str(path), rule="store.unreadable") for path, problem in skipped]
-    found += compute_findings(run_list)
+    found += collect_findings(run_list, base, deviations=deviations)
+    fig_runs = run_list if base is None else [*run_list, base]
     if fmt != "html":
-        return _export(_draw(specs, run_list, progress), found, out, fmt)
-    drawn = _draw(specs, run_list, progress, render=_embed)
+        return _export(_draw(specs, fig_runs, progress), found, out, fmt)
+    drawn = _draw(specs, fig_runs, progress, render=_embed)
 
     rendered: list[_RenderedFigure] = []
     for spec, fig, err, body in drawn:
@@ -318,7 +342,13 @@ def report(
                              "figures": []})
         sections[-1]["figures"].append(rf)
     keys = [rf.key for rf in rendered if rf.body is not None]
-    colors = run_colors(run_list)
+    colors = run_colors(fig_runs)
+    forensics = forensics_items(run_list, _embed)
+    comparison = [] if base is None else comparison_items(run_list, base, deviations, _embed)
+    dev_anchor = {c["run"]: c["anchor"] for c in comparison if c["figure"] is not None}
+    summary = _summary(fig_runs)
+    if base is not None:
+        summary.insert(0, ("role", ["run"] * len(run_list) + ["baseline"]))
     env = Environment(loader=FileSystemLoader(str(_TEMPLATES)), autoescape=select_autoescape(default=True,
                       default_for_string=True, enabled_extensions=("html", "j2")))
     script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
@@ -326,10 +356,13 @@ def report(
         title=title or _default_title(run_list),
         version=__version__,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        runs=[{"name": r.name, "color": c} for r, c in zip(run_list, colors)],
-        findings=[{"severity": f.severity, "message": f.message, "run": f.run, "anchor": _resolve_anchor(f, keys)}
+        runs=[{"name": r.name + (" (baseline)" if r is base else ""), "color": c} for r, c in zip(fig_runs, colors)],
+        findings=[{"severity": f.severity, "message": f.message, "run": f.run,
+                   "anchor": dev_anchor.get(f.run) if f.rule == BASELINE_RULE else _resolve_anchor(f, keys)}
                   for f in found],
-        summary=_summary(run_list),
+        summary=summary,
+        forensics=forensics,
+        comparison=comparison,
         sections=sections,
         script=Markup(_SCRIPT),
         script_hash=script_hash,

@@ -36,7 +36,7 @@ from ._helpers import (
 )
 
 MAX_LAYERS = 8
-_PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.",
+_PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.", "event.",
                    "plasticity.", "bn.")
 _PROBE_PREFIXES += ("calibration.", "gns.", "collapse.", "scores.")  # scheduled recorders of issue 12
 

@@ -1,0 +1,44 @@
+"""Short real training runs on the bundled digits data, for the forensics / comparison / check tests.
+
+``train`` records the demo's plain MLP (no normalization) with one optimizer param group per module
+that owns parameters (group ``name`` = the module's name), and can change one group's learning rate
+from a step on (``lr_change = (module, first_step, factor, n_steps)``): the known fault the tests look for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import dynascope
+from dynascope.datasets import load_digits
+from dynascope.demo import make_mlp
+
+
+def train(path: str | Path, *, steps: int, every: int = 1, optimizer: str = "sgd", lr: float = 0.05,
+          lr_change: tuple[str, int, float, int] | None = None, seed: int = 0, data_seed: int = 0,
+          probes: tuple[str, ...] = ("gradients", "updates")) -> Path:
+    x, y = load_digits()
+    torch.manual_seed(seed)
+    model = make_mlp(False)
+    groups = [{"params": list(m.parameters(recurse=False)), "name": n} for n, m in model.named_modules()
+              if list(m.parameters(recurse=False))]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(groups, lr=lr)
+    g = torch.Generator().manual_seed(data_seed)
+    with dynascope.probe(model, opt, path, every=every, probes=probes, name=Path(path).name) as run:
+        for s in range(steps):
+            if lr_change is not None:
+                name, start, factor, n = lr_change
+                for grp in opt.param_groups:
+                    grp["lr"] = lr * factor if grp["name"] == name and start <= s < start + n else lr
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss)
+    return Path(path)

@@ -1,0 +1,157 @@
+"""Comparison with a known-good run: planted deviations, the band against a loop, real runs that differ in one
+layer's learning rate, and null comparisons (same seed; another data order; independent noise)."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import statistics
+
+import numpy as np
+import pytest
+from _digits_runs import train
+from _synthetic import make_run
+
+import dynascope
+from dynascope import comparison as C
+from dynascope.store import DB_NAME, RunStore, load_run
+
+
+def _scale(path, metric: str, layer: str, from_step: int, factor: float) -> None:
+    con = sqlite3.connect(path / DB_NAME)
+    with con:
+        con.execute("UPDATE scalars SET value = value * ? WHERE metric = ? AND layer = ? AND step >= ?",
+                     (factor, metric, layer, from_step))
+    con.close()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cmp")
+    base = make_run(d / "base", seed=0)
+    twin = make_run(d / "twin", seed=0)
+    noise = make_run(d / "noise", seed=5)  # same dynamics, independent noise
+    planted = make_run(d / "planted", seed=0)
+    _scale(planted, "grad.norm", "blocks.3.fc1.weight", 120, 3.0)
+    _scale(planted, "act.var", "blocks.1", 150, 0.2)
+    return {k: load_run(v) for k, v in (("base", base), ("twin", twin), ("noise", noise), ("planted", planted))}
+
+
+def test_identical_and_independent_noise_give_no_deviation(synthetic):
+    assert dynascope.compare(synthetic["twin"], synthetic["base"]).empty
+    assert dynascope.compare(synthetic["noise"], synthetic["base"]).empty
+    assert dynascope.compare(synthetic["base"], synthetic["noise"]).empty
+
+
+def test_planted_deviations_in_order(synthetic):
+    dev = dynascope.compare(synthetic["planted"], synthetic["base"].path)  # a RunData and a path
+    assert list(dev.columns[:5]) == ["metric", "layer", "first_step", "ratio", "direction"]
+    assert dev[["metric", "layer", "first_step", "direction"]].values.tolist() == [
+        ["grad.norm", "blocks.3.fc1.weight", 120, "up"],
+        ["act.var", "blocks.1", 150, "down"],
+    ]
+    # ratio: the run against the baseline's rolling median (the planted factor, within the noise)
+    assert dev["ratio"].iloc[0] == pytest.approx(3.0, rel=0.25)
+    assert dev["ratio"].iloc[1] == pytest.approx(5.0, rel=0.25)
+    assert 72 <= dev["n_steps"].iloc[0] <= 80 and 45 <= dev["n_steps"].iloc[1] <= 50  # out of 80 and 50 steps
+
+
+def test_band_matches_a_loop(synthetic):
+    run, base = synthetic["planted"], synthetic["base"]
+    b = C.band(run, base, "grad.norm", "blocks.3.fc1.weight")
+    s, v = base.scalars("grad.norm", "blocks.3.fc1.weight")[["step", "value"]].to_numpy().T
+    y = [math.log(x) for x in v]
+    t = 60
+    w, h = C.COMPARE_WINDOW, C.COMPARE_WINDOW // 2
+
+    def centre(i: int) -> float:
+        return statistics.median(y[max(i - h, 0):i + h + 1])
+
+    def half(i: int) -> float:
+        d = [y[j] - y[j - 1] for j in range(max(i - h, 1), min(i + h + 1, len(y)))]
+        md = statistics.median(d)
+        spread = statistics.median([abs(x - md) for x in d])
+        return max(C.COMPARE_MADS * 1.4826 * spread, math.log(C.COMPARE_MIN_RATIO))
+
+    assert w == 2 * h + 1
+    sh = C.COMPARE_SHIFT
+    lo = min(min(y[j], centre(j)) for j in range(t - sh, t + sh + 1)) - half(t)
+    hi = max(max(y[j], centre(j)) for j in range(t - sh, t + sh + 1)) + half(t)
+    row = b[b["step"] == t].iloc[0]
+    assert row["low"] == pytest.approx(math.exp(lo), rel=1e-9)
+    assert row["high"] == pytest.approx(math.exp(hi), rel=1e-9)
+    assert row["low"] <= row["baseline"] <= row["high"]  # the band holds the baseline itself
+    assert not b[b["step"] < 120]["out"].any() and b[b["step"] >= 120]["out"].mean() > 0.9
+
+
+def test_persistence_and_nonfinite(tmp_path, synthetic):
+    blip = make_run(tmp_path / "blip", seed=0)
+    con = sqlite3.connect(blip / DB_NAME)
+    with con:  # two single-step outliers: not a deviation (COMPARE_PERSIST = 3)
+        con.execute("UPDATE scalars SET value = value * 50 WHERE metric = 'act.absmax' AND layer = 'stem' "
+                    "AND step IN (60, 62)")
+        con.execute("UPDATE scalars SET value = NULL WHERE metric = 'weight.norm' AND layer = 'head.weight' "
+                    "AND step = 90")  # a NaN: a deviation at once
+    con.close()
+    dev = dynascope.compare(blip, synthetic["base"])
+    assert dev[["metric", "layer", "first_step", "direction"]].values.tolist() == [
+        ["weight.norm", "head.weight", 90, "non-finite"]]
+    assert math.isinf(dev["ratio"].iloc[0])
+
+
+def test_bad_input(synthetic, tmp_path):
+    other = RunStore(tmp_path / "other")
+    other.write_scalars([(0, "something.else", "", 1.0), (5000, "loss", "", 1.0)])
+    other.close()
+    with pytest.raises(ValueError, match="share no recorded metric"):
+        dynascope.compare(synthetic["base"], load_run(tmp_path / "other"))
+    with pytest.raises(ValueError, match="not recorded in both"):
+        dynascope.compare(synthetic["base"], synthetic["twin"], metrics=["nope"])
+    with pytest.raises(ValueError, match="window"):
+        dynascope.compare(synthetic["base"], synthetic["twin"], window=1)
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("digits")
+    kw = dict(steps=60, every=2, probes=("activations", "gradients", "updates"))
+    base = train(d / "base", **kw)
+    hot = train(d / "hot", lr_change=("2.linear", 30, 10.0, 10**6), **kw)  # lr x10 from step 30 on
+    same = train(d / "same", **kw)
+    order = train(d / "order", data_seed=1, **kw)  # another data order, same initialisation
+    return {k: load_run(v) for k, v in (("base", base), ("hot", hot), ("same", same), ("order", order))}
+
+
+def test_raised_learning_rate_names_the_layer(digits_runs):
+    dev = dynascope.compare(digits_runs["hot"], digits_runs["base"])
+    top = dev.iloc[0]
+    assert top["layer"] == "2.linear.weight" and top["first_step"] == 30 and top["direction"] == "up"
+    assert top["ratio"] == pytest.approx(10.0, rel=0.05)
+    # at the first step only that layer deviates; the other layers follow later
+    first = dev[dev["first_step"] == 30]
+    assert set(first["layer"]) == {"2.linear.weight"}
+    assert set(first["metric"]) >= {"update.relative", "lr.effective"}
+
+
+def test_same_seed_and_other_data_order_give_no_deviation(digits_runs):
+    assert dynascope.compare(digits_runs["same"], digits_runs["base"]).empty
+    assert dynascope.compare(digits_runs["order"], digits_runs["base"]).empty
+    assert dynascope.compare(digits_runs["base"], digits_runs["order"]).empty
+
+
+def test_report_with_baseline_lists_deviations_first(digits_runs, tmp_path):
+    from dynascope.cli import main
+
+    out = tmp_path / "r.html"
+    assert main(["report", str(digits_runs["hot"].path), "--baseline", str(digits_runs["base"].path),
+                 "-o", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    i_find, i_cmp, i_sum = page.index('id="findings"'), page.index('id="comparison"'), page.index('id="summary"')
+    assert i_find < i_cmp < i_sum
+    findings = page[i_find:i_cmp]
+    items = findings.split("<li ")[1:]
+    assert "Deviates from baseline" in items[0] and "2.linear.weight" in items[0]
+    assert 'href="#fig-baseline_deviations"' in items[0]
+    assert 'id="fig-baseline_deviations"' in page[i_cmp:i_sum] and "<svg" in page[i_cmp:i_sum]
+    assert "(baseline)" in page  # the baseline is drawn in the figures too
+    assert np.sum([("Deviates" in it) for it in items]) >= 2

@@ -1,0 +1,221 @@
+"""Events and spike forensics: the detector, the stored event format, the ranking of modules, and a real
+fault (one layer's learning rate multiplied for a few steps) found first."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pandas as pd
+import pytest
+from _digits_runs import train
+from _synthetic import make_run
+
+import dynascope
+from dynascope import forensics as FZ
+from dynascope.reports import findings as F
+from dynascope.store import RunStore, load_run
+
+
+def _brute_band(y: np.ndarray, window: int, center: bool) -> tuple[list[float], list[float]]:
+    med, mad = [], []
+    for i in range(len(y)):
+        if center:
+            lo = i - window // 2
+            w = [y[j] for j in range(lo, lo + window) if 0 <= j < len(y) and math.isfinite(y[j])]
+        else:
+            w = [y[j] for j in range(i - window, i) if j >= 0 and math.isfinite(y[j])]
+        if len(w) < 5:
+            med.append(math.nan)
+            mad.append(math.nan)
+            continue
+        m = statistics.median(w)
+        med.append(m)
+        mad.append(statistics.median([abs(v - m) for v in w]))
+    return med, mad
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_rolling_band_matches_a_python_loop(center):
+    rng = np.random.default_rng(0)
+    y = rng.lognormal(0, 1, 120)
+    y[[7, 40, 41]] = np.nan
+    y[90] = np.inf
+    med, mad = FZ.rolling_band(y, 9, center=center)
+    ref_med, ref_mad = _brute_band(y, 9, center)
+    np.testing.assert_allclose(med, ref_med, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(mad, ref_mad, rtol=1e-12, equal_nan=True)
+    # 2-D: one column per series, the same per column
+    m2, d2 = FZ.rolling_band(np.stack([y, 2 * y], axis=1), 9, center=center)
+    np.testing.assert_allclose(m2[:, 1], 2 * np.asarray(ref_med), rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(d2[:, 0], ref_mad, rtol=1e-12, equal_nan=True)
+
+
+def test_detect_events_spike_nonfinite_and_quiet_noise():
+    rng = np.random.default_rng(3)
+    s = np.arange(300)
+    loss = 2.0 * np.exp(-s / 100) + 0.3 + 0.02 * rng.standard_normal(300)
+    assert FZ.detect_events(loss).empty  # smooth decay with noise: no event
+    loss[150] = 3.0
+    loss[151] = 2.5  # the same episode
+    loss[220:230] = np.nan
+    grad = pd.Series(1 + 0.05 * rng.standard_normal(300), index=s)
+    grad[100] = 10.0
+    ev = FZ.detect_events(pd.Series(loss, index=s), grad_norm=grad)
+    assert ev[["step", "kind"]].values.tolist() == [[100, "grad_spike"], [150, "loss_spike"],
+                                                    [220, "loss_nonfinite"]]
+    spike = ev[ev["kind"] == "loss_spike"].iloc[0]
+    assert spike["value"] == 3.0 and spike["threshold"] < 3.0
+    # the threshold is the findings' rule: 2x the median of the previous 20 losses at least
+    med = np.median(loss[130:150])
+    assert spike["threshold"] >= 2 * med - 1e-12
+    assert math.isnan(ev[ev["kind"] == "loss_nonfinite"].iloc[0]["threshold"])
+    # the findings and the events agree on which losses are spikes
+    assert 150 in F.spikes(s, loss, min_rise=F.SPIKE_MIN_RISE).tolist()
+
+
+def test_detect_events_rejects_mismatched_input():
+    with pytest.raises(ValueError, match="one value per step"):
+        FZ.detect_events([1.0, 2.0], steps=[0])
+
+
+def test_events_detected_then_recorded_round_trip(tmp_path):
+    run = load_run(make_run(tmp_path / "r", loss_spike_at=120, nan_at=180))
+    ev = run.events()
+    assert list(ev.columns) == ["step", "kind", "value", "threshold", "source"]
+    assert (ev["source"] == "detected").all()
+    assert {(120, "loss_spike"), (180, "loss_nonfinite"), (120, "grad_spike")} <= set(zip(ev["step"], ev["kind"]))
+    # stored events (the format a sentinel writes) take precedence over detection
+    stored = pd.DataFrame({"step": [42, 50], "kind": ["loss_spike", "grad_nonfinite"], "value": [9.0, math.inf],
+                           "threshold": [3.0, math.nan]})
+    store = RunStore(tmp_path / "r", mode="resume")
+    store.write_scalars(FZ.event_rows(stored))
+    store.close()
+    again = load_run(tmp_path / "r")
+    rec = again.events()
+    assert rec[["step", "kind"]].values.tolist() == [[42, "loss_spike"], [50, "grad_nonfinite"]]
+    assert (rec["source"] == "recorded").all() and rec["value"].iloc[1] == math.inf
+    assert rec["threshold"].iloc[0] == 3.0 and math.isnan(rec["threshold"].iloc[1])
+    assert set(again.events(detect=True)["source"]) == {"detected"}
+    # a stored non-finite event value is not reported again as a non-finite metric
+    assert not [f for f in F.findings([again]) if f.metric.startswith("event.")]
+    with pytest.raises(ValueError, match="without dots"):
+        FZ.event_rows(pd.DataFrame({"step": [1], "kind": ["a.b"], "value": [1.0], "threshold": [1.0]}))
+
+
+def _planted(tmp_path) -> dynascope.RunData:
+    """update.norm per module, lognormal noise (5%), with planted jumps before a loss spike at step 102."""
+    rng = np.random.default_rng(7)
+    store = RunStore(tmp_path / "planted")
+    mods = ["enc", "enc.a", "enc.b", "dec", "head"]
+    store.write_meta({"modules": mods, "parameters": ["enc.a.weight", "enc.b.weight", "dec.weight", "head.weight"],
+                      "every": 1})
+    steps = np.arange(120)
+    rows = []
+    loss = 1.0 + 0.02 * rng.standard_normal(120)
+    loss[102:] = 5.0
+    rows += [(int(s), "loss", "", float(v)) for s, v in zip(steps, loss)]
+    jumps = {"enc.a": (100, 5.0), "dec": (101, 3.0), "head": (101, 10.0)}
+    for m in ["enc.a", "enc.b", "dec", "head"]:
+        v = 0.01 * np.exp(0.05 * rng.standard_normal(120))
+        if m in jumps:
+            st, f = jumps[m]
+            v[st:] *= f
+        rows += [(int(s), "update.norm", m, float(x)) for s, x in zip(steps, v)]
+    # parameter-level grad.norm: enc.b.weight goes non-finite at step 101
+    g = 0.5 * np.exp(0.05 * rng.standard_normal(120))
+    g[101:] = np.inf
+    rows += [(int(s), "grad.norm", "enc.b.weight", float(x)) for s, x in zip(steps, g)]
+    store.write_scalars(rows)
+    store.close()
+    return load_run(tmp_path / "planted")
+
+
+def test_forensics_ranks_planted_jumps_by_first_step_then_ratio(tmp_path):
+    run = _planted(tmp_path)
+    tab = run.forensics(102)
+    assert list(tab.columns[:4]) == ["module", "metric", "first_step", "ratio"]
+    assert tab[["module", "metric", "first_step"]].values.tolist() == [
+        ["enc.a", "update.norm", 100],
+        ["enc.b", "grad.norm", 101],   # non-finite: ratio inf ranks first among step 101
+        ["head", "update.norm", 101],
+        ["dec", "update.norm", 101],
+    ]
+    assert tab["ratio"].iloc[0] == pytest.approx(5.0, rel=0.15)
+    assert tab["ratio"].iloc[2] == pytest.approx(10.0, rel=0.15)
+    assert tab["direction"].tolist() == ["up", "non-finite", "up", "up"]
+    assert tab["layer"].iloc[1] == "enc.b.weight"  # reported under its module
+    assert tab.attrs["loss_step"] == 102 and tab["lead"].tolist() == [2, 1, 1, 1]
+    # before the jumps nothing has left its band; a lookback of 0 only searches the event step
+    assert run.forensics(99).empty
+    assert (run.forensics(102, lookback=0)["first_step"] == 102).all()
+    with pytest.raises(ValueError, match="min_ratio"):
+        run.forensics(102, min_ratio=0.5)
+
+
+def test_forensics_ratio_against_an_independent_median(tmp_path):
+    run = _planted(tmp_path)
+    row = run.forensics(102).iloc[0]
+    s, v = run.scalars("update.norm", "enc.a")[["step", "value"]].to_numpy().T
+    # the band lives in log space: the median of the logs of the 20 recorded values before step 100
+    ref = math.exp(statistics.median([math.log(x) for x in v[80:100]]))
+    assert row["median"] == pytest.approx(ref, rel=1e-9)
+    assert row["ratio"] == pytest.approx(v[100] / ref, rel=1e-9)
+
+
+@pytest.fixture(scope="module", params=["0.linear", "3.linear"])
+def fault_run(request, tmp_path_factory):
+    # Adam: the update size follows the learning rate, so x100 for 5 steps is a 100x larger update
+    layer = request.param
+    path = train(tmp_path_factory.mktemp("fault") / f"fault-{layer}", steps=48, optimizer="adam", lr=2e-3,
+                 lr_change=(layer, 40, 100.0, 5))
+    return layer, load_run(path)
+
+
+def test_injected_fault_layer_ranks_first(fault_run):
+    layer, run = fault_run
+    ev = run.events()
+    loss_ev = ev[ev["kind"] == "loss_spike"]
+    assert len(loss_ev) and int(loss_ev["step"].iloc[0]) in (41, 42)  # the loss moves after the bad update
+    assert not ev[(ev["step"] >= 30) & (ev["step"] < 40)].shape[0]  # nothing before the fault
+    tab = run.forensics(int(loss_ev["step"].iloc[0]))
+    top = tab.iloc[0]
+    assert top["module"] == layer and top["first_step"] == 40
+    assert top["metric"] == "update.relative" and top["ratio"] > 10 and top["lead"] >= 1
+    # every other module that moved did so later (the effect, one step after the cause)
+    assert (tab["first_step"].iloc[1:] > 40).all()
+
+
+def test_report_opens_with_forensics_of_the_event(fault_run, tmp_path):
+    layer, run = fault_run
+    out = dynascope.report(run, tmp_path / "r.html")
+    page = out.read_text(encoding="utf-8")
+    i_for, i_find = page.index('id="forensics"'), page.index('id="findings"')
+    assert i_for < i_find
+    section = page[i_for:i_find]
+    assert "loss_spike at step" in section
+    first_row = section[section.index('<tr class="top">'):]
+    assert f"<td>{layer}</td>" in first_row[:300]
+    assert section.count("<svg") >= 1 and f"#1 {layer}" in section
+    # a gradient-norm spike of the same episode is not shown twice
+    step = int(run.events().query("kind == 'loss_spike'")["step"].iloc[0])
+    assert f"grad_spike at step {step} " not in section and f"grad_spike at step {step + 1} " not in section
+
+
+def test_spike_threshold_against_a_loop():
+    """The findings' and the events' spike threshold: max(2 x median, median + 6 x 1.4826 x MAD, median + 0.1 x
+    starting loss) over the previous 20 finite values, computed here with statistics.median."""
+    rng = np.random.default_rng(11)
+    v = 1.0 + 0.3 * rng.standard_normal(80)  # noisy enough that the MAD term dominates 2 x median
+    v[33] = np.nan
+    thr = F.spike_threshold(v, min_rise=0.1)
+    start = statistics.median([x for x in v[:20] if math.isfinite(x)])
+    for i in (10, 34, 60, 79):
+        w = [x for x in v[max(i - 20, 0):i] if math.isfinite(x)]
+        m = statistics.median(w)
+        mad = statistics.median([abs(x - m) for x in w])
+        ref = max(2 * m, m + 6 * 1.4826 * mad, m + 0.1 * start)
+        assert thr[i] == pytest.approx(ref, rel=1e-12)
+    assert (6 * 1.4826 * mad) > m  # the MAD term is the binding one here
+    assert np.isnan(thr[:5]).all()  # fewer than 5 previous values
