@@ -212,6 +212,12 @@ class RunData:
     def __repr__(self) -> str:
         return f"RunData({str(self.path)!r})"
 
+    def _repr_html_(self) -> str:
+        """The run in a notebook: run table, recorded metrics, findings (dynascope.reports.inline)."""
+        from .reports.inline import run_html
+
+        return run_html(self)
+
     def _query(self, sql: str, params: tuple = ()) -> pd.DataFrame:
         import pandas as pd
 

@@ -36,8 +36,9 @@ from .figures import FigureSpec, all_figures, run_colors
 from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
 from .findings import Finding
 from .findings import findings as compute_findings
+from .inline import ReportPath
 
-__all__ = ["report", "SVG_LIMIT", "FORMATS"]
+__all__ = ["report", "SVG_LIMIT", "FORMATS", "render_png", "run_summary", "refresh_script"]
 
 FORMATS = ("html", "png", "pdf")
 SVG_LIMIT = 700_000  # bytes; above this a figure is embedded as PNG
@@ -50,6 +51,13 @@ _SCRIPT = (
     "cb.addEventListener('change', function () {"
     "document.querySelectorAll('.dsrun' + cb.dataset.run).forEach(function (el) {"
     "el.style.display = cb.checked ? '' : 'none'; }); }); });"
+)
+
+# --refresh: reload after the interval, keeping the scroll position (sessionStorage, per file)
+_REFRESH = (
+    "(function () { var k = 'dynascope-scroll:' + location.pathname; var y = sessionStorage.getItem(k);"
+    " if (y !== null) { window.scrollTo(0, +y); sessionStorage.removeItem(k); }"
+    " setTimeout(function () { sessionStorage.setItem(k, String(window.scrollY)); location.reload(); }, %d); })();"
 )
 
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "dynascope", "font.size": 10, "axes.titlesize": 10,
@@ -107,6 +115,11 @@ def _png(fig, dpi: int = PNG_DPI) -> bytes:
     with matplotlib.rc_context(_RC):
         fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def render_png(fig, dpi: int = PNG_DPI) -> bytes:
+    """The figure as the report would rasterize it (same rc settings), e.g. for a notebook."""
+    return _png(fig, dpi)
 
 
 def _embed(fig) -> Markup:
@@ -232,6 +245,20 @@ def _summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def run_summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
+    """The report's run table: ``(label, one value per run)`` rows (status, model, optimizer, ...)."""
+    return _summary(runs)
+
+
+def refresh_script(seconds: float) -> str:
+    """The script a ``--refresh`` report carries: reload every ``seconds``, keeping the scroll position."""
+    return _REFRESH % max(int(round(seconds * 1000)), 100)
+
+
+def _sha256(text: str) -> str:
+    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
 def _resolve_anchor(f: Finding, keys: list[str]) -> str | None:
     if not f.figure_key:
         return None
@@ -276,6 +303,8 @@ def report(
     figures: Iterable[str] | None = None,
     fmt: str = "html",
     progress: bool | None = None,
+    refresh: float | None = None,
+    live: str | None = None,
 ) -> Path:
     """Write the report for one or several runs and return its path.
 
@@ -285,10 +314,17 @@ def report(
     folder ``out`` (plus ``figures.txt`` with titles, sources and captions and
     ``findings.txt``). ``figures``: registry keys to draw (default: all).
     ``progress``: a progress bar on stderr (default: only when stderr is a terminal).
+    ``refresh``: the page reloads itself every ``refresh`` seconds, keeping
+    its scroll position (for a report rewritten while runs train); ``live``: a
+    line under the title saying so. The file is replaced atomically, so a
+    reader never sees half of it. In a notebook the returned path displays
+    the report inline (:class:`~dynascope.reports.inline.ReportPath`).
     Raises :class:`~dynascope.store.NotARunError` for a path that is not a run.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if refresh is not None and (fmt != "html" or not refresh > 0):
+        raise ValueError(f"refresh must be a positive number of seconds for an html report, got {refresh!r}")
     run_list = _as_runs(runs)
     specs = _select(figures)
     out = Path(out)
@@ -313,7 +349,8 @@ def report(
     colors = run_colors(run_list)
     env = Environment(loader=FileSystemLoader(str(_TEMPLATES)), autoescape=select_autoescape(default=True,
                       default_for_string=True, enabled_extensions=("html", "j2")))
-    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
+    script_hash = _sha256(_SCRIPT)
+    reload_js = refresh_script(refresh) if refresh else None
     page = env.get_template("report.html.j2").render(
         title=title or _default_title(run_list),
         version=__version__,
@@ -325,9 +362,15 @@ def report(
         sections=sections,
         script=Markup(_SCRIPT),
         script_hash=script_hash,
+        refresh_script=Markup(reload_js) if reload_js else None,
+        refresh_hash=_sha256(reload_js) if reload_js else None,
+        live=live,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    tmp = out.with_name(out.name + ".tmp")  # same folder: os.replace is atomic, readers see old or new
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ReportPath(out)
