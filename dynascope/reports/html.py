@@ -134,7 +134,7 @@ def _embed(fig) -> Markup:
 def _draw(specs: Sequence[FigureSpec], runs: Sequence[RunData], progress: bool | None = None,
           render: Any = None) -> list[tuple[FigureSpec, Any, str | None, Any]]:
     """Draw every figure (and ``render`` it, e.g. to inline SVG); a figure that raises becomes an error entry."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bar on stderr (tqdm.auto warns in a notebook without ipywidgets)
 
     out = []
     # progress=None: a bar on stderr only when it is a terminal
