@@ -270,7 +270,8 @@ def test_report_returns_a_path_that_displays_inline_sandboxed(tmp_path):
     assert p.tags == ["iframe"]  # the whole report is one attribute value: nothing of it reaches the notebook page
     assert 'sandbox="allow-scripts"' in frag and "allow-same-origin" not in frag
     # a browser's parse of the attribute gives back exactly the report
-    assert dict(p.attrs[0])["srcdoc"] == path.read_text(encoding="utf-8")
+    page = path.read_text(encoding="utf-8")
+    assert dict(p.attrs[0])["srcdoc"] == page.replace("<head>", '<head>\n<base href="about:srcdoc">', 1)
     assert set(dict(p.attrs[0])) == {"sandbox", "title", "style", "srcdoc"}
     assert "<script>alert(1)</script>" not in frag
     folder = dynascope.report(run, tmp_path / "figs", fmt="png", figures=["loss"])

@@ -95,6 +95,9 @@ class ReportPath(type(Path())):  # type: ignore[misc]  # PosixPath / WindowsPath
         if self.suffix.lower() not in (".html", ".htm") or not self.is_file():
             return None  # a folder of PNG/PDF figures: the plain path repr
         page = self.read_text(encoding="utf-8")
+        # a srcdoc document resolves "#fig-..." against the notebook's URL, so the report's links would try
+        # to load the notebook page into the frame; this base keeps them in-page
+        page = page.replace("<head>", '<head>\n<base href="about:srcdoc">', 1)
         return (f'<iframe sandbox="allow-scripts" title="{html.escape(self.name)}" '
                 f'style="width: 100%; height: {IFRAME_HEIGHT}; border: 1px solid #d0d7de" '
                 f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
