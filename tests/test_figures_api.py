@@ -90,6 +90,11 @@ def _drawn_artists(fig: Figure) -> int:
 
 @pytest.mark.parametrize("name", dynascope.figures().names())
 def test_every_registered_figure_draws_from_a_recorded_run(runs, name):
+    spec = REGISTRY[name]
+    recorded = {m for r in runs for m in r.metrics()} | {a for r in runs for a in r.artifacts()["name"]}
+    if spec.metrics and not set(spec.metrics) & recorded:
+        pytest.fail(f"the shared recording lacks {', '.join(spec.metrics)}: add {spec.recorded_by} to the `runs` "
+                    "fixture of this module")
     fig = dynascope.figure(name, runs)
     assert isinstance(fig, Figure)
     assert _drawn_artists(fig) > 0, f"{name}: no data drawn"
