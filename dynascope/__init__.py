@@ -30,6 +30,9 @@ from .store import RunData, RunStoreError, load_run  # noqa: E402
 # public name -> module that defines it (imported lazily)
 _LAZY: dict[str, str] = {
     "report": "dynascope.reports.html",
+    "figures": "dynascope.reports.catalog",
+    "figure": "dynascope.reports.catalog",
+    "FigureDataError": "dynascope.reports.catalog",
     "Curvature": "dynascope.probes.curvature",
     "Landscape": "dynascope.probes.landscape",
     "Plasticity": "dynascope.probes.plasticity",

@@ -335,7 +335,7 @@ def analyze(
 def _scan(files: list[Path], opts: AnalyzeOptions, done_marks: list[dict[str, Any]], progress: bool
           ) -> tuple[list[_Entry], list[_Entry]]:
     """Find each checkpoint's step (loading the new ones); returns (entries, bad)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # tqdm.auto warns in a notebook without ipywidgets, even when disabled
 
     entries: list[_Entry] = []
     bad: list[_Entry] = []
@@ -382,7 +382,7 @@ def _scan(files: list[Path], opts: AnalyzeOptions, done_marks: list[dict[str, An
 def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any, data: Any, opts: AnalyzeOptions,
                   done_marks: list[dict[str, Any]], written_steps: set[int], argv: list[str] | None,
                   now_iso: Callable[[], str]) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     progress = _progress_enabled(opts.progress)
     entries, bad = _scan(files, opts, done_marks, progress)

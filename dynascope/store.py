@@ -598,6 +598,11 @@ class RunData:
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self._connection() as con:
             return con.execute(sql, tuple(params)).fetchall()
+    def _repr_html_(self) -> str:
+        """The run in a notebook: run table, recorded metrics, findings (dynascope.reports.inline)."""
+        from .reports.inline import run_html
+
+        return run_html(self)
 
     def _query(self, sql: str, params: tuple = ()) -> pd.DataFrame:
         import pandas as pd

@@ -1,9 +1,24 @@
-"""``dynascope report RUN... -o report.html [--format html|png|pdf] [--title ...] [--baseline GOOD_RUN]``."""
+"""``dynascope report RUN... -o report.html [--format html|png|pdf] [--title ...] [--baseline GOOD_RUN] [--skip-bad]
+[--watch SECONDS [--refresh]]``.
+
+``--watch SECONDS`` rewrites the report every SECONDS while the runs train,
+until Ctrl-C (exit 0). Each rewrite re-opens the runs (read-only SQLite
+connections on the WAL store: the training process is never blocked) and
+replaces the file atomically, so a browser or a reader never sees half a
+report. A run directory that does not exist yet is waited for. A line is
+printed when a run's status (meta.json) turns ``finished`` or ``failed``.
+``--refresh`` makes the page reload itself at the same interval, keeping its
+scroll position.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import signal
+import sqlite3
 import sys
+import time
 from pathlib import Path
 
 from ..store import RunStoreError, load_run
@@ -26,12 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "at the top of the report, instead of stopping with an error")
     parser.add_argument("--baseline", default=None, metavar="GOOD_RUN",
                         help="a known-good run: the report lists where the runs leave its band first")
+    parser.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                        help="rewrite the report every SECONDS while the runs train, until Ctrl-C")
+    parser.add_argument("--refresh", action="store_true",
+                        help="with --watch: the page reloads itself every SECONDS, keeping its scroll position")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
     from .html import report
 
+    if args.refresh and args.watch is None:
+        raise UserError("--refresh needs --watch SECONDS (the interval at which the report is rewritten)")
+    if args.watch is not None:
+        return _watch(args)
     runs, skipped = [], []
     for path in args.runs:
         try:
@@ -67,3 +90,60 @@ def run(args: argparse.Namespace) -> int:
         print(f"dynascope report: skipped {p}: {problem}", file=sys.stderr)
     print(path)
     return 0
+
+
+def _status(path: str) -> str | None:
+    try:
+        return str(load_run(path).meta.get("status") or "unknown")
+    except RunStoreError:
+        return None
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from .html import report
+
+    if args.fmt != "html":
+        raise UserError("--watch rewrites an HTML report; it cannot be used with --format png/pdf")
+    if not args.watch > 0:
+        raise UserError(f"--watch needs a positive number of seconds, got {args.watch:g}")
+    out = Path(args.out or "report.html")
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a directory; give the report file's path")
+    figures = [k.strip() for k in args.figures.split(",") if k.strip()] if args.figures else None
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell: still stop
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    known: dict[str, str | None] = {}
+    try:
+        while True:
+            t0 = time.monotonic()
+            for path in args.runs:
+                st = _status(path)
+                if st != known.get(path, "?"):
+                    if st is None:
+                        print(f"waiting for run {path!r} to appear", flush=True)
+                    elif st in ("finished", "failed"):
+                        print(f"run {path!r} {st}", flush=True)
+                    elif path not in known or known[path] is None:
+                        print(f"watching run {path!r} ({st})", flush=True)
+                    known[path] = st
+            present = [p for p in args.runs if known.get(p) is not None]
+            if present:
+                now = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S UTC")
+                state = ("all runs ended" if all(known[p] in ("finished", "failed") for p in present)
+                         else "runs still training")
+                live = (f"Live report, rewritten every {args.watch:g} s (last at {now}; {state})"
+                        + ("; this page reloads itself." if args.refresh else "; reload the page to update."))
+                try:
+                    report([load_run(p) for p in present], out, title=args.title, figures=figures,
+                           refresh=args.watch if args.refresh else None, live=live, progress=False)
+                except RunStoreError as exc:  # a run directory removed or damaged while watched
+                    print(f"report not updated: {exc}", file=sys.stderr, flush=True)
+                except ValueError as exc:
+                    raise UserError(str(exc)) from None
+                except (OSError, sqlite3.Error) as exc:  # transient (disk full, busy store): try again next time
+                    print(f"report not updated: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            time.sleep(max(args.watch - (time.monotonic() - t0), 0.0))
+    except KeyboardInterrupt:
+        print(f"stopped watching; {out} holds the last report", file=sys.stderr)
+        return 0

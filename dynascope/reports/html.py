@@ -37,8 +37,9 @@ from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
 from .findings import BASELINE_RULE, Finding
 from .findings import collect as collect_findings
 from .forensics_view import comparison_items, forensics_items
+from .inline import ReportPath
 
-__all__ = ["report", "SVG_LIMIT", "FORMATS"]
+__all__ = ["report", "SVG_LIMIT", "FORMATS", "render_png", "run_summary", "refresh_script"]
 
 FORMATS = ("html", "png", "pdf")
 SVG_LIMIT = 700_000  # bytes; above this a figure is embedded as PNG
@@ -51,6 +52,13 @@ _SCRIPT = (
     "cb.addEventListener('change', function () {"
     "document.querySelectorAll('.dsrun' + cb.dataset.run).forEach(function (el) {"
     "el.style.display = cb.checked ? '' : 'none'; }); }); });"
+)
+
+# --refresh: reload after the interval, keeping the scroll position (sessionStorage, per file)
+_REFRESH = (
+    "(function () { var k = 'dynascope-scroll:' + location.pathname; var y = sessionStorage.getItem(k);"
+    " if (y !== null) { window.scrollTo(0, +y); sessionStorage.removeItem(k); }"
+    " setTimeout(function () { sessionStorage.setItem(k, String(window.scrollY)); location.reload(); }, %d); })();"
 )
 
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "dynascope", "font.size": 10, "axes.titlesize": 10,
@@ -110,6 +118,11 @@ def _png(fig, dpi: int = PNG_DPI) -> bytes:
     return buf.getvalue()
 
 
+def render_png(fig, dpi: int = PNG_DPI) -> bytes:
+    """The figure as the report would rasterize it (same rc settings), e.g. for a notebook."""
+    return _png(fig, dpi)
+
+
 def _embed(fig) -> Markup:
     labels = getattr(fig, GID_LABELS_ATTR, None) or {}
     svg = _svg(fig, labels)
@@ -122,7 +135,7 @@ def _embed(fig) -> Markup:
 def _draw(specs: Sequence[FigureSpec], runs: Sequence[RunData], progress: bool | None = None,
           render: Any = None) -> list[tuple[FigureSpec, Any, str | None, Any]]:
     """Draw every figure (and ``render`` it, e.g. to inline SVG); a figure that raises becomes an error entry."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bar on stderr (tqdm.auto warns in a notebook without ipywidgets)
 
     out = []
     # progress=None: a bar on stderr only when it is a terminal
@@ -235,6 +248,20 @@ def _summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def run_summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
+    """The report's run table: ``(label, one value per run)`` rows (status, model, optimizer, ...)."""
+    return _summary(runs)
+
+
+def refresh_script(seconds: float) -> str:
+    """The script a ``--refresh`` report carries: reload every ``seconds``, keeping the scroll position."""
+    return _REFRESH % max(int(round(seconds * 1000)), 100)
+
+
+def _sha256(text: str) -> str:
+    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
 def _resolve_anchor(f: Finding, keys: list[str]) -> str | None:
     if not f.figure_key:
         return None
@@ -297,6 +324,8 @@ def report(
     progress: bool | None = None,
     skipped: Sequence[tuple[str, str]] = (),
     baseline: str | os.PathLike[str] | RunData | None = None,
+    refresh: float | None = None,
+    live: str | None = None,
 ) -> Path:
     """Write the report for one or several runs and return its path.
 
@@ -311,11 +340,18 @@ def report(
     ``baseline``: a known-good run; the findings open with where each run leaves its band
     (:func:`dynascope.compare`), a comparison section draws them, and the figures show the baseline too.
     The report opens with the forensics of each run's events (docs/forensics.md).
+    ``refresh``: the page reloads itself every ``refresh`` seconds, keeping
+    its scroll position (for a report rewritten while runs train); ``live``: a
+    line under the title saying so. The file is replaced atomically, so a
+    reader never sees half of it. In a notebook the returned path displays
+    the report inline (:class:`~dynascope.reports.inline.ReportPath`).
     Raises :class:`~dynascope.store.RunStoreError` (a :class:`~dynascope.store.NotARunError` for a
     path that is not a run) naming the file and the problem of a run that cannot be read.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if refresh is not None and (fmt != "html" or not refresh > 0):
+        raise ValueError(f"refresh must be a positive number of seconds for an html report, got {refresh!r}")
     run_list = _as_runs(runs)
     specs = _select(figures)
     out = Path(out)
@@ -351,7 +387,8 @@ def report(
         summary.insert(0, ("role", ["run"] * len(run_list) + ["baseline"]))
     env = Environment(loader=FileSystemLoader(str(_TEMPLATES)), autoescape=select_autoescape(default=True,
                       default_for_string=True, enabled_extensions=("html", "j2")))
-    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
+    script_hash = _sha256(_SCRIPT)
+    reload_js = refresh_script(refresh) if refresh else None
     page = env.get_template("report.html.j2").render(
         title=title or _default_title(run_list),
         version=__version__,
@@ -366,9 +403,15 @@ def report(
         sections=sections,
         script=Markup(_SCRIPT),
         script_hash=script_hash,
+        refresh_script=Markup(reload_js) if reload_js else None,
+        refresh_hash=_sha256(reload_js) if reload_js else None,
+        live=live,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    tmp = out.with_name(out.name + ".tmp")  # same folder: os.replace is atomic, readers see old or new
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ReportPath(out)

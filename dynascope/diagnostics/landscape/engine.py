@@ -101,7 +101,7 @@ def _saved_bn_momenta(model: nn.Module) -> list[tuple[nn.Module, Any]]:
 
 
 def _progress(total: int, progress: bool | None, desc: str) -> Any:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # a stderr bar; tqdm.auto warns in a notebook without ipywidgets
 
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     # delay: the bar appears only for grids that take more than a few seconds.

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ...store import RunData
-from . import figure, run_colors
+from . import BY_CURVATURE, figure, run_colors
 from ._helpers import log_axis, set_caption, text
 
 SECTION = "Curvature"
@@ -47,7 +47,8 @@ def _wide_range(values: list[np.ndarray]) -> bool:
 
 @figure("curvature_sharpness", section=SECTION, title="Sharpness against step, with the stability threshold",
         source="Cohen et al. 2021 (edge of stability); Cohen et al. 2022 (Adam: preconditioned sharpness)",
-        order=300)
+        order=300,
+        metrics=("hessian.eig", "hessian.precond_eig"), recorded_by=BY_CURVATURE + ", or dynascope analyze --hessian")
 def sharpness(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _has(r, "hessian.eig") or _has(r, "hessian.precond_eig")]
     if not have:
@@ -117,7 +118,8 @@ def sharpness(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("curvature_trace", section=SECTION, title="Hessian trace against step",
-        source="Hutchinson 1990; PyHessian (Yao et al. 2020)", order=310)
+        source="Hutchinson 1990; PyHessian (Yao et al. 2020)", order=310,
+        metrics=("hessian.trace",), recorded_by="dynascope.Curvature(..., trace=True), or dynascope analyze --trace")
 def trace(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _has(r, "hessian.trace")]
     if not have:
@@ -144,7 +146,8 @@ def trace(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("curvature_spectrum", section=SECTION, title="Hessian eigenvalue spectral density",
-        source="Ghorbani, Krishnan, Xiao 2019; PyHessian (stochastic Lanczos quadrature)", order=320)
+        source="Ghorbani, Krishnan, Xiao 2019; PyHessian (stochastic Lanczos quadrature)", order=320,
+        metrics=("hessian.spectrum",), recorded_by="dynascope.Curvature(..., spectrum=True)")
 def spectrum(runs: Sequence[RunData]) -> Figure | None:
     found = []
     for i, run in enumerate(runs):
@@ -179,7 +182,8 @@ def spectrum(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("curvature_layers", section=SECTION, title="Per-layer sharpness against depth",
-        source="block-diagonal Hessian: lambda_max of each layer's diagonal block", order=330)
+        source="block-diagonal Hessian: lambda_max of each layer's diagonal block", order=330,
+        metrics=("hessian.layer_eig",), recorded_by="dynascope.Curvature(..., layers=True)")
 def layers(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _has(r, "hessian.layer_eig")]
     if not have:

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ...store import RunData
-from . import figure, run_colors
+from . import BY_LANDSCAPE, figure, run_colors
 from ._helpers import log_axis
 
 SECTION = "Loss landscape"
@@ -65,7 +65,8 @@ def _policy(meta: dict) -> str:
 
 
 @figure("landscape_1d", section=SECTION, title="1D loss along filter-normalized random directions",
-        source=SOURCE, order=400)
+        source=SOURCE, order=400,
+        metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " with dims=1")
 def landscape_1d(runs: Sequence[RunData]) -> Figure | None:
     found = _collect(runs, "landscape.surface", dims=1)
     if not found:
@@ -99,7 +100,8 @@ def _panels(found: list, *, projection: str | None = None, size: float = 3.8) ->
 
 
 @figure("landscape_contour", section=SECTION, title="2D loss contours around the weights (filter-normalized plane)",
-        source=SOURCE, order=410)
+        source=SOURCE, order=410,
+        metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " (dims=2), or dynascope analyze --landscape")
 def landscape_contour(runs: Sequence[RunData]) -> Figure | None:
     found = _collect(runs, "landscape.surface", dims=2)
     if not found:
@@ -127,7 +129,8 @@ def landscape_contour(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("landscape_surface3d", section=SECTION, title="3D loss surface around the weights", source=SOURCE,
-        order=420)
+        order=420,
+        metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " (dims=2), or dynascope analyze --landscape")
 def landscape_surface3d(runs: Sequence[RunData]) -> Figure | None:
     found = _collect(runs, "landscape.surface", dims=2)
     if not found:
@@ -151,7 +154,8 @@ def landscape_surface3d(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("landscape_trajectory", section=SECTION, title="Optimization path on the PCA plane of the checkpoints",
-        source=SOURCE + ", section 7", order=430)
+        source=SOURCE + ", section 7", order=430,
+        metrics=("landscape.trajectory",), recorded_by=BY_LANDSCAPE + ", or dynascope analyze --landscape")
 def landscape_trajectory(runs: Sequence[RunData]) -> Figure | None:
     found = _collect(runs, "landscape.trajectory")
     if not found:
@@ -183,7 +187,8 @@ def landscape_trajectory(runs: Sequence[RunData]) -> Figure | None:
 @figure("landscape_interpolation", section=SECTION,
         title="Loss on the straight line from the first kept checkpoint to the final weights",
         source="Goodfellow, Vinyals, Saxe 2015, Qualitatively characterizing neural network optimization problems",
-        order=440)
+        order=440,
+        metrics=("landscape.interpolation",), recorded_by=BY_LANDSCAPE + ", or dynascope analyze --interpolate")
 def landscape_interpolation(runs: Sequence[RunData]) -> Figure | None:
     found = _collect(runs, "landscape.interpolation")
     if not found:

@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from ...store import RunData
-from . import figure, run_colors
+from . import BY_ANALYZE, BY_PLASTICITY, figure, run_colors
 
 try:  # shared helpers of the report (captions, run legend); fall back to plain matplotlib
     from ._helpers import set_caption as _set_caption
@@ -164,7 +164,9 @@ def _axis_note(axis: str) -> str:
 
 
 @figure("plasticity_units", section=SECTION, title="Dead and dormant units against step or task, per layer",
-        source="Dohare et al. 2024 (Nature), Fig. 3; Sokar et al. 2023 (ReDo)", order=500)
+        source="Dohare et al. 2024 (Nature), Fig. 3; Sokar et al. 2023 (ReDo)", order=500,
+        metrics=("plasticity.dead", "plasticity.dormant"),
+        recorded_by=BY_PLASTICITY + ", or dynascope analyze --plasticity")
 def plasticity_units(runs: Sequence[RunData]) -> Figure | None:
     have = [r for r in runs if _has(r, "plasticity.dead") or _has(r, "plasticity.dormant")]
     if not have:
@@ -186,7 +188,8 @@ def plasticity_units(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("plasticity_rank", section=SECTION, title="Effective rank and srank of the representation, per layer",
-        source="Dohare et al. 2024 (Roy-Vetterli effective rank); Kumar et al. 2021 (srank)", order=510)
+        source="Dohare et al. 2024 (Roy-Vetterli effective rank); Kumar et al. 2021 (srank)", order=510,
+        metrics=("plasticity.erank",), recorded_by=BY_PLASTICITY + ", or dynascope analyze --plasticity")
 def plasticity_rank(runs: Sequence[RunData]) -> Figure | None:
     have = [r for r in runs if _has(r, "plasticity.erank")]
     if not have:
@@ -210,7 +213,8 @@ def plasticity_rank(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("plasticity_weight_magnitude", section=SECTION, title="Average weight magnitude against step or task",
-        source="Dohare et al. 2024 (Nature), Fig. 3", order=520)
+        source="Dohare et al. 2024 (Nature), Fig. 3", order=520,
+        metrics=("weight.magnitude",), recorded_by=BY_PLASTICITY + ", or dynascope analyze")
 def plasticity_weight_magnitude(runs: Sequence[RunData]) -> Figure | None:
     have = [r for r in runs if _has(r, "weight.magnitude")]
     if not have:
@@ -230,7 +234,8 @@ def plasticity_weight_magnitude(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("weight_spectra", section=SECTION, title="Weight spectra of checkpoints: stable rank and power-law alpha",
-        source="Martin and Mahoney 2021 (WeightWatcher)", order=540)
+        source="Martin and Mahoney 2021 (WeightWatcher)", order=540,
+        metrics=("weight.stable_rank", "weight.alpha"), recorded_by=BY_ANALYZE)
 def weight_spectra_figure(runs: Sequence[RunData]) -> Figure | None:
     have = [r for r in runs if _has(r, "weight.stable_rank") or _has(r, "weight.alpha")]
     if not have:
@@ -258,7 +263,8 @@ def weight_spectra_figure(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("weight_esd", section=SECTION, title="Empirical spectral density of the weights at the last checkpoint",
-        source="Martin and Mahoney 2021 (WeightWatcher ESD plot)", order=550)
+        source="Martin and Mahoney 2021 (WeightWatcher ESD plot)", order=550,
+        metrics=("weight.spectrum",), recorded_by=BY_ANALYZE)
 def weight_esd(runs: Sequence[RunData]) -> Figure | None:
     have = []
     for r in runs:

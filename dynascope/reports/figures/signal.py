@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 
 from ...store import RunData
 from .. import _data
-from . import figure, run_colors
+from . import BY_ACTIVATIONS, figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
     depth_modules,
@@ -59,7 +59,8 @@ def _depth_ticks(ax, names: list[str], single: bool) -> bool:
 
 @figure("signal_propagation", section="Signal propagation", title="Signal propagation plot: channel statistics "
         "against block depth at the first and last recorded step", source="Brock, De, Smith 2021, Characterizing "
-        "signal propagation to close the performance gap in unnormalized ResNets (Fig. 1)", order=200)
+        "signal propagation to close the performance gap in unnormalized ResNets (Fig. 1)", order=200,
+        metrics=("act.channel_var",), recorded_by=BY_ACTIVATIONS)
 def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.channel_var")]
     if not have:
@@ -124,7 +125,8 @@ def _spread_steps(st: np.ndarray, k: int = 5) -> list[int]:
 
 
 @figure("hidden_variance_depth", section="Signal propagation", title="Hidden-state variance against layer index "
-        "at several steps", source="Sun et al. 2025, The Curse of Depth in Large Language Models", order=210)
+        "at several steps", source="Sun et al. 2025, The Curse of Depth in Large Language Models", order=210,
+        metrics=("act.var",), recorded_by=BY_ACTIVATIONS)
 def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.var")]
     if not have:
@@ -176,7 +178,8 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("massive_activations", section="Signal propagation", title="Largest |activation| against layer index",
-        source="Sun et al. 2024, Massive Activations in Large Language Models", order=220)
+        source="Sun et al. 2024, Massive Activations in Large Language Models", order=220,
+        metrics=("act.absmax",), recorded_by=BY_ACTIVATIONS)
 def massive_activations(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.absmax")]
     if not have:

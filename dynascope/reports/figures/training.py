@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 from ...diagnostics.scale import equilibrium_angle_from_hyperparameters
 from ...store import RunData
 from .. import _data
-from . import figure, run_colors
+from . import BY_GRADIENTS, BY_UPDATES, figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
     depth_modules,
@@ -62,7 +62,8 @@ def _short(name: str, width: int = 38) -> str:
 
 
 @figure("loss", section="Training", title="Loss and logged scalars against step",
-        source="training curves as recorded by run.step(...)", order=100)
+        source="training curves as recorded by run.step(...)", order=100,
+        metrics=("loss",), recorded_by="run.step(loss=...) inside dynascope.probe (every keyword of run.step is drawn)")
 def loss_curves(runs: Sequence[RunData]) -> Figure | None:
     names: list[str] = []
     for r in runs:
@@ -112,10 +113,12 @@ def _per_layer_figure(
     candidates: Callable[[RunData], list[str]] | None = None,
     extra: Callable[[Figure, object, int, RunData, str, str], list] | None = None,
     leading: tuple[str, str] | None = None,
+    layers: Sequence[str] | None = None,
 ) -> tuple[Figure, list[str], int, bool] | None:
     """Small multiples of ``metric`` against step for at most MAX_LAYERS layers, runs overlaid.
 
     ``leading`` = (metric, title) of a run-level panel drawn first (e.g. the global norm).
+    ``layers``: the layers to draw (default: at most MAX_LAYERS evenly spaced ones).
     Returns the figure, the layers shown, how many were available, and whether any value was non-finite.
     """
     have = [r for r in runs if _data.has(r, metric)]
@@ -126,9 +129,16 @@ def _per_layer_figure(
         for lay in (candidates(r) if candidates else _data.layers(r, metric)):
             if lay not in pool and lay != "":
                 pool.append(lay)
+    if layers is not None:
+        recorded = {lay for r in have for lay in _data.layers(r, metric)}
+        unknown = [lay for lay in layers if lay not in recorded]
+        if unknown or not layers:
+            raise ValueError(f"layers={list(layers)!r}: {metric} was not recorded for {unknown or 'an empty list'}; "
+                             f"recorded layers: {pool}")
+        pool = list(layers)
     if not pool:
         return None
-    shown = pick_layers(pool, MAX_LAYERS)
+    shown = pool if layers is not None else pick_layers(pool, MAX_LAYERS)
     panels: list[tuple[str, str, str]] = []
     if leading is not None and any(_data.has(r, leading[0]) for r in runs):
         panels.append((leading[0], "", leading[1]))
@@ -197,7 +207,8 @@ def _grad_layers(run: RunData) -> tuple[list[str], str]:
 
 @figure("grad_norm_depth", section="Gradients", title="Gradient norm against layer index (first, middle and last "
         "recorded step)", source="Xiong et al. 2020, On Layer Normalization in the Transformer Architecture; "
-        "Shleifer et al. 2021, NormFormer", order=140)
+        "Shleifer et al. 2021, NormFormer", order=140,
+        metrics=("grad.norm",), recorded_by=BY_GRADIENTS)
 def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "grad.norm")]
     if not have:
@@ -247,11 +258,12 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("grad_norm_step", section="Gradients", title="Gradient norm against step, per layer",
-        source="per-layer gradient norms (Xiong et al. 2020; Shleifer et al. 2021)", order=145)
-def grad_norm_step(runs: Sequence[RunData]) -> Figure | None:
+        source="per-layer gradient norms (Xiong et al. 2020; Shleifer et al. 2021)", order=145,
+        metrics=("grad.norm",), recorded_by=BY_GRADIENTS)
+def grad_norm_step(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
     out = _per_layer_figure(runs, "grad.norm", ylabel="gradient norm",
                             candidates=lambda r: _grad_layers(r)[0],
-                            leading=("grad.global_norm", "global gradient norm"))
+                            leading=("grad.global_norm", "global gradient norm"), layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
@@ -270,9 +282,10 @@ def _si_title_hint(runs: Sequence[RunData], shown: list[str]) -> str:
 
 
 @figure("weight_norm", section="Weights and effective learning rate", title="Weight norm against step, per layer",
-        source="Heo et al. 2021, AdamP (project page: average weight norm per epoch)", order=160)
-def weight_norm(runs: Sequence[RunData]) -> Figure | None:
-    out = _per_layer_figure(runs, "weight.norm", ylabel="||w||", log=False)
+        source="Heo et al. 2021, AdamP (project page: average weight norm per epoch)", order=160,
+        metrics=("weight.norm",), recorded_by=BY_UPDATES + ", or dynascope analyze")
+def weight_norm(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
+    out = _per_layer_figure(runs, "weight.norm", ylabel="||w||", log=False, layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
@@ -304,8 +317,9 @@ def _equilibrium(run: RunData) -> tuple[float | None, str]:
 
 @figure("angular_update", section="Weights and effective learning rate",
         title="Angular update per step (mean over rows) against step, with the rotational equilibrium",
-        source="Kosson et al. 2024, Rotational Equilibrium (REQ)", order=170)
-def angular_update(runs: Sequence[RunData]) -> Figure | None:
+        source="Kosson et al. 2024, Rotational Equilibrium (REQ)", order=170,
+        metrics=("update.angle_row",), recorded_by=BY_UPDATES)
+def angular_update(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
     eq = {id(r): _equilibrium(r) for r in runs}
     handle = Line2D([], [], color="gray", linestyle="--", label="equilibrium angle")
 
@@ -316,7 +330,7 @@ def angular_update(runs: Sequence[RunData]) -> Figure | None:
         ax.axhline(v, color=c, linestyle="--", linewidth=1, gid=run_gid(fig, i, f"{r.name}: equilibrium {v:.3g}"))
         return [handle]
 
-    out = _per_layer_figure(runs, "update.angle_row", ylabel="angle (rad)", extra=extra)
+    out = _per_layer_figure(runs, "update.angle_row", ylabel="angle (rad)", extra=extra, layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
@@ -331,9 +345,10 @@ def angular_update(runs: Sequence[RunData]) -> Figure | None:
 
 @figure("effective_lr", section="Weights and effective learning rate", title="Effective learning rate against "
         "step, per layer", source="van Laarhoven 2017, L2 Regularization versus Batch and Weight Normalization; "
-        "Heo et al. 2021, AdamP", order=180)
-def effective_lr(runs: Sequence[RunData]) -> Figure | None:
-    out = _per_layer_figure(runs, "lr.effective", ylabel="effective LR")
+        "Heo et al. 2021, AdamP", order=180,
+        metrics=("lr.effective",), recorded_by=BY_UPDATES)
+def effective_lr(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
+    out = _per_layer_figure(runs, "lr.effective", ylabel="effective LR", layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
@@ -345,8 +360,9 @@ def effective_lr(runs: Sequence[RunData]) -> Figure | None:
 
 @figure("grad_weight_cos", section="Weights and effective learning rate",
         title="Largest |cos(gradient, weight)| over rows against the scale-invariance threshold",
-        source="Heo et al. 2021, AdamP (projection test, delta = 0.1)", order=190)
-def grad_weight_cos(runs: Sequence[RunData]) -> Figure | None:
+        source="Heo et al. 2021, AdamP (projection test, delta = 0.1)", order=190,
+        metrics=("grad.weight_cos_rowmax",), recorded_by=BY_GRADIENTS)
+def grad_weight_cos(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
     handle = Line2D([], [], color="gray", linestyle="--", label="threshold delta/sqrt(row dim)")
 
     def extra(fig, ax, i, r, lay, c):
@@ -357,7 +373,7 @@ def grad_weight_cos(runs: Sequence[RunData]) -> Figure | None:
                     gid=run_gid(fig, i, f"{r.name}: threshold {lay}"))
         return [handle]
 
-    out = _per_layer_figure(runs, "grad.weight_cos_rowmax", ylabel="max row |cos|", extra=extra)
+    out = _per_layer_figure(runs, "grad.weight_cos_rowmax", ylabel="max row |cos|", extra=extra, layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
