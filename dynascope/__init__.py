@@ -59,6 +59,7 @@ _LAZY: dict[str, str] = {
     "gradient_noise_scale": "dynascope.diagnostics.noise_scale",
     "neural_collapse": "dynascope.diagnostics.collapse",
     "example_scores": "dynascope.diagnostics.scores",
+    "Sentinel": "dynascope.probes.sentinel",
     "findings": "dynascope.check",
     "compare": "dynascope.comparison",
     "detect_events": "dynascope.forensics",

@@ -37,6 +37,7 @@ from .probes.base import Collected, Probe, ProbeContext
 from .probes.gradients import GradientProbe
 from .probes.optimizer import UpdateProbe
 from .probes.scheduled import Scheduled, ScheduledContext
+from .probes.sentinel import Sentinel
 from .store import ResilientWriter, RunStore, now_iso
 
 __all__ = ["Session", "probe", "PROBES"]
@@ -124,6 +125,7 @@ class Session:
         meta: dict[str, Any] | None = None,
         on_diagnostic_error: str = "warn",
         tensorboard: Any = None,
+        sentinel: bool | Sentinel = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -156,6 +158,12 @@ class Session:
         for s in self.scheduled:
             if not isinstance(s, Scheduled):
                 raise TypeError(f"scheduled diagnostics must be dynascope Scheduled objects, got {type(s).__name__}")
+        if not isinstance(sentinel, (bool, Sentinel)):
+            raise TypeError(f"sentinel must be True, False or a dynascope.Sentinel, got {type(sentinel).__name__}")
+        # the sentinel's events change the recording schedule, which ranks must share: off under torch.distributed
+        self.sentinel: Sentinel | None = None if sentinel is False or is_active() else (
+            sentinel if isinstance(sentinel, Sentinel) else Sentinel())
+        self._burst_until = -1
         self.writer = _is_rank_zero()
         # under torch.distributed: combines the ranks' statistics at each flush (dynascope.distributed)
         self.reducer: RankReducer | None = RankReducer() if is_active() else None
@@ -234,6 +242,8 @@ class Session:
             "python_version": platform.python_version(),
             "seed": self._seed,
             "every": self.every,
+            "sentinel": None if self.sentinel is None else {
+                "window": self.sentinel.window, "burst": self.sentinel.burst, "updates": self.sentinel.updates},
             "probes": [p.name for p in self.probes],
             "scheduled": [type(s).__name__ for s in self.scheduled],
             "modules": self.module_names,
@@ -275,6 +285,8 @@ class Session:
         self._t0 = time.monotonic()
         for p in self.probes:
             p.setup(self.ctx)
+        if self.sentinel is not None:
+            self.sentinel.setup(self.ctx)
         if self.store is not None:
             self.store.write_meta({"coverage": [r.as_dict() for r in self._coverage_rows()]})
         for opt in self.optimizers:
@@ -303,7 +315,7 @@ class Session:
         return merge(rows)
 
     def _records(self, step: int) -> bool:
-        return step % self.every == 0
+        return step % self.every == 0 or step <= self._burst_until
 
     def _scope_dynamo(self) -> None:
         """Under torch.compile, let Dynamo guard on module hooks for this session, so a
@@ -329,9 +341,13 @@ class Session:
         self._recording = on
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.sentinel is not None:
+            self.sentinel.before_optimizer_step(optimizer)
         self.before_optimizer_step(optimizer)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.sentinel is not None:
+            self.sentinel.after_optimizer_step(optimizer)
         self.after_optimizer_step(optimizer)
 
     @property
@@ -385,6 +401,8 @@ class Session:
                     # one process: finish at once on the device (no reduction to wait for)
                     self._device_buf.append((s, got.local_values() if self.reducer is None else got, got))
             self._recorded_since_flush += 1
+        if self.sentinel is not None:
+            self._sentinel_step(s, loss)
         due = [d for d in self.scheduled if d.due(s)]
         if due:
             self._set_recording(False)
@@ -397,6 +415,25 @@ class Session:
             and time.monotonic() - self._last_flush > self.flush_seconds and (self._device_buf or self._scalar_buf)
         ):
             self.flush()
+
+    def _sentinel_step(self, step: int, loss: Any) -> None:
+        """The sentinel's every-step row; on an event, its window at full resolution, the event rows
+        and a burst of recording steps."""
+        sentinel = self.sentinel
+        assert sentinel is not None
+        if not self.optimizers:
+            sentinel.before_optimizer_step(None)
+        events = sentinel.end_step(step, loss)
+        if self._recording:
+            rows = sentinel.update_rows(step)
+            if rows:
+                keys = [(m, lay) for _, m, lay, _ in rows]
+                c = Collected(keys, values=torch.stack([v for *_, v in rows]).clone())
+                self._device_buf.append((step, c.local_values() if self.reducer is None else c, c))
+        if events:
+            self._host_rows.extend(sentinel.window_rows(max(e.step for e in events)))
+            self._host_rows.extend(sentinel.event_rows(events))
+            self._burst_until = max(self._burst_until, step + sentinel.burst)
 
     def add_listener(self, listener: Any) -> None:
         """Call ``listener(rows)`` with the ``(step, metric, layer, value)`` rows of every

@@ -45,11 +45,10 @@ __all__ = ["Finding", "RULES", "RULE_SOURCES", "findings", "rule", "collect", "f
 SEVERITIES = ("error", "warning", "info")
 
 SHARPNESS_RATIO = 1.0
-SPIKE_WINDOW = 20
-SPIKE_FACTOR = 2.0
-SPIKE_MADS = 6.0
+# one spike rule for the findings, the recorded-series events and the live sentinel
+from ..probes.sentinel import SPIKE_FACTOR, SPIKE_MADS, SPIKE_MIN_RISE, SPIKE_WINDOW  # noqa: E402, F401
+
 SPIKE_COINCIDE_STEPS = 1  # recorded steps either side
-SPIKE_MIN_RISE = 0.1  # a loss spike also rises by >= 10% of the loss at the start of the run
 DEPTH_VAR_RATIO = 10.0
 DEPTH_VAR_RHO = 0.8
 MASSIVE_ABS = 100.0

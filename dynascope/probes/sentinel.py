@@ -1,0 +1,261 @@
+"""The sentinel: cheap norms at EVERY step, a device-side ring buffer, events read late.
+
+Whatever ``every`` is, at each step the sentinel keeps on the device, in a ring
+buffer of the last ``window`` steps (default 64): the loss, the global gradient
+norm and, per module that owns parameters, the gradient norm ``grad.norm`` and
+the update norm ``update.norm`` = ||w_{t+1} - w_t|| (the same names and module
+names the probes use). Norms come from multi-tensor reductions
+(``torch._foreach_norm``); the update needs a copy of the trainable weights
+before each optimizer step (``torch._foreach_copy_``: one extra copy of the
+trainable parameters in memory).
+
+Nothing synchronises with the host per step: each step's row is copied to the
+host without blocking (pinned memory and an event on CUDA) and read one step
+later. Events are detected on the host from those late values: a loss spike
+(the rule of :func:`spike_threshold`: above twice the running median of the
+previous values, by more than 6 robust SDs, and by at least 10% of the starting
+loss), a global-gradient-norm spike (the same rule, 5x the running median:
+minibatch gradient norms move 2-2.5x from step to step), a non-finite loss or
+gradient norm. The sentinel judges a value only once SPIKE_WINDOW (20) finite
+values precede it: the first steps of training are not compared with an
+immature band. On an event the ring buffer's window up to the event is written
+at full resolution, the session records the full probes at every step for the
+next ``burst`` steps, and ``event.<kind>`` / ``event.<kind>.threshold`` rows
+record it (:func:`dynascope.forensics.run_events` reads them back). In normal
+operation the sentinel writes ``update.norm`` per module at the recording
+steps only, so the store does not grow per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._names import select_modules
+from .base import ProbeContext
+
+__all__ = ["Sentinel", "SentinelEvent", "spike_threshold", "SPIKE_WINDOW", "SPIKE_FACTOR", "SPIKE_MADS",
+           "SPIKE_MIN_RISE", "MIN_HISTORY"]
+
+SPIKE_WINDOW = 20  # previous values in the running median and MAD
+SPIKE_FACTOR = 2.0  # a spike is above this factor x the running median ...
+SPIKE_MADS = 6.0  # ... by more than this many robust SDs (1.4826 x MAD) ...
+SPIKE_MIN_RISE = 0.1  # ... and by at least this fraction of the loss at the start
+GRAD_SPIKE_FACTOR = 5.0  # minibatch gradient norms vary 2-2.5x from step to step: a gradient spike is 5x
+MIN_HISTORY = 5  # finite previous values a threshold needs
+_HOST_SLOTS = 8  # pinned host rows in flight (CUDA)
+
+
+def spike_threshold(previous: np.ndarray, start: float = math.nan, min_rise: float = 0.0,
+                    min_history: int = MIN_HISTORY, factor: float = SPIKE_FACTOR) -> float:
+    """The level above which the next value is a spike, from the previous values (the finite ones
+    among the last SPIKE_WINDOW): max(``factor`` x median, median + SPIKE_MADS x 1.4826 x MAD,
+    median + ``min_rise`` x |start|); NaN with fewer than ``min_history`` values or a median <= 0. The
+    rule of the report's loss-spike finding, applied online (the sentinel's ``start`` is the median of
+    the finite losses seen so far, up to SPIKE_WINDOW of them; the report's, of the first SPIKE_WINDOW)."""
+    v = np.asarray(previous, dtype=float)[-SPIKE_WINDOW:]
+    v = v[np.isfinite(v)]
+    if v.size < min_history:
+        return math.nan
+    med = float(np.median(v))
+    if not med > 0:
+        return math.nan
+    mad = float(np.median(np.abs(v - med)))
+    thr = max(factor * med, med + SPIKE_MADS * 1.4826 * mad)
+    if min_rise > 0 and math.isfinite(start):
+        thr = max(thr, med + min_rise * abs(start))
+    return thr
+
+
+@dataclass
+class SentinelEvent:
+    step: int
+    kind: str  # loss_spike, loss_nonfinite, grad_spike, grad_nonfinite
+    value: float
+    threshold: float
+
+
+class Sentinel:
+    """Every-step norms in a device ring buffer and online event detection.
+
+    ``window``: steps kept in the ring buffer (written at full resolution on an
+    event); ``burst``: steps recorded with every probe after an event;
+    ``updates``: also the per-module update norm (costs a copy of the trainable
+    weights per step and their memory)."""
+
+    def __init__(self, window: int = 64, burst: int = 20, updates: bool = True) -> None:
+        if not isinstance(window, int) or window < 2:
+            raise ValueError(f"Sentinel: window must be an integer >= 2, got {window!r}")
+        if not isinstance(burst, int) or burst < 0:
+            raise ValueError(f"Sentinel: burst must be an integer >= 0, got {burst!r}")
+        self.window, self.burst, self.updates = window, burst, updates
+
+    # -- set-up --------------------------------------------------------------------------------
+    def setup(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+        self.params = [(n, p) for n, p in ctx.param_names if p.requires_grad]
+        index = {id(p): i for i, (_, p) in enumerate(self.params)}
+        self.modules: list[str] = []
+        mod_idx, par_idx = [], []
+        for name, module in select_modules(ctx.model, ctx.module_filter):
+            ids = sorted({index[id(p)] for p in module.parameters() if id(p) in index})
+            if ids and name:
+                mod_idx += [len(self.modules)] * len(ids)
+                par_idx += ids
+                self.modules.append(name)
+        device = self.params[0][1].device if self.params else torch.device("cpu")
+        self.device = device
+        self._mod_idx = torch.tensor(mod_idx, dtype=torch.long, device=device)
+        self._par_idx = torch.tensor(par_idx, dtype=torch.long, device=device)
+        n, m = len(self.params), len(self.modules)
+        self.width = 2 + 2 * m  # loss, global grad norm, module grad norms, module update norms
+        self.ring = torch.full((self.window, self.width), float("nan"), dtype=torch.float32, device=device)
+        self._gsq = torch.zeros(n, dtype=torch.float32, device=device)
+        self._usq = torch.zeros(n, dtype=torch.float32, device=device)
+        self._owned: dict[int, list[int]] = {}
+        self._snap: dict[int, list[torch.Tensor]] = {}
+        pinned = device.type == "cuda"
+        self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
+        self._pending: deque[tuple[int, torch.Tensor, Any, bool]] = deque()
+        self._losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self._gnorms: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self._start_loss = math.nan
+        self._first_losses: list[float] = []
+        self._steps: deque[int] = deque(maxlen=self.window)
+        self.events: list[SentinelEvent] = []
+
+    def _owned_by(self, optimizer: torch.optim.Optimizer | None) -> list[int]:
+        hit = self._owned.get(id(optimizer))
+        if hit is None:
+            hit = self._owned[id(optimizer)] = (list(range(len(self.params))) if optimizer is None
+                                                else self.ctx.owned_by(optimizer, self.params))
+        return hit
+
+    # -- every step ------------------------------------------------------------------------------
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        idx = [i for i in self._owned_by(optimizer) if self.params[i][1].grad is not None]
+        if not idx:
+            return
+        with torch.no_grad():
+            norms = torch._foreach_norm([self.params[i][1].grad.detach() for i in idx])  # type: ignore[union-attr]
+            self._gsq[idx] = torch.stack(norms).float().square()
+            if self.updates and optimizer is not None:
+                ps = [self.params[i][1].detach() for i in idx]
+                snap = self._snap.get(id(optimizer))
+                if snap is None or len(snap) != len(ps) or any(a.shape != b.shape for a, b in zip(snap, ps)):
+                    snap = self._snap[id(optimizer)] = [torch.empty_like(p) for p in ps]
+                torch._foreach_copy_(snap, ps)
+                self._snap_idx = getattr(self, "_snap_idx", {})
+                self._snap_idx[id(optimizer)] = idx
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        snap = self._snap.get(id(optimizer))
+        idx = getattr(self, "_snap_idx", {}).get(id(optimizer))
+        if snap is None or not idx:
+            return
+        with torch.no_grad():
+            torch._foreach_sub_(snap, [self.params[i][1].detach() for i in idx])  # w_t - w_{t+1}
+            self._usq[idx] = torch.stack(torch._foreach_norm(snap)).float().square()
+
+    def end_step(self, step: int, loss: Any) -> list[SentinelEvent]:
+        """Write this step's row into the ring buffer and detect events from the values of earlier
+        steps that have reached the host. Returns the new events."""
+        with torch.no_grad():
+            row = self.ring[step % self.window]
+            if isinstance(loss, torch.Tensor):
+                row[0].copy_(loss.detach().reshape(()))
+            else:
+                row[0].fill_(float("nan") if loss is None else float(loss))
+            row[1].copy_(self._gsq.sum().sqrt())
+            m = len(self.modules)
+            if m:
+                msq = torch.zeros(m, dtype=torch.float32, device=self.device)
+                row[2:2 + m].copy_(msq.index_add_(0, self._mod_idx, self._gsq[self._par_idx]).sqrt())
+                if self.updates:
+                    usq = torch.zeros(m, dtype=torch.float32, device=self.device)
+                    row[2 + m:].copy_(usq.index_add_(0, self._mod_idx, self._usq[self._par_idx]).sqrt())
+            self._gsq.zero_()
+            self._usq.zero_()
+            if len(self._pending) >= _HOST_SLOTS - 1:  # the device is many steps behind: wait for the oldest
+                self._pending[0][2].synchronize()
+            host = self._host[step % _HOST_SLOTS]
+            if self.device.type == "cuda":
+                host.copy_(row, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+            else:
+                host.copy_(row)
+                ev = None
+        self._steps.append(step)
+        self._pending.append((step, host, ev, loss is not None))
+        new: list[SentinelEvent] = []
+        # read what has arrived, never the row just written (no wait on the device)
+        while self._pending and (len(self._pending) > 1 or self._pending[0][2] is None):
+            s, buf, e, has_loss = self._pending[0]
+            if e is not None and not e.query():
+                break
+            self._pending.popleft()
+            new += self._detect(s, float(buf[0]) if has_loss else None, float(buf[1]))
+        self.events += new
+        return new
+
+    def _detect(self, step: int, loss: float | None, gnorm: float) -> list[SentinelEvent]:
+        out = []
+        if loss is not None:
+            if not math.isfinite(loss):
+                out.append(SentinelEvent(step, "loss_nonfinite", loss, math.nan))
+                self._losses.append(loss)  # in the window, as in the report's rule (then left out)
+            else:
+                if len(self._first_losses) < SPIKE_WINDOW:
+                    self._first_losses.append(loss)
+                    self._start_loss = float(np.median(self._first_losses))
+                thr = spike_threshold(np.asarray(self._losses), self._start_loss, SPIKE_MIN_RISE, SPIKE_WINDOW)
+                if loss > thr:
+                    out.append(SentinelEvent(step, "loss_spike", loss, thr))
+                self._losses.append(loss)
+        if not math.isfinite(gnorm):
+            out.append(SentinelEvent(step, "grad_nonfinite", gnorm, math.nan))
+        elif gnorm > 0:  # 0: no gradient this step
+            thr = spike_threshold(np.asarray(self._gnorms), min_history=SPIKE_WINDOW, factor=GRAD_SPIKE_FACTOR)
+            if gnorm > thr:
+                out.append(SentinelEvent(step, "grad_spike", gnorm, thr))
+            self._gnorms.append(gnorm)
+        return out
+
+    # -- what is written -------------------------------------------------------------------------
+    def window_rows(self, upto: int) -> list[tuple[int, str, str, float]]:
+        """The ring buffer's steps up to ``upto`` at full resolution (one copy to the host)."""
+        ring = self.ring.cpu().numpy()
+        rows: list[tuple[int, str, str, float]] = []
+        m = len(self.modules)
+        for s in self._steps:
+            if s > upto or s <= upto - self.window:
+                continue
+            r = ring[s % self.window]
+            rows.append((s, "grad.global_norm", "", float(r[1])))
+            rows += [(s, "grad.norm", name, float(v)) for name, v in zip(self.modules, r[2:2 + m])]
+            if self.updates:
+                rows += [(s, "update.norm", name, float(v)) for name, v in zip(self.modules, r[2 + m:])]
+        return rows
+
+    def update_rows(self, step: int) -> list[tuple[int, str, str, torch.Tensor]]:
+        """The decimated summary of a recording step: ``update.norm`` per module (device values)."""
+        if not self.updates or not self.modules:
+            return []
+        m = len(self.modules)
+        row = self.ring[step % self.window]
+        return [(step, "update.norm", name, row[2 + m + k]) for k, name in enumerate(self.modules)]
+
+    @staticmethod
+    def event_rows(events: Sequence[SentinelEvent]) -> list[tuple[int, str, str, float]]:
+        rows = []
+        for e in events:
+            rows.append((e.step, f"event.{e.kind}", "", e.value))
+            rows.append((e.step, f"event.{e.kind}.threshold", "", e.threshold))
+        return rows
