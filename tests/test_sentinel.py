@@ -100,7 +100,8 @@ def test_update_norm_is_the_norm_of_the_step(tmp_path):
             opt.step()
             run.step(loss=loss)
     d = dynascope.load_run(tmp_path / "r").scalars("update.norm", "4")
-    ref = torch.cat([(a - b).detach().reshape(-1) for a, b in zip(model[4].parameters(), before[4].parameters())]).norm()
+    ref = torch.cat([(a - b).detach().reshape(-1)
+                     for a, b in zip(model[4].parameters(), before[4].parameters())]).norm()
     assert float(d[d.step == 2]["value"].iloc[0]) == pytest.approx(float(ref), rel=1e-5)
 
 
