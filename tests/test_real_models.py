@@ -75,14 +75,14 @@ def _seed(seed: int = 0) -> None:
     np.random.seed(seed)
 
 
-def _first_floating(out: Any) -> bool:
+def _holds_floating(out: Any) -> bool:
     """True when ``out`` holds a floating tensor anywhere (tensors, tuples, lists, dicts, HF ModelOutput)."""
     if isinstance(out, torch.Tensor):
         return out.is_floating_point() and out.numel() > 0
     if isinstance(out, (tuple, list)):
-        return any(_first_floating(o) for o in out)
+        return any(_holds_floating(o) for o in out)
     if isinstance(out, dict):
-        return any(_first_floating(o) for o in out.values())
+        return any(_holds_floating(o) for o in out.values())
     return False
 
 
@@ -125,7 +125,7 @@ def train(name: str, run_dir=None) -> tuple[dict[str, Any], Setup, Observed]:
     pnames = {id(p): clean_name(n) for n, p in model.named_parameters()}
 
     def fwd_hook(mod: nn.Module, inputs: Any, out: Any) -> None:
-        if current["step"] in RECORDED and _first_floating(out):
+        if current["step"] in RECORDED and _holds_floating(out):
             obs.floating.setdefault(current["step"], set()).add(names[id(mod)])
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
