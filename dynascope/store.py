@@ -759,6 +759,8 @@ class RunData:
         """``(steps, values)`` of one metric and layer, by step; the last value wins for a repeated step."""
         if self.format == 2:
             sid = self._ids(metric).get(layer)
+            if sid is None:  # a layer that appeared after the names were read (the run is still written)
+                sid = self._series_map(refresh=True).get(metric, {}).get(layer)
             rows = [] if sid is None else self._rows("SELECT step, value FROM points WHERE series = ? ORDER BY step",
                                                      (sid,))
         else:
