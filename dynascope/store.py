@@ -774,7 +774,7 @@ class RunData:
                               (metric, layer))
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
-        arr = np.array(rows, dtype=float)
+        arr = _pairs(rows).reshape(-1, 2)
         s = arr[:, 0].astype(np.int64)
         keep = np.r_[s[1:] != s[:-1], True]
         return s[keep], arr[keep, 1]
