@@ -37,6 +37,7 @@ retries at every flush and records what it had to drop as ``store.dropped_rows``
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import operator
@@ -701,18 +702,19 @@ class RunData:
         naming the known metrics when ``metric`` was never recorded.
         """
         if metric not in self._cache:
-            df = self.query(metric)
+            df = self.query(metric, _by_step=True)
             if df.empty and metric not in self.metrics():
                 raise KeyError(f"metric {metric!r} is not recorded in run {self.name!r}; recorded: {self.metrics()}")
-            order = np.argsort(df["step"].to_numpy(), kind="stable")
-            self._cache[metric] = df.iloc[order].reset_index(drop=True)
+            if self.format == 1:
+                df = df.iloc[np.argsort(df["step"].to_numpy(), kind="stable")].reset_index(drop=True)
+            self._cache[metric] = df
         df = self._cache[metric]
         if layer is not None:
             df = df[df["layer"] == layer].reset_index(drop=True)
         return df
 
     def query(self, metric: str, layers: Sequence[str] | None = None,
-              steps: Sequence[int] | None = None) -> pd.DataFrame:
+              steps: Sequence[int] | None = None, *, _by_step: bool = False) -> pd.DataFrame:
         """Rows ``step, layer, value`` of ``metric``, optionally only these layers / steps, by layer and step.
         Reads only the rows asked for (seeks in the ``(series, step)`` key)."""
         import pandas as pd
@@ -745,25 +747,31 @@ class RunData:
         if not chosen:
             return empty
         chosen.sort(key=lambda t: t[1])
-        ids = [i for _, i in chosen]
-        sql = f"SELECT series, step, value FROM points WHERE series IN ({','.join('?' * len(ids))})"
-        params = list(ids)
+        sql = "SELECT step, value FROM points WHERE series = ?"
         if step_list is not None:
             sql += f" AND step IN ({','.join('?' * len(step_list))})"
-            params += step_list
-        rows = self._rows(sql, params)
-        if not rows:
+        parts: list[list[tuple]] = []
+        with self._connection() as con:  # one range per series: two Python objects per row, no series column
+            for _, sid in chosen:
+                parts.append(con.execute(sql, (sid, *(step_list or ()))).fetchall())
+        n = sum(len(x) for x in parts)
+        if n == 0:
             return empty
-        arr = np.array(rows, dtype=float)  # None (NULL) becomes NaN
-        sid = arr[:, 0].astype(np.int64)
-        names = np.array([lay for lay, _ in chosen], dtype=object)
-        return pd.DataFrame({"step": arr[:, 1].astype(np.int64), "layer": names[np.searchsorted(ids, sid)],
-                             "value": arr[:, 2]})
+        arr = np.concatenate([_pairs(x) for x in parts]).reshape(-1, 2)
+        step_arr = arr[:, 0].astype(np.int64)
+        layer_arr = np.repeat(np.array([lay for lay, _ in chosen], dtype=object), [len(x) for x in parts])
+        value_arr = arr[:, 1]
+        if _by_step:
+            order = np.argsort(step_arr, kind="stable")
+            step_arr, layer_arr, value_arr = step_arr[order], layer_arr[order], value_arr[order]
+        return pd.DataFrame({"step": step_arr, "layer": layer_arr, "value": value_arr})
 
     def series(self, metric: str, layer: str = "") -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of one metric and layer, by step; the last value wins for a repeated step."""
         if self.format == 2:
             sid = self._ids(metric).get(layer)
+            if sid is None:  # a layer that appeared after the names were read (the run is still written)
+                sid = self._series_map(refresh=True).get(metric, {}).get(layer)
             rows = [] if sid is None else self._rows("SELECT step, value FROM points WHERE series = ? ORDER BY step",
                                                      (sid,))
         else:
@@ -771,7 +779,7 @@ class RunData:
                               (metric, layer))
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
-        arr = np.array(rows, dtype=float)
+        arr = _pairs(rows).reshape(-1, 2)
         s = arr[:, 0].astype(np.int64)
         keep = np.r_[s[1:] != s[:-1], True]
         return s[keep], arr[keep, 1]
@@ -868,6 +876,14 @@ class RunData:
         from .forensics import forensics
 
         return forensics(self, step, **kwargs)
+
+
+def _pairs(rows: list[tuple]) -> np.ndarray:
+    """``[(step, value), ...]`` as a flat float array; NULL (None) values become NaN."""
+    try:  # 2.5x less CPU than np.array on a list of tuples
+        return np.fromiter(itertools.chain.from_iterable(rows), dtype=float, count=2 * len(rows))
+    except TypeError:  # a None among the values
+        return np.array(rows, dtype=float).reshape(-1)
 
 
 def _natural_key(name: str) -> list[Any]:
