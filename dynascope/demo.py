@@ -14,8 +14,10 @@ UCI; a 5-layer ReLU MLP of width 128):
 
 Every run records the default probes every 5 steps, sharpness (top-3 Hessian
 eigenvalues on a fixed batch of 512) every 100 steps against its 2(1+beta)/eta
-threshold, plasticity statistics every 100 steps, and a 2D loss landscape with
-the trajectory at the end.
+threshold, plasticity statistics every 100 steps, calibration (ECE, NLL,
+reliability) on the 297 held-out digits every 25 steps, the gradient noise
+scale B_simple (8 micro-batches of the probe batch) every 50 steps, and a 2D
+loss landscape with the trajectory at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class DemoConfig:
     lr: float = 0.05
     momentum: float = 0.9
 
+
+HELD_OUT = 1500  # the first 1500 shuffled digits train, the other 297 measure calibration
 
 CONFIGS = (
     DemoConfig("batchnorm-sgd-wd", batchnorm=True, weight_decay=5e-4),
@@ -77,6 +81,8 @@ def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> P
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
     x, y = x[perm], y[perm]
+    held_out = (x[HELD_OUT:], y[HELD_OUT:])  # never trained on: calibration is measured here
+    x, y = x[:HELD_OUT], y[:HELD_OUT]
     probe_batch = (x[:512], y[:512])
     torch.manual_seed(seed)
     model = make_mlp(cfg.batchnorm)
@@ -89,6 +95,10 @@ def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> P
     }
     run_dir = out / "runs" / cfg.name
     batch = 64
+    extra["scheduled"] = [
+        dynascope.Calibration(every=25, batch=held_out),
+        dynascope.NoiseScale(every=50, batch=probe_batch, loss_fn=loss_fn, micro_batches=8, batch_size=batch),
+    ]
     with dynascope.probe(model, opt, run_dir, every=5, overwrite=True, name=cfg.name, seed=seed,
                          blocks=[str(i) for i in range(4)], **extra) as run:
         step = 0
