@@ -91,6 +91,7 @@ def test_noise_scale_figure_draws_the_batch_size_and_a_running_median(probed):
 def test_collapse_figure_on_a_log_axis(probed):
     fig = collapse_figure([probed])
     assert fig.axes[0].get_yscale() == "log"
+    assert "input of 2" in str(fig.dynascope_caption)
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), probed.scalars("collapse.nc1")["value"])
 
 
