@@ -110,7 +110,8 @@ def reliability_diagrams(runs: Sequence[RunData]) -> Figure | None:
                    edgecolor="tab:red", hatch="////", linewidth=0.6)
             ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1)
             share = count / max(int(count.sum()), 1)
-            ax.plot((left + width / 2)[ok], share[ok], color="black", marker="D", markersize=3.5, linestyle="none")
+            ax.plot((left + width / 2)[ok], share[ok], color="black", marker="D", markersize=3.5, linestyle="none",
+                    clip_on=False)
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
             ax.set_aspect("equal")
