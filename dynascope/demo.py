@@ -14,9 +14,12 @@ UCI; a 5-layer ReLU MLP of width 128):
 
 Every run records the default probes every 5 steps, sharpness (top-3 Hessian
 eigenvalues on a fixed batch of 512) every 100 steps against its 2(1+beta)/eta
-threshold, plasticity statistics every 100 steps, and a 2D loss landscape with
-the trajectory at the end. The BatchNorm runs also record their batch against
-running statistics (default probe) and the train/eval loss gap every 100 steps.
+threshold, plasticity statistics every 100 steps, calibration (ECE, NLL,
+reliability) on the 297 held-out digits every 25 steps, the gradient noise
+scale B_simple (8 micro-batches of the probe batch) every 50 steps, and a 2D
+loss landscape with the trajectory at the end. The BatchNorm runs also record
+their batch against running statistics (default probe) and the train/eval loss
+gap every 100 steps.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class DemoConfig:
     lr: float = 0.05
     momentum: float = 0.9
 
+
+HELD_OUT = 1500  # the first 1500 shuffled digits train, the other 297 measure calibration
 
 CONFIGS = (
     DemoConfig("batchnorm-sgd-wd", batchnorm=True, weight_decay=5e-4),
@@ -78,6 +83,8 @@ def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> P
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
     x, y = x[perm], y[perm]
+    held_out = (x[HELD_OUT:], y[HELD_OUT:])  # never trained on: calibration is measured here
+    x, y = x[:HELD_OUT], y[:HELD_OUT]
     probe_batch = (x[:512], y[:512])
     torch.manual_seed(seed)
     model = make_mlp(cfg.batchnorm)
@@ -88,10 +95,14 @@ def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> P
         "plasticity": dynascope.Plasticity(every=100, batch=probe_batch[0]),
         "landscape": dynascope.Landscape(at="end", batch=probe_batch, loss_fn=loss_fn, resolution=21),
     }
-    if cfg.batchnorm:  # BatchNorm statistics are recorded by the default probes; the train/eval gap is scheduled
-        extra["scheduled"] = [dynascope.BNGap(every=100, batch=probe_batch, loss_fn=loss_fn)]
     run_dir = out / "runs" / cfg.name
     batch = 64
+    extra["scheduled"] = [
+        dynascope.Calibration(every=25, batch=held_out),
+        dynascope.NoiseScale(every=50, batch=probe_batch, loss_fn=loss_fn, micro_batches=8, batch_size=batch),
+    ]
+    if cfg.batchnorm:  # BatchNorm statistics are recorded by the default probes; the train/eval gap is scheduled
+        extra["scheduled"].append(dynascope.BNGap(every=100, batch=probe_batch, loss_fn=loss_fn))
     with dynascope.probe(model, opt, run_dir, every=5, overwrite=True, name=cfg.name, seed=seed,
                          blocks=[str(i) for i in range(4)], **extra) as run:
         step = 0

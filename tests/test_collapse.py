@@ -155,6 +155,8 @@ def test_recorder_matches_the_function_on_the_penultimate_features(tmp_path):
             ref = refs[s][0 if lay == "fc" else 1]
             assert v == pytest.approx(getattr(ref, metric), rel=1e-9), (metric, s, lay)
         assert sorted(set(df["step"])) == [0, 3, 6]
+    flags = data.pivot("collapse.input")
+    assert (flags["fc"] == 1.0).all() and (flags["body.0"] == 0.0).all()
 
 
 def test_recorder_arguments():

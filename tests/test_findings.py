@@ -181,37 +181,41 @@ def _scalar_run(path, series: dict[str, list[float]], steps: list[int]):
 
 
 def test_overconfidence_rule_fires_on_guo_pattern_only(tmp_path):
-    steps = [0, 100, 200, 300, 400, 500]
+    steps = [0, 100, 200, 300, 400, 500, 600, 700]
     over = _scalar_run(tmp_path / "over", {
-        "calibration.nll": [1.2, 0.6, 0.5, 0.55, 0.62, 0.7],
-        "calibration.accuracy": [0.5, 0.75, 0.80, 0.82, 0.83, 0.84],
-        "calibration.ece": [0.05, 0.03, 0.04, 0.07, 0.09, 0.12]}, steps)
+        "calibration.nll": [1.2, 0.6, 0.5, 0.5, 0.55, 0.62, 0.7, 0.75],
+        "calibration.accuracy": [0.5, 0.75, 0.80, 0.82, 0.83, 0.84, 0.84, 0.85],
+        "calibration.ece": [0.05, 0.03, 0.04, 0.04, 0.07, 0.09, 0.12, 0.15]}, steps)
     (f,) = _rules(over, "overconfidence")
-    assert f.step == 500 and f.value == pytest.approx(0.7) and f.threshold == pytest.approx(1.1 * 0.5)
-    assert "step 200" in f.message and "0.04 -> 0.12" in f.message and f.figure_key == "calibration"
-    # NLL still falling; rising but only by 8%; rising while accuracy falls (not over-confidence): silent
-    cases = {"falling": ([1.2, 0.9, 0.7, 0.6, 0.55, 0.5], [0.5, 0.6, 0.7, 0.75, 0.8, 0.82]),
-             "small": ([1.2, 0.6, 0.5, 0.52, 0.53, 0.54], [0.5, 0.75, 0.8, 0.82, 0.83, 0.84]),
-             "acc_drops": ([1.2, 0.6, 0.5, 0.6, 0.8, 1.0], [0.5, 0.75, 0.8, 0.78, 0.72, 0.6])}
+    # trailing means of 3: minimum (0.5 + 0.5 + 0.55) / 3 at step 400, last (0.62 + 0.7 + 0.75) / 3
+    assert f.step == 700 and f.value == pytest.approx(0.69) and f.threshold == pytest.approx(1.1 * 1.55 / 3)
+    assert "step 400" in f.message and "0.05 -> 0.12" in f.message and f.figure_key == "calibration"
+    # NLL still falling; rising but only by 5%; rising while accuracy falls; one noisy last value: silent
+    cases = {"falling": ([1.2, 0.9, 0.7, 0.6, 0.55, 0.5, 0.48, 0.47], [0.5, 0.6, 0.7, 0.75, 0.8, 0.82, 0.83, 0.83]),
+             "small": ([1.2, 0.6, 0.5, 0.52, 0.53, 0.54, 0.54, 0.55], [0.5, 0.75, 0.8, 0.82, 0.83, 0.84, 0.84, 0.84]),
+             "acc_drops": ([1.2, 0.6, 0.5, 0.6, 0.8, 1.0, 1.1, 1.2], [0.5, 0.75, 0.8, 0.78, 0.72, 0.6, 0.55, 0.5]),
+             "noise": ([1.2, 0.6, 0.5, 0.55, 0.5, 0.52, 0.5, 0.62], [0.5, 0.75, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8])}
     for name, (nll, acc) in cases.items():
         run = _scalar_run(tmp_path / name, {"calibration.nll": nll, "calibration.accuracy": acc}, steps)
         assert _rules(run, "overconfidence") == [], name
 
 
 def test_noise_scale_rule_both_ways(tmp_path):
-    steps = [0, 50, 100, 150, 200, 250]
+    steps = [0, 50, 100, 150, 200, 250, 300, 350, 400]
 
-    def run(name, batch, b_simple, n=6):
-        # |G|^2 and tr(Sigma) with tr/|G|^2 = b_simple over the last half (the first half is ignored)
-        g = [1.0, 1.0, 1.0, 0.5, 0.4, 0.6][:n]
-        t = [1e6, 1e6, 1e6] + [b_simple * v for v in g[3:]]
-        return _scalar_run(tmp_path / name, {"gns.grad_sq": g, "gns.trace_cov": t[:n],
+    def run(name, batch, b, n=9):
+        # per-measurement tr/|G|^2: wild in the first half (ignored); in the last half b, an outlier 100 b, an
+        # unresolved measurement (|G|^2 estimate < 0: infinite), 0.9 b and 1.1 b -> median 1.1 b
+        g = [1.0, 1.0, 1.0, 1.0, 0.5, 0.4, -0.01, 0.6, 0.3][:n]
+        t = [1e6, 1e6, 1e6, 1e6, b * 0.5, 100 * b * 0.4, 5.0, 0.9 * b * 0.6, 1.1 * b * 0.3][:n]
+        return _scalar_run(tmp_path / name, {"gns.grad_sq": g, "gns.trace_cov": t,
                                              "gns.batch_size": [batch] * n}, steps[:n])
 
     (above,) = _rules(run("above", 1024, 50.0), "batch_size_vs_noise_scale")
-    assert above.severity == "warning" and above.value == pytest.approx(50.0) and "20.5x" in above.message
+    assert above.severity == "warning" and above.value == pytest.approx(55.0) and "18.6x" in above.message
     assert above.figure_key == "gradient_noise_scale" and above.threshold == pytest.approx(102.4)
+    assert "steps 200-400" in above.message
     (below,) = _rules(run("below", 16, 400.0), "batch_size_vs_noise_scale")
-    assert below.severity == "info" and "25x below" in below.message
+    assert below.severity == "info" and "27.5x below" in below.message
     assert _rules(run("near", 64, 200.0), "batch_size_vs_noise_scale") == []
     assert _rules(run("few", 1024, 50.0, n=2), "batch_size_vs_noise_scale") == []

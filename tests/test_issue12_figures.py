@@ -13,7 +13,7 @@ import dynascope
 from dynascope.reports.figures import all_figures
 from dynascope.reports.figures.calibration import calibration_curves, reliability_diagrams
 from dynascope.reports.figures.collapse import collapse_figure
-from dynascope.reports.figures.noise_scale import EMA_SPAN, noise_scale_figure, smoothed_noise_scale
+from dynascope.reports.figures.noise_scale import WINDOW, noise_scale_figure, smoothed_noise_scale
 from dynascope.reports.figures.scores import scores_figure
 from dynascope.store import RunStore
 
@@ -71,23 +71,27 @@ def test_calibration_figures_show_the_recorded_values(probed):
     np.testing.assert_allclose(heights, arrays["accuracy"][ok])
 
 
-def test_noise_scale_figure_draws_the_batch_size_and_the_ratio_of_emas(probed):
+def test_noise_scale_figure_draws_the_batch_size_and_a_running_median(probed):
     fig = noise_scale_figure([probed])
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     hlines = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
     assert [float(ln.get_ydata()[0]) for ln in hlines] == [16.0]
-    s, ratio = smoothed_noise_scale(probed)
+    s, med = smoothed_noise_scale(probed)
     g = probed.scalars("gns.grad_sq").set_index("step")["value"]
     t = probed.scalars("gns.trace_cov").set_index("step")["value"]
-    expected = t.ewm(span=EMA_SPAN).mean() / g.ewm(span=EMA_SPAN).mean()
-    np.testing.assert_allclose(ratio, expected.to_numpy(), rtol=1e-12)
+    ratio = np.where(g > 0, t / g, np.inf)
+    expected = [np.median(ratio[max(0, i - WINDOW // 2):i + WINDOW // 2 + 1]) for i in range(len(ratio))]
+    np.testing.assert_allclose(med, expected, rtol=1e-12)
     assert list(s) == [0, 10, 20, 30, 40, 50]
+    solid = [ln for ln in ax.lines if ln.get_linestyle() == "-"]
+    np.testing.assert_allclose(solid[0].get_ydata(), np.asarray(expected)[np.isfinite(expected)])
 
 
 def test_collapse_figure_on_a_log_axis(probed):
     fig = collapse_figure([probed])
     assert fig.axes[0].get_yscale() == "log"
+    assert "input of 2" in str(fig.dynascope_caption)
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), probed.scalars("collapse.nc1")["value"])
 
 

@@ -119,6 +119,8 @@ def test_bad_arguments():
         example_scores(m, None, d, "grand")
     with pytest.raises(ValueError, match="batch_size"):
         example_scores(m, F.cross_entropy, d, batch_size=0)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        example_scores(m, F.cross_entropy, d, "grand", mode="train")
     with pytest.raises(TypeError, match="integer class indices"):
         example_scores(m, None, (d[0], d[1].float()), "el2n", progress=False)
 

@@ -29,8 +29,10 @@ The standard error of ``B_simple`` is the first-order delta method with the
 jackknife covariance of ``tr(Sigma)`` and ``|G|^2``. (The spread of the
 per-micro-batch ``|g_i|^2`` alone would miss the noise of ``|G_big|^2``,
 which dominates the ``|G|^2`` estimate.) The ratio of two noisy
-estimates is itself noisy: McCandlish et al. average ``|G|^2`` and
-``tr(Sigma)`` over many steps before dividing, which is what the report does.
+estimates is itself noisy and heavy-tailed: McCandlish et al. average
+``|G|^2`` and ``tr(Sigma)`` over many steps before dividing; over a whole run
+both change by orders of magnitude, so the report takes the running median of
+the per-step ratios instead (docs/diagnostics.md).
 When the ``|G|^2`` estimate is not positive (noise dominates the batch) the
 ratio is undefined and ``b_simple`` is NaN.
 """

@@ -126,6 +126,10 @@ def example_scores(
         raise ValueError(f"example_scores: mode must be 'eval', 'train' or 'current', got {mode!r}")
     if kind == "grand" and not callable(loss_fn):
         raise TypeError("example_scores: kind='grand' needs a loss_fn(outputs, targets)")
+    if kind == "grand" and mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                   for m in model.modules()):
+        raise ValueError("example_scores: GraNd in train mode is undefined with BatchNorm (an example's loss would "
+                         "depend on its batch); use mode='eval'")
     from tqdm.auto import tqdm
 
     fwd = forward or default_forward

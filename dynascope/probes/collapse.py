@@ -1,7 +1,8 @@
 """Scheduled neural collapse (Papyan, Han and Donoho 2020) of one layer's features on a fixed labelled batch.
 
 Recorded with layer = the module's name: ``collapse.nc1``,
-``collapse.equinorm``, ``collapse.equiangular``. The features are the output
+``collapse.equinorm``, ``collapse.equiangular``, and ``collapse.input`` (1 when
+the features are the module's input, 0 for its output). The features are the output
 of the module named ``layer``, or by default the INPUT of the model's last
 ``nn.Linear`` (the penultimate features the classifier reads), flattened to
 ``(examples, -1)``. Formulas: :mod:`dynascope.diagnostics.collapse`.
@@ -108,3 +109,4 @@ class Collapse(Scheduled):
         res = neural_collapse(torch.cat(feats), torch.cat(labels))
         for metric, value in res.rows():
             ctx.log(metric, value, name)
+        ctx.log("collapse.input", float(use_input), name)  # 1: the module's input was measured, 0: its output

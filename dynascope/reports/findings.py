@@ -21,10 +21,11 @@ Thresholds (module constants):
 - ``EFF_LR_DECAY = 10``: effective LR of a scale-invariant weight fell more than 10x with weight decay 0.
 - ``DEAD_FRACTION = 0.10``, ``DORMANT_FRACTION = 0.20``: fraction of units per layer.
 - ``ERANK_DROP = 0.5``: effective rank below half of its first recorded value.
-- ``NLL_RISE = 0.10``, ``ACC_HOLD = 0.01``: held-out NLL at the last calibration measurement >= 1.10x its
-  minimum while the accuracy is at most 0.01 below its value at that minimum (Guo et al.'s over-confidence).
-- ``GNS_FAR = 10``: training batch size >= 10x or <= 1/10 of the gradient noise scale B_simple (ratio of the
-  means of tr(Sigma) and |G|^2 over the last half of the measurements, at least ``GNS_MIN_POINTS = 3``).
+- ``NLL_RISE = 0.10``, ``ACC_HOLD = 0.01``, ``NLL_WINDOW = 3``: held-out NLL (trailing mean of 3
+  measurements) at the last calibration measurement >= 1.10x its minimum while the accuracy (same mean) is at
+  most 0.01 below its value at that minimum (Guo et al.'s over-confidence).
+- ``GNS_FAR = 10``: training batch size >= 10x or <= 1/10 of the gradient noise scale B_simple (median of the
+  per-measurement estimates over the last half of the measurements, at least ``GNS_MIN_POINTS = 3``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ ERANK_DROP = 0.5
 SCALE_INVARIANT_MAJORITY = 0.5
 NLL_RISE = 0.10
 ACC_HOLD = 0.01
+NLL_WINDOW = 3
 GNS_FAR = 10.0
 GNS_MIN_POINTS = 3
 
@@ -576,9 +578,11 @@ def overconfidence(run: RunData) -> list[Finding]:
 
     Source: Guo et al. 2017, "On Calibration of Modern Neural Networks", Fig. 3 (the NLL on held-out data
     overfits while the error keeps falling: the network becomes over-confident). Rule, on
-    ``calibration.nll`` and ``calibration.accuracy`` (the scheduled :class:`dynascope.Calibration`): at least 3
-    measurements, the NLL at the last one >= (1 + NLL_RISE) = 1.10x its minimum, which came earlier, and the
-    accuracy at the last one >= its value at the NLL minimum - ACC_HOLD (0.01).
+    ``calibration.nll`` and ``calibration.accuracy`` (the scheduled :class:`dynascope.Calibration`), each
+    smoothed by a trailing mean over NLL_WINDOW = 3 measurements (a small held-out batch is noisy, and the
+    minimum of a noisy series is biased low): at least 5 measurements, the smoothed NLL at the last one
+    >= (1 + NLL_RISE) = 1.10x its minimum, which came earlier, and the smoothed accuracy at the last one
+    >= its value at that minimum - ACC_HOLD (0.01).
     """
     if not (_data.has(run, "calibration.nll") and _data.has(run, "calibration.accuracy")):
         return []
@@ -587,28 +591,31 @@ def overconfidence(run: RunData) -> list[Finding]:
     acc_at = pd.Series(acc, index=sa).reindex(s).to_numpy(dtype=float)
     ok = np.isfinite(nll) & np.isfinite(acc_at)
     s, nll, acc_at = s[ok], nll[ok], acc_at[ok]
-    if len(s) < 3:
+    if len(s) < NLL_WINDOW + 2:
         return []
-    k = int(np.argmin(nll))
-    if k == len(s) - 1 or nll[k] <= 0:
+    nll_m = pd.Series(nll).rolling(NLL_WINDOW).mean().to_numpy()[NLL_WINDOW - 1:]
+    acc_m = pd.Series(acc_at).rolling(NLL_WINDOW).mean().to_numpy()[NLL_WINDOW - 1:]
+    s = s[NLL_WINDOW - 1:]
+    k = int(np.argmin(nll_m))
+    if k == len(s) - 1 or nll_m[k] <= 0:
         return []
-    last_nll, last_acc = float(nll[-1]), float(acc_at[-1])
-    if last_nll < (1 + NLL_RISE) * nll[k] or last_acc < acc_at[k] - ACC_HOLD:
+    last_nll, last_acc = float(nll_m[-1]), float(acc_m[-1])
+    if last_nll < (1 + NLL_RISE) * nll_m[k] or last_acc < acc_m[k] - ACC_HOLD:
         return []
     ece = ""
     if _data.has(run, "calibration.ece"):
         se, ev = _data.series(run, "calibration.ece")
-        e = pd.Series(ev, index=se)
+        e = pd.Series(ev, index=se).rolling(NLL_WINDOW).mean()
         if int(s[k]) in e.index and int(s[-1]) in e.index:
             ece = f"; ECE {_fmt(float(e[int(s[k])]))} -> {_fmt(float(e[int(s[-1])]))}"
     return [Finding(
         "warning",
-        f"Over-confidence: held-out NLL rose from its minimum {_fmt(float(nll[k]))} at step {int(s[k])} to "
-        f"{_fmt(last_nll)} at step {int(s[-1])} ({last_nll / nll[k]:.2f}x, threshold {1 + NLL_RISE:.2f}x) while "
-        f"accuracy went from {acc_at[k]:.3f} to {last_acc:.3f}{ece}. The model overfits the likelihood and its "
-        "probabilities are too confident (Guo et al. 2017); temperature scaling on held-out data, weight decay "
-        "or early stopping on NLL restore calibration.",
-        "calibration.nll", "", int(s[-1]), last_nll, float((1 + NLL_RISE) * nll[k]), "calibration")]
+        f"Over-confidence: held-out NLL (mean of {NLL_WINDOW} consecutive measurements) rose from its minimum "
+        f"{_fmt(float(nll_m[k]))} at step {int(s[k])} to {_fmt(last_nll)} at step {int(s[-1])} "
+        f"({last_nll / nll_m[k]:.2f}x, threshold {1 + NLL_RISE:.2f}x) while accuracy went from {acc_m[k]:.3f} to "
+        f"{last_acc:.3f}{ece}. The model overfits the likelihood and its probabilities are too confident (Guo et "
+        "al. 2017); temperature scaling on held-out data, weight decay or early stopping on NLL restore calibration.",
+        "calibration.nll", "", int(s[-1]), last_nll, float((1 + NLL_RISE) * nll_m[k]), "calibration")]
 
 
 @rule
@@ -618,26 +625,29 @@ def batch_size_vs_noise_scale(run: RunData) -> list[Finding]:
     Source: McCandlish et al. 2018, "An Empirical Model of Large-Batch Training": the simple noise scale
     B_simple = tr(Sigma)/|G|^2 predicts the critical batch size; well below it, doubling the batch nearly halves
     the steps needed (step-inefficient), well above it, more examples per step buy little (compute-inefficient).
-    Rule: B_simple as the ratio of the means of ``gns.trace_cov`` and ``gns.grad_sq`` over the last half of the
-    measurements (at least GNS_MIN_POINTS = 3 in all; the paper also averages before dividing), compared with
-    ``gns.batch_size``: a warning at >= GNS_FAR (10) x B_simple, info at <= B_simple / 10.
+    Rule: B_simple as the median of the per-measurement estimates tr(Sigma)/|G|^2 over the last half of the
+    measurements (at least GNS_MIN_POINTS = 3 in all; a measurement whose |G|^2 estimate is <= 0 counts as
+    infinite), compared with ``gns.batch_size``: a warning at >= GNS_FAR (10) x B_simple, info at <= B_simple / 10.
+    (The paper divides averages taken over steps; over a run both quantities change by orders of magnitude,
+    so the median of the ratios is used, as in the report's figure.)
     """
     if not (_data.has(run, "gns.grad_sq") and _data.has(run, "gns.trace_cov") and _data.has(run, "gns.batch_size")):
         return []
-    sg, g = _data.series(run, "gns.grad_sq")
-    st, t = _data.series(run, "gns.trace_cov")
-    both = pd.DataFrame({"g": pd.Series(g, index=sg), "t": pd.Series(t, index=st)}).dropna()
-    if len(both) < GNS_MIN_POINTS:
+    from .figures.noise_scale import point_estimates
+
+    steps, est = point_estimates(run)
+    ok = ~np.isnan(est)
+    steps, est = steps[ok], est[ok]
+    if len(est) < GNS_MIN_POINTS:
         return []
-    tail = both.iloc[len(both) // 2:]
-    mean_g, mean_t = float(tail["g"].mean()), float(tail["t"].mean())
-    if not (mean_g > 0 and mean_t > 0):
+    tail_steps, tail = steps[len(est) // 2:], est[len(est) // 2:]
+    b_simple = float(np.median(tail))
+    if not b_simple > 0:
         return []
-    b_simple = mean_t / mean_g
     _, bv = _data.series(run, "gns.batch_size")
     batch = float(bv[-1])
     ratio = batch / b_simple
-    first, last = int(tail.index[0]), int(tail.index[-1])
+    first, last = int(tail_steps[0]), int(tail_steps[-1])
     where = f"over steps {first}-{last}" if first != last else f"at step {last}"
     if ratio >= GNS_FAR:
         return [Finding(

@@ -19,7 +19,7 @@ from matplotlib.patches import Patch
 from ...store import RunData
 from .. import _data
 from . import figure, run_colors
-from ._helpers import finish, new_figure, plot_series, run_gid, run_label, run_legend, set_caption, text
+from ._helpers import finish, log_axis, new_figure, plot_series, run_gid, run_label, run_legend, set_caption, text
 
 __all__ = ["calibration_curves", "reliability_diagrams"]
 
@@ -33,6 +33,14 @@ def _artifact_steps(run: RunData, name: str) -> list[int]:
     except Exception:  # noqa: BLE001 - an old or partial run: no artifacts
         return []
     return [int(s) for s in df["step"]]
+
+
+def _wide(ax) -> bool:
+    """Positive values spanning more than 10x: drawn on a log axis."""
+    ys = [np.asarray(ln.get_ydata(), dtype=float) for ln in ax.lines]
+    v = np.concatenate(ys) if ys else np.zeros(0)
+    v = v[np.isfinite(v)]
+    return bool(v.size and v.min() > 0 and v.max() / v.min() > 10)
 
 
 @figure("calibration", section=SECTION, title="Calibration against step: ECE, NLL and accuracy",
@@ -57,6 +65,9 @@ def calibration_curves(runs: Sequence[RunData]) -> Figure | None:
                 if len(s2):
                     plot_series(ax, s2, v2, color=colors[i], linestyle="--", linewidth=1.1,
                                 gid=run_gid(fig, i, f"{r.name}: calibration.confidence"))
+        if metric == "calibration.nll" and _wide(ax):
+            log_axis(ax)  # the late rise of a small NLL is invisible next to its start on a linear axis
+            title += " (log)"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -98,6 +109,9 @@ def reliability_diagrams(runs: Sequence[RunData]) -> Figure | None:
             ax.bar(left[ok], (hi - lo)[ok], bottom=lo[ok], width=width[ok], align="edge", facecolor="none",
                    edgecolor="tab:red", hatch="////", linewidth=0.6)
             ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1)
+            share = count / max(int(count.sum()), 1)
+            ax.plot((left + width / 2)[ok], share[ok], color="black", marker="D", markersize=3.5, linestyle="none",
+                    clip_on=False)
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
             ax.set_aspect("equal")
@@ -108,12 +122,15 @@ def reliability_diagrams(runs: Sequence[RunData]) -> Figure | None:
             ax.set_ylabel("accuracy")
             ax.grid(alpha=0.2)
     extra = [Patch(facecolor="none", edgecolor="tab:red", hatch="////", label="gap to the bin's mean confidence"),
-             Line2D([], [], color="gray", linestyle="--", label="perfect calibration")]
+             Line2D([], [], color="gray", linestyle="--", label="perfect calibration"),
+             Line2D([], [], color="black", marker="D", markersize=3.5, linestyle="none",
+                    label="share of examples in the bin")]
     run_legend(fig, [r for _, r, _ in shown], [colors[i] for i, _, _ in shown], extra)
     finish(fig, len(shown), 2, left=0.7, wgap=0.9, hgap=0.75)
     more = f" Showing {len(shown)} of {len(have)} runs." if len(have) > len(shown) else ""
     set_caption(fig, "Per equal-width confidence bin (max softmax probability), the accuracy of the examples in it "
                 "(bars; empty bins are left out) against the diagonal of a perfectly calibrated model; hatched: the "
-                "gap between accuracy and mean confidence. Bars below the diagonal are over-confident. Left: the "
-                "first recorded step; right: the last." + text(more))
+                "gap between accuracy and mean confidence; black diamonds: the share of the examples in each bin (a "
+                "bar over few examples is noisy). Bars below the diagonal are over-confident. Left: the first "
+                "recorded step; right: the last." + text(more))
     return fig

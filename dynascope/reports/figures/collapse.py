@@ -24,6 +24,16 @@ MAX_LAYERS = 4
 _STYLES = ["-", "--", ":", "-."]
 
 
+def _where(have: Sequence[tuple[int, RunData]], layer: str) -> str:
+    """'input of NAME' or 'output of NAME', from the recorded ``collapse.input`` flag."""
+    for _, r in have:
+        if _data.has(r, "collapse.input"):
+            _, flag = _data.series(r, "collapse.input", layer)
+            if len(flag):
+                return f"{'input' if flag[-1] > 0.5 else 'output'} of {text(short(layer, 30))}"
+    return text(short(layer, 30))
+
+
 @figure("neural_collapse", section="Neural collapse", title="Neural collapse against step: NC1, equinorm, "
         "equiangularity", source="Papyan, Han and Donoho 2020, PNAS, Figs. 2, 3 and 6", order=630)
 def collapse_figure(runs: Sequence[RunData]) -> Figure | None:
@@ -55,11 +65,12 @@ def collapse_figure(runs: Sequence[RunData]) -> Figure | None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3, which="both" if log else "major")
-    extra = [Line2D([], [], color="gray", linestyle=_STYLES[j % len(_STYLES)], label=text(short(lay, 30)))
+    names = {lay: _where(have, lay) for lay in shown}
+    extra = [Line2D([], [], color="gray", linestyle=_STYLES[j % len(_STYLES)], label=names[lay])
              for j, lay in enumerate(shown)] if len(shown) > 1 else []
     run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have], extra)
     finish(fig, 1, 3, wgap=0.7)
-    where = f"the features of {text(short(shown[0], 40))!r}" if len(shown) == 1 else "each layer's features"
+    where = f"the features ({names[shown[0]]})" if len(shown) == 1 else "each layer's features"
     set_caption(fig, f"Neural collapse of {where} on the fixed labelled probe batch (eval mode; by default the input "
                 "of the last Linear layer, the penultimate features): NC1 compares the within-class covariance with "
                 "the between-class covariance of the class means and falls towards 0 as every example collapses "

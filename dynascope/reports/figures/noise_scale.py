@@ -1,11 +1,14 @@
 """Figure: the gradient noise scale B_simple against step with the run's batch size (McCandlish et al. 2018),
 recorded by :class:`dynascope.NoiseScale`.
 
-Each measurement is a point with its standard error; the line is the ratio of
-exponential moving averages of ``tr(Sigma)`` and ``|G|^2`` (the paper averages
-numerator and denominator separately before dividing, because the ratio of
-two noisy estimates is biased and heavy-tailed); the dashed horizontal line is
-the training batch size. Where the batch sits far below B_simple, larger
+Each measurement is a point with its standard error; the line is the running
+median of the measurements over ``WINDOW`` of them; the dashed horizontal line
+is the training batch size. McCandlish et al. average ``tr(Sigma)`` and
+``|G|^2`` over steps before dividing; over a whole training run both change by
+orders of magnitude (|G|^2 falls as the loss does), so such averages are
+dominated by the early, large values and the ratio lags far behind: the
+running median of the per-measurement ratios follows the run and shrugs off
+the heavy tail of single ratios. Where the batch sits far below B_simple, larger
 batches would cut the number of steps almost proportionally; far above it,
 they buy little.
 """
@@ -24,21 +27,30 @@ from .. import _data
 from . import figure, run_colors
 from ._helpers import finish, log_axis, new_figure, run_gid, run_legend, set_caption
 
-__all__ = ["noise_scale_figure", "smoothed_noise_scale", "EMA_SPAN"]
+__all__ = ["noise_scale_figure", "smoothed_noise_scale", "point_estimates", "WINDOW"]
 
-EMA_SPAN = 5  # recorded measurements
+WINDOW = 5  # recorded measurements in the running median
 
 
-def smoothed_noise_scale(run: RunData, span: int = EMA_SPAN) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and EMA(tr(Sigma)) / EMA(|G|^2) over the recorded measurements (NaN where the EMA of |G|^2 <= 0)."""
+def point_estimates(run: RunData) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and tr(Sigma)/|G|^2 at every measurement, +inf where the |G|^2 estimate is <= 0 (noise dominates:
+    B_simple beyond what the probe batch resolves) and tr(Sigma) > 0, NaN where both are <= 0."""
     s_g, g = _data.series(run, "gns.grad_sq")
     s_t, t = _data.series(run, "gns.trace_cov")
     df = pd.DataFrame({"g": pd.Series(g, index=s_g), "t": pd.Series(t, index=s_t)}).dropna()
-    if df.empty:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    ema = df.ewm(span=span, adjust=True).mean()
-    ratio = np.where(ema["g"] > 0, ema["t"] / ema["g"].where(ema["g"] > 0), np.nan)
-    return df.index.to_numpy(dtype=np.int64), ratio.astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(df["g"] > 0, df["t"] / df["g"], np.where(df["t"] > 0, np.inf, np.nan))
+    return df.index.to_numpy(dtype=np.int64), b.astype(float)
+
+
+def smoothed_noise_scale(run: RunData, window: int = WINDOW) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and the running median of B_simple over ``window`` measurements centred on each (unresolved
+    measurements count as +inf; NaN ones are skipped)."""
+    steps, b = point_estimates(run)
+    if len(steps) == 0:
+        return steps, b
+    med = pd.Series(b).rolling(window, center=True, min_periods=1).median()
+    return steps, med.to_numpy(dtype=float)
 
 
 @figure("gradient_noise_scale", section="Gradient noise scale",
@@ -78,7 +90,7 @@ def noise_scale_figure(runs: Sequence[RunData]) -> Figure | None:
     ax.set_ylabel("B_simple = tr(Sigma) / |G|^2  (examples)")
     ax.grid(alpha=0.3, which="both")
     extra = [Line2D([], [], color="gray", marker="o", linestyle="none", markersize=3, label="measurement +- s.e."),
-             Line2D([], [], color="gray", linewidth=1.8, label=f"ratio of EMAs (span {EMA_SPAN})"),
+             Line2D([], [], color="gray", linewidth=1.8, label=f"running median ({WINDOW} measurements)"),
              Line2D([], [], color="gray", linestyle="--", label="training batch size")]
     run_legend(fig, [r for _, r in have], [colors[i] for i, _ in have], extra)
     finish(fig, 1, 1, left=0.9)
@@ -86,8 +98,9 @@ def noise_scale_figure(runs: Sequence[RunData]) -> Figure | None:
                   "show no point." if n_unresolved else "")
     set_caption(fig, "Simple noise scale B_simple = tr(Sigma)/|G|^2 from the unbiased estimators of McCandlish et "
                 "al.'s appendix A (gradient norms of micro-batches and of the whole probe batch), with jackknife "
-                "standard errors over the micro-batches; the line divides exponential moving averages of tr(Sigma) "
-                "and |G|^2, as the paper does. B_simple approximates the critical batch size: with the batch far "
-                "below it (dashed), a larger batch would cut the number of steps almost proportionally; far above "
+                "standard errors over the micro-batches; the line is the running median over "
+                f"{WINDOW} measurements (a measurement whose |G|^2 estimate is <= 0 counts as infinite). "
+                "B_simple approximates the critical batch size: with the batch far below it (dashed), a larger "
+                "batch would cut the number of steps almost proportionally; far above "
                 "it, a larger batch buys almost nothing." + unresolved)
     return fig

@@ -18,7 +18,7 @@ from matplotlib.patches import Patch
 from ...store import RunData
 from .. import _data
 from . import figure, run_colors
-from ._helpers import finish, new_figure, run_gid, run_legend, set_caption
+from ._helpers import finish, log_axis, new_figure, run_gid, run_legend, set_caption
 
 __all__ = ["scores_figure"]
 
@@ -44,6 +44,8 @@ def scores_figure(runs: Sequence[RunData]) -> Figure | None:
     drawn = []
     for (kind, label), (ax_q, ax_h) in zip(kinds, axes):
         metric = f"scores.{kind}"
+        q_all: list[np.ndarray] = []
+        log_x = False
         for i, r in enumerate(runs):
             if not _data.has(r, metric):
                 continue
@@ -59,13 +61,26 @@ def scores_figure(runs: Sequence[RunData]) -> Figure | None:
             ax_q.plot(s50, q50, color=c, linewidth=1.6, marker="o" if len(s50) <= 40 else None, markersize=3, gid=gid)
             ax_q.plot(sm, mean, color=c, linewidth=1.1, linestyle="--")
             steps = _steps(r, metric)
-            for step, alpha in ((steps[0], 0.35), (steps[-1], 0.9)) if steps else ():
+            hists = []
+            for step in (steps[0], steps[-1]) if steps else ():
                 arrays, _ = r.load_artifact(metric, step)
                 v = np.asarray(arrays["scores"], dtype=float)
-                v = v[np.isfinite(v)]
-                if v.size:
-                    ax_h.hist(v, bins=40, histtype="step", color=c, alpha=alpha, linewidth=1.4,
-                              linestyle=":" if alpha < 0.5 else "-")
+                hists.append(v[np.isfinite(v) & (v > 0)])
+            if hists and all(h.size for h in hists):
+                lo = min(float(h.min()) for h in hists)
+                hi = max(float(h.max()) for h in hists)
+                # scores fall by orders of magnitude during training: log-spaced bins over both checkpoints
+                bins = np.geomspace(lo, hi * 1.0001, 41) if hi > lo else 10
+                for h, ls, alpha in zip(hists, (":", "-"), (0.6, 0.9)):
+                    ax_h.hist(h, bins=bins, histtype="step", color=c, alpha=alpha, linewidth=1.4, linestyle=ls)
+                log_x = True
+            q_all.extend(v for v in (q10, q90) if len(v))
+        vals = np.concatenate(q_all) if q_all else np.zeros(0)
+        vals = vals[np.isfinite(vals)]
+        if vals.size and vals.min() > 0 and vals.max() / vals.min() > 20:
+            log_axis(ax_q)
+        if log_x:
+            log_axis(ax_h, "x")
         ax_q.set_title(f"{label}: median, 10-90% band, mean", fontsize=10)
         ax_q.set_xlabel("checkpoint step")
         ax_q.grid(alpha=0.3)
@@ -82,5 +97,6 @@ def scores_figure(runs: Sequence[RunData]) -> Figure | None:
     set_caption(fig, "Per-example difficulty on the --data examples at each checkpoint: EL2N is the L2 distance "
                 "between the softmax output and the one-hot label, GraNd the norm of the example's own loss "
                 "gradient (per-sample gradients, eval mode). Paul et al. score early in training and keep the "
-                "high-score examples when pruning the data set; low scores mark the examples already learnt.")
+                "high-score examples when pruning the data set; low scores mark the examples already learnt. Log axes "
+                "where the scores span more than 20x.")
     return fig
