@@ -99,9 +99,8 @@ def main() -> None:
     cases = [("mlp", kind, every, steps) for kind in ("sgd", "adamw") for every, steps in ((1, 30), (10, 200))]
     if args.cnn:
         cases.append(("cnn", "adamw", 2, 30))
-        grid = grid if not args.quick else [(12, 3, 2, 0), (12, 3, 2, 2)]
     for model, kind, every, steps in cases:
-        for block, iters, update_iters, follow in grid:
+        for block, iters, update_iters, follow in (grid if model == "mlp" else [(12, 3, 2, 0), (12, 3, 2, 2)]):
             probe = SpectralProbe(iters=iters, update_iters=update_iters, block=block, follow=follow)
             ew, eu = worst_errors(kind, probe, steps, every, conv=model == "cnn")
             print(f"{model:5} {kind:9} {every:5d} {block:5d} {iters:5d} {update_iters:6d} {follow:6d} {ew:11.2e} "

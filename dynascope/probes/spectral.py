@@ -29,17 +29,20 @@ iteration by the ``follow`` = 2 leading vectors of the previous recorded
 update's block: a new dominant direction of W is built by the updates, and a
 block warm-started from the old top directions alone lags behind it (measured
 on a BatchNorm CNN with AdamW, steps 2-10: 3.4e-2 worst error without, 4.2e-4
-with). The estimate never exceeds sigma_max (up to rounding). Defaults from ``benchmarks/bench_spectral.py`` (an MLP trained with
-SGD and with AdamW, recording every step and every 10 steps; worst relative
-error over layers and warm recording steps against
-``torch.linalg.matrix_norm(W, 2)`` in float64): weights 1.1e-4 (block 8 needs
-5 iterations for 4.6e-4, block 4 stays at 3e-3 after 4), updates 3e-5 (updates
-are low-rank: 2 iterations are plenty; the 2% target holds from block 4).
+with). The estimate never exceeds sigma_max (up to rounding).
+
+Defaults from ``benchmarks/bench_spectral.py`` (an MLP trained with SGD and
+with AdamW, recording every step and every 10 steps; worst relative error over
+layers and warm recording steps against ``torch.linalg.matrix_norm(W, 2)`` in
+float64): weights 6.3e-5 (without following the updates 1.1e-4; block 8 needs
+5 iterations for 4.6e-4, block 4 stays at 3e-3 after 4), updates 3e-5
+(updates are low-rank: 2 iterations are plenty; the 2% target holds from
+block 4). Each extra iteration costs two reads of the weights.
 
 Cost on a recording step: a stacked copy of the weights before the step and
 one after it (transient: two copies of the matrices), and 2 (iters +
-update_iters) + 2 batched products with 12 vectors per shape (plus a QR of
-each (n, 12) block and a 12 x 12 top eigenvalue by repeated squaring); state
+update_iters) + 2 batched products with 12 (weights: 14) vectors per shape
+(plus a QR of each block and a 12 x 12 top eigenvalue by repeated squaring); state
 between recording steps: two blocks of 12 right vectors per matrix. Without
 an optimizer only ``weight.spectral_norm`` is recorded (at ``run.step``).
 When ``optimizer.step`` runs several times in one recording step, the first
