@@ -30,7 +30,9 @@ update's block: a new dominant direction of W is built by the updates, and a
 block warm-started from the old top directions alone lags behind it
 (``bench_spectral.py --cnn``: a BatchNorm CNN, AdamW, recorded every 2 steps,
 worst error over steps 2-28: 2.3e-2 without, 1.3e-3 with, both in the first
-10 steps while a dominant direction emerges; 3e-6 later on). The estimate never exceeds sigma_max (up to rounding).
+10 steps while a dominant direction emerges; below 1e-5 from step 20 in a
+run of the same CNN on another batch). The estimate never exceeds sigma_max
+(up to rounding).
 
 Defaults from ``benchmarks/bench_spectral.py`` (an MLP trained with SGD and
 with AdamW, recording every step and every 10 steps; worst relative error over
