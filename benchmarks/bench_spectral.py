@@ -31,15 +31,24 @@ import dynascope  # noqa: E402
 from dynascope.probes.spectral import SpectralProbe  # noqa: E402
 
 
-def worst_errors(kind: str, probe: SpectralProbe, steps: int, every: int) -> tuple[float, float]:
+def cnn() -> nn.Module:
+    def block(ci: int, co: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(ci, co, 3, padding=1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+
+    return nn.Sequential(block(3, 64), block(64, 64), nn.MaxPool2d(2), block(64, 128), block(128, 128),
+                         nn.MaxPool2d(2), block(128, 256), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
+
+
+def worst_errors(kind: str, probe: SpectralProbe, steps: int, every: int, conv: bool = False) -> tuple[float, float]:
     """Worst relative error of weight.spectral_norm and update.spectral_norm after the first recording."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    model = cnn() if conv else nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                              nn.Linear(64, 5))
     opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if kind == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1))
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(256, 20, generator=g)
-    y = x[:, :5].argmax(1)
+    x = torch.randn(256, 3, 32, 32, generator=g) if conv else torch.randn(256, 20, generator=g)
+    y = x.flatten(1)[:, :5].argmax(1) if conv else x[:, :5].argmax(1)
     ref: dict[tuple[int, str], tuple[float, float]] = {}
     before: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,14 +61,15 @@ def worst_errors(kind: str, probe: SpectralProbe, steps: int, every: int) -> tup
                     return
                 for n, p in model.named_parameters():
                     if p.ndim >= 2:
-                        w = before[n].double()
+                        w = before[n].double().flatten(1)
+                        d = p.detach().double().flatten(1) - w
                         ref[(run.step_index, n)] = (torch.linalg.matrix_norm(w, 2).item(),
-                                                    torch.linalg.matrix_norm(p.detach().double() - w, 2).item())
+                                                    torch.linalg.matrix_norm(d, 2).item())
 
             opt.register_step_pre_hook(pre)
             opt.register_step_post_hook(post)
             for _ in range(steps):
-                idx = torch.randint(0, 256, (32,), generator=g)
+                idx = torch.randint(0, 256, (16 if conv else 32,), generator=g)
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad()
                 loss.backward()
@@ -77,17 +87,24 @@ def worst_errors(kind: str, probe: SpectralProbe, steps: int, every: int) -> tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the default settings")
+    ap.add_argument("--cnn", action="store_true", help="also a BatchNorm CNN (5 conv layers up to 256 x 1152) "
+                    "with AdamW, 30 steps recorded every 2, with and without following the updates")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    grid = [(12, 3, 2)] if args.quick else [(1, 2, 2), (1, 6, 6), (4, 2, 2), (4, 4, 4), (8, 3, 2), (8, 4, 2),
-                                            (8, 5, 2), (12, 3, 2)]
-    print(f"{'optimizer':9} {'every':>5} {'block':>5} {'iters':>5} {'upd.it':>6} {'weight err':>11} {'update err':>11}")
-    for kind in ("sgd", "adamw"):
-        for every, steps in ((1, 30), (10, 200)):
-            for block, iters, update_iters in grid:
-                probe = SpectralProbe(iters=iters, update_iters=update_iters, block=block)
-                ew, eu = worst_errors(kind, probe, steps, every)
-                print(f"{kind:9} {every:5d} {block:5d} {iters:5d} {update_iters:6d} {ew:11.2e} {eu:11.2e}", flush=True)
+    # (block, iters, update_iters, follow)
+    grid = [(12, 3, 2, 2)] if args.quick else [(1, 2, 2, 0), (1, 6, 6, 0), (4, 2, 2, 0), (4, 4, 4, 0), (8, 3, 2, 0),
+                                               (8, 5, 2, 0), (12, 3, 2, 0), (12, 3, 2, 2)]
+    print(f"{'model':5} {'optimizer':9} {'every':>5} {'block':>5} {'iters':>5} {'upd.it':>6} {'follow':>6} "
+          f"{'weight err':>11} {'update err':>11}")
+    cases = [("mlp", kind, every, steps) for kind in ("sgd", "adamw") for every, steps in ((1, 30), (10, 200))]
+    if args.cnn:
+        cases.append(("cnn", "adamw", 2, 30))
+    for model, kind, every, steps in cases:
+        for block, iters, update_iters, follow in (grid if model == "mlp" else [(12, 3, 2, 0), (12, 3, 2, 2)]):
+            probe = SpectralProbe(iters=iters, update_iters=update_iters, block=block, follow=follow)
+            ew, eu = worst_errors(kind, probe, steps, every, conv=model == "cnn")
+            print(f"{model:5} {kind:9} {every:5d} {block:5d} {iters:5d} {update_iters:6d} {follow:6d} {ew:11.2e} "
+                  f"{eu:11.2e}", flush=True)
 
 
 if __name__ == "__main__":

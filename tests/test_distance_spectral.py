@@ -157,7 +157,7 @@ def _train_with_reference(tmp_path, kind: str, every: int, steps: int, probe: Sp
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_spectral_norms_within_targets_once_warm(tmp_path, kind):
-    """Defaults (block 12, 3 weight and 2 update iterations, warm): weights within 1e-3, updates within 2%."""
+    """Defaults (block 12 + 2 update vectors, 3 + 2 iterations), warm: weights within 1e-3, updates within 2%."""
     data, ref = _train_with_reference(tmp_path, kind, every=10, steps=200, probe=SpectralProbe())
     w, u, r = (rows(data, m) for m in ("weight.spectral_norm", "update.spectral_norm", "update.rms_to_rms"))
     assert set(w) == set(u) == set(r) == set(ref) and len(ref) == 60
@@ -195,6 +195,8 @@ def test_spectral_arguments_checked():
         SpectralProbe(block=0)
     with pytest.raises(ValueError, match="iters"):
         SpectralProbe(iters=1.5)
+    with pytest.raises(ValueError, match="follow"):
+        SpectralProbe(follow=-1)
 
 
 # ----------------------------------------------------------------------------- invariants

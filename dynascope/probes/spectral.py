@@ -24,18 +24,28 @@ between near-equal ones from step to step (measured: 3-14% error with one
 vector and 2-6 iterations). The first recording step starts from random
 vectors (a private generator: the global RNG is not touched) with
 ``cold_iters`` = 30 iterations; later steps run ``iters`` = 3 (weights) and
-``update_iters`` = 2 (updates). The estimate never exceeds sigma_max (up to
-rounding). Defaults from ``benchmarks/bench_spectral.py`` (an MLP trained with
-SGD and with AdamW, recording every step and every 10 steps; worst relative
-error over layers and warm recording steps against
-``torch.linalg.matrix_norm(W, 2)`` in float64): weights 1.1e-4 (block 8 needs
-5 iterations for 4.6e-4, block 4 stays at 3e-3 after 4), updates 3e-5 (updates
-are low-rank: 2 iterations are plenty; the 2% target holds from block 4).
+``update_iters`` = 2 (updates). The weights' block is extended for the
+iteration by the ``follow`` = 2 leading vectors of the previous recorded
+update's block: a new dominant direction of W is built by the updates, and a
+block warm-started from the old top directions alone lags behind it
+(``bench_spectral.py --cnn``: a BatchNorm CNN, AdamW, recorded every 2 steps,
+worst error over steps 2-28: 2.3e-2 without, 1.3e-3 with, both in the first
+10 steps while a dominant direction emerges; below 1e-5 from step 20 in a
+run of the same CNN on another batch). The estimate never exceeds sigma_max
+(up to rounding).
+
+Defaults from ``benchmarks/bench_spectral.py`` (an MLP trained with SGD and
+with AdamW, recording every step and every 10 steps; worst relative error over
+layers and warm recording steps against ``torch.linalg.matrix_norm(W, 2)`` in
+float64): weights 6.3e-5 (without following the updates 1.1e-4; block 8 needs
+5 iterations for 4.6e-4, block 4 stays at 3e-3 after 4), updates 3e-5
+(updates are low-rank: 2 iterations are plenty; the 2% target holds from
+block 4). Each extra iteration costs two reads of the weights.
 
 Cost on a recording step: a stacked copy of the weights before the step and
 one after it (transient: two copies of the matrices), and 2 (iters +
-update_iters) + 2 batched products with 12 vectors per shape (plus a QR of
-each (n, 12) block and a 12 x 12 top eigenvalue by repeated squaring); state
+update_iters) + 2 batched products with 12 (weights: 14) vectors per shape
+(plus a QR of each block and a 12 x 12 top eigenvalue by repeated squaring); state
 between recording steps: two blocks of 12 right vectors per matrix. Without
 an optimizer only ``weight.spectral_norm`` is recorded (at ``run.step``).
 When ``optimizer.step`` runs several times in one recording step, the first
@@ -111,11 +121,14 @@ class SpectralProbe(Probe):
     name = "spectral"
 
     def __init__(self, iters: int = 3, update_iters: int = 2, cold_iters: int = 30, block: int = 12,
-                 seed: int = 0) -> None:
+                 follow: int = 2, seed: int = 0) -> None:
         for name, v in (("iters", iters), ("update_iters", update_iters), ("cold_iters", cold_iters),
                         ("block", block)):
             positive_int(name, v, owner="SpectralProbe")
+        if isinstance(follow, bool) or not isinstance(follow, int) or follow < 0:
+            raise ValueError(f"SpectralProbe: follow must be an integer >= 0, got {follow!r}")
         self.block = block
+        self.follow = follow
         self.iters = iters
         self.update_iters = update_iters
         self.cold_iters = cold_iters
@@ -165,8 +178,13 @@ class SpectralProbe(Probe):
             v = torch.randn(a.shape[0], a.shape[2], r, generator=self._gen, dtype=torch.float64)
             v = v.to(device=a.device, dtype=a.dtype)
             iters = self.cold_iters
+        r = v.shape[2]
+        extra = self._vectors.get(("update", gi)) if kind == "weight" and self.follow else None
+        if extra is not None and extra.device == a.device and extra.dtype == a.dtype:
+            # the recent update's top directions: where a new dominant direction of W comes from
+            v = torch.cat([v, extra[:, :, :self.follow]], dim=2)
         sigma, v = power_iteration(a, v, iters)
-        self._vectors[(kind, gi)] = v
+        self._vectors[(kind, gi)] = v[:, :, :r]
         return sigma
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
