@@ -88,14 +88,25 @@ def rolling_band(y: np.ndarray, window: int, *, center: bool = False,
         padded = np.concatenate([np.full((window, y2.shape[1]), np.nan), y2])
     win = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)[:n]  # (n, cols, window)
     count = np.isfinite(win).sum(axis=-1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
-        med = np.nanmedian(win, axis=-1)
-        mad = np.nanmedian(np.abs(win - med[..., None]), axis=-1)
+    med = _nanmedian_last(win, count)
+    mad = _nanmedian_last(np.abs(win - med[..., None]), count)
     few = count < min_periods
     med[few] = np.nan
     mad[few] = np.nan
     return (med[:, 0], mad[:, 0]) if one_d else (med, mad)
+
+
+def _nanmedian_last(win: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Median over the last axis ignoring NaN (``count`` finite values per row): sort (NaN last) and take the
+    middle one or two; 10-50x faster than np.nanmedian, which goes through masked arrays."""
+    srt = np.sort(win, axis=-1)
+    lo = np.clip((count - 1) // 2, 0, None)[..., None]
+    hi = np.clip(count // 2, 0, None)[..., None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = 0.5 * (np.take_along_axis(srt, lo, axis=-1) + np.take_along_axis(srt, hi, axis=-1))[..., 0]
+    med[count == 0] = np.nan
+    return med
 
 
 def _series(values: Any, steps: Any = None) -> tuple[np.ndarray, np.ndarray]:
