@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .forensics import MAD_TO_SD, rolling_band
+from .forensics import MAD_TO_SD, fold_ratio, rolling_band
 from .store import RunData, load_run
 
 __all__ = ["compare", "band", "COMPARE_WINDOW", "COMPARE_MADS", "COMPARE_MIN_RATIO", "COMPARE_PERSIST", "COMPARE_SHIFT",
@@ -132,10 +132,11 @@ def _metric_deviations(run: RunData, base: RunData, metric: str, window: int, k:
             d = ay[i, j] - centre[i, j]
             direction = "up" if d > 0 else "down"
             z = abs(d) / sd[i, j] if sd[i, j] > 0 else math.inf  # robust SDs of the differences
-            ratio = math.exp(abs(d)) if positive[j] else math.nan
+            ratio = fold_ratio(d) if positive[j] else math.nan
         after = out[i:, j]
         dev_after = np.abs(ay[i:, j] - centre[i:, j])
-        peak = (math.inf if nonfinite[i:, j].any() else float(np.exp(np.nanmax(np.where(after, dev_after, 0.0)))))
+        with np.errstate(over="ignore"):
+            peak = math.inf if nonfinite[i:, j].any() else float(np.exp(np.nanmax(np.where(after, dev_after, 0.0))))
         rows.append({"metric": metric, "layer": lay, "first_step": int(steps[i]), "ratio": ratio,
                      "direction": direction, "z": z, "n_steps": int(after.sum()),
                      "peak_ratio": peak if positive[j] else math.nan, "value": float(ax[i, j]),

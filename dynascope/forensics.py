@@ -43,8 +43,8 @@ import pandas as pd
 from .store import RunData, load_run
 
 __all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRICS", "EVENT_PREFIX",
-           "EVENT_MERGE", "MAD_TO_SD", "rolling_band", "detect_events", "run_events", "event_rows", "forensics",
-           "module_of"]
+           "EVENT_MERGE", "MAD_TO_SD", "fold_ratio", "rolling_band", "detect_events", "run_events", "event_rows",
+           "forensics", "module_of"]
 
 BAND_WINDOW = 20        # recorded values in a module's running band
 BAND_MADS = 6.0         # band half-width in robust SDs (1.4826 x MAD)
@@ -237,6 +237,11 @@ def _departures(y: np.ndarray, nonfinite: np.ndarray, search: int, window: int, 
     return out[-search:], dev[-search:], sd[-search:], med[-search:]
 
 
+def fold_ratio(d: float) -> float:
+    """exp(|d|) for a log-space deviation; inf instead of an OverflowError (a zero among positive values)."""
+    return math.exp(abs(d)) if abs(d) < 700 else math.inf
+
+
 def _log(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.log(np.clip(x, 1e-300, None))
@@ -312,7 +317,7 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
             d = float(dev[i, j]) if fin else math.inf
             direction = "non-finite" if not fin else ("up" if d > 0 else "down")
             rows.append({"module": module_of(lay, params), "metric": metric, "first_step": s_search[i],
-                         "ratio": math.exp(abs(d)) if fin else math.inf, "direction": direction,
+                         "ratio": fold_ratio(d) if fin else math.inf, "direction": direction,
                          "z": abs(d) / sd[i, j] if fin and sd[i, j] > 0 else math.inf,
                          "value": float(xs[i, j]), "median": math.exp(float(med[i, j])),
                          "lead": loss_step - s_search[i], "layer": lay})

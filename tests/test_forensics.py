@@ -243,3 +243,17 @@ def test_forensics_section_escapes_module_names(tmp_path):
     section = page[page.index('id="forensics"'):page.index('id="findings"')]
     assert XSS not in page  # only escaped forms, in the tables, headings and figure text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in section
+
+
+def test_zero_norms_do_not_break_the_ratio(tmp_path):
+    """A module frozen at update norm 0 that starts moving: a departure with an infinite ratio, no overflow."""
+    store = RunStore(tmp_path / "z")
+    store.write_meta({"modules": ["frozen"], "every": 1})
+    v = np.zeros(40)
+    v[30:] = 1e10
+    store.write_scalars([(s, "update.norm", "frozen", float(x)) for s, x in enumerate(v)]
+                        + [(s, "loss", "", 1.0) for s in range(40)])
+    store.close()
+    tab = load_run(tmp_path / "z").forensics(31)
+    assert tab[["module", "first_step", "direction"]].values.tolist() == [["frozen", 30, "up"]]
+    assert math.isinf(tab["ratio"].iloc[0])
