@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .forensics import MAD_TO_SD, rolling_band
+from .forensics import MAD_TO_SD, fold_ratio, rolling_band
 from .store import RunData, load_run
 
 __all__ = ["compare", "band", "COMPARE_WINDOW", "COMPARE_MADS", "COMPARE_MIN_RATIO", "COMPARE_PERSIST", "COMPARE_SHIFT",
@@ -73,8 +73,8 @@ def _first_persistent(out: np.ndarray, nonfinite: np.ndarray, persist: int) -> n
 def _bands(run: RunData, base: RunData, metric: str, window: int, k: float, min_ratio: float,
            shift: int, only: Sequence[str] | None = None) -> dict[str, Any] | None:
     """The band arrays of ``metric`` at the common steps (rows) and layers (columns)."""
-    a = run.pivot(metric)
-    b = base.pivot(metric)
+    a_rows = _rows(run, metric)
+    a, b = _pivot(run, metric, a_rows), _pivot(base, metric, _rows(base, metric))
     layers = [c for c in b.columns if c in a.columns and (only is None or c in only)]
     steps = a.index.intersection(b.index)
     if not layers or len(steps) == 0:
@@ -106,7 +106,7 @@ def _bands(run: RunData, base: RunData, metric: str, window: int, k: float, min_
     with np.errstate(invalid="ignore"):
         out = valid & fin & ((ay < lo) | (ay > hi))
     # a value the run did not record is NaN in the pivot too: only a stored non-finite value counts
-    stored = _stored_nonfinite(run, metric, layers, steps)
+    stored = _stored_nonfinite(a_rows, layers, steps)
     nonfinite = valid & stored
     out |= nonfinite
     return {"steps": steps, "layers": layers, "positive": positive, "ax": ax, "ay": ay, "bx": bx,
@@ -114,10 +114,10 @@ def _bands(run: RunData, base: RunData, metric: str, window: int, k: float, min_
 
 
 def _metric_deviations(run: RunData, base: RunData, metric: str, window: int, k: float, min_ratio: float,
-                       persist: int, shift: int) -> list[dict]:
+                       persist: int, shift: int) -> list[dict] | None:
     bands = _bands(run, base, metric, window, k, min_ratio, shift)
     if bands is None:
-        return []
+        return None
     steps, layers, positive, ax, ay, bx = (bands[n] for n in ("steps", "layers", "positive", "ax", "ay", "bx"))
     centre, sd, lo, hi, out, nonfinite = (bands[n] for n in ("centre", "sd", "lo", "hi", "out", "nonfinite"))
     first = _first_persistent(out, nonfinite, persist)
@@ -132,10 +132,11 @@ def _metric_deviations(run: RunData, base: RunData, metric: str, window: int, k:
             d = ay[i, j] - centre[i, j]
             direction = "up" if d > 0 else "down"
             z = abs(d) / sd[i, j] if sd[i, j] > 0 else math.inf  # robust SDs of the differences
-            ratio = math.exp(abs(d)) if positive[j] else math.nan
+            ratio = fold_ratio(d) if positive[j] else math.nan
         after = out[i:, j]
         dev_after = np.abs(ay[i:, j] - centre[i:, j])
-        peak = (math.inf if nonfinite[i:, j].any() else float(np.exp(np.nanmax(np.where(after, dev_after, 0.0)))))
+        with np.errstate(over="ignore"):
+            peak = math.inf if nonfinite[i:, j].any() else float(np.exp(np.nanmax(np.where(after, dev_after, 0.0))))
         rows.append({"metric": metric, "layer": lay, "first_step": int(steps[i]), "ratio": ratio,
                      "direction": direction, "z": z, "n_steps": int(after.sum()),
                      "peak_ratio": peak if positive[j] else math.nan, "value": float(ax[i, j]),
@@ -156,8 +157,26 @@ def _rolling(y: np.ndarray, shift: int, fn) -> np.ndarray:
         return fn(win, axis=-1)
 
 
-def _stored_nonfinite(run: RunData, metric: str, layers: Sequence[str], steps: pd.Index) -> np.ndarray:
-    df = run.scalars(metric)
+def _rows(run: RunData, metric: str) -> pd.DataFrame:
+    """Rows ``step, layer, value`` of one metric (one indexed SQLite read; the last row wins for a repeated step)."""
+    from .reports import _data
+
+    df = _data.query(run, metric)
+    return df.drop_duplicates(["step", "layer"], keep="last")
+
+
+def _pivot(run: RunData, metric: str, rows: pd.DataFrame) -> pd.DataFrame:
+    """step x layer table, columns in model order (RunData.pivot without pivot_table's cost)."""
+    from .reports import _data
+
+    table = rows.pivot(index="step", columns="layer", values="value").sort_index()
+    order = [c for c in _data.layers(run, metric) if c in table.columns]
+    return table[order + [c for c in table.columns if c not in set(order)]]
+
+
+def _stored_nonfinite(rows: pd.DataFrame, layers: Sequence[str], steps: pd.Index) -> np.ndarray:
+    """True where the run stored a NaN / inf (a step the run did not record is NaN in the table too)."""
+    df = rows
     bad = df[~np.isfinite(df["value"].to_numpy(dtype=float))]
     mask = np.zeros((len(steps), len(layers)), dtype=bool)
     if bad.empty:
@@ -197,11 +216,15 @@ def compare(run: str | os.PathLike[str] | RunData, baseline: str | os.PathLike[s
         common = list(metrics)
     else:
         common = [m for m in common if not _skipped(m)]
-    if not common or not any(len(np.intersect1d(run.steps(m), base.steps(m))) for m in common):
-        raise ValueError(f"runs {run.name!r} and {base.name!r} share no recorded metric at a common step")
-    rows = []
+    rows: list[dict] = []
+    compared = False
     for m in common:
-        rows += _metric_deviations(run, base, m, window, k, min_ratio, persist, shift)
+        found = _metric_deviations(run, base, m, window, k, min_ratio, persist, shift)
+        if found is not None:  # None: no common layer and step
+            compared = True
+            rows += found
+    if not compared:
+        raise ValueError(f"runs {run.name!r} and {base.name!r} share no recorded metric at a common step")
     df = pd.DataFrame(rows, columns=_COLUMNS)
     if len(df):
         score = np.where(np.isnan(df["ratio"]), -np.inf, np.log(df["ratio"].clip(lower=1.0)))

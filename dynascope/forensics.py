@@ -43,8 +43,8 @@ import pandas as pd
 from .store import RunData, load_run
 
 __all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRICS", "EVENT_PREFIX",
-           "EVENT_MERGE", "MAD_TO_SD", "rolling_band", "detect_events", "run_events", "event_rows", "forensics",
-           "module_of"]
+           "EVENT_MERGE", "MAD_TO_SD", "fold_ratio", "rolling_band", "detect_events", "run_events", "event_rows",
+           "forensics", "module_of"]
 
 BAND_WINDOW = 20        # recorded values in a module's running band
 BAND_MADS = 6.0         # band half-width in robust SDs (1.4826 x MAD)
@@ -88,14 +88,25 @@ def rolling_band(y: np.ndarray, window: int, *, center: bool = False,
         padded = np.concatenate([np.full((window, y2.shape[1]), np.nan), y2])
     win = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)[:n]  # (n, cols, window)
     count = np.isfinite(win).sum(axis=-1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows
-        med = np.nanmedian(win, axis=-1)
-        mad = np.nanmedian(np.abs(win - med[..., None]), axis=-1)
+    med = _nanmedian_last(win, count)
+    mad = _nanmedian_last(np.abs(win - med[..., None]), count)
     few = count < min_periods
     med[few] = np.nan
     mad[few] = np.nan
     return (med[:, 0], mad[:, 0]) if one_d else (med, mad)
+
+
+def _nanmedian_last(win: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Median over the last axis ignoring NaN (``count`` finite values per row): sort (NaN last) and take the
+    middle one or two; 10-50x faster than np.nanmedian, which goes through masked arrays."""
+    srt = np.sort(win, axis=-1)
+    lo = np.clip((count - 1) // 2, 0, None)[..., None]
+    hi = np.clip(count // 2, 0, None)[..., None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = 0.5 * (np.take_along_axis(srt, lo, axis=-1) + np.take_along_axis(srt, hi, axis=-1))[..., 0]
+    med[count == 0] = np.nan
+    return med
 
 
 def _series(values: Any, steps: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +237,11 @@ def _departures(y: np.ndarray, nonfinite: np.ndarray, search: int, window: int, 
     return out[-search:], dev[-search:], sd[-search:], med[-search:]
 
 
+def fold_ratio(d: float) -> float:
+    """exp(|d|) for a log-space deviation; inf instead of an OverflowError (a zero among positive values)."""
+    return math.exp(abs(d)) if abs(d) < 700 else math.inf
+
+
 def _log(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.log(np.clip(x, 1e-300, None))
@@ -301,7 +317,7 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
             d = float(dev[i, j]) if fin else math.inf
             direction = "non-finite" if not fin else ("up" if d > 0 else "down")
             rows.append({"module": module_of(lay, params), "metric": metric, "first_step": s_search[i],
-                         "ratio": math.exp(abs(d)) if fin else math.inf, "direction": direction,
+                         "ratio": fold_ratio(d) if fin else math.inf, "direction": direction,
                          "z": abs(d) / sd[i, j] if fin and sd[i, j] > 0 else math.inf,
                          "value": float(xs[i, j]), "median": math.exp(float(med[i, j])),
                          "lead": loss_step - s_search[i], "layer": lay})

@@ -42,3 +42,30 @@ def train(path: str | Path, *, steps: int, every: int = 1, optimizer: str = "sgd
             opt.step()
             run.step(loss=loss)
     return Path(path)
+
+
+def edited_copy(src: str | Path, dst: str | Path, edits: dict[tuple[str, str], tuple[list[int], float | None]]
+                ) -> Path:
+    """Copy a run's scalars and meta into ``dst`` through the public API (RunData -> RunStore), changing
+    ``edits[(metric, layer)] = (steps, factor)``: the values at those steps times ``factor``, or NaN when
+    ``factor`` is None. Store-format independent (no SQL on the store's tables)."""
+    import numpy as np
+
+    from dynascope.store import RunStore, load_run
+
+    run = load_run(src)
+    store = RunStore(dst)
+    store.write_meta(dict(run.meta, name=Path(dst).name))
+    rows = []
+    for metric in run.metrics():
+        df = run.scalars(metric)
+        values = df["value"].to_numpy(dtype=float).copy()
+        for (m, layer), (steps, factor) in edits.items():
+            if m != metric:
+                continue
+            hit = (df["layer"] == layer).to_numpy() & df["step"].isin(steps).to_numpy()
+            values[hit] = np.nan if factor is None else values[hit] * factor
+        rows += list(zip(df["step"].astype(int).tolist(), [metric] * len(df), df["layer"].tolist(), values.tolist()))
+    store.write_scalars(rows)
+    store.close()
+    return Path(dst)

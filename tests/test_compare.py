@@ -4,25 +4,16 @@ layer's learning rate, and null comparisons (same seed; another data order; inde
 from __future__ import annotations
 
 import math
-import sqlite3
 import statistics
 
 import numpy as np
 import pytest
-from _digits_runs import train
+from _digits_runs import edited_copy, train
 from _synthetic import make_run
 
 import dynascope
 from dynascope import comparison as C
-from dynascope.store import DB_NAME, RunStore, load_run
-
-
-def _scale(path, metric: str, layer: str, from_step: int, factor: float) -> None:
-    con = sqlite3.connect(path / DB_NAME)
-    with con:
-        con.execute("UPDATE scalars SET value = value * ? WHERE metric = ? AND layer = ? AND step >= ?",
-                     (factor, metric, layer, from_step))
-    con.close()
+from dynascope.store import RunStore, load_run
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +22,8 @@ def synthetic(tmp_path_factory):
     base = make_run(d / "base", seed=0)
     twin = make_run(d / "twin", seed=0)
     noise = make_run(d / "noise", seed=5)  # same dynamics, independent noise
-    planted = make_run(d / "planted", seed=0)
-    _scale(planted, "grad.norm", "blocks.3.fc1.weight", 120, 3.0)
-    _scale(planted, "act.var", "blocks.1", 150, 0.2)
+    planted = edited_copy(base, d / "planted", {("grad.norm", "blocks.3.fc1.weight"): (list(range(120, 200)), 3.0),
+                                                ("act.var", "blocks.1"): (list(range(150, 200)), 0.2)})
     return {k: load_run(v) for k, v in (("base", base), ("twin", twin), ("noise", noise), ("planted", planted))}
 
 
@@ -85,14 +75,9 @@ def test_band_matches_a_loop(synthetic):
 
 
 def test_persistence_and_nonfinite(tmp_path, synthetic):
-    blip = make_run(tmp_path / "blip", seed=0)
-    con = sqlite3.connect(blip / DB_NAME)
-    with con:  # two single-step outliers: not a deviation (COMPARE_PERSIST = 3)
-        con.execute("UPDATE scalars SET value = value * 50 WHERE metric = 'act.absmax' AND layer = 'stem' "
-                    "AND step IN (60, 62)")
-        con.execute("UPDATE scalars SET value = NULL WHERE metric = 'weight.norm' AND layer = 'head.weight' "
-                    "AND step = 90")  # a NaN: a deviation at once
-    con.close()
+    # two single-step outliers: not a deviation (COMPARE_PERSIST = 3); a NaN: a deviation at once
+    blip = edited_copy(synthetic["base"].path, tmp_path / "blip", {("act.absmax", "stem"): ([60, 62], 50.0),
+                                                                   ("weight.norm", "head.weight"): ([90], None)})
     dev = dynascope.compare(blip, synthetic["base"])
     assert dev[["metric", "layer", "first_step", "direction"]].values.tolist() == [
         ["weight.norm", "head.weight", 90, "non-finite"]]

@@ -219,3 +219,41 @@ def test_spike_threshold_against_a_loop():
         assert thr[i] == pytest.approx(ref, rel=1e-12)
     assert (6 * 1.4826 * mad) > m  # the MAD term is the binding one here
     assert np.isnan(thr[:5]).all()  # fewer than 5 previous values
+
+
+def test_forensics_section_escapes_module_names(tmp_path):
+    from _synthetic import XSS
+
+    rng = np.random.default_rng(2)
+    store = RunStore(tmp_path / "x")
+    store.write_meta({"name": f"run {XSS}", "modules": [XSS, "ok"], "every": 1})
+    loss = 1.0 + 0.02 * rng.standard_normal(60)
+    loss[50:] = 6.0
+    rows = [(s, "loss", "", float(v)) for s, v in enumerate(loss)]
+    for m in (XSS, "ok"):
+        v = 0.01 * np.exp(0.05 * rng.standard_normal(60))
+        if m == XSS:
+            v[49:] *= 20
+        rows += [(s, "update.norm", m, float(x)) for s, x in enumerate(v)]
+    store.write_scalars(rows)
+    store.close()
+    run = load_run(tmp_path / "x")
+    assert run.forensics(50)["module"].tolist() == [XSS]
+    page = dynascope.report(run, tmp_path / "x.html").read_text(encoding="utf-8")
+    section = page[page.index('id="forensics"'):page.index('id="findings"')]
+    assert XSS not in page  # only escaped forms, in the tables, headings and figure text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in section
+
+
+def test_zero_norms_do_not_break_the_ratio(tmp_path):
+    """A module frozen at update norm 0 that starts moving: a departure with an infinite ratio, no overflow."""
+    store = RunStore(tmp_path / "z")
+    store.write_meta({"modules": ["frozen"], "every": 1})
+    v = np.zeros(40)
+    v[30:] = 1e10
+    store.write_scalars([(s, "update.norm", "frozen", float(x)) for s, x in enumerate(v)]
+                        + [(s, "loss", "", 1.0) for s in range(40)])
+    store.close()
+    tab = load_run(tmp_path / "z").forensics(31)
+    assert tab[["module", "first_step", "direction"]].values.tolist() == [["frozen", 30, "up"]]
+    assert math.isinf(tab["ratio"].iloc[0])

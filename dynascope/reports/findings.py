@@ -41,7 +41,7 @@ from ..store import RunData
 from . import _data
 
 __all__ = ["Finding", "RULES", "RULE_SOURCES", "findings", "rule", "collect", "frame", "baseline_findings",
-           "FRAME_COLUMNS"]
+           "FRAME_COLUMNS", "rule_source"]
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -693,7 +693,8 @@ def findings(runs: Sequence[RunData], rules: Sequence[str] | None = None) -> lis
     return sorted(out, key=lambda f: _SEVERITY_ORDER.get(f.severity, 9))
 
 
-# the literature behind each rule (the ``source`` column of dynascope.findings); a test checks every rule has one
+# the literature behind each rule, short (the ``source`` column of dynascope.findings); a rule missing here
+# gets its docstring's Source sentence (rule_source)
 RULE_SOURCES: dict[str, str] = {
     "sharpness_above_threshold": "Cohen et al. 2021 (edge of stability); Cohen et al. 2022 (adaptive)",
     "loss_spikes": "Cohen et al. 2021; Gilmer et al. 2021; Chowdhery et al. 2022 (PaLM)",
@@ -798,6 +799,21 @@ def collect(runs: Sequence[RunData], baseline: RunData | None = None, rules: Seq
     return out + findings(runs, rules)
 
 
+def _doc_source(name: str, limit: int = 160) -> str:
+    """The "Source(s): ..." sentence of a rule's docstring (up to the next sentence), shortened to ``limit``."""
+    import re
+
+    doc = " ".join((RULES[name].__doc__ or "").split()) if name in RULES else ""
+    m = re.search(r"Sources?:\s*(.+?)(?:\.\s+(?=[A-Z])|$)", doc)
+    text = m.group(1).rstrip(".") if m else ""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def rule_source(name: str) -> str:
+    """The literature behind a rule: :data:`RULE_SOURCES`, else its docstring's Source sentence."""
+    return RULE_SOURCES.get(name) or _doc_source(name)
+
+
 def frame(found: Sequence[Finding], baseline: RunData | None = None) -> pd.DataFrame:
     """Findings as a DataFrame with :data:`FRAME_COLUMNS` (``source``: the rule's literature, or the baseline run)."""
     rows = []
@@ -805,7 +821,7 @@ def frame(found: Sequence[Finding], baseline: RunData | None = None) -> pd.DataF
         if f.rule == BASELINE_RULE:
             source = f"baseline run {baseline.name!r}" if baseline is not None else "baseline run"
         else:
-            source = RULE_SOURCES.get(f.rule, "")
+            source = rule_source(f.rule)
         rows.append({"severity": f.severity, "rule": f.rule, "metric": f.metric, "layer": f.layer,
                      "step": f.step, "message": f.message, "source": source, "run": f.run, "value": f.value,
                      "threshold": f.threshold, "figure": f.figure_key})
