@@ -1,10 +1,10 @@
 """``dynascope report --watch``: a live report rewritten while a run trains in another process.
 
-A writer process trains a small model under ``dynascope.probe`` (flushing every few steps) while the
-watcher rewrites the report; this test reads the report file as fast as it can the whole time and every
-read must be a complete page (ends with ``</html>``, parses). The writer must not be slowed into an error by
-the readers (it exits 0 with every step recorded). Ctrl-C (SIGINT) stops the watcher with exit status 0,
-and the watcher says when the run finished.
+A writer process trains a small model under ``dynascope.probe`` (flushing every few steps) and keeps training
+until it has seen the watcher replace the report three times; meanwhile this test reads the report file as
+fast as it can and every read must be a complete page (ends with ``</html>``, parses). The readers must not
+cost the writer anything (it exits 0 with every step recorded). Ctrl-C (SIGINT) stops the watcher with exit
+status 0, and the watcher says when the run finished.
 """
 
 from __future__ import annotations
@@ -28,20 +28,29 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 50
 
 WRITER = f"""
-import time, torch, dynascope
+import os, time, torch, dynascope
 from dynascope.datasets import load_digits
 x, y = load_digits()
+torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
                             torch.nn.Linear(32, 10))
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+seen = set()  # reports the watcher wrote while this run trained (os.replace: a new inode each time)
+step = 0
 with dynascope.probe(model, opt, RUN, every=1, flush_every=2, flush_seconds=0.5) as run:
-    for step in range({STEPS}):
+    while (step < {STEPS} or len(seen) < 3) and step < 5000:
         idx = torch.randint(0, len(x), (64,))
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(); loss.backward(); opt.step()
         run.step(loss=loss)
+        step += 1
+        try:
+            seen.add(os.stat(OUT).st_ino)
+        except FileNotFoundError:
+            pass
         time.sleep(0.03)
+print(step, len(seen))
 """
 
 
@@ -85,8 +94,9 @@ def test_watch_rewrites_atomically_while_training(tmp_path):
     writer = None
     try:
         time.sleep(1.0)  # the watcher starts first: it waits for the run to appear
-        writer = subprocess.Popen([sys.executable, "-c", f"RUN = {str(run_dir)!r}\n" + WRITER], cwd=tmp_path,
-                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        code = f"RUN, OUT = {str(run_dir)!r}, {str(out)!r}\n" + WRITER
+        writer = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
         reads, versions, steps_seen = 0, set(), set()
         deadline = time.monotonic() + 300
         while writer.poll() is None and time.monotonic() < deadline:
@@ -101,6 +111,8 @@ def test_watch_rewrites_atomically_while_training(tmp_path):
             time.sleep(0.01)
         w_out, w_err = writer.communicate(timeout=60)
         assert writer.returncode == 0, w_err
+        n_steps, n_seen = map(int, w_out.split())
+        assert n_seen >= 3 and n_steps >= STEPS
         # the watcher notices the end of the run, then rewrites at least once more
         finished_at = time.monotonic()
         final = None
@@ -108,7 +120,7 @@ def test_watch_rewrites_atomically_while_training(tmp_path):
             text = out.read_text(encoding="utf-8")
             _check_page(text)
             reads += 1
-            if f"{STEPS} recorded (loss)" in text and ">finished<" in text:
+            if f"{n_steps} recorded (loss)" in text and ">finished<" in text:
                 final = text
                 break
             time.sleep(0.05)
@@ -126,7 +138,7 @@ def test_watch_rewrites_atomically_while_training(tmp_path):
     assert f"run {str(run_dir)!r} finished" in stdout
     assert "stopped watching" in stderr
     assert not list(tmp_path.glob("*.tmp")), "a temporary file was left behind"
-    assert len(load_run(run_dir).steps("loss")) == STEPS  # the readers did not cost the writer a flush
+    assert len(load_run(run_dir).steps("loss")) == n_steps  # the readers did not cost the writer a flush
     # the reload script is allowed by the page's own Content-Security-Policy (a hash of exactly that script)
     scripts = re.findall(r"<script>(.*?)</script>", final, re.S)
     assert len(scripts) == 2 and "location.reload()" in scripts[1] and "sessionStorage" in scripts[1]
