@@ -134,7 +134,6 @@ class SpectralProbe(Probe):
         self.cold_iters = cold_iters
         self.seed = seed
         self._armed = False
-        self._hooks: list[Any] = []
         self._before: list[torch.Tensor] | None = None
         self._pending: Collected | None = None
         self.tracked: list[tuple[str, torch.nn.Parameter]] = []
@@ -154,10 +153,6 @@ class SpectralProbe(Probe):
         self._rms = [math.sqrt(math.prod(self.tracked[i][1].shape[1:]) / self.tracked[i][1].shape[0])
                      for g in self.groups for i in g]
         self._gen = torch.Generator().manual_seed(self.seed)
-        opt = getattr(session, "optimizer", None)
-        if opt is not None and self.tracked:
-            self._hooks.append(opt.register_step_pre_hook(self._pre_step))
-            self._hooks.append(opt.register_step_post_hook(self._post_step))
 
     def arm(self) -> None:
         self._armed = True
@@ -187,15 +182,17 @@ class SpectralProbe(Probe):
         self._vectors[(kind, gi)] = v[:, :, :r]
         return sigma
 
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._armed or self._before is not None or self._pending is not None:
+    def before_optimizer_step(self, optimizer: Any) -> None:
+        """W_t before the step's first optimizer step (with several optimizers, Delta W at
+        ``collect`` is then the whole step's change, each weight moved by its own optimizer)."""
+        if optimizer is None or not self.tracked or self._before is not None:
             return
         with torch.no_grad():
             self._before = [self._stack(g) for g in self.groups]
 
-    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _finish_step(self) -> None:
         before, self._before = self._before, None
-        if not self._armed or before is None:
+        if before is None:
             return
         w_sig, d_sig = [], []
         with torch.no_grad():
@@ -214,6 +211,7 @@ class SpectralProbe(Probe):
         self._pending = Collected(keys, values, post)
 
     def collect(self, step: int) -> Collected | None:
+        self._finish_step()  # every optimizer of this step has stepped by now
         out, self._pending = self._pending, None
         if out is not None or not self.tracked:
             return out
@@ -225,9 +223,6 @@ class SpectralProbe(Probe):
 
     def close(self) -> None:
         self._armed = False
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
         self._before = None
         self._pending = None
         self._vectors.clear()
