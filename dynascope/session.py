@@ -283,6 +283,9 @@ class Session:
                 meta["start_time"] = now_iso()
             self.store.write_meta(meta)
         self._t0 = time.monotonic()
+        self.ctx.run_dir = self.run_dir
+        self.ctx.resumed = bool(self.store is not None and self.store.resumed)
+        self.ctx.writer = self.writer
         for p in self.probes:
             p.setup(self.ctx)
         if self.sentinel is not None:

@@ -116,8 +116,9 @@ def test_probe_matches_float64_reference_per_step(tmp_path):
         assert rows[k] == pytest.approx(v, rel=2e-5, abs=1e-7), k
     # the drift shows: the later (larger) inputs have batch variances above the running ones
     assert rows[(4, "bn.var_ratio", "bn2")] > 2 and rows[(0, "bn.var_ratio", "bn2")] < 2
-    skipped = data.meta["coverage"]["batchnorm"]["skipped"]
-    assert skipped == {"free": "no running statistics (track_running_stats=False)"}
+    cov = data.coverage().set_index(["kind", "name"])
+    assert not bool(cov.loc[("metric", "bn.*@free"), "recorded"])
+    assert cov.loc[("metric", "bn.*@free"), "reason"] == "no running statistics (track_running_stats=False)"
 
 
 def test_eval_mode_calls_are_not_recorded(tmp_path):

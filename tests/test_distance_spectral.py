@@ -88,13 +88,15 @@ def test_distance_resume_keeps_the_true_initialisation(tmp_path):
     got = rows(dynascope.load_run(tmp_path / "r"), "weight.distance_init")
     ref = (model[2].weight.detach().double() - w0["2.weight"].double()).norm().item()
     assert got[(5, "2.weight")] == pytest.approx(ref, rel=1e-5)
-    meta = dynascope.load_run(tmp_path / "r").meta["coverage"]["distance"]
-    assert meta["origin"].startswith("saved") and meta["init_copy_bytes"] == 4 * (20 * 64 + 64 * 64 + 64 * 5)
+    cov = dynascope.load_run(tmp_path / "r").coverage().set_index(["kind", "name"])
+    note = cov.loc[("metric", "weight.distance_init"), "reason"]
+    assert note.startswith("measured from the saved") and f"{4 * (20 * 64 + 64 * 64 + 64 * 5)} bytes" in note
     # without the file: measured from the weights at resume, with a warning and a note in the metadata
     (tmp_path / "r" / INIT_FILE).unlink()
     with pytest.warns(RuntimeWarning, match="resume"):
         train(data[:1], resume=True)
-    assert dynascope.load_run(tmp_path / "r").meta["coverage"]["distance"]["origin"].startswith("weights at resume")
+    cov = dynascope.load_run(tmp_path / "r").coverage().set_index(["kind", "name"])
+    assert cov.loc[("metric", "weight.distance_init"), "reason"].startswith("measured from the weights at resume")
 
 
 # ----------------------------------------------------------------------------- spectral

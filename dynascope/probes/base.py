@@ -119,8 +119,9 @@ def checked_finish(c: Collected, reduced: Mapping[str, torch.Tensor]) -> torch.T
 class ProbeContext:
     """What a probe sees of the run: the (possibly wrapped) model, its optimizers,
     the named parameters and selected modules, a cache shared by the probes
-    within one optimizer step (cleared around it), and the process's rank and
-    world size (1 outside ``torch.distributed``)."""
+    within one optimizer step (cleared around it), the process's rank and world
+    size (1 outside ``torch.distributed``), and the run directory (whether it is
+    resumed, whether this process writes it)."""
 
     model: nn.Module
     optimizers: list[torch.optim.Optimizer]
@@ -130,6 +131,9 @@ class ProbeContext:
     rank: int = 0
     world: int = 1
     cache: dict[Any, Any] = field(default_factory=dict)
+    run_dir: str | None = None  # where the run is written (a probe may keep a file of its own there)
+    resumed: bool = False  # the run continues an earlier one in run_dir
+    writer: bool = True  # this process writes the run (rank 0)
 
     def __post_init__(self) -> None:
         self._group_of: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}

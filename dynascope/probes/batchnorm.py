@@ -20,7 +20,7 @@ normalised with, against running statistics that moved between calls.
 Not recorded: calls in eval mode (they normalise with the running statistics:
 there is no batch statistic), and modules without running statistics
 (``track_running_stats=False``); those are listed in the run metadata under
-``coverage.batchnorm.skipped`` and in :attr:`BatchNormProbe.skipped`.
+the coverage report (``bn.*@<module>`` rows) and in :attr:`BatchNormProbe.skipped`.
 Under torch.distributed the rows are rank 0's: each rank's BatchNorm
 normalises its own batch (for SyncBatchNorm, rank 0's share of the global
 batch is an estimate of the global statistics).
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .._names import select_modules
+from ..coverage import CoverageRow
 from ..diagnostics._batch import Forward, LossFn, _is_pair
 from ..diagnostics.batchnorm import channel_terms, train_eval_gap
 from .base import Collected, Probe
@@ -91,11 +92,10 @@ class BatchNormProbe(Probe):
         self.modules = [(n, m) for n, m in found if m.track_running_stats and m.running_mean is not None]
         self.skipped = {n: "no running statistics (track_running_stats=False)" for n, m in found
                         if not (m.track_running_stats and m.running_mean is not None)}
-        store = getattr(session, "store", None)
-        if store is not None and self.skipped:
-            coverage = dict(store.meta.get("coverage") or {})
-            coverage["batchnorm"] = {"skipped": self.skipped}
-            store.write_meta({"coverage": coverage})
+
+    def coverage(self) -> list[CoverageRow]:
+        rows = [CoverageRow("metric", f"bn.*@{n}", True, "", self.name) for n, _ in self.modules]
+        return rows + [CoverageRow("metric", f"bn.*@{n}", False, why, self.name) for n, why in self.skipped.items()]
 
     def arm(self) -> None:
         if self._handles:

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
 
 import torch
 
-from .base import Collected, Probe
+from ..coverage import CoverageRow
+from .base import Collected, Probe, ProbeContext
 
 __all__ = ["DistanceProbe", "INIT_FILE"]
 
@@ -50,14 +50,12 @@ class DistanceProbe(Probe):
         self.init: list[torch.Tensor] = []
         self.origin = "start"
 
-    def setup(self, session: Any) -> None:
-        super().setup(session)
-        self.tracked = [(n, p) for n, p in session.param_names
+    def setup(self, ctx: ProbeContext) -> None:
+        super().setup(ctx)
+        self.tracked = [(n, p) for n, p in ctx.param_names
                         if p.requires_grad and (p.ndim >= 2 or self.all_params)]
-        run_dir = getattr(session, "run_dir", None)
-        path = os.path.join(run_dir, INIT_FILE) if run_dir else None
-        store = getattr(session, "store", None)
-        resumed = bool(getattr(store, "resumed", False))  # the writing rank's: its rows are the recorded ones
+        path = os.path.join(ctx.run_dir, INIT_FILE) if ctx.run_dir else None
+        resumed = ctx.resumed  # the writing rank's: its rows are the recorded ones
         loaded = self._load(path) if resumed and path else None
         if loaded is not None:
             self.init = loaded
@@ -69,15 +67,20 @@ class DistanceProbe(Probe):
                 warnings.warn(f"dynascope: distance probe resumed without a matching {INIT_FILE} in the run "
                               "directory; weight.distance_init is measured from the weights at resume",
                               RuntimeWarning, stacklevel=2)
-            if store is not None and path and self.save_init:
-                tmp = path + ".tmp"
-                torch.save({n: w.detach().cpu() for (n, _), w in zip(self.tracked, self.init)}, tmp)
-                os.replace(tmp, path)
-        if store is not None:
-            coverage = dict(store.meta.get("coverage") or {})
-            coverage["distance"] = {"origin": self.origin, "tracked": len(self.tracked),
-                                    "init_copy_bytes": sum(w.numel() * w.element_size() for w in self.init)}
-            store.write_meta({"coverage": coverage})
+            if ctx.writer and path and self.save_init:
+                try:
+                    tmp = path + ".tmp"
+                    torch.save({n: w.detach().cpu() for (n, _), w in zip(self.tracked, self.init)}, tmp)
+                    os.replace(tmp, path)
+                except OSError as exc:  # a storage fault never stops training: resuming then measures from there
+                    warnings.warn(f"dynascope: distance probe could not save {INIT_FILE} ({exc}); a resumed run "
+                                  "will measure from the weights at resume", RuntimeWarning, stacklevel=2)
+        self.init_copy_bytes = sum(w.numel() * w.element_size() for w in self.init)
+
+    def coverage(self) -> list[CoverageRow]:
+        return [CoverageRow("metric", "weight.distance_init", True,
+                            f"measured from the {self.origin}; {len(self.tracked)} tensors, "
+                            f"{self.init_copy_bytes} bytes held for w_0", self.name)]
 
     def _load(self, path: str) -> list[torch.Tensor] | None:
         if not os.path.exists(path):
