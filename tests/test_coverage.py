@@ -63,6 +63,8 @@ def test_coverage_names_what_is_not_recorded_and_why(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dynascope", "ls", str(tmp_path / "r")], capture_output=True,
                          text=True, check=True).stdout
     assert "coverage:" in out and "module pick: its output is not a floating tensor (torch.int64)" in out
+    page = dynascope.report([tmp_path / "r"], tmp_path / "report.html", progress=False).read_text()
+    assert "<th>coverage</th>" in page and "module pick: its output is not a floating tensor (torch.int64)" in page
 
 
 def test_coverage_without_optimizer_says_no_update_metrics(tmp_path):

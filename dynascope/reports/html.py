@@ -215,20 +215,43 @@ def _summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
             return "n/a"
         return f"{int(n):,}" + (f" ({int(t):,} trainable)" if t is not None and t != n else "")
 
+    def optimizers(r: RunData) -> list[dict]:
+        opts = r.meta.get("optimizers")
+        if opts is None:  # runs of dynascope 0.1: one optimizer
+            opts = [r.meta["optimizer"]] if r.meta.get("optimizer") else []
+        return list(opts)
+
     def optimizer(r: RunData) -> str:
-        o = r.meta.get("optimizer")
-        return "none (update metrics skipped)" if not o else str(o.get("class", "n/a"))
+        opts = optimizers(r)
+        return "none (update metrics skipped)" if not opts else " + ".join(str(o.get("class", "n/a")) for o in opts)
 
     def hyper(r: RunData) -> str:
-        o = r.meta.get("optimizer") or {}
-        groups = o.get("hyperparameters") or []
+        opts = optimizers(r)
         parts = []
-        for i, g in enumerate(groups):
-            # None / False are PyTorch's "off" defaults (foreach, fused, maximize, ...): left out to keep it short
-            kv = ", ".join(f"{k}={_fmt_value(v)}" for k, v in g.items()
-                           if k not in ("params", "n_params") and v is not None and v is not False)
-            parts.append(kv if len(groups) == 1 else f"group {i}: {kv}")
+        for o in opts:
+            groups = o.get("hyperparameters") or []
+            for i, g in enumerate(groups):
+                # None / False are PyTorch's "off" defaults (foreach, fused, maximize, ...): left out to keep it short
+                kv = ", ".join(f"{k}={_fmt_value(v)}" for k, v in g.items()
+                               if k not in ("params", "n_params") and v is not None and v is not False)
+                label = (f"{o.get('class', '?')} " if len(opts) > 1 else "") + \
+                    (f"group {i}: " if len(groups) > 1 else "")
+                parts.append(label + kv)
         return "; ".join(parts) or "n/a"
+
+    def coverage(r: RunData) -> str:
+        cov = r.coverage()
+        if cov.empty:
+            return "n/a (run written before dynascope 0.2)"
+        counts = []
+        for kind in ("module", "parameter"):
+            k = cov[cov["kind"] == kind]
+            if len(k):
+                counts.append(f"{int(k['recorded'].sum())} of {len(k)} {kind}s recorded")
+        missing = cov[~cov["recorded"].astype(bool)]
+        notes = [f"{m.kind} {m.name}: {m.reason}" for m in missing.head(6).itertuples()]
+        more = f"; ... {len(missing) - 6} more (dynascope ls)" if len(missing) > 6 else ""
+        return ", ".join(counts) + ("; not recorded: " + "; ".join(notes) + more if notes else "")
 
     row("status", lambda r: str(r.meta.get("status", "n/a")))
     row("model", model)
@@ -244,6 +267,7 @@ def _summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
     row("device", lambda r: str(r.meta.get("device", "n/a")))
     row("seed", lambda r: str(r.meta.get("seed", "n/a")))
     row("probes", lambda r: ", ".join(map(str, r.meta.get("probes") or [])) or "n/a")
+    row("coverage", coverage)
     row("run directory", lambda r: str(r.path))
     return rows
 
