@@ -675,7 +675,8 @@ class RunData:
         """Sorted distinct steps (of ``metric``, of its ``layer``; default: of every row)."""
         if self.format == 2:
             if metric is None:
-                ids = [i for d in self._series_map(refresh=True).values() for i in d.values()]
+                return np.array([r[0] for r in self._rows("SELECT DISTINCT step FROM points ORDER BY step")],
+                                dtype=np.int64)
             else:
                 by_layer = self._ids(metric)
                 ids = list(by_layer.values()) if layer is None else [by_layer[layer]] if layer in by_layer else []

@@ -107,7 +107,7 @@ def test_load_run_names_the_file_and_the_problem(good, tmp_path, kind):
     with pytest.raises(RunStoreError) as info:
         dynascope.load_run(d)
     msg = str(info.value)
-    assert "\n" not in msg and str(f) in msg and problem in msg
+    assert "\n" not in msg and msg.startswith(f"{f}: ") and problem in msg[len(str(f)):]  # the path names the kind
     assert isinstance(info.value, ValueError) and dynascope.RunStoreError is RunStoreError
 
 
@@ -127,8 +127,8 @@ def test_cli_exits_2_with_one_line(good, tmp_path, kind):
         res = _cli(*args, cwd=tmp_path)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2, (args, res.stderr)
-        assert len(lines) == 1 and str(f) in lines[0] and problem in lines[0], (args, res.stderr)
-        assert "Traceback" not in res.stderr
+        assert len(lines) == 1 and f"error: {f}: " in lines[0], (args, res.stderr)
+        assert problem in lines[0].split(str(f), 1)[1] and "Traceback" not in res.stderr
     assert not (tmp_path / "r.html").exists()
 
 
@@ -138,21 +138,23 @@ def test_report_over_several_runs_names_the_bad_one_or_skips_it(good, tmp_path):
     res = _cli("report", str(good), str(bad), "-o", str(out), cwd=tmp_path)
     assert res.returncode == 2 and not out.exists()
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"run {bad}" in lines[0] and problem in lines[0] and "--skip-bad" in lines[0]
+    assert len(lines) == 1 and f"run {bad}: {bad / DB_NAME}: " in lines[0] and "--skip-bad" in lines[0]
+    assert problem in lines[0].split(str(bad / DB_NAME), 1)[1]
     res = _cli("report", str(good), str(bad), "-o", str(out), "--skip-bad", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert f"skipped {bad}" in res.stderr
     html = out.read_text()
-    assert f"run {bad} was left out of this report" in html and problem in html
+    assert f"run {bad} was left out of this report: {bad / DB_NAME}: {problem}" in html
     # every run bad: nothing to report
     res = _cli("report", str(bad), "-o", str(tmp_path / "none.html"), "--skip-bad", cwd=tmp_path)
     assert res.returncode == 2 and "no run could be read" in res.stderr
 
 
 def test_report_api_raises_for_a_bad_run(good, tmp_path):
-    bad, problem, _ = _damaged(good, tmp_path, "truncated")
-    with pytest.raises(RunStoreError, match=problem):
+    bad, problem, f = _damaged(good, tmp_path, "truncated")
+    with pytest.raises(RunStoreError) as info:
         dynascope.report([good, bad], tmp_path / "r.html")
+    assert str(info.value).startswith(f"{f}: {problem} (")
 
 
 def test_a_damage_met_while_reading_is_a_run_store_error(good, tmp_path):
@@ -168,7 +170,11 @@ def test_a_damage_met_while_reading_is_a_run_store_error(good, tmp_path):
     db.write_bytes(bytes(data))
     with pytest.raises(RunStoreError) as info:
         run.scalars("act.mean")
-    assert str(db) in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"{db}: ") and "\n" not in str(info.value)
+    # the report does not turn it into broken figures: it raises, naming the file
+    with pytest.raises(RunStoreError, match="dynascope.sqlite: "):
+        dynascope.report([run], tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_analyze_into_a_damaged_run_exits_2(good, tmp_path):
@@ -186,4 +192,5 @@ def test_analyze_into_a_damaged_run_exits_2(good, tmp_path):
                    cwd=tmp_path)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2, res.stderr
-        assert len(lines) == 1 and str(f) in lines[0] and problem in lines[0], res.stderr
+        assert len(lines) == 1 and f"error: {f}: " in lines[0], res.stderr
+        assert problem in lines[0].split(str(f), 1)[1], res.stderr
