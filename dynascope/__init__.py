@@ -24,8 +24,9 @@ __version__ = "0.1.0"
 
 from .probes.base import Collected, Probe, ProbeContext, Stat  # noqa: E402
 from .probes.scheduled import Scheduled, ScheduledContext  # noqa: E402
+from .run import Run, load_run  # noqa: E402
 from .session import Session, probe  # noqa: E402
-from .store import RunData, RunStoreError, load_run  # noqa: E402
+from .store import RunData, RunStoreError  # noqa: E402
 
 # public name -> module that defines it (imported lazily)
 _LAZY: dict[str, str] = {
@@ -66,7 +67,7 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = ["__version__", "Collected", "Probe", "ProbeContext", "Stat", "RunData", "Scheduled", "ScheduledContext",
-           "Session", "load_run", "probe", "RunStoreError", *_LAZY]
+           "Session", "load_run", "probe", "Run", "RunStoreError", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

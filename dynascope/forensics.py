@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ._robust import MIN_PERIODS, rolling_band
 from .store import RunData, load_run
 
 __all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRICS", "EVENT_PREFIX",
@@ -50,7 +50,6 @@ BAND_WINDOW = 20        # recorded values in a module's running band
 BAND_MADS = 6.0         # band half-width in robust SDs (1.4826 x MAD)
 MIN_RATIO = 2.0         # ... and at least this factor from the running median (a jump, not a drift)
 LOOKBACK = 20           # recorded steps before the event that are searched (the event step included)
-MIN_PERIODS = 5         # finite values a band needs
 EVENT_MERGE = 5         # detected events of one kind within this many recorded steps form one episode
 MAD_TO_SD = 1.4826      # MAD of a normal distribution x 1.4826 = its SD
 FORENSIC_METRICS = ("update.norm", "update.relative", "grad.norm")
@@ -64,49 +63,6 @@ _FORENSIC_COLUMNS = ["module", "metric", "first_step", "ratio", "direction", "z"
 
 def _as_run(run: str | os.PathLike[str] | RunData) -> RunData:
     return run if isinstance(run, RunData) else load_run(run)
-
-
-def rolling_band(y: np.ndarray, window: int, *, center: bool = False,
-                 min_periods: int = MIN_PERIODS) -> tuple[np.ndarray, np.ndarray]:
-    """Rolling median and MAD along axis 0 of ``y`` (1-D, or 2-D with one column per series).
-
-    ``center=False``: the window of index i is the ``window`` values before i (i excluded), so a value is
-    judged against its past. ``center=True``: ``window`` values centred on i (i included). Non-finite
-    values are left out; fewer than ``min_periods`` finite values give NaN. The MAD is the exact
-    median of |x - median| within each window.
-    """
-    y = np.asarray(y, dtype=float)
-    one_d = y.ndim == 1
-    y2 = y[:, None] if one_d else y
-    n = y2.shape[0]
-    y2 = np.where(np.isfinite(y2), y2, np.nan)
-    if center:
-        before = window // 2
-        pad = np.full((before, y2.shape[1]), np.nan)
-        padded = np.concatenate([pad, y2, np.full((window - 1 - before, y2.shape[1]), np.nan)])
-    else:
-        padded = np.concatenate([np.full((window, y2.shape[1]), np.nan), y2])
-    win = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)[:n]  # (n, cols, window)
-    count = np.isfinite(win).sum(axis=-1)
-    med = _nanmedian_last(win, count)
-    mad = _nanmedian_last(np.abs(win - med[..., None]), count)
-    few = count < min_periods
-    med[few] = np.nan
-    mad[few] = np.nan
-    return (med[:, 0], mad[:, 0]) if one_d else (med, mad)
-
-
-def _nanmedian_last(win: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Median over the last axis ignoring NaN (``count`` finite values per row): sort (NaN last) and take the
-    middle one or two; 10-50x faster than np.nanmedian, which goes through masked arrays."""
-    srt = np.sort(win, axis=-1)
-    lo = np.clip((count - 1) // 2, 0, None)[..., None]
-    hi = np.clip(count // 2, 0, None)[..., None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = 0.5 * (np.take_along_axis(srt, lo, axis=-1) + np.take_along_axis(srt, hi, axis=-1))[..., 0]
-    med[count == 0] = np.nan
-    return med
 
 
 def _series(values: Any, steps: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +86,7 @@ def _episodes(idx: np.ndarray, merge: int) -> np.ndarray:
 
 
 def _detect(s: np.ndarray, v: np.ndarray, prefix: str, min_rise: float, merge: int) -> list[dict[str, Any]]:
-    from .reports.findings import spike_threshold
+    from ._robust import series_spike_threshold as spike_threshold
 
     out: list[dict[str, Any]] = []
     bad = np.flatnonzero(~np.isfinite(v))
@@ -154,7 +110,7 @@ def detect_events(loss: pd.Series | Sequence[float] | np.ndarray, steps: Sequenc
     ``grad_norm`` also ``grad_spike`` / ``grad_nonfinite``. Spikes of one kind within ``merge`` recorded
     steps of the previous one are one episode, reported at its first step. Sorted by step.
     """
-    from .reports.findings import SPIKE_MIN_RISE
+    from ._robust import SPIKE_MIN_RISE
 
     s, v = _series(loss, steps)
     rows = _detect(s, v, "loss", SPIKE_MIN_RISE, merge)

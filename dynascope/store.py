@@ -599,12 +599,6 @@ class RunData:
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self._connection() as con:
             return con.execute(sql, tuple(params)).fetchall()
-    def _repr_html_(self) -> str:
-        """The run in a notebook: run table, recorded metrics, findings (dynascope.reports.inline)."""
-        from .reports.inline import run_html
-
-        return run_html(self)
-
     def _query(self, sql: str, params: tuple = ()) -> pd.DataFrame:
         import pandas as pd
 
@@ -861,22 +855,6 @@ class RunData:
         df["value"] = [json.loads(v) if v else None for v in df["value"]]
         return df
 
-    def events(self, *, detect: bool | None = None) -> pd.DataFrame:
-        """Events (loss spikes, non-finite losses, ...): columns step, kind, value, threshold, source.
-
-        The stored ``event.<kind>`` rows, or events detected from the recorded loss when none is stored
-        (see :func:`dynascope.forensics.run_events` and docs/forensics.md).
-        """
-        from .forensics import run_events
-
-        return run_events(self, detect=detect)
-
-    def forensics(self, step: int, **kwargs: Any) -> pd.DataFrame:
-        """Modules ranked by when they left their running band before the event at ``step``: columns
-        module, metric, first_step, ratio, ... (see :func:`dynascope.forensics.forensics`)."""
-        from .forensics import forensics
-
-        return forensics(self, step, **kwargs)
 
 
 def _pairs(rows: list[tuple]) -> np.ndarray:

@@ -38,39 +38,12 @@ import numpy as np
 import torch
 
 from .._names import select_modules
+from .._robust import GRAD_SPIKE_FACTOR, SPIKE_MIN_RISE, SPIKE_WINDOW, spike_threshold
 from .base import ProbeContext
 
-__all__ = ["Sentinel", "SentinelEvent", "spike_threshold", "SPIKE_WINDOW", "SPIKE_FACTOR", "SPIKE_MADS",
-           "SPIKE_MIN_RISE", "MIN_HISTORY"]
+__all__ = ["Sentinel", "SentinelEvent"]
 
-SPIKE_WINDOW = 20  # previous values in the running median and MAD
-SPIKE_FACTOR = 2.0  # a spike is above this factor x the running median ...
-SPIKE_MADS = 6.0  # ... by more than this many robust SDs (1.4826 x MAD) ...
-SPIKE_MIN_RISE = 0.1  # ... and by at least this fraction of the loss at the start
-GRAD_SPIKE_FACTOR = 5.0  # minibatch gradient norms vary 2-2.5x from step to step: a gradient spike is 5x
-MIN_HISTORY = 5  # finite previous values a threshold needs
 _HOST_SLOTS = 8  # pinned host rows in flight (CUDA)
-
-
-def spike_threshold(previous: np.ndarray, start: float = math.nan, min_rise: float = 0.0,
-                    min_history: int = MIN_HISTORY, factor: float = SPIKE_FACTOR) -> float:
-    """The level above which the next value is a spike, from the previous values (the finite ones
-    among the last SPIKE_WINDOW): max(``factor`` x median, median + SPIKE_MADS x 1.4826 x MAD,
-    median + ``min_rise`` x |start|); NaN with fewer than ``min_history`` values or a median <= 0. The
-    rule of the report's loss-spike finding, applied online (the sentinel's ``start`` is the median of
-    the finite losses seen so far, up to SPIKE_WINDOW of them; the report's, of the first SPIKE_WINDOW)."""
-    v = np.asarray(previous, dtype=float)[-SPIKE_WINDOW:]
-    v = v[np.isfinite(v)]
-    if v.size < min_history:
-        return math.nan
-    med = float(np.median(v))
-    if not med > 0:
-        return math.nan
-    mad = float(np.median(np.abs(v - med)))
-    thr = max(factor * med, med + SPIKE_MADS * 1.4826 * mad)
-    if min_rise > 0 and math.isfinite(start):
-        thr = max(thr, med + min_rise * abs(start))
-    return thr
 
 
 @dataclass

@@ -47,7 +47,8 @@ SEVERITIES = ("error", "warning", "info")
 
 SHARPNESS_RATIO = 1.0
 # one spike rule for the findings, the recorded-series events and the live sentinel
-from ..probes.sentinel import SPIKE_FACTOR, SPIKE_MADS, SPIKE_MIN_RISE, SPIKE_WINDOW  # noqa: E402, F401
+from .._robust import SPIKE_FACTOR, SPIKE_MADS, SPIKE_MIN_RISE, SPIKE_WINDOW  # noqa: E402, F401
+from .._robust import series_spike_threshold as spike_threshold  # noqa: E402, F401
 
 SPIKE_COINCIDE_STEPS = 1  # recorded steps either side
 DEPTH_VAR_RATIO = 10.0
@@ -150,27 +151,6 @@ def sharpness_above_threshold(run: RunData) -> list[Finding]:
         f"{_fmt(float(ratio.max()))}). Training is at the edge of stability (Cohen et al. 2021): expect "
         "oscillating or spiking loss; a smaller learning rate or warmup lowers the operating sharpness.",
         "hessian.eig", "1", int(s[k]), float(v[k]), float(thr[k]), "curvature_sharpness")]
-
-
-def spike_threshold(values: np.ndarray, min_rise: float = 0.0) -> np.ndarray:
-    """Per index, the level above which a value is a spike (NaN where undefined): the largest of
-    SPIKE_FACTOR x the median of the previous SPIKE_WINDOW recorded values, that median + SPIKE_MADS x
-    1.4826 x MAD (at least 5 previous values), and that median + ``min_rise`` x the median of the first
-    SPIKE_WINDOW values (an absolute floor: a minibatch loss near zero doubles by noise alone). Non-finite
-    values are not part of the window. One implementation for the findings and the events of
-    :func:`dynascope.forensics.detect_events`."""
-    from ..forensics import rolling_band
-
-    v = np.where(np.isfinite(values), values, np.nan).astype(float)
-    med, mad = rolling_band(v, SPIKE_WINDOW, min_periods=5)  # exact median and MAD of the previous values
-    thr = np.fmax(SPIKE_FACTOR * med, med + SPIKE_MADS * 1.4826 * mad)
-    if min_rise > 0 and np.isfinite(v).any():
-        start = float(np.nanmedian(v[:SPIKE_WINDOW])) if np.isfinite(v[:SPIKE_WINDOW]).any() else float("nan")
-        if np.isfinite(start):
-            thr = np.fmax(thr, med + min_rise * abs(start))
-    with np.errstate(invalid="ignore"):
-        thr[~(med > 0)] = np.nan
-    return thr
 
 
 def spikes(steps: np.ndarray, values: np.ndarray, min_rise: float = 0.0) -> np.ndarray:

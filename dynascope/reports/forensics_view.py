@@ -20,7 +20,17 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..forensics import BAND_MADS, BAND_WINDOW, EVENT_MERGE, LOOKBACK, MAD_TO_SD, MIN_RATIO, rolling_band
+from ..forensics import (
+    BAND_MADS,
+    BAND_WINDOW,
+    EVENT_MERGE,
+    LOOKBACK,
+    MAD_TO_SD,
+    MIN_RATIO,
+    forensics,
+    rolling_band,
+    run_events,
+)
 from ..store import RunData
 from . import _data
 from .figures._helpers import CAPTION_ATTR, few_xticks, finish, log_axis, new_figure, plot_series, set_caption, text
@@ -143,7 +153,7 @@ def forensics_items(runs: Sequence[RunData], render: Render, *, max_events: int 
     items: list[dict[str, Any]] = []
     for ri, run in enumerate(runs):
         try:
-            events = run.events()
+            events = run_events(run)
         except Exception as exc:  # noqa: BLE001 - a broken run must not lose the report
             items.append({"run": run.name, "error": f"{type(exc).__name__}: {exc}", "anchor": f"forensics-{ri}"})
             continue
@@ -158,7 +168,7 @@ def forensics_items(runs: Sequence[RunData], render: Render, *, max_events: int 
                          if left and ei == len(shown) - 1 else ""),
             }
             try:
-                table = run.forensics(int(ev["step"]))
+                table = forensics(run, int(ev["step"]))
                 item["loss_step"] = int(table.attrs.get("loss_step", ev["step"]))
                 item["rows"] = [{"rank": i + 1, "module": r["module"], "metric": r["metric"],
                                  "first_step": int(r["first_step"]), "lead": int(r["lead"]), "ratio": _g(r["ratio"]),

@@ -37,7 +37,7 @@ from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
 from .findings import BASELINE_RULE, Finding
 from .findings import collect as collect_findings
 from .forensics_view import comparison_items, forensics_items
-from .inline import ReportPath
+from .report_path import ReportPath
 
 __all__ = ["report", "SVG_LIMIT", "FORMATS", "render_png", "run_summary", "refresh_script"]
 

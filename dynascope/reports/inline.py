@@ -15,7 +15,6 @@ Jupyter calls ``_repr_html_`` by itself, so nothing here imports IPython.
 
 from __future__ import annotations
 
-import html
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from . import _data
 
 __all__ = ["run_html", "ReportPath", "figure_call", "IFRAME_HEIGHT"]
 
-IFRAME_HEIGHT = "80vh"
+from .report_path import IFRAME_HEIGHT, ReportPath  # noqa: E402  (re-exported)
+
 _TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -86,18 +86,3 @@ def run_html(run: RunData) -> str:
     return _template("run.html.j2").render(
         name=run.name, status=str(run.meta.get("status", "n/a")), summary=summary, findings=found,
         metrics=_metric_rows(run), artifacts=_artifact_rows(run), figures=figures(run).names())
-
-
-class ReportPath(type(Path())):  # type: ignore[misc]  # PosixPath / WindowsPath: subclassing Path needs 3.12
-    """Path of a written report; in a notebook it shows the report inline (sandboxed iframe)."""
-
-    def _repr_html_(self) -> str | None:
-        if self.suffix.lower() not in (".html", ".htm") or not self.is_file():
-            return None  # a folder of PNG/PDF figures: the plain path repr
-        page = self.read_text(encoding="utf-8")
-        # a srcdoc document resolves "#fig-..." against the notebook's URL, so the report's links would try
-        # to load the notebook page into the frame; this base keeps them in-page
-        page = page.replace("<head>", '<head>\n<base href="about:srcdoc">', 1)
-        return (f'<iframe sandbox="allow-scripts" title="{html.escape(self.name)}" '
-                f'style="width: 100%; height: {IFRAME_HEIGHT}; border: 1px solid #d0d7de" '
-                f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
