@@ -19,7 +19,7 @@ SPIKE_WINDOW = 20  # previous values in the running median and MAD
 SPIKE_FACTOR = 2.0  # a spike is above this factor x the running median ...
 SPIKE_MADS = 6.0  # ... by more than this many robust SDs (1.4826 x MAD) ...
 SPIKE_MIN_RISE = 0.1  # ... and by at least this fraction of the loss at the start
-GRAD_SPIKE_FACTOR = 5.0  # minibatch gradient norms vary 2-2.5x from step to step: a gradient spike is 5x
+GRAD_SPIKE_FACTOR = 10.0  # minibatch gradient norms move 2-2.5x from step to step, early training 5x within 20 steps
 MIN_HISTORY = 5  # finite previous values a threshold needs
 MIN_PERIODS = 5  # finite values a running band needs
 

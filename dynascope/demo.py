@@ -19,7 +19,10 @@ reliability) on the 297 held-out digits every 25 steps, the gradient noise
 scale B_simple (8 micro-batches of the probe batch) every 50 steps, and a 2D
 loss landscape with the trajectory at the end. The BatchNorm runs also record
 their batch against running statistics (default probe) and the train/eval loss
-gap every 100 steps.
+gap every 100 steps. The plain run carries an injected fault: at step 400 the
+gradient of block 2 is multiplied by 1000 for one step (a bad batch in one
+layer), so the always-on sentinel records an event and the report opens with
+its forensics.
 """
 
 from __future__ import annotations
@@ -44,13 +47,16 @@ class DemoConfig:
     weight_decay: float
     lr: float = 0.05
     momentum: float = 0.9
+    fault_at: int | None = None  # a one-step fault: this block's gradient is multiplied by FAULT_FACTOR
+    fault_block: str = "2"
 
 
+FAULT_FACTOR = 1000.0  # the injected fault of the plain run (a bad batch in one layer), for the forensics section
 HELD_OUT = 1500  # the first 1500 shuffled digits train, the other 297 measure calibration
 
 CONFIGS = (
     DemoConfig("batchnorm-sgd-wd", batchnorm=True, weight_decay=5e-4),
-    DemoConfig("plain-sgd", batchnorm=False, weight_decay=0.0),
+    DemoConfig("plain-sgd", batchnorm=False, weight_decay=0.0, fault_at=400),
     DemoConfig("batchnorm-sgd", batchnorm=True, weight_decay=0.0),
 )
 
@@ -114,6 +120,9 @@ def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> P
                 loss = loss_fn(logits, y[idx])
                 opt.zero_grad()
                 loss.backward()
+                if step == cfg.fault_at:  # the injected fault: one block's gradient x FAULT_FACTOR for one step
+                    for p in model[int(cfg.fault_block)].parameters():
+                        p.grad.mul_(FAULT_FACTOR)
                 opt.step()
                 acc = (logits.argmax(1) == y[idx]).float().mean()
                 run.step(loss=loss, acc=acc)

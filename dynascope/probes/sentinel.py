@@ -14,7 +14,7 @@ host without blocking (pinned memory and an event on CUDA) and read one step
 later. Events are detected on the host from those late values: a loss spike
 (the rule of :func:`spike_threshold`: above twice the running median of the
 previous values, by more than 6 robust SDs, and by at least 10% of the starting
-loss), a global-gradient-norm spike (the same rule, 5x the running median:
+loss), a global-gradient-norm spike (the same rule, 10x the running median:
 minibatch gradient norms move 2-2.5x from step to step), a non-finite loss or
 gradient norm. The sentinel judges a value only once SPIKE_WINDOW (20) finite
 values precede it: the first steps of training are not compared with an
