@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_overhead  # noqa: E402
 from bench_overhead import setups, train_steps  # noqa: E402
 
 import dynascope  # noqa: E402
@@ -47,13 +48,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="5 repeats of 10 steps")
     ap.add_argument("--opt-in", action="store_true", help="also time the distance and spectral probes")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time, robust to other processes on a shared machine (use with --threads 1)")
     args = ap.parse_args()
+    if args.clock == "cpu":
+        import time
+
+        bench_overhead.CLOCK = time.process_time
     if args.quick:
         args.steps, args.repeats = 10, 5
     torch.set_num_threads(args.threads)
     variants = dict(VARIANTS, **(OPT_IN if args.opt_in else {}))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
-          f"{args.repeats} interleaved repeats of {args.steps} steps; ratio = median of probed / plain block time")
+          f"{args.clock} clock; {args.repeats} interleaved repeats of {args.steps} steps; "
+          "ratio = median of probed / plain block time")
     tmp = Path(tempfile.mkdtemp(prefix="dynascope-bn-bench-"))
     try:
         for every in (1, 10):
