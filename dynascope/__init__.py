@@ -10,6 +10,10 @@ Wrap a training loop in :func:`probe`, read the run back with
             run.step(loss=loss)
     dynascope.report(["runs/exp1"], "report.html")
 
+In a notebook a run shows itself (``load_run(path)`` as the cell's value),
+``figures()`` lists the report's figures and ``figure(name, runs)`` returns one
+as a matplotlib Figure.
+
 The diagnostics (Hessian, landscapes, plasticity) and the scheduled
 diagnostics that run them during training are imported on first use, so
 ``import dynascope`` stays light.

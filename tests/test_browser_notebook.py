@@ -72,6 +72,9 @@ def test_notebook_output_in_browser(tmp_path):
             return _raw(br, "Runtime.evaluate", {"expression": expr, "returnByValue": True}, session)["result"].get(
                 "value")
 
+        ARTIFACTS.mkdir(exist_ok=True)
+        time.sleep(1.0)  # let the out-of-process frame paint
+        br.screenshot(ARTIFACTS / "notebook-inline.png")
         inner = in_frame("""({href: location.href, figures: document.querySelectorAll('figure.fig').length,
             toggles: document.querySelectorAll('input.runtoggle').length,
             h1: document.querySelector('h1').textContent})""")
@@ -81,8 +84,6 @@ def test_notebook_output_in_browser(tmp_path):
         in_frame("document.querySelector('ul.findings a').click(); 1")
         time.sleep(1.0)
         after = in_frame("({href: location.href, y: window.scrollY})")
-        ARTIFACTS.mkdir(exist_ok=True)
-        br.screenshot(ARTIFACTS / "notebook-inline.png")
         problems = br.problems()
     finally:
         br.close()
