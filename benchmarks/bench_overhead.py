@@ -243,6 +243,8 @@ def main() -> None:
     ap.add_argument("--mem-steps", type=int, default=2000)
     ap.add_argument("--only", default=None, help="substring of one model name")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--everies", type=int, nargs="+", default=[1, 10],
+                    help="recording intervals to measure (10**9: only the always-on sentinel records)")
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="also measure dynascope at this git revision, interleaved in one process (before/after)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -268,10 +270,11 @@ def main() -> None:
                 continue
             big = name.startswith("~50M")
             r = measure(factory, 5 if big else args.steps, 3 if big else args.repeats,
-                        workdir=tmp / name.replace(" ", "_").replace("/", ""), variants=variants)
+                        workdir=tmp / name.replace(" ", "_").replace("/", ""), variants=variants,
+                        everies=tuple(args.everies))
             rows.append((name, r))
             cols = "  ".join(f"{v}every={e} {r[f'{v}every={e}']:.3f}x ({r[f'{v}every={e} (sum)']:.3f}x)"
-                             for v in variants for e in (1, 10))
+                             for v in variants for e in args.everies)
             print(f"{name:40s} {r['params'] / 1e6:7.2f}M params  plain {r['plain_ms']:8.1f} ms/step  {cols}",
                   flush=True)
             if big:

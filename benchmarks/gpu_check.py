@@ -131,14 +131,16 @@ def main() -> None:
         timed_steps(kind, None, 20, counts)
         timed_steps(kind, 1, 20, counts)
         timed_steps(kind, 10, 20, counts)
+        timed_steps(kind, 10**9, 20, counts)
         print(f"{kind}: synchronising calls in 20 steps without flush: baseline={counts[0]} "
-              f"every=1: {counts[1]} every=10: {counts[2]}")
+              f"every=1: {counts[1]} every=10: {counts[2]} sentinel only (every=10**9): {counts[3]}")
         base: list[float] = []
-        times: dict[str, list[float]] = {f"{v}every={e}": [] for v in variants for e in (1, 10)}
+        everies = (1, 10, 10**9)  # 10**9: only the always-on sentinel
+        times: dict[str, list[float]] = {f"{v}every={e}": [] for v in variants for e in everies}
         for _ in range(args.repeats):
             base.append(timed_steps(kind, None, 50))
             for v, m in variants.items():
-                for e in (1, 10):
+                for e in everies:
                     times[f"{v}every={e}"].append(timed_steps(kind, e, 50, mod=m))
         b = statistics.median(base)
         cols = ", ".join(f"{k}: {statistics.median(t) / b:.3f}x" for k, t in times.items())

@@ -332,7 +332,9 @@ def test_module_filter_and_probe_subset(tmp_path):
     torch.manual_seed(0)
     model = ConvNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with dynascope.probe(model, opt, tmp_path / "r", every=1, probes=("activations",), modules=nn.Conv2d) as run:
+    # sentinel=False: the always-on sentinel would add its update.norm rows (tests/test_sentinel.py)
+    with dynascope.probe(model, opt, tmp_path / "r", every=1, probes=("activations",), modules=nn.Conv2d,
+                         sentinel=False) as run:
         for x, y in conv_batches(2):
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()

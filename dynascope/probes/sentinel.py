@@ -92,7 +92,9 @@ class Sentinel:
         self._gsq = torch.zeros(n, dtype=torch.float32, device=device)
         self._usq = torch.zeros(n, dtype=torch.float32, device=device)
         self._owned: dict[int, list[int]] = {}
-        self._snap: dict[int, list[torch.Tensor]] = {}
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._snap: dict[tuple[int, tuple[int, ...]], tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
+        self._last_snap: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
         pinned = device.type == "cuda"
         self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
         self._pending: deque[tuple[int, torch.Tensor, Any, bool]] = deque()
@@ -110,31 +112,44 @@ class Sentinel:
                                                 else self.ctx.owned_by(optimizer, self.params))
         return hit
 
+    def _index(self, idx: list[int]) -> torch.Tensor:
+        """``idx`` as a device tensor, built once (indexing with a Python list copies it to the device
+        from pageable memory at every call: a host synchronisation on CUDA)."""
+        key = tuple(idx)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            if len(self._index_cache) > 16:
+                self._index_cache.clear()
+            hit = self._index_cache[key] = torch.tensor(idx, dtype=torch.long, device=self.device)
+        return hit
+
     # -- every step ------------------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         idx = [i for i in self._owned_by(optimizer) if self.params[i][1].grad is not None]
         if not idx:
             return
-        with torch.no_grad():
-            norms = torch._foreach_norm([self.params[i][1].grad.detach() for i in idx])  # type: ignore[union-attr]
-            self._gsq[idx] = torch.stack(norms).float().square()
+        with torch.no_grad():  # .grad tensors need no detach; parameters need none under no_grad
+            norms = torch._foreach_norm([self.params[i][1].grad for i in idx])  # type: ignore[misc]
+            self._gsq.index_copy_(0, self._index(idx), torch.stack(norms).float().square())
             if self.updates and optimizer is not None:
-                ps = [self.params[i][1].detach() for i in idx]
-                snap = self._snap.get(id(optimizer))
-                if snap is None or len(snap) != len(ps) or any(a.shape != b.shape for a, b in zip(snap, ps)):
-                    snap = self._snap[id(optimizer)] = [torch.empty_like(p) for p in ps]
-                torch._foreach_copy_(snap, ps)
-                self._snap_idx = getattr(self, "_snap_idx", {})
-                self._snap_idx[id(optimizer)] = idx
+                key = (id(optimizer), tuple(idx))
+                hit = self._snap.get(key)
+                if hit is None:
+                    if len(self._snap) > 8:
+                        self._snap.clear()
+                    ps = [self.params[i][1] for i in idx]
+                    hit = self._snap[key] = (ps, [torch.empty_like(p) for p in ps], idx)
+                torch._foreach_copy_(hit[1], hit[0])
+                self._last_snap[id(optimizer)] = hit
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        snap = self._snap.get(id(optimizer))
-        idx = getattr(self, "_snap_idx", {}).get(id(optimizer))
-        if snap is None or not idx:
+        hit = self._last_snap.pop(id(optimizer), None)
+        if hit is None:
             return
+        ps, snap, idx = hit
         with torch.no_grad():
-            torch._foreach_sub_(snap, [self.params[i][1].detach() for i in idx])  # w_t - w_{t+1}
-            self._usq[idx] = torch.stack(torch._foreach_norm(snap)).float().square()
+            torch._foreach_sub_(snap, ps)  # w_t - w_{t+1}
+            self._usq.index_copy_(0, self._index(idx), torch.stack(torch._foreach_norm(snap)).float().square())
 
     def end_step(self, step: int, loss: Any) -> list[SentinelEvent]:
         """Write this step's row into the ring buffer and detect events from the values of earlier
@@ -213,13 +228,13 @@ class Sentinel:
             r = ring[s % self.window]
             rows.append((s, "grad.global_norm", "", float(r[1])))
             rows += [(s, "grad.norm", name, float(v)) for name, v in zip(self.modules, r[2:2 + m])]
-            if self.updates:
+            if self.updates and self.ctx.optimizers:
                 rows += [(s, "update.norm", name, float(v)) for name, v in zip(self.modules, r[2 + m:])]
         return rows
 
     def update_rows(self, step: int) -> list[tuple[int, str, str, torch.Tensor]]:
         """The decimated summary of a recording step: ``update.norm`` per module (device values)."""
-        if not self.updates or not self.modules:
+        if not self.updates or not self.modules or not self.ctx.optimizers:  # no optimizer: no update to measure
             return []
         m = len(self.modules)
         row = self.ring[step % self.window]
