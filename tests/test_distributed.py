@@ -96,7 +96,8 @@ def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int =
            after_backward=None) -> dict:
     opt = _optimizer(opt_kind, model)
     FINISHED.clear()
-    with dynascope.probe(model, opt, run_dir, every=1, flush_every=2, all_params=True,
+    # sentinel=False: the sentinel is off under torch.distributed, so the one-process reference leaves it out too
+    with dynascope.probe(model, opt, run_dir, every=1, flush_every=2, all_params=True, sentinel=False,
                          probes=("activations", "gradients", "updates", AllKinds())) as run:
         for x, y in _data():
             loss = ((model(x[lo:hi]) - y[lo:hi]) ** 2).mean()
@@ -256,7 +257,7 @@ def test_fsdp2_sharded_run_equals_global_batch_on_one_process(spawned, tmp_path)
 def test_activation_moments_merge_exactly_with_unequal_batches(spawned, tmp_path):
     out, _ = spawned
     m = _model()
-    with dynascope.probe(m, None, tmp_path / "single", every=1, probes=("activations",)) as run:
+    with dynascope.probe(m, None, tmp_path / "single", every=1, probes=("activations",), sentinel=False) as run:
         for x, _ in _data()[:2]:
             m(x)
             run.step()

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import dynascope
-from dynascope.analyze import analyze
+from dynascope.analyze import AnalyzeOptions, analyze
 from dynascope.reports import html as html_mod
 from dynascope.reports.catalog import FigureDataError
 from dynascope.reports.figures import REGISTRY, all_figures, register
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _model() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 10))
+    return nn.Sequential(nn.Linear(64, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+                         nn.Linear(24, 10))
 
 
 def _train(run_dir: Path, *, steps: int, extra: dict, ckpt_dir: Path | None = None) -> Path:
@@ -70,11 +71,16 @@ def runs(tmp_path_factory) -> list[dynascope.RunData]:
                                       spectrum=True, spectrum_iter=15, layers=True),
         plasticity=dynascope.Plasticity(every=10, batch=batch),
         landscape=dynascope.Landscape(at="end", batch=batch, loss_fn=ce, resolution=5),
+        probes=("activations", "gradients", "updates", "batchnorm", "distance", "spectral"),
+        scheduled=[dynascope.Calibration(every=10, batch=batch),
+                   dynascope.NoiseScale(every=10, batch=batch, loss_fn=ce, micro_batches=4),
+                   dynascope.Collapse(every=10, batch=batch), dynascope.BNGap(every=10, batch=batch, loss_fn=ce)],
     ))
     line = _train(d / "line", steps=6, extra=dict(
         landscape=dynascope.Landscape(at="end", batch=batch, loss_fn=ce, resolution=5, dims=1, trajectory=False,
                                       interpolation=False)))
-    analyze([ckpts], _model(), d / "analyzed")
+    analyze([ckpts], _model(), d / "analyzed", loss_fn=ce, data=[batch],
+            options=AnalyzeOptions(scores=["el2n", "grand"]))
     return [dynascope.load_run(p) for p in (full, line, d / "analyzed")]
 
 

@@ -97,7 +97,8 @@ class Sentinel:
         self._last_snap: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
         pinned = device.type == "cuda"
         self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
-        self._pending: deque[tuple[int, torch.Tensor, Any, bool]] = deque()
+        self._host_np = [h.numpy() for h in self._host]  # views: read without a torch call per step
+        self._pending: deque[tuple[int, np.ndarray, Any, bool]] = deque()
         self._losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self._gnorms: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self._start_loss = math.nan
@@ -181,7 +182,7 @@ class Sentinel:
                 host.copy_(row)
                 ev = None
         self._steps.append(step)
-        self._pending.append((step, host, ev, loss is not None))
+        self._pending.append((step, self._host_np[step % _HOST_SLOTS], ev, loss is not None))
         new: list[SentinelEvent] = []
         # read what has arrived, never the row just written (no wait on the device)
         while self._pending and (len(self._pending) > 1 or self._pending[0][2] is None):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter
 from matplotlib.transforms import blended_transform_factory
 
 from ...store import RunData
@@ -69,14 +70,15 @@ def finish(fig: Figure, rows: int = 1, cols: int = 1, *, legend: bool = True, le
                         hspace=hgap / ax_h, wspace=wgap / ax_w)
 
 
-def _plain_log_formatter(minor: bool):
-    """LogFormatter's choice of which ticks to label, printed as plain numbers (0.02, 1e-05)."""
-    from matplotlib.ticker import LogFormatter
+class PlainLogFormatter(LogFormatter):
+    """LogFormatter's choice of which ticks to label, printed as plain numbers (0.02, 1e-05). At module
+    level so a figure pickles (a notebook's figure cache, multiprocessing)."""
 
-    class PlainLogFormatter(LogFormatter):
-        def __call__(self, x: float, pos: int | None = None) -> str:
-            return f"{x:g}" if super().__call__(x, pos) else ""
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
 
+
+def _plain_log_formatter(minor: bool) -> PlainLogFormatter:
     return PlainLogFormatter(labelOnlyBase=not minor, minor_thresholds=(2, 2))  # label 2 and 5 up to 2 decades
 
 

@@ -44,7 +44,8 @@ def _wide(ax) -> bool:
 
 
 @figure("calibration", section=SECTION, title="Calibration against step: ECE, NLL and accuracy",
-        source="Guo et al. 2017, On Calibration of Modern Neural Networks, Fig. 3", order=600)
+        source="Guo et al. 2017, On Calibration of Modern Neural Networks, Fig. 3", order=600,
+        metrics=("calibration.ece", "calibration.nll"), recorded_by='dynascope.Calibration(every=N, batch=(x, y))')
 def calibration_curves(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "calibration.ece")]
     if not have:
@@ -84,7 +85,8 @@ def calibration_curves(runs: Sequence[RunData]) -> Figure | None:
 
 @figure("calibration_reliability", section=SECTION,
         title="Reliability diagrams at the first and last recorded step",
-        source="Guo et al. 2017, Fig. 1 (reliability diagrams)", order=610)
+        source="Guo et al. 2017, Fig. 1 (reliability diagrams)", order=610,
+        metrics=("calibration.reliability",), recorded_by='dynascope.Calibration(every=N, batch=(x, y))')
 def reliability_diagrams(runs: Sequence[RunData]) -> Figure | None:
     colors = run_colors(runs)
     have = [(i, r, st) for i, r in enumerate(runs) if (st := _artifact_steps(r, "calibration.reliability"))]

@@ -35,7 +35,8 @@ def _where(have: Sequence[tuple[int, RunData]], layer: str) -> str:
 
 
 @figure("neural_collapse", section="Neural collapse", title="Neural collapse against step: NC1, equinorm, "
-        "equiangularity", source="Papyan, Han and Donoho 2020, PNAS, Figs. 2, 3 and 6", order=630)
+        "equiangularity", source="Papyan, Han and Donoho 2020, PNAS, Figs. 2, 3 and 6", order=630,
+        metrics=("collapse.nc1",), recorded_by='dynascope.Collapse(every=N, batch=(x, y))')
 def collapse_figure(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "collapse.nc1")]
     if not have:

@@ -113,7 +113,8 @@ def _panels(
 
 # ----------------------------------------------------------------------------- BatchNorm
 @figure("bn_mean_shift", section=BN_SECTION, title="Batch mean against running mean, per BatchNorm layer",
-        source="Ioffe 2017, Batch Renormalization; Schneider et al. 2020, test-time BN adaptation", order=230)
+        source="Ioffe 2017, Batch Renormalization; Schneider et al. 2020, test-time BN adaptation", order=230,
+        metrics=("bn.mean_shift",), recorded_by='the "batchnorm" probe (default) on a model with BatchNorm')
 def bn_mean_shift(runs: Sequence[RunData]) -> Figure | None:
     out = _panels(runs, "bn.mean_shift", ylabel="mean shift (running sd)")
     if out is None:
@@ -128,7 +129,8 @@ def bn_mean_shift(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("bn_var_ratio", section=BN_SECTION, title="Batch variance over running variance, per BatchNorm layer",
-        source="Ioffe 2017, Batch Renormalization; Yao et al. 2021 / Shen et al. 2020, PowerNorm", order=232)
+        source="Ioffe 2017, Batch Renormalization; Yao et al. 2021 / Shen et al. 2020, PowerNorm", order=232,
+        metrics=("bn.var_ratio",), recorded_by='the "batchnorm" probe (default) on a model with BatchNorm')
 def bn_var_ratio(runs: Sequence[RunData]) -> Figure | None:
     ref = Line2D([], [], color="gray", linestyle="--", label="ratio 1 (running = batch)")
 
@@ -150,7 +152,8 @@ def bn_var_ratio(runs: Sequence[RunData]) -> Figure | None:
 
 
 @figure("bn_gap", section=BN_SECTION, title="Loss with running statistics minus loss with batch statistics",
-        source="train/eval discrepancy of BatchNorm (Ioffe 2017; Summers and Dinneen 2020)", order=236)
+        source="train/eval discrepancy of BatchNorm (Ioffe 2017; Summers and Dinneen 2020)", order=236,
+        metrics=("bn.train_eval_gap",), recorded_by='dynascope.BNGap(every=N, batch=(x, y), loss_fn=...)')
 def bn_gap(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "bn.train_eval_gap")]
     if not have:
@@ -209,7 +212,8 @@ def _log_fit(s: np.ndarray, v: np.ndarray) -> tuple[float, float, float] | None:
 
 
 @figure("distance_init", section=WEIGHT_SECTION, title="Distance from initialisation against log step",
-        source="Hoffer, Hubara and Soudry 2017, Train longer, generalize better (Fig. 2)", order=192)
+        source="Hoffer, Hubara and Soudry 2017, Train longer, generalize better (Fig. 2)", order=192,
+        metrics=("weight.distance_init",), recorded_by='probes=(..., "distance")')
 def distance_init(runs: Sequence[RunData]) -> Figure | None:
     fits: list[str] = []
     fit_handle = Line2D([], [], color="gray", linestyle=":", linewidth=1.5, label="fit a + b log(t)")
@@ -243,7 +247,8 @@ def distance_init(runs: Sequence[RunData]) -> Figure | None:
 
 # ----------------------------------------------------------------------------- spectral norms
 @figure("spectral_norm", section=WEIGHT_SECTION, title="Spectral norm of each weight matrix against step",
-        source="Miyato et al. 2018, Spectral Normalization; Bernstein and Newhouse 2024", order=194)
+        source="Miyato et al. 2018, Spectral Normalization; Bernstein and Newhouse 2024", order=194,
+        metrics=("weight.spectral_norm",), recorded_by='probes=(..., "spectral")')
 def spectral_norm(runs: Sequence[RunData]) -> Figure | None:
     out = _panels(runs, "weight.spectral_norm", ylabel="sigma_max(W)", logy=True)
     if out is None:
@@ -257,7 +262,8 @@ def spectral_norm(runs: Sequence[RunData]) -> Figure | None:
 
 @figure("update_spectral_norm", section=WEIGHT_SECTION,
         title="Spectral norm of the update (RMS-to-RMS operator norm) against step",
-        source="Bernstein and Newhouse 2024, Old Optimizer, New Norm; Large et al. 2024, modular norm", order=196)
+        source="Bernstein and Newhouse 2024, Old Optimizer, New Norm; Large et al. 2024, modular norm", order=196,
+        metrics=("update.spectral_norm", "update.rms_to_rms"), recorded_by='probes=(..., "spectral")')
 def update_spectral_norm(runs: Sequence[RunData]) -> Figure | None:
     spec = Line2D([], [], color="gray", linestyle=":", label="sigma_max(update), raw")
 

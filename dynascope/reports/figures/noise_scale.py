@@ -56,7 +56,9 @@ def smoothed_noise_scale(run: RunData, window: int = WINDOW) -> tuple[np.ndarray
 @figure("gradient_noise_scale", section="Gradient noise scale",
         title="Gradient noise scale B_simple against step, with the batch size",
         source="McCandlish et al. 2018, An Empirical Model of Large-Batch Training (appendix A estimators)",
-        order=150)
+        order=150,
+        metrics=("gns.simple", "gns.grad_sq", "gns.trace_cov"),
+        recorded_by="dynascope.NoiseScale(every=N, batch=..., loss_fn=...)")
 def noise_scale_figure(runs: Sequence[RunData]) -> Figure | None:
     have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "gns.grad_sq")]
     if not have:

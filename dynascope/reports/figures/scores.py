@@ -33,7 +33,8 @@ def _steps(run: RunData, name: str) -> list[int]:
 
 
 @figure("example_scores", section="Example difficulty", title="Example difficulty scores per checkpoint",
-        source="Paul, Ganguli and Dziugaite 2021, Deep Learning on a Data Diet (EL2N and GraNd)", order=640)
+        source="Paul, Ganguli and Dziugaite 2021, Deep Learning on a Data Diet (EL2N and GraNd)", order=640,
+        metrics=("scores.el2n", "scores.grand"), recorded_by='dynascope analyze CKPTS --data ... --scores el2n grand')
 def scores_figure(runs: Sequence[RunData]) -> Figure | None:
     kinds = [(k, label) for k, label in KINDS if any(_data.has(r, f"scores.{k}") for r in runs)]
     if not kinds:
