@@ -185,8 +185,10 @@ def test_injected_fault_layer_ranks_first(fault_run):
     assert top["module"] == layer and top["first_step"] == 40
     # update.norm: the sentinel's every-step module update norm; update.relative: the update probe's
     assert top["metric"] in ("update.norm", "update.relative") and top["ratio"] > 10 and top["lead"] >= 1
-    # every other module that moved did so later (the effect, one step after the cause)
-    assert (tab["first_step"].iloc[1:] > 40).all()
+    # every other module that moved did so later (the effect, one step after the cause); the faulty layer's
+    # parent modules (the sentinel's update.norm of "0" holds "0.linear") move with it
+    others = tab[~tab["module"].map(lambda m: layer == m or layer.startswith(m + "."))]
+    assert (others["first_step"] > 40).all()
 
 
 def test_report_opens_with_forensics_of_the_event(fault_run, tmp_path):
