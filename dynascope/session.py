@@ -461,7 +461,8 @@ class Session:
             if self.store is not None:
                 self.store.write_artifact(name, step, arrays, meta)
 
-        ctx = ScheduledContext(self.model, self.optimizer, step, final, log_fn, artifact_fn)
+        ctx = ScheduledContext(self.model, self.optimizer, step, final, log_fn, artifact_fn,
+                               optimizers=list(self.optimizers))
         try:
             with preserved_state(self.model), torch.enable_grad():
                 if close:
@@ -587,8 +588,11 @@ def probe(
 ) -> Session:
     """Record a training run. Use as ``with dynascope.probe(model, opt, "runs/x") as run: ... run.step(loss=loss)``.
 
+    ``optimizer``: one optimizer, a sequence of them, or None.
     Options (keywords): ``probes`` (subset of ``("activations", "gradients",
-    "updates")`` and/or Probe instances), ``modules`` (type, glob pattern,
+    "updates", "batchnorm")`` (the default), the opt-in ``"distance"`` and
+    ``"spectral"``, and/or Probe instances), ``sentinel`` (True: every-step norms
+    and events, see :class:`dynascope.Sentinel`; False: off), ``modules`` (type, glob pattern,
     list or predicate selecting modules), ``all_params`` (also 1-D
     parameters in weight/update metrics), ``curvature`` / ``landscape`` /
     ``plasticity`` / ``scheduled`` (periodic diagnostics), ``resume`` /

@@ -139,3 +139,34 @@ def test_muon_plus_adamw(tmp_path):
     cov = data.coverage().set_index(["kind", "name"])
     assert "no published effective-learning-rate formula for Muon" in cov.loc[("metric", "lr.effective@2.weight"),
                                                                                "reason"]
+
+
+def test_curvature_thresholds_follow_each_layers_own_optimizer(tmp_path):
+    from dynascope.diagnostics.stability import stability_threshold
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    sgd = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam(model[2].parameters(), lr=1e-3)
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+
+    def mse(out, target):
+        return ((out - target) ** 2).mean()
+
+    curv = dynascope.Curvature(every=1, batch=(x, y), loss_fn=mse, k=1, layers=True)
+    with dynascope.probe(model, [sgd, adam], tmp_path / "r", every=1, curvature=curv) as run:
+        for _ in range(2):
+            loss = mse(model(x), y)
+            sgd.zero_grad()
+            adam.zero_grad()
+            loss.backward()
+            sgd.step()
+            adam.step()
+            run.step(loss=loss)
+    data = dynascope.load_run(tmp_path / "r")
+    assert not data.has("hessian.threshold")  # no whole-model threshold with two learning rates
+    thr = data.pivot("hessian.layer_threshold")
+    assert thr["0"].iloc[-1] == pytest.approx(stability_threshold(sgd))  # (2 + 2 beta) / lr
+    assert thr["2"].iloc[-1] == pytest.approx(stability_threshold(adam))
+    assert thr["0"].iloc[-1] == pytest.approx((2 + 2 * 0.9) / 0.1)
+    assert set(data.layers("hessian.layer_eig")) >= {"0", "2"}

@@ -117,12 +117,15 @@ class Curvature(Scheduled):
             for i, v in enumerate(eig.eigenvalues, start=1):
                 ctx.log("hessian.eig", float(v), str(i))
             ctx.log("hessian.eig_converged", float(eig.all_converged))
-        adam = opt is not None and _adam_like(opt)
-        if opt is not None:
+        several = len(ctx.optimizers) > 1
+        adam = opt is not None and _adam_like(opt) and not several
+        if opt is not None and not several:
             try:
                 ctx.log("hessian.threshold", stability_threshold(opt))
             except TypeError:
                 pass  # optimizer without a known threshold: nothing to draw
+        # several optimizers: no whole-model threshold (each parameter follows its own optimizer); the
+        # per-layer sharpness is compared with its own optimizer's threshold (hessian.layer_threshold below)
         want_pre = self.preconditioned is True or (self.preconditioned == "auto" and adam)
         if want_pre:
             if not adam:
@@ -152,6 +155,11 @@ class Curvature(Scheduled):
             n_hvp += ls.n_hvp
             for name, v in zip(ls.names, ls.eigenvalues):
                 ctx.log("hessian.layer_eig", float(v), name)
+            if several:
+                for name in ls.names:
+                    thr = _own_threshold(model, name, ctx.optimizers)
+                    if thr is not None:
+                        ctx.log("hessian.layer_threshold", thr, name)
         if self.spectrum:
             sp = hessian_spectrum(model, self.loss_fn, self.batch, n_runs=self.spectrum_runs,
                                   n_iter=self.spectrum_iter, seed=seed, **self._common())
@@ -163,3 +171,20 @@ class Curvature(Scheduled):
                  "n_runs": int(sp.nodes.shape[0]), "mode": self.mode, "step": int(ctx.step)},
             )
         ctx.log("hessian.n_hvp", float(n_hvp))
+
+
+def _own_threshold(model: Any, name: str, optimizers: list[Any]) -> float | None:
+    """The stability threshold of the optimizer that owns every parameter of module (or parameter)
+    ``name``; None when they belong to several optimizers, to none, or it has no known threshold."""
+    try:
+        ps = list(model.get_submodule(name).parameters())
+    except AttributeError:
+        ps = [model.get_parameter(name)]
+    ids = {id(p) for p in ps}
+    owners = [o for o in optimizers if ids & {id(p) for g in o.param_groups for p in g["params"]}]
+    if len(owners) != 1:
+        return None
+    try:
+        return float(stability_threshold(owners[0]))
+    except TypeError:
+        return None

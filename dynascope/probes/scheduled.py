@@ -39,6 +39,11 @@ class ScheduledContext:
     log_fn: Callable[[str, float, str], None]
     artifact_fn: Callable[[str, dict[str, np.ndarray], dict[str, Any]], None]
     extra: dict[str, Any] = field(default_factory=dict)
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)  # all of them (``optimizer``: the first)
+
+    def __post_init__(self) -> None:
+        if not self.optimizers and self.optimizer is not None:
+            self.optimizers = [self.optimizer]
 
     def log(self, metric: str, value: float, layer: str = "") -> None:
         self.log_fn(metric, float(value), layer)
