@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import dynascope
-from dynascope.probes.sentinel import SPIKE_MIN_RISE, spike_threshold
+from dynascope._robust import SPIKE_MIN_RISE, spike_threshold
 from dynascope.reports.findings import spike_threshold as series_threshold
 
 STEPS = 70

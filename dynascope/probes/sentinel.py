@@ -12,15 +12,19 @@ trainable parameters in memory).
 Nothing synchronises with the host per step: each step's row is copied to the
 host without blocking (pinned memory and an event on CUDA) and read one step
 later. Events are detected on the host from those late values: a loss spike
-(the rule of :func:`spike_threshold`: above twice the running median of the
-previous values, by more than 6 robust SDs, and by at least 10% of the starting
-loss), a global-gradient-norm spike (the same rule, 10x the running median:
-minibatch gradient norms move 2-2.5x from step to step), a non-finite loss or
+(the rule of :func:`dynascope._robust.spike_threshold`: above twice the running
+median of the previous values, by more than 6 robust SDs, and by at least 25%
+of the starting loss, the median of the first 3 losses: minibatch losses near
+zero jump by 10% of it), a global-gradient-norm spike (the same rule, 10x the
+running median: minibatch gradient norms move 2-2.5x from step to step), a
+non-finite loss or
 gradient norm. The sentinel judges a value only once SPIKE_WINDOW (20) finite
 values precede it: the first steps of training are not compared with an
 immature band. On an event the ring buffer's window up to the event is written
 at full resolution, the session records the full probes at every step for the
 next ``burst`` steps, and ``event.<kind>`` / ``event.<kind>.threshold`` rows
+(one per episode: an event within ``burst`` steps of the last one of its kind
+belongs to it)
 record it (:func:`dynascope.forensics.run_events` reads them back). In normal
 operation the sentinel writes ``update.norm`` per module at the recording
 steps only, so the store does not grow per step.
@@ -38,12 +42,13 @@ import numpy as np
 import torch
 
 from .._names import select_modules
-from .._robust import GRAD_SPIKE_FACTOR, SPIKE_MIN_RISE, SPIKE_WINDOW, spike_threshold
+from .._robust import GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
 from .base import ProbeContext
 
 __all__ = ["Sentinel", "SentinelEvent"]
 
 _HOST_SLOTS = 8  # pinned host rows in flight (CUDA)
+START_LOSSES = 3  # the starting loss of the min-rise floor: the median of the first 3 finite losses
 
 
 @dataclass
@@ -105,6 +110,7 @@ class Sentinel:
         self._first_losses: list[float] = []
         self._steps: deque[int] = deque(maxlen=self.window)
         self.events: list[SentinelEvent] = []
+        self._last_event: dict[str, int] = {}
 
     def _owned_by(self, optimizer: torch.optim.Optimizer | None) -> list[int]:
         hit = self._owned.get(id(optimizer))
@@ -191,8 +197,15 @@ class Sentinel:
                 break
             self._pending.popleft()
             new += self._detect(s, float(buf[0]) if has_loss else None, float(buf[1]))
-        self.events += new
-        return new
+        # one episode per kind: an event within `burst` steps of the last one of its kind is part of it
+        fresh = []
+        for e in new:
+            last = self._last_event.get(e.kind)
+            if last is None or e.step - last > max(self.burst, 1):
+                fresh.append(e)
+            self._last_event[e.kind] = e.step
+        self.events += fresh
+        return fresh
 
     def _detect(self, step: int, loss: float | None, gnorm: float) -> list[SentinelEvent]:
         out = []
@@ -201,10 +214,10 @@ class Sentinel:
                 out.append(SentinelEvent(step, "loss_nonfinite", loss, math.nan))
                 self._losses.append(loss)  # in the window, as in the report's rule (then left out)
             else:
-                if len(self._first_losses) < SPIKE_WINDOW:
+                if len(self._first_losses) < START_LOSSES:  # the loss at the start: its first few values
                     self._first_losses.append(loss)
                     self._start_loss = float(np.median(self._first_losses))
-                thr = spike_threshold(np.asarray(self._losses), self._start_loss, SPIKE_MIN_RISE, SPIKE_WINDOW)
+                thr = spike_threshold(np.asarray(self._losses), self._start_loss, SENTINEL_MIN_RISE, SPIKE_WINDOW)
                 if loss > thr:
                     out.append(SentinelEvent(step, "loss_spike", loss, thr))
                 self._losses.append(loss)
