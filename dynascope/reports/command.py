@@ -18,6 +18,7 @@ import datetime as _dt
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,11 +112,13 @@ def _watch(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise UserError(f"--out {str(out)!r} is a directory; give the report file's path")
     figures = [k.strip() for k in args.figures.split(",") if k.strip()] if args.figures else None
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell: still stop
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ctrl-C sets a flag that the loop checks: a KeyboardInterrupt raised inside a garbage-collection callback
+    # is printed and swallowed by Python ("Exception ignored in ..."), and the watcher then never stopped
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     known: dict[str, str | None] = {}
     try:
-        while True:
+        while not stop.is_set():
             t0 = time.monotonic()
             for path in args.runs:
                 st = _status(path)
@@ -143,7 +146,10 @@ def _watch(args: argparse.Namespace) -> int:
                     raise UserError(str(exc)) from None
                 except (OSError, sqlite3.Error) as exc:  # transient (disk full, busy store): try again next time
                     print(f"report not updated: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            time.sleep(max(args.watch - (time.monotonic() - t0), 0.0))
-    except KeyboardInterrupt:
-        print(f"stopped watching; {out} holds the last report", file=sys.stderr)
-        return 0
+            stop.wait(max(args.watch - (time.monotonic() - t0), 0.0))
+    except KeyboardInterrupt:  # a second Ctrl-C before the handler was in place, or from a callee
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"stopped watching; {out} holds the last report", file=sys.stderr)
+    return 0
