@@ -67,7 +67,7 @@ def _float64_var_mean(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Ten
     return y.square_().mean(dims) - m * m, m
 
 
-def _shifted_var_mean(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_var_mean(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (ddof=0) variance and mean over ``dims`` from sums of the data
     shifted by one sample per channel K_c: var = E[(x-K)^2] - E[x-K]^2. The shift
     keeps E[x-K] of the order of the standard deviation, so the difference does
@@ -215,7 +215,7 @@ class ActivationProbe(Probe):
                 elif numel <= _SHIFTED_MIN_NUMEL:
                     var, mean = _float64_var_mean(x, dims)
                 else:
-                    var, mean = _shifted_var_mean(x, dims)
+                    var, mean = shifted_var_mean(x, dims)
             else:  # a 1-D output: a single "example", each entry a channel
                 mean, var = x, torch.zeros_like(x)
             n = float(numel // max(mean.numel(), 1))

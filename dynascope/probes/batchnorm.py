@@ -43,6 +43,7 @@ from .._names import select_modules
 from ..coverage import CoverageRow
 from ..diagnostics._batch import Forward, LossFn, _is_pair
 from ..diagnostics.batchnorm import channel_terms, train_eval_gap
+from .activations import shifted_var_mean
 from .base import Collected, Probe
 from .scheduled import Scheduled, ScheduledContext
 
@@ -62,13 +63,7 @@ def _channel_var_mean(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Ten
     |mean| >> std; Welford's ``var_mean`` is several times slower on the CPU)."""
     if x.device.type != "cpu" or x.numel() <= _SMALL_NUMEL:
         return torch.var_mean(x, dim=dims, correction=0)
-    index = tuple(0 if d in dims else slice(None) for d in range(x.ndim))
-    shift = x[index]
-    shape = [1 if d in dims else -1 for d in range(x.ndim)]
-    y = x - shift.reshape(shape)
-    m = y.mean(dims)
-    y.square_()
-    return y.mean(dims) - m * m, m + shift.reshape(-1)
+    return shifted_var_mean(x, dims)
 
 
 class BatchNormProbe(Probe):
