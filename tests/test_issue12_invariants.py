@@ -10,50 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from test_invariants import Net, assert_identical, make_optimizer  # the invariant tests' model and check
 
 import dynascope
-
-
-class Net(nn.Module):
-    """BatchNorm and dropout (both consume state or RNG during training)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.drop = nn.Dropout(0.3)
-        self.fc1 = nn.Linear(8 * 4 * 4, 32)
-        self.bn1 = nn.BatchNorm1d(32)
-        self.drop2 = nn.Dropout(0.2)
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(F.relu(self.bn(self.conv(x))))
-        h = F.max_pool2d(h, 2).flatten(1)
-        return self.head(self.drop2(F.relu(self.bn1(self.fc1(h)))))
-
-
-def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
-    if kind == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-
-
-def assert_identical(a, b, path="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_identical(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def _train(kind: str, run_dir, steps: int = 9) -> dict:
