@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .probes._groups import is_sharded, local_tensor
 from .probes.base import Collected, checked_finish
 
 __all__ = ["RankReducer", "is_active", "world_size", "rank", "chan_merge", "local_tensor", "is_sharded",
@@ -54,18 +55,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return torch.distributed.get_rank() if is_active() else 0
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2 parameters and gradients), else ``t``."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    """A DTensor with a Shard placement (FSDP2 / fully_shard parameters)."""
-    placements = getattr(t, "placements", None)
-    return bool(placements) and any(type(p).__name__ in ("Shard", "_StridedShard") for p in placements)
 
 
 class LayoutMismatchError(RuntimeError):

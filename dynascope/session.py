@@ -188,7 +188,7 @@ class Session:
         self._dynamo_patch: Any = None
         self.ctx = ProbeContext(model, list(optimizers), self.param_names, modules, self.module_names,
                                 rank=rank(), world=world_size())
-        self._device_buf: list[tuple[int, Collected | torch.Tensor, Collected]] = []
+        self._device_buf: list[tuple[int, torch.Tensor | None, Collected]] = []
         self._host_rows: list[tuple[int, str, str, float]] = []
         self._scalar_buf: list[tuple[int, str, Any]] = []
         self._recorded_since_flush = 0
@@ -401,8 +401,7 @@ class Session:
             for p in self.probes:
                 got = p.collect(s)
                 if got is not None:
-                    # one process: finish at once on the device (no reduction to wait for)
-                    self._device_buf.append((s, got.local_values() if self.reducer is None else got, got))
+                    self._buffer(s, got)
             self._recorded_since_flush += 1
         if self.sentinel is not None:
             self._sentinel_step(s, loss)
@@ -428,15 +427,18 @@ class Session:
             sentinel.before_optimizer_step(None)
         events = sentinel.end_step(step, loss)
         if self._recording:
-            rows = sentinel.update_rows(step)
-            if rows:
-                keys = [(m, lay) for _, m, lay, _ in rows]
-                c = Collected(keys, values=torch.stack([v for *_, v in rows]).clone())
-                self._device_buf.append((step, c.local_values() if self.reducer is None else c, c))
+            norms = sentinel.update_norms(step)
+            if norms is not None:
+                self._buffer(step, norms)
         if events:
             self._host_rows.extend(sentinel.window_rows(max(e.step for e in events)))
             self._host_rows.extend(sentinel.event_rows(events))
             self._burst_until = max(self._burst_until, step + sentinel.burst)
+
+    def _buffer(self, step: int, c: Collected) -> None:
+        """Keep a step's statistics on the device until the flush; in one process finish them at once
+        (no reduction to wait for), under torch.distributed keep the statistics for the reducer."""
+        self._device_buf.append((step, c.local_values() if self.reducer is None else None, c))
 
     def add_listener(self, listener: Any) -> None:
         """Call ``listener(rows)`` with the ``(step, metric, layer, value)`` rows of every
@@ -485,9 +487,9 @@ class Session:
         rows: list[tuple[int, str, str, float]] = list(self._host_rows)
         scalar_tensors = [v for _, _, v in self._scalar_buf if isinstance(v, torch.Tensor)]
         if self.reducer is not None:  # statistics reduced over the ranks, then each probe's finish
-            device_parts = self.reducer.values([c for _, c, _ in self._device_buf], scalar_tensors)
+            device_parts = self.reducer.values([c for _, _, c in self._device_buf], scalar_tensors)
         else:
-            device_parts = [v for _, v, _ in self._device_buf] + [v.reshape(1) for v in scalar_tensors]
+            device_parts = [v for _, v, _ in self._device_buf if v is not None] + [v.reshape(1) for v in scalar_tensors]
         host = _to_host([p.reshape(-1).float() for p in device_parts])
         pos = 0
         for s, _, c in self._device_buf:

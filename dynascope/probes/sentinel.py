@@ -43,7 +43,7 @@ import torch
 
 from .._names import select_modules
 from .._robust import GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
-from .base import ProbeContext
+from .base import Collected, ProbeContext
 
 __all__ = ["Sentinel", "SentinelEvent"]
 
@@ -246,13 +246,14 @@ class Sentinel:
                 rows += [(s, "update.norm", name, float(v)) for name, v in zip(self.modules, r[2 + m:])]
         return rows
 
-    def update_rows(self, step: int) -> list[tuple[int, str, str, torch.Tensor]]:
-        """The decimated summary of a recording step: ``update.norm`` per module (device values)."""
+    def update_norms(self, step: int) -> Collected | None:
+        """The decimated summary of a recording step: ``update.norm`` per module (a copy of the ring
+        buffer's row, which the next ``window`` steps overwrite)."""
         if not self.updates or not self.modules or not self.ctx.optimizers:  # no optimizer: no update to measure
-            return []
+            return None
         m = len(self.modules)
-        row = self.ring[step % self.window]
-        return [(step, "update.norm", name, row[2 + m + k]) for k, name in enumerate(self.modules)]
+        return Collected([("update.norm", name) for name in self.modules],
+                         values=self.ring[step % self.window, 2 + m:].clone())
 
     @staticmethod
     def event_rows(events: Sequence[SentinelEvent]) -> list[tuple[int, str, str, float]]:
