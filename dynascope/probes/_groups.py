@@ -39,6 +39,16 @@ class ShapeGroups:
         self.order = [i for g in self.groups for i in g]
         self.row_shapes = [row_view_shape(params[g[0]].shape) for g in self.groups]
 
+    def to_input_order(self, device: torch.device) -> torch.Tensor | None:
+        """Index that puts per-parameter results concatenated in group order back in the order
+        the parameters were given (None when it already is): ``cat(results)[perm]``."""
+        if self.order == sorted(self.order):
+            return None
+        inv = [0] * len(self.order)
+        for k, i in enumerate(self.order):
+            inv[i] = k
+        return torch.tensor(inv, dtype=torch.long, device=device)
+
     def stack(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One float tensor of shape (G, rows, row_dim) per group (a copy)."""
         out = []

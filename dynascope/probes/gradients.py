@@ -121,12 +121,7 @@ class GradientProbe(Probe):
         # tracked stays in parameter order, the same on every rank; results come out in shape-group order,
         # put back in parameter order (local shapes, and so the groups, can differ between ranks: uneven FSDP2
         # shards)
-        perm = None
-        if groups is not None and groups.order != sorted(groups.order):
-            inv = [0] * len(groups.order)
-            for k, i in enumerate(groups.order):
-                inv[i] = k
-            perm = torch.tensor(inv, dtype=torch.long, device=device)
+        perm = groups.to_input_order(device) if groups is not None else None
         contributes = [lay.contributes[i] for i in tracked]
         keep_row = [lay.contributes[i] and lay.whole[i] for i in tracked]
         plan = {
@@ -173,8 +168,6 @@ class GradientProbe(Probe):
         return dots_t, rmax
 
     def collect(self, step: int) -> Collected | None:
-        if not self.ctx.optimizers:
-            self.before_optimizer_step(None)
         parts, self._parts = self._parts, []
         if not parts:
             return None

@@ -97,12 +97,7 @@ class UpdateProbe(Probe):
             groups = ShapeGroups(lay.local([self.tracked[i][1] for i in idx]))
             ordered = list(idx)  # parameter order, the same on every rank (local shapes and groups may differ)
             device = lay.local([self.tracked[idx[0]][1]])[0].device
-            perm = None
-            if groups.order != sorted(groups.order):
-                inv = [0] * len(groups.order)
-                for k, i in enumerate(groups.order):
-                    inv[i] = k
-                perm = torch.tensor(inv, dtype=torch.long, device=device)
+            perm = groups.to_input_order(device)
             mask = [lay.contributes[i] for i in ordered]
             row_ok = [lay.contributes[i] and lay.whole[i] for i in ordered]
             plan = {"idx": tuple(idx), "ordered": tuple(ordered), "groups": groups, "perm": perm,
