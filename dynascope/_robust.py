@@ -12,8 +12,9 @@ import warnings
 
 import numpy as np
 
-__all__ = ["rolling_band", "series_spike_threshold", "spike_threshold", "SPIKE_WINDOW", "SPIKE_FACTOR",
-           "SPIKE_MADS", "SPIKE_MIN_RISE", "SENTINEL_MIN_RISE", "GRAD_SPIKE_FACTOR", "MIN_HISTORY", "MIN_PERIODS"]
+__all__ = ["rolling_band", "nanmedian_last", "series_spike_threshold", "spike_threshold", "SPIKE_WINDOW",
+           "SPIKE_FACTOR", "SPIKE_MADS", "SPIKE_MIN_RISE", "SENTINEL_MIN_RISE", "GRAD_SPIKE_FACTOR",
+           "MIN_HISTORY", "MIN_PERIODS"]
 
 SPIKE_WINDOW = 20  # previous values in the running median and MAD
 SPIKE_FACTOR = 2.0  # a spike is above this factor x the running median ...
@@ -25,7 +26,7 @@ MIN_HISTORY = 5  # finite previous values a threshold needs
 MIN_PERIODS = 5  # finite values a running band needs
 
 
-def _nanmedian_last(win: np.ndarray, count: np.ndarray) -> np.ndarray:
+def nanmedian_last(win: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Median over the last axis ignoring NaN (``count`` finite values per row): sort (NaN last) and take the
     middle one or two; 10-50x faster than np.nanmedian, which goes through masked arrays."""
     srt = np.sort(win, axis=-1)
@@ -60,8 +61,8 @@ def rolling_band(y: np.ndarray, window: int, *, center: bool = False,
         padded = np.concatenate([np.full((window, y2.shape[1]), np.nan), y2])
     win = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)[:n]  # (n, cols, window)
     count = np.isfinite(win).sum(axis=-1)
-    med = _nanmedian_last(win, count)
-    mad = _nanmedian_last(np.abs(win - med[..., None]), count)
+    med = nanmedian_last(win, count)
+    mad = nanmedian_last(np.abs(win - med[..., None]), count)
     few = count < min_periods
     med[few] = np.nan
     mad[few] = np.nan

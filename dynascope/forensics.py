@@ -136,7 +136,8 @@ def event_rows(events: pd.DataFrame) -> list[tuple[int, str, str, float]]:
 
 
 def run_events(run: str | os.PathLike[str] | RunData, *, detect: bool | None = None) -> pd.DataFrame:
-    """Events of a run: columns step, kind, value, threshold, source.
+    """Events of a run: columns step, kind, value, threshold, source, detail (a warning's drifting signals
+    and modules, None for other events).
 
     The stored ``event.<kind>`` rows (source ``"recorded"``) when the run has any and ``detect`` is not
     True; otherwise :func:`detect_events` on the recorded ``loss`` and ``grad.global_norm`` (source
@@ -167,6 +168,10 @@ def run_events(run: str | os.PathLike[str] | RunData, *, detect: bool | None = N
             grad = pd.Series(gv, index=gs)
         df = detect_events(v, s, grad_norm=grad)
         df["source"] = "detected"
+    marks = run.marks()
+    detail = {(int(r.step), str(r.key)[len(EVENT_PREFIX):]): r.value for r in marks.itertuples(index=False)
+              if str(r.key).startswith(EVENT_PREFIX)}
+    df["detail"] = [detail.get((int(s), str(k))) for s, k in zip(df["step"], df["kind"])]
     return df.sort_values(["step", "kind"], kind="stable").reset_index(drop=True)
 
 

@@ -38,6 +38,7 @@ from .probes.gradients import GradientProbe
 from .probes.optimizer import UpdateProbe
 from .probes.scheduled import Scheduled, ScheduledContext
 from .probes.sentinel import Sentinel
+from .snapshot import Snapshotter
 from .store import ResilientWriter, RunStore, now_iso
 
 __all__ = ["Session", "probe", "PROBES"]
@@ -126,6 +127,7 @@ class Session:
         on_diagnostic_error: str = "warn",
         tensorboard: Any = None,
         sentinel: bool | Sentinel = True,
+        snapshot_every: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -164,6 +166,15 @@ class Session:
         self.sentinel: Sentinel | None = None if sentinel is False or is_active() else (
             sentinel if isinstance(sentinel, Sentinel) else Sentinel())
         self._burst_until = -1
+        self.snapshotter: Snapshotter | None = None
+        if snapshot_every is not None:
+            if sentinel is False:
+                raise ValueError("snapshot_every needs the sentinel (a snapshot is written on the sentinel's events); "
+                                 "drop sentinel=False or snapshot_every")
+            self.snapshotter = Snapshotter(snapshot_every) if self.sentinel is not None else None
+            if self.sentinel is None:
+                warnings.warn("dynascope: snapshot_every is ignored under torch.distributed (the sentinel, whose "
+                              "events write the snapshot, is off there)", RuntimeWarning, stacklevel=2)
         self.writer = _is_rank_zero()
         # under torch.distributed: combines the ranks' statistics at each flush (dynascope.distributed)
         self.reducer: RankReducer | None = RankReducer() if is_active() else None
@@ -243,7 +254,9 @@ class Session:
             "seed": self._seed,
             "every": self.every,
             "sentinel": None if self.sentinel is None else {
-                "window": self.sentinel.window, "burst": self.sentinel.burst, "updates": self.sentinel.updates},
+                "window": self.sentinel.window, "burst": self.sentinel.burst, "updates": self.sentinel.updates,
+                "drift": self.sentinel.drift},
+            "snapshot_every": None if self.snapshotter is None else self.snapshotter.every,
             "probes": [p.name for p in self.probes],
             "scheduled": [type(s).__name__ for s in self.scheduled],
             "modules": self.module_names,
@@ -296,6 +309,8 @@ class Session:
             self._hooks.append(opt.register_step_pre_hook(self._pre_step))
             self._hooks.append(opt.register_step_post_hook(self._post_step))
         self._open = True
+        if self.snapshotter is not None:
+            self.snapshotter.take(self.step_index, self.model, self.optimizers)
         self._set_recording(self._records(self.step_index))
 
     def coverage(self) -> pd.DataFrame:
@@ -411,6 +426,8 @@ class Session:
             for d in due:
                 self._run_scheduled(d, s, final=False)
         self.step_index = s + 1
+        if self.snapshotter is not None and self.snapshotter.due(self.step_index):
+            self.snapshotter.take(self.step_index, self.model, self.optimizers)
         self._set_recording(self._records(self.step_index))
         if self._recorded_since_flush >= self.flush_every or (
             self.reducer is None  # ranks must flush together: no timer under torch.distributed
@@ -434,6 +451,12 @@ class Session:
             self._host_rows.extend(sentinel.window_rows(max(e.step for e in events)))
             self._host_rows.extend(sentinel.event_rows(events))
             self._burst_until = max(self._burst_until, step + sentinel.burst)
+            if self.store is not None:
+                for mark in sentinel.event_marks(events):
+                    self.store.mark(*mark)
+            if self.snapshotter is not None:
+                first = min(events, key=lambda e: e.step)
+                self.snapshotter.write(self.store, first.kind, first.step)
 
     def _buffer(self, step: int, c: Collected) -> None:
         """Keep a step's statistics on the device until the flush; in one process finish them at once
@@ -593,8 +616,11 @@ def probe(
     ``optimizer``: one optimizer, a sequence of them, or None.
     Options (keywords): ``probes`` (subset of ``("activations", "gradients",
     "updates", "batchnorm")`` (the default), the opt-in ``"distance"`` and
-    ``"spectral"``, and/or Probe instances), ``sentinel`` (True: every-step norms
-    and events, see :class:`dynascope.Sentinel`; False: off), ``modules`` (type, glob pattern,
+    ``"spectral"``, and/or Probe instances), ``sentinel`` (True: every-step norms,
+    events and early warnings, see :class:`dynascope.Sentinel`; False: off),
+    ``snapshot_every`` (K: keep the model, optimizer and RNG state of every K-th
+    step in host memory and write it into the run on an event, see
+    :mod:`dynascope.snapshot`), ``modules`` (type, glob pattern,
     list or predicate selecting modules), ``all_params`` (also 1-D
     parameters in weight/update metrics), ``curvature`` / ``landscape`` /
     ``plasticity`` / ``scheduled`` (periodic diagnostics), ``resume`` /

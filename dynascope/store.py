@@ -46,10 +46,10 @@ import re
 import sqlite3
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -285,11 +285,19 @@ class RunStore:
     def write_artifact(self, name: str, step: int, arrays: dict[str, np.ndarray],
                        meta: dict[str, Any] | None = None) -> Path:
         """Save named arrays as ``artifacts/<name>-<step>.npz`` and index them."""
-        fname = f"{_safe_name(name)}-{int(step)}.npz"
+        return self.write_file(name, step, lambda f: np.savez_compressed(
+            f, **{k: np.asarray(v) for k, v in arrays.items()}), ".npz", meta)
+
+    def write_file(self, name: str, step: int, save: Callable[[BinaryIO], Any], suffix: str,
+                   meta: dict[str, Any] | None = None) -> Path:
+        """Write an artifact file with ``save(binary_file)`` as ``artifacts/<name>-<step><suffix>`` (atomic
+        replace) and index it under ``name`` and ``step``."""
+        fname = f"{_safe_name(name)}-{int(step)}{suffix}"
         target = self.path / ARTIFACTS / fname
-        tmp = target.with_suffix(".tmp.npz")
+        tmp = target.with_name(target.name + ".tmp")
         try:
-            np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+            with open(tmp, "wb") as f:
+                save(f)
             os.replace(tmp, target)
         finally:
             if tmp.exists():
@@ -430,10 +438,18 @@ class ResilientWriter:
 
     def write_artifact(self, name: str, step: int, arrays: dict[str, np.ndarray],
                        meta: dict[str, Any] | None = None) -> Path | None:
+        return self._write(self.store.write_artifact, name, step, arrays, meta)
+
+    def write_file(self, name: str, step: int, save: Callable[[BinaryIO], Any], suffix: str,
+                   meta: dict[str, Any] | None = None) -> Path | None:
+        return self._write(self.store.write_file, name, step, save, suffix, meta)
+
+    def _write(self, write: Callable[..., Path], name: str, step: int, *args: Any) -> Path | None:
+        """An artifact write that never raises a storage fault: dropped and counted instead."""
         self._last_step = max(self._last_step, int(step))
         if self._drain():
             try:
-                return self.store.write_artifact(name, step, arrays, meta)
+                return write(name, step, *args)
             except _STORAGE_ERRORS as exc:
                 self._failed(exc)
         self._dropped_artifacts += 1

@@ -84,7 +84,7 @@ def test_detect_events_rejects_mismatched_input():
 def test_events_detected_then_recorded_round_trip(tmp_path):
     run = load_run(make_run(tmp_path / "r", loss_spike_at=120, nan_at=180))
     ev = run.events()
-    assert list(ev.columns) == ["step", "kind", "value", "threshold", "source"]
+    assert list(ev.columns) == ["step", "kind", "value", "threshold", "source", "detail"]
     assert (ev["source"] == "detected").all()
     assert {(120, "loss_spike"), (180, "loss_nonfinite"), (120, "grad_spike")} <= set(zip(ev["step"], ev["kind"]))
     # stored events (the format a sentinel writes) take precedence over detection

@@ -84,7 +84,7 @@ def test_sentinel_quiet_run_has_no_event_and_writes_update_norm_only_at_recordin
     assert steps == list(range(0, STEPS, 10))
     # update.norm = ||w_{t+1} - w_t|| over the module's parameters, against update.relative x weight.norm
     # of its weight when the bias moves little: checked exactly below on a one-step run
-    assert data.meta["sentinel"] == {"window": 64, "burst": 20, "updates": True}
+    assert data.meta["sentinel"] == {"window": 64, "burst": 20, "updates": True, "drift": True}
 
 
 def test_update_norm_is_the_norm_of_the_step(tmp_path):

@@ -43,6 +43,7 @@ import torch
 
 from .._names import select_modules
 from .._robust import GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
+from ..drift import DriftDetector
 from .base import Collected, ProbeContext
 
 __all__ = ["Sentinel", "SentinelEvent"]
@@ -54,9 +55,10 @@ START_LOSSES = 3  # the starting loss of the min-rise floor: the median of the f
 @dataclass
 class SentinelEvent:
     step: int
-    kind: str  # loss_spike, loss_nonfinite, grad_spike, grad_nonfinite
+    kind: str  # loss_spike, loss_nonfinite, grad_spike, grad_nonfinite, warning
     value: float
     threshold: float
+    detail: dict[str, Any] | None = None  # warning: the signals that drifted and the modules that moved most
 
 
 class Sentinel:
@@ -65,14 +67,16 @@ class Sentinel:
     ``window``: steps kept in the ring buffer (written at full resolution on an
     event); ``burst``: steps recorded with every probe after an event;
     ``updates``: also the per-module update norm (costs a copy of the trainable
-    weights per step and their memory)."""
+    weights per step and their memory); ``drift``: the early warning, a CUSUM drift
+    detector on the loss and the norms (:mod:`dynascope.drift`) that raises a
+    ``warning`` event."""
 
-    def __init__(self, window: int = 64, burst: int = 20, updates: bool = True) -> None:
+    def __init__(self, window: int = 64, burst: int = 20, updates: bool = True, drift: bool = True) -> None:
         if not isinstance(window, int) or window < 2:
             raise ValueError(f"Sentinel: window must be an integer >= 2, got {window!r}")
         if not isinstance(burst, int) or burst < 0:
             raise ValueError(f"Sentinel: burst must be an integer >= 0, got {burst!r}")
-        self.window, self.burst, self.updates = window, burst, updates
+        self.window, self.burst, self.updates, self.drift = window, burst, updates, drift
 
     # -- set-up --------------------------------------------------------------------------------
     def setup(self, ctx: ProbeContext) -> None:
@@ -111,6 +115,7 @@ class Sentinel:
         self._steps: deque[int] = deque(maxlen=self.window)
         self.events: list[SentinelEvent] = []
         self._last_event: dict[str, int] = {}
+        self._drift = DriftDetector(self.modules, start=SPIKE_WINDOW) if self.drift else None
 
     def _owned_by(self, optimizer: torch.optim.Optimizer | None) -> list[int]:
         hit = self._owned.get(id(optimizer))
@@ -197,10 +202,20 @@ class Sentinel:
                 break
             self._pending.popleft()
             new += self._detect(s, float(buf[0]) if has_loss else None, float(buf[1]))
-        # one episode per kind: an event within `burst` steps of the last one of its kind is part of it
+            if self._drift is not None:
+                row = buf.astype(np.float64)
+                if not has_loss:
+                    row[0] = np.nan
+                d = self._drift.update(s, row)
+                if d is not None:
+                    new.append(SentinelEvent(s, "warning", d.statistic, d.threshold,
+                                             {"signals": d.signals, "modules": d.modules}))
+        # one episode per kind: an event within `burst` steps of the last one of its kind is part of it;
+        # a warning within `burst` steps of any event says nothing new
         fresh = []
         for e in new:
-            last = self._last_event.get(e.kind)
+            kinds = self._last_event.values() if e.kind == "warning" else [self._last_event.get(e.kind)]
+            last = max((k for k in kinds if k is not None), default=None)
             if last is None or e.step - last > max(self.burst, 1):
                 fresh.append(e)
             self._last_event[e.kind] = e.step
@@ -254,6 +269,11 @@ class Sentinel:
         m = len(self.modules)
         return Collected([("update.norm", name) for name in self.modules],
                          values=self.ring[step % self.window, 2 + m:].clone())
+
+    @staticmethod
+    def event_marks(events: Sequence[SentinelEvent]) -> list[tuple[int, str, Any]]:
+        """``(step, "event.<kind>", detail)`` marks of the events that carry a detail (warnings)."""
+        return [(e.step, f"event.{e.kind}", e.detail) for e in events if e.detail]
 
     @staticmethod
     def event_rows(events: Sequence[SentinelEvent]) -> list[tuple[int, str, str, float]]:

@@ -1,0 +1,212 @@
+"""Replay state: the model, optimizer and RNG state of a recent step, kept in host memory and written
+into the run when the sentinel raises an event.
+
+With ``dynascope.probe(..., snapshot_every=K)`` the session copies, at the start of every K-th step
+(and of the first), the model's ``state_dict``, each optimizer's ``state_dict`` and the random number
+generators' states (torch CPU and CUDA, NumPy's global generator, Python's ``random``) to host memory,
+keeping the last two (an event is read one or more steps late, so the newest copy may postdate it).
+Cost: host memory for two copies of the parameters, buffers and optimizer state (Adam: about 3x the
+parameters each), and one device-to-host copy of them every K steps. On an event the newest copy
+taken at or before the event's step is written as ``artifacts/snapshot-<step>.pt`` (indexed as artifact ``snapshot``),
+once per snapshot.
+
+The files hold only tensors, numbers, strings, lists and dicts: :func:`load_snapshot` reads them with
+``torch.load(weights_only=True)``. :meth:`Snapshot.restore` puts the state back into a model and its
+optimizers; the training loop then replays steps ``snapshot.step, snapshot.step + 1, ...`` (with the
+same batches: the data pipeline's position is the loop's own state) under a new probe with
+``every=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Snapshot", "Snapshotter", "load_snapshot", "snapshots", "rng_state", "set_rng_state"]
+
+ARTIFACT = "snapshot"
+FORMAT = 1
+
+
+def _to_host(obj: Any, pinned: bool) -> Any:
+    """A host copy of ``obj`` (tensors copied, containers rebuilt, other values kept)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type == "cpu":
+            return t.clone()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+        return out.copy_(t, non_blocking=pinned)
+    if isinstance(obj, dict):
+        return {k: _to_host(v, pinned) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v, pinned) for v in obj)
+    return obj
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random generators' states as tensors and numbers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Snapshot:
+    """Model, optimizer and RNG state at the start of training step ``step``."""
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizers: list[dict[str, Any]]
+    rng: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the snapshot holds."""
+        return _nbytes(self.model) + _nbytes(self.optimizers) + _nbytes(self.rng)
+
+    def payload(self) -> dict[str, Any]:
+        return {"format": FORMAT, "step": self.step, "model": self.model, "optimizers": self.optimizers,
+                "rng": self.rng, "meta": self.meta}
+
+    def restore(self, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+                *, rng: bool = True) -> int:
+        """Load the state into ``model`` and ``optimizer`` (one or a sequence, in the order the session
+        had them) and, with ``rng``, the random generators. Returns ``step``: the training step to
+        replay first."""
+        opts = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) \
+            else list(optimizer)
+        if opts and len(opts) != len(self.optimizers):
+            raise ValueError(f"the snapshot holds {len(self.optimizers)} optimizer state(s), "
+                             f"got {len(opts)} optimizer(s)")
+        model.load_state_dict(self.model)
+        for opt, state in zip(opts, self.optimizers):
+            opt.load_state_dict(state)
+        if rng:
+            set_rng_state(self.rng)
+        return self.step
+
+
+class Snapshotter:
+    """Keeps the snapshots of the last two snapshot steps in host memory (an event is seen one or more
+    steps late: the newer one may postdate it) and writes the newest one that precedes an event."""
+
+    def __init__(self, every: int) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"snapshot_every must be a positive integer, got {every!r}")
+        self.every = every
+        self.kept: deque[tuple[Snapshot, Any]] = deque(maxlen=2)  # (snapshot, CUDA event: its copies landed)
+        self._written: set[int] = set()
+
+    @property
+    def last(self) -> Snapshot | None:
+        return self.kept[-1][0] if self.kept else None
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or not self.kept
+
+    def take(self, step: int, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        with torch.no_grad():
+            snap = Snapshot(step, _to_host(model.state_dict(), on_cuda),
+                            [_to_host(o.state_dict(), on_cuda) for o in optimizers], rng_state())
+        ready = None
+        if on_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        self.kept.append((snap, ready))
+
+    def write(self, store: Any, reason: str, event_step: int) -> Path | None:
+        """Write the newest snapshot taken at or before ``event_step`` into the run (once per snapshot);
+        None when there is none, it was written already or the store dropped it."""
+        hit = next(((s, r) for s, r in reversed(self.kept) if s.step <= event_step), None)
+        if hit is None or hit[0].step in self._written or store is None:
+            return None
+        snap, ready = hit
+        if ready is not None:
+            ready.synchronize()
+        self._written.add(snap.step)
+        snap.meta = {"event": reason, "event_step": int(event_step), "nbytes": snap.nbytes}
+        payload = snap.payload()
+        return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
+
+
+def snapshots(run: str | os.PathLike[str] | Any) -> Any:
+    """The snapshots a run wrote: a DataFrame with columns step, event, event_step, nbytes, file."""
+    import pandas as pd
+
+    from .store import RunData
+
+    data = run if isinstance(run, RunData) else RunData(run)
+    df = data.artifacts(ARTIFACT)
+    return pd.DataFrame({"step": df["step"].astype(int),
+                         "event": [m.get("event", "") for m in df["meta"]],
+                         "event_step": [int(m.get("event_step", -1)) for m in df["meta"]],
+                         "nbytes": [int(m.get("nbytes", 0)) for m in df["meta"]],
+                         "file": [str(data.path / "artifacts" / f) for f in df["file"]]})
+
+
+def load_snapshot(run: str | os.PathLike[str] | Any, step: int | None = None, *,
+                  map_location: str | torch.device | None = "cpu") -> Snapshot:
+    """The snapshot a run wrote at ``step`` (default: the last one), read with
+    ``torch.load(weights_only=True)``. ``run``: a run directory, a ``RunData`` or a snapshot file."""
+    path = Path(run) if isinstance(run, (str, os.PathLike)) else None
+    if path is not None and path.is_file():
+        file = path
+    else:
+        table = snapshots(run)
+        if table.empty:
+            raise FileNotFoundError(f"{run!s}: the run wrote no snapshot (record with snapshot_every=K; a snapshot "
+                                    "is written when the sentinel raises an event)")
+        rows = table if step is None else table[table["step"] == step]
+        if rows.empty:
+            raise KeyError(f"no snapshot at step {step}; the run has snapshots at steps "
+                           f"{', '.join(map(str, table['step']))}")
+        file = Path(rows["file"].iloc[-1])
+    try:
+        obj = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: one line naming it
+        raise ValueError(f"{file}: not a readable dynascope snapshot ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a dynascope snapshot (format {FORMAT})")
+    return Snapshot(int(obj["step"]), obj["model"], list(obj["optimizers"]), obj["rng"], dict(obj.get("meta", {})))
