@@ -105,3 +105,25 @@ def test_snapshot_bad_input_and_missing_files(tmp_path):
     torch.save({"a": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="not a dynascope snapshot"):
         load_snapshot(other)
+
+
+def test_the_snapshot_written_is_the_newest_that_precedes_the_event():
+    """An event is read one or more steps late on CUDA: the newest snapshot may postdate it."""
+    from dynascope.snapshot import Snapshotter
+
+    class Store:
+        def __init__(self):
+            self.written = []
+
+        def write_file(self, name, step, save, suffix, meta):
+            self.written.append((name, step, meta["event_step"]))
+
+    model = _model()
+    keeper = Snapshotter(10)
+    for step in (30, 40, 50):
+        keeper.take(step, model, [])
+    store = Store()
+    keeper.write(store, "loss_spike", 47)
+    keeper.write(store, "warning", 48)  # written once per snapshot
+    keeper.write(store, "loss_spike", 20)  # none precedes it (two are kept)
+    assert store.written == [("snapshot", 40, 47)]
