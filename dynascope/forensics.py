@@ -221,9 +221,10 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
     non-finite), ``direction`` (up / down / non-finite), ``z`` (robust SDs from the median), ``value``,
     ``median``, ``lead`` (steps between ``first_step`` and the step at which the loss left its own band,
     positive = before the loss moved), ``layer`` (the recorded layer). One row per module and metric (its
-    earliest, then largest, departure); modules that stayed in their band are left out. Ordered by
-    ``first_step``, then by ratio (largest first), then deeper module first (a parent that holds only the
-    culprit moves with it). ``df.attrs`` holds ``event_step`` and ``loss_step``.
+    earliest rise, or its earliest drop when it never rose); modules that stayed in their band are left
+    out. Rises and non-finite values first, ordered by ``first_step``, then by ratio (largest first),
+    then deeper module first (a parent that holds only the culprit moves with it); drops after them, in
+    the same order (a spike's cause moves up: a minibatch dip of one layer's gradient is not it). ``df.attrs`` holds ``event_step`` and ``loss_step``.
     """
     from .reports import _data
 
@@ -273,7 +274,9 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
             hit = np.flatnonzero(out[:, j])
             if len(hit) == 0:
                 continue
-            i = int(hit[0])
+            with np.errstate(invalid="ignore"):
+                rise = hit[(dev[hit, j] > 0) | ~np.isfinite(xs[hit, j])]
+            i = int(rise[0] if len(rise) else hit[0])  # a module's first rise; a drop only when it never rose
             fin = bool(np.isfinite(xs[i, j]))
             d = float(dev[i, j]) if fin else math.inf
             direction = "non-finite" if not fin else ("up" if d > 0 else "down")
@@ -286,8 +289,11 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
     if len(df):
         df["_depth"] = [m.count(".") + 1 if m else 0 for m in df["module"]]
         df["_neg"] = -df["ratio"]
-        df = df.sort_values(["first_step", "_neg", "_depth"], ascending=[True, True, False], kind="stable")
-        df = df.drop_duplicates(["module", "metric"]).drop(columns=["_depth", "_neg"]).reset_index(drop=True)
+        df["_down"] = df["direction"] == "down"
+        df = df.sort_values(["_down", "first_step", "_neg", "_depth"], ascending=[True, True, True, False],
+                            kind="stable")
+        df = df.drop_duplicates(["module", "metric"]).drop(columns=["_depth", "_neg", "_down"])
+        df = df.reset_index(drop=True)
     df = df.astype({"first_step": np.int64, "lead": np.int64}) if len(df) else df
     df.attrs.update(event_step=step, loss_step=loss_step)
     return df

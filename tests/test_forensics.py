@@ -155,6 +155,30 @@ def test_forensics_ranks_planted_jumps_by_first_step_then_ratio(tmp_path):
         run.forensics(102, min_ratio=0.5)
 
 
+def test_forensics_lists_a_module_s_rise_before_any_drop(tmp_path):
+    """A minibatch dip of one layer's norm before the event is not its cause: rises rank first; a module
+    that dipped and later rose is reported at its rise."""
+    run = _planted(tmp_path)
+    rng = np.random.default_rng(3)
+    rows = []
+    for m, dip, rise in (("aux", 96, None), ("aux2", 95, 101)):
+        v = 0.01 * np.exp(0.05 * rng.standard_normal(120))
+        v[dip] /= 15
+        if rise is not None:
+            v[rise:] *= 4
+        rows += [(int(s), "update.norm", m, float(x)) for s, x in enumerate(v)]
+    store = RunStore(tmp_path / "planted", mode="resume")
+    store.write_scalars(rows)
+    store.close()
+    tab = load_run(tmp_path / "planted").forensics(102)
+    assert tab["module"].iloc[0] == "enc.a"
+    assert tab["direction"].tolist() == ["up", "non-finite", "up", "up", "up", "down"]
+    aux2 = tab[tab["module"] == "aux2"].iloc[0]
+    assert aux2["first_step"] == 101 and aux2["ratio"] == pytest.approx(4.0, rel=0.15)
+    last = tab.iloc[-1]
+    assert last["module"] == "aux" and last["first_step"] == 96 and last["ratio"] == pytest.approx(15, rel=0.15)
+
+
 def test_forensics_ratio_against_an_independent_median(tmp_path):
     run = _planted(tmp_path)
     row = run.forensics(102).iloc[0]
