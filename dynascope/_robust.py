@@ -30,6 +30,9 @@ def nanmedian_last(win: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Median over the last axis ignoring NaN (``count`` finite values per row): sort (NaN last) and take the
     middle one or two; 10-50x faster than np.nanmedian, which goes through masked arrays."""
     srt = np.sort(win, axis=-1)
+    n = win.shape[-1]
+    if n and bool((count == n).all()):  # no NaN anywhere (the usual case): plain slices
+        return 0.5 * (srt[..., (n - 1) // 2] + srt[..., n // 2])
     lo = np.clip((count - 1) // 2, 0, None)[..., None]
     hi = np.clip(count // 2, 0, None)[..., None]
     with warnings.catch_warnings():

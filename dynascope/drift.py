@@ -27,6 +27,7 @@ acceleration (20% a step warns within 8 steps, 10% a step after 50-75).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,10 +123,10 @@ class DriftDetector:
             return False
         half = self.window // 2
         order = (self._n - 1 - np.arange(2 * half)) % self.window  # newest first
-        loss = self._hist[order, 0]
-        if not np.isfinite(loss).all():
+        loss = self._hist[order, 0].tolist()
+        if not all(math.isfinite(v) for v in loss):
             return False
-        return bool(np.median(loss[:half]) < np.median(loss[half:]))
+        return statistics.median(loss[:half]) < statistics.median(loss[half:])
 
 
 def drift_warnings(values: np.ndarray, modules: list[str] | None = None, steps: np.ndarray | None = None,
