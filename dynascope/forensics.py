@@ -224,7 +224,8 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
     earliest rise, or its earliest drop when it never rose); modules that stayed in their band are left
     out. Rises and non-finite values first, ordered by ``first_step``, then by ratio (largest first),
     then deeper module first (a parent that holds only the culprit moves with it); drops after them, in
-    the same order (a spike's cause moves up: a minibatch dip of one layer's gradient is not it). ``df.attrs`` holds ``event_step`` and ``loss_step``.
+    the same order (a spike's cause moves up: a minibatch dip of one layer's gradient is not it).
+    ``df.attrs`` holds ``event_step`` and ``loss_step``.
     """
     from .reports import _data
 

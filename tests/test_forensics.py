@@ -158,7 +158,7 @@ def test_forensics_ranks_planted_jumps_by_first_step_then_ratio(tmp_path):
 def test_forensics_lists_a_module_s_rise_before_any_drop(tmp_path):
     """A minibatch dip of one layer's norm before the event is not its cause: rises rank first; a module
     that dipped and later rose is reported at its rise."""
-    run = _planted(tmp_path)
+    _planted(tmp_path)
     rng = np.random.default_rng(3)
     rows = []
     for m, dip, rise in (("aux", 96, None), ("aux2", 95, 101)):

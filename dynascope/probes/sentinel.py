@@ -93,13 +93,18 @@ class Sentinel:
                 self.modules.append(name)
         device = self.params[0][1].device if self.params else torch.device("cpu")
         self.device = device
-        self._mod_idx = torch.tensor(mod_idx, dtype=torch.long, device=device)
-        self._par_idx = torch.tensor(par_idx, dtype=torch.long, device=device)
         n, m = len(self.params), len(self.modules)
+        # one gather and one index_add per step: bin 0 sums every parameter's squared gradient norm (the
+        # global norm), bins 1..m each module's, bins m+1..2m each module's squared update norm
+        gather = list(range(n)) + par_idx + ([n + i for i in par_idx] if self.updates else [])
+        bins = [0] * n + [1 + j for j in mod_idx] + ([1 + m + j for j in mod_idx] if self.updates else [])
+        self._gather = torch.tensor(gather, dtype=torch.long, device=device)
+        self._bins = torch.tensor(bins, dtype=torch.long, device=device)
+        self._acc = torch.zeros(1 + 2 * m, dtype=torch.float32, device=device)
         self.width = 2 + 2 * m  # loss, global grad norm, module grad norms, module update norms
         self.ring = torch.full((self.window, self.width), float("nan"), dtype=torch.float32, device=device)
-        self._gsq = torch.zeros(n, dtype=torch.float32, device=device)
-        self._usq = torch.zeros(n, dtype=torch.float32, device=device)
+        self._sq = torch.zeros(2 * n, dtype=torch.float32, device=device)  # squared norms: gradients, updates
+        self._gsq, self._usq = self._sq[:n], self._sq[n:]
         self._owned: dict[int, list[int]] = {}
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._snap: dict[tuple[int, tuple[int, ...]], tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
@@ -172,16 +177,8 @@ class Sentinel:
                 row[0].copy_(loss.detach().reshape(()))
             else:
                 row[0].fill_(float("nan") if loss is None else float(loss))
-            row[1].copy_(self._gsq.sum().sqrt())
-            m = len(self.modules)
-            if m:
-                msq = torch.zeros(m, dtype=torch.float32, device=self.device)
-                row[2:2 + m].copy_(msq.index_add_(0, self._mod_idx, self._gsq[self._par_idx]).sqrt())
-                if self.updates:
-                    usq = torch.zeros(m, dtype=torch.float32, device=self.device)
-                    row[2 + m:].copy_(usq.index_add_(0, self._mod_idx, self._usq[self._par_idx]).sqrt())
-            self._gsq.zero_()
-            self._usq.zero_()
+            torch.sqrt(self._acc.zero_().index_add_(0, self._bins, self._sq[self._gather]), out=row[1:])
+            self._sq.zero_()
             if len(self._pending) >= _HOST_SLOTS - 1:  # the device is many steps behind: wait for the oldest
                 self._pending[0][2].synchronize()
             host = self._host[step % _HOST_SLOTS]
@@ -232,14 +229,14 @@ class Sentinel:
                 if len(self._first_losses) < START_LOSSES:  # the loss at the start: its first few values
                     self._first_losses.append(loss)
                     self._start_loss = float(np.median(self._first_losses))
-                thr = spike_threshold(np.asarray(self._losses), self._start_loss, SENTINEL_MIN_RISE, SPIKE_WINDOW)
+                thr = spike_threshold(self._losses, self._start_loss, SENTINEL_MIN_RISE, SPIKE_WINDOW)
                 if loss > thr:
                     out.append(SentinelEvent(step, "loss_spike", loss, thr))
                 self._losses.append(loss)
         if not math.isfinite(gnorm):
             out.append(SentinelEvent(step, "grad_nonfinite", gnorm, math.nan))
         elif gnorm > 0:  # 0: no gradient this step
-            thr = spike_threshold(np.asarray(self._gnorms), min_history=SPIKE_WINDOW, factor=GRAD_SPIKE_FACTOR)
+            thr = spike_threshold(self._gnorms, min_history=SPIKE_WINDOW, factor=GRAD_SPIKE_FACTOR)
             if gnorm > thr:
                 out.append(SentinelEvent(step, "grad_spike", gnorm, thr))
             self._gnorms.append(gnorm)
