@@ -207,9 +207,10 @@ def measure(factory, steps: int, repeats: int, everies=(1, 10), workdir: Path | 
     labels = [f"{v}every={e}" for v in variants for e in everies]
     times: dict[str, list[float]] = {"plain": [], **{k: [] for k in labels}}
     opened = set()
-    for _ in range(repeats):
+    order = list(variants.items())
+    for r in range(repeats):
         times["plain"].append(train_steps(model, opt, batch, loss_fn, steps))
-        for v, mod in variants.items():
+        for v, mod in order[r % len(order):] + order[:r % len(order)]:  # rotated: no variant always runs first
             for e in everies:
                 key = f"{v}every={e}"
                 with mod.probe(model, opt, workdir / key.replace(" ", "_"), every=e, resume=key in opened,

@@ -68,6 +68,10 @@ _LAZY: dict[str, str] = {
     "findings": "dynascope.check",
     "compare": "dynascope.comparison",
     "detect_events": "dynascope.forensics",
+    "load_snapshot": "dynascope.snapshot",
+    "snapshots": "dynascope.snapshot",
+    "Snapshot": "dynascope.snapshot",
+    "drift_warnings": "dynascope.drift",
 }
 
 __all__ = ["__version__", "Collected", "Probe", "ProbeContext", "Stat", "RunData", "Scheduled", "ScheduledContext",
