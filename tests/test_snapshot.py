@@ -127,3 +127,37 @@ def test_the_snapshot_written_is_the_newest_that_precedes_the_event():
     keeper.write(store, "warning", 48)  # written once per snapshot
     keeper.write(store, "loss_spike", 20)  # none precedes it (two are kept)
     assert store.written == [("snapshot", 40, 47)]
+
+
+def test_snapshots_and_their_writes_leave_training_bit_identical(tmp_path):
+    class Bare:
+        def step(self, **_):
+            pass
+
+    def train(run_factory):
+        torch.manual_seed(1)
+        np.random.seed(1)
+        random.seed(1)
+        model = _model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        with run_factory(model, opt) as run:
+            losses = _steps(model, opt, run, 0, 60)  # the fault at 47: events, a snapshot written
+        return losses, [p.detach().clone() for p in model.parameters()], torch.rand(3), np.random.rand(), \
+            random.random()
+
+    class Nothing:
+        def __init__(self, *_):
+            pass
+
+        def __enter__(self):
+            return Bare()
+
+        def __exit__(self, *_):
+            pass
+
+    plain = train(Nothing)
+    probed = train(lambda m, o: dynascope.probe(m, o, tmp_path / "r", every=7, snapshot_every=5))
+    assert not snapshots(tmp_path / "r").empty
+    assert plain[0] == probed[0]
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], probed[1]))
+    assert torch.equal(plain[2], probed[2]) and plain[3] == probed[3] and plain[4] == probed[4]  # RNGs untouched
