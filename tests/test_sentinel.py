@@ -125,3 +125,25 @@ def test_online_spike_rule_equals_the_report_rule():
     for i in range(len(v)):
         online = spike_threshold(v[:i], start, SPIKE_MIN_RISE)
         assert online == pytest.approx(series[i], nan_ok=True, rel=1e-12), i
+
+
+def _drive(grad_norms, tmp_path):
+    """The sentinel driven step by step with gradients of the given global norms (no optimizer)."""
+    model = nn.Linear(4, 1, bias=False)
+    events = []
+    with dynascope.probe(model, None, tmp_path / "g", every=10**9, probes=(),
+                         sentinel=dynascope.Sentinel(drift=False)) as run:
+        for g in grad_norms:
+            model.weight.grad = torch.full_like(model.weight, g / 2.0)  # ||grad|| = g (4 entries)
+            run.step(loss=1.0)
+        events = run.sentinel.events
+    return [(e.step, e.kind) for e in events]
+
+
+def test_gradient_spike_needs_a_rise_of_the_starting_norm(tmp_path):
+    rng = np.random.default_rng(0)
+    calm = list(2.0 * np.exp(0.1 * rng.standard_normal(5))) + list(0.01 * np.exp(0.1 * rng.standard_normal(45)))
+    below = calm + [0.5] + calm[-10:]  # 50x the running median, below where it started (2.0): noise
+    assert _drive(below, tmp_path / "a") == []
+    above = calm + [5.0] + calm[-10:]  # and above the starting norm: a spike
+    assert _drive(above, tmp_path / "b") == [(50, "grad_spike")]

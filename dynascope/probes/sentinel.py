@@ -16,7 +16,9 @@ later. Events are detected on the host from those late values: a loss spike
 median of the previous values, by more than 6 robust SDs, and by at least 25%
 of the starting loss, the median of the first 3 losses: minibatch losses near
 zero jump by 10% of it), a global-gradient-norm spike (the same rule, 10x the
-running median: minibatch gradient norms move 2-2.5x from step to step), a
+running median: minibatch gradient norms move 2-2.5x from step to step, and above the running median
+by at least the starting gradient norm, the median of the first 3: near zero loss a BatchNorm net's
+minibatch gradient norms jump 10x while staying below where they started), a
 non-finite loss or
 gradient norm. The sentinel judges a value only once SPIKE_WINDOW (20) finite
 values precede it: the first steps of training are not compared with an
@@ -33,6 +35,7 @@ steps only, so the store does not grow per step.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 
 from .._names import select_modules
-from .._robust import GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
+from .._robust import GRAD_MIN_RISE, GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
 from ..drift import DriftDetector
 from .base import Collected, ProbeContext
 
@@ -117,6 +120,8 @@ class Sentinel:
         self._gnorms: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self._start_loss = math.nan
         self._first_losses: list[float] = []
+        self._start_gnorm = math.nan
+        self._first_gnorms: list[float] = []
         self._steps: deque[int] = deque(maxlen=self.window)
         self.events: list[SentinelEvent] = []
         self._last_event: dict[str, int] = {}
@@ -236,7 +241,11 @@ class Sentinel:
         if not math.isfinite(gnorm):
             out.append(SentinelEvent(step, "grad_nonfinite", gnorm, math.nan))
         elif gnorm > 0:  # 0: no gradient this step
-            thr = spike_threshold(self._gnorms, min_history=SPIKE_WINDOW, factor=GRAD_SPIKE_FACTOR)
+            if len(self._first_gnorms) < START_LOSSES:
+                self._first_gnorms.append(gnorm)
+                self._start_gnorm = statistics.median(self._first_gnorms)
+            thr = spike_threshold(self._gnorms, self._start_gnorm, GRAD_MIN_RISE, min_history=SPIKE_WINDOW,
+                                  factor=GRAD_SPIKE_FACTOR)
             if gnorm > thr:
                 out.append(SentinelEvent(step, "grad_spike", gnorm, thr))
             self._gnorms.append(gnorm)
