@@ -135,11 +135,17 @@ def event_rows(events: pd.DataFrame) -> list[tuple[int, str, str, float]]:
     return rows
 
 
+def _no_events() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                         (("step", np.int64), ("kind", object), ("value", float), ("threshold", float))})
+
+
 def run_events(run: str | os.PathLike[str] | RunData, *, detect: bool | None = None) -> pd.DataFrame:
     """Events of a run: columns step, kind, value, threshold, source, detail (a warning's drifting signals
     and modules, None for other events).
 
-    The stored ``event.<kind>`` rows (source ``"recorded"``) when the run has any and ``detect`` is not
+    The stored ``event.<kind>`` rows (source ``"recorded"``) when the run has any or was recorded with
+    the sentinel (which judged every step: no stored event means it saw none), and ``detect`` is not
     True; otherwise :func:`detect_events` on the recorded ``loss`` and ``grad.global_norm`` (source
     ``"detected"``). ``detect=False`` never detects.
     """
@@ -147,18 +153,18 @@ def run_events(run: str | os.PathLike[str] | RunData, *, detect: bool | None = N
 
     run = _as_run(run)
     kinds = [m for m in _data.metrics(run) if m.startswith(EVENT_PREFIX) and not m.endswith(THRESHOLD_SUFFIX)]
-    if kinds and not detect:
+    watched = bool(run.meta.get("sentinel"))  # a live sentinel judged every step: no event means none
+    if (kinds or watched) and not detect:
         parts = []
         for m in kinds:
             s, v = _data.series(run, m, "")
             ts, tv = _data.series(run, m + THRESHOLD_SUFFIX, "")
             thr = pd.Series(tv, index=ts).reindex(s).to_numpy(dtype=float) if len(ts) else np.full(len(s), np.nan)
             parts.append(pd.DataFrame({"step": s, "kind": m[len(EVENT_PREFIX):], "value": v, "threshold": thr}))
-        df = pd.concat(parts, ignore_index=True)
-        df["source"] = "recorded"
+        df = pd.concat(parts, ignore_index=True) if parts else _no_events()
+        df["source"] = pd.Series(["recorded"] * len(df), dtype=object)
     elif detect is False or not _data.has(run, "loss"):
-        df = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                           (("step", np.int64), ("kind", object), ("value", float), ("threshold", float))})
+        df = _no_events()
         df["source"] = pd.Series(dtype=object)
     else:
         s, v = _data.series(run, "loss", "")

@@ -285,3 +285,17 @@ def test_zero_norms_do_not_break_the_ratio(tmp_path):
     tab = load_run(tmp_path / "z").forensics(31)
     assert tab[["module", "first_step", "direction"]].values.tolist() == [["frozen", 30, "up"]]
     assert math.isinf(tab["ratio"].iloc[0])
+
+
+def test_a_sentinel_run_without_events_is_not_second_guessed(tmp_path):
+    """The sentinel judged every step: a run it watched with no stored event has none (the report's looser
+    offline rule would find minibatch 'spikes' near zero loss); detect=True still detects."""
+    path = make_run(tmp_path / "r", loss_spike_at=120)
+    assert len(load_run(path).events())  # no sentinel: detected from the loss
+    store = RunStore(path, mode="resume")
+    store.write_meta({"sentinel": {"window": 64, "burst": 20, "updates": True, "drift": True}})
+    store.close()
+    run = load_run(path)
+    assert run.events().empty and list(run.events().columns) == ["step", "kind", "value", "threshold", "source",
+                                                                 "detail"]
+    assert (run.events(detect=True)["step"] == 120).any()
