@@ -46,7 +46,7 @@ def _reference_statistics(values: np.ndarray, window=20, k=1.0, h=10.0, clip=4.0
                     np.median(losses[10:]) < np.median(losses[:10]):
                 new[1:] = S[1:]
             S = new
-            if max(S) > h:
+            if S[0] > h or max(S[1:]) > 1.5 * h:  # the norm signals cross at 1.5 h
                 fired.append(t)
                 S = [0.0] * 4
         out.append(list(S))
@@ -95,13 +95,13 @@ def test_a_broad_update_drift_warns_and_names_the_modules_while_one_noisy_module
     broad = vals.copy()
     broad[200:, 2 + 6:2 + 10] *= np.exp(0.2 * np.arange(200))[:, None]  # four of six modules drift, 20% a step
     w = drift_warnings(broad, modules=list("abcdef"))
-    assert w and 200 < w[0].step <= 215
+    assert w and 200 < w[0].step <= 250
     assert w[0].signals == ["update.norm"] and set(w[0].modules) <= set("abcd")
     # a steady exponential growth is partly absorbed by the trailing reference: 10% a step warns later
     slow = vals.copy()
     slow[200:, 2 + 6:2 + 10] *= np.exp(0.1 * np.arange(200))[:, None]
     w = drift_warnings(slow)
-    assert w and 215 < w[0].step <= 290
+    assert w and 250 < w[0].step <= 330
 
 
 def test_norm_drift_while_the_loss_falls_is_learning():
