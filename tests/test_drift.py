@@ -155,6 +155,10 @@ def test_warning_precedes_the_organic_explosion_of_a_tiny_gpt2(tmp_path):
     # the warning writes the ring buffer's window (every step before it) and starts a burst of recording steps
     assert set(range(first - 30, first + 1)) <= set(run.scalars("grad.norm")["step"].astype(int))
     assert set(range(first + 1, first + 10)) <= set(run.scalars("update.norm")["step"].astype(int))
+    # a finding, so `dynascope check` fails the run at --fail-on warning
+    found = dynascope.findings(run)
+    row = found[found["rule"] == "early_warnings"].iloc[0]
+    assert row["severity"] == "warning" and row["step"] == first and "loss drifted upward" in row["message"]
     # the report names what drifted in the event's heading
     page = dynascope.report(run, tmp_path / "r.html").read_text(encoding="utf-8")
     assert f"warning at step {first}" in page and "drifting: loss" in page

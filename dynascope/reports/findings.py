@@ -220,6 +220,36 @@ def loss_spikes(run: RunData) -> list[Finding]:
     return out
 
 
+@rule
+def early_warnings(run: RunData) -> list[Finding]:
+    """The sentinel's early warnings (``event.warning``): its CUSUM on the loss or on most modules'
+    gradient or update norms crossed the threshold (docs/forensics.md, Early warning).
+
+    Source: Page 1954 (CUSUM); a loss CUSUM fires steps before organic loss explosions of small GPT-2s
+    (trainscope). Rule: one warning for the run's stored warnings: the first one, what drifted (its
+    mark) and the count.
+    """
+    if not _data.has(run, "event.warning"):
+        return []
+    s, v = _data.series(run, "event.warning")
+    if not len(s):
+        return []
+    marks = run.marks("event.warning")
+    detail = {int(st): val for st, val in zip(marks["step"], marks["value"])}
+    first = int(s[0])
+    d = detail.get(first) if isinstance(detail.get(first), dict) else {}
+    what = " and ".join(map(str, d.get("signals", []))) or "the loss or the norms"
+    mods = d.get("modules") or []
+    where = f" (modules that moved most: {', '.join(map(str, mods))})" if mods else ""
+    more = f"; {len(s)} warnings, at steps {', '.join(map(str, s[:5].tolist()))}{' ...' if len(s) > 5 else ''}" \
+        if len(s) > 1 else ""
+    return [Finding(
+        "warning",
+        f"early warning at step {first}: {what} drifted upward{where} (CUSUM statistic {_fmt(float(v[0]))}); a loss "
+        f"explosion may follow within tens of steps: run.forensics({first}) ranks the modules{more}.",
+        "event.warning", "", first, float(v[0]), None, "loss")]
+
+
 _NONFINITE_FIGURE = {"loss": "loss", "hessian.eig": "curvature_sharpness", "grad.global_norm": "grad_norm_step",
                      "grad.norm": "grad_norm_step",
                      "weight.norm": "weight_norm", "update.angle_row": "angular_update", "lr.effective": "effective_lr",
@@ -679,6 +709,7 @@ RULE_SOURCES: dict[str, str] = {
     "sharpness_above_threshold": "Cohen et al. 2021 (edge of stability); Cohen et al. 2022 (adaptive)",
     "loss_spikes": "Cohen et al. 2021; Gilmer et al. 2021; Chowdhery et al. 2022 (PaLM)",
     "non_finite_values": "NaN/inf in a recorded value",
+    "early_warnings": "Page 1954 (CUSUM); trainscope (loss CUSUM before GPT-2 loss explosions)",
     "variance_grows_with_depth": "Sun et al. 2025 (curse of depth); Brock, De, Smith 2021",
     "massive_activations": "Sun et al. 2024 (massive activations)",
     "grad_norm_depth_ratio": "Xiong et al. 2020 (Post-LN); Shleifer et al. 2021 (NormFormer)",
