@@ -147,3 +147,32 @@ def test_gradient_spike_needs_a_rise_of_the_starting_norm(tmp_path):
     assert _drive(below, tmp_path / "a") == []
     above = calm + [5.0] + calm[-10:]  # and above the starting norm: a spike
     assert _drive(above, tmp_path / "b") == [(50, "grad_spike")]
+
+
+def test_parameters_without_a_gradient_this_step(tmp_path):
+    """A branch used on odd steps only: on even steps its parameters have no gradient; the sentinel's norms
+    count the others, and each module's update norm is ||w_{t+1} - w_t|| whichever subset stepped."""
+    torch.manual_seed(0)
+    trunk, branch = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.ModuleDict({"trunk": trunk, "branch": branch})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {}
+    with dynascope.probe(model, opt, tmp_path / "r", every=1, probes=()) as run:
+        for step in range(6):
+            x = torch.randn(8, 4)
+            out = trunk(x) if step % 2 == 0 else branch(trunk(x))
+            loss = out.pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            before[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.step()
+            after = {n: p.detach() for n, p in model.named_parameters()}
+            run.step(loss=loss)
+            before[step] = {m: float(torch.cat([(after[n] - before[step][n]).reshape(-1) for n in after
+                                                 if n.startswith(m + ".")]).norm()) for m in ("trunk", "branch")}
+    data = dynascope.load_run(tmp_path / "r")
+    for m in ("trunk", "branch"):
+        got = data.scalars("update.norm", m).set_index("step")["value"]
+        for step in range(6):
+            assert got[step] == pytest.approx(before[step][m], rel=1e-5, abs=1e-12), (m, step)
+    assert all(before[s]["branch"] == 0 for s in (0, 2, 4)) and all(before[s]["branch"] > 0 for s in (1, 3, 5))

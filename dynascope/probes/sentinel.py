@@ -108,10 +108,12 @@ class Sentinel:
         self.ring = torch.full((self.window, self.width), float("nan"), dtype=torch.float32, device=device)
         self._sq = torch.zeros(2 * n, dtype=torch.float32, device=device)  # squared norms: gradients, updates
         self._gsq, self._usq = self._sq[:n], self._sq[n:]
-        self._owned: dict[int, list[int]] = {}
+        self._owned: dict[int, tuple[list[int], list[torch.Tensor], torch.Tensor]] = {}
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        self._snap: dict[tuple[int, tuple[int, ...]], tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
-        self._last_snap: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
+        # (optimizer, the subset stepped or None for all it owns) -> (parameters, their copies, device indices)
+        self._snap: dict[tuple[int, tuple[int, ...] | None], tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                     torch.Tensor]] = {}
+        self._last_snap: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
         pinned = device.type == "cuda"
         self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
         self._host_np = [h.numpy() for h in self._host]  # views: read without a torch call per step
@@ -127,11 +129,15 @@ class Sentinel:
         self._last_event: dict[str, int] = {}
         self._drift = DriftDetector(self.modules, start=SPIKE_WINDOW) if self.drift else None
 
-    def _owned_by(self, optimizer: torch.optim.Optimizer | None) -> list[int]:
+    def _owned_by(self, optimizer: torch.optim.Optimizer | None
+                  ) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
+        """The parameters ``optimizer`` steps: their indices, the tensors and the indices on the device
+        (built once per optimizer)."""
         hit = self._owned.get(id(optimizer))
         if hit is None:
-            hit = self._owned[id(optimizer)] = (list(range(len(self.params))) if optimizer is None
-                                                else self.ctx.owned_by(optimizer, self.params))
+            idx = (list(range(len(self.params))) if optimizer is None
+                   else self.ctx.owned_by(optimizer, self.params))
+            hit = self._owned[id(optimizer)] = (idx, [self.params[i][1] for i in idx], self._index(idx))
         return hit
 
     def _index(self, idx: list[int]) -> torch.Tensor:
@@ -147,20 +153,25 @@ class Sentinel:
 
     # -- every step ------------------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
-        idx = [i for i in self._owned_by(optimizer) if self.params[i][1].grad is not None]
-        if not idx:
-            return
+        idx, ps, index = self._owned_by(optimizer)
+        grads = [p.grad for p in ps]
+        subset = any(g is None for g in grads)
+        if subset:  # some parameters have no gradient this step: the others only
+            keep = [k for k, g in enumerate(grads) if g is not None]
+            if not keep:
+                return
+            idx, ps, grads = [idx[k] for k in keep], [ps[k] for k in keep], [grads[k] for k in keep]
+            index = self._index(idx)
         with torch.no_grad():  # .grad tensors need no detach; parameters need none under no_grad
-            norms = torch._foreach_norm([self.params[i][1].grad for i in idx])  # type: ignore[misc]
-            self._gsq.index_copy_(0, self._index(idx), torch.stack(norms).float().square())
+            norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
+            self._gsq.index_copy_(0, index, torch.stack(norms).float().square())
             if self.updates and optimizer is not None:
-                key = (id(optimizer), tuple(idx))
+                key = (id(optimizer), tuple(idx) if subset else None)
                 hit = self._snap.get(key)
                 if hit is None:
                     if len(self._snap) > 8:
                         self._snap.clear()
-                    ps = [self.params[i][1] for i in idx]
-                    hit = self._snap[key] = (ps, [torch.empty_like(p) for p in ps], idx)
+                    hit = self._snap[key] = (ps, [torch.empty_like(p) for p in ps], index)
                 torch._foreach_copy_(hit[1], hit[0])
                 self._last_snap[id(optimizer)] = hit
 
@@ -168,10 +179,10 @@ class Sentinel:
         hit = self._last_snap.pop(id(optimizer), None)
         if hit is None:
             return
-        ps, snap, idx = hit
+        ps, snap, index = hit
         with torch.no_grad():
             torch._foreach_sub_(snap, ps)  # w_t - w_{t+1}
-            self._usq.index_copy_(0, self._index(idx), torch.stack(torch._foreach_norm(snap)).float().square())
+            self._usq.index_copy_(0, index, torch.stack(torch._foreach_norm(snap)).float().square())
 
     def end_step(self, step: int, loss: Any) -> list[SentinelEvent]:
         """Write this step's row into the ring buffer and detect events from the values of earlier
