@@ -310,7 +310,7 @@ class Session:
             self._hooks.append(opt.register_step_post_hook(self._post_step))
         self._open = True
         if self.snapshotter is not None:
-            self.snapshotter.take(self.step_index, self.model, self.optimizers)
+            self._snapshot(lambda keeper: keeper.take(self.step_index, self.model, self.optimizers))
         self._set_recording(self._records(self.step_index))
 
     def coverage(self) -> pd.DataFrame:
@@ -427,7 +427,7 @@ class Session:
                 self._run_scheduled(d, s, final=False)
         self.step_index = s + 1
         if self.snapshotter is not None and self.snapshotter.due(self.step_index):
-            self.snapshotter.take(self.step_index, self.model, self.optimizers)
+            self._snapshot(lambda keeper: keeper.take(self.step_index, self.model, self.optimizers))
         self._set_recording(self._records(self.step_index))
         if self._recorded_since_flush >= self.flush_every or (
             self.reducer is None  # ranks must flush together: no timer under torch.distributed
@@ -456,7 +456,20 @@ class Session:
                     self.store.mark(*mark)
             if self.snapshotter is not None:
                 first = min(events, key=lambda e: e.step)
-                self.snapshotter.write(self.store, first.kind, first.step)
+                self._snapshot(lambda keeper: keeper.write(self.store, first.kind, first.step))
+
+    def _snapshot(self, work: Any) -> None:
+        """Take or write a snapshot; a failure (a state that does not copy or pickle) turns snapshots off
+        with one warning instead of stopping training."""
+        keeper = self.snapshotter
+        assert keeper is not None
+        try:
+            work(keeper)
+        except Exception as exc:  # noqa: BLE001 - probing never stops training
+            self.snapshotter = None
+            self._host_rows.append((self.step_index, "diagnostic.failed", "snapshot", 1.0))
+            warnings.warn(f"dynascope: snapshot_every is off from step {self.step_index} ({type(exc).__name__}: "
+                          f"{exc}); training goes on unchanged", RuntimeWarning, stacklevel=4)
 
     def _buffer(self, step: int, c: Collected) -> None:
         """Keep a step's statistics on the device until the flush; in one process finish them at once

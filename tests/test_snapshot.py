@@ -161,3 +161,17 @@ def test_snapshots_and_their_writes_leave_training_bit_identical(tmp_path):
     assert plain[0] == probed[0]
     assert all(torch.equal(a, b) for a, b in zip(plain[1], probed[1]))
     assert torch.equal(plain[2], probed[2]) and plain[3] == probed[3] and plain[4] == probed[4]  # RNGs untouched
+
+
+def test_a_snapshot_that_cannot_be_written_turns_snapshots_off_not_training(tmp_path):
+    torch.manual_seed(1)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt.param_groups[0]["hook"] = lambda: None  # a user's callable in a param group: it does not pickle
+    with pytest.warns(RuntimeWarning, match="snapshot_every is off"):
+        with dynascope.probe(model, opt, tmp_path / "r", every=10**9, snapshot_every=10) as run:
+            losses = _steps(model, opt, run, 0, 60)
+    assert len(losses) == 60
+    data = dynascope.load_run(tmp_path / "r")
+    assert snapshots(data).empty and not data.events().empty
+    assert data.scalars("diagnostic.failed", "snapshot")["value"].tolist() == [1.0]
