@@ -9,8 +9,7 @@ marked with an ``x`` at the top of the panel.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -25,90 +24,15 @@ from ._helpers import (
     finish,
     log_axis,
     new_figure,
-    pick_layers,
     plot_series,
     run_gid,
     run_legend,
     set_caption,
-    short,
-    text,
 )
+from ._panels import layer_panels, layers_caption
 
-MAX_LAYERS = 8
 BN_SECTION = "BatchNorm statistics"
 WEIGHT_SECTION = "Weights and effective learning rate"
-
-
-def _layers_caption(shown: list[str], total: int) -> str:
-    if total <= len(shown):
-        return f"All {total} layers: {', '.join(shown)}."
-    return f"{len(shown)} of {total} layers, evenly spaced in model order: {', '.join(shown)}."
-
-
-def _panels(
-    runs: Sequence[RunData],
-    metric: str,
-    *,
-    ylabel: str,
-    logy: bool = False,
-    logx: bool = False,
-    leading: tuple[str, str, str] | None = None,
-    extra: Callable[[Figure, object, int, RunData, str, str], list] | None = None,
-) -> tuple[Figure, list[str], int] | None:
-    """Small multiples of ``metric`` against step (``logx``: against step + 1 on a log axis),
-    runs overlaid; ``leading`` = (metric, layer, title) of a first panel (e.g. the whole network)."""
-    have = [r for r in runs if _data.has(r, metric)]
-    if not have:
-        return None
-    pool: list[str] = []
-    for r in have:
-        for lay in _data.layers(r, metric):
-            if lay and lay not in pool:
-                pool.append(lay)
-    shown = pick_layers(pool, MAX_LAYERS)
-    panels = ([leading] if leading is not None else []) + [(metric, lay, short(lay, 38)) for lay in shown]
-    if not panels:
-        return None
-    cols = min(len(panels), 3 if len(panels) <= 6 or len(panels) == 9 else 4)
-    rows = math.ceil(len(panels) / cols)
-    fig = new_figure(11 if cols == 4 else 10, 2.6 * rows + 0.7)
-    axes = fig.subplots(rows, cols, squeeze=False, sharex=True).ravel()
-    colors = run_colors(runs)
-    handles: dict[str, object] = {}
-    any_bad = False
-    for ax, (m, lay, title) in zip(axes, panels):
-        for i, (r, c) in enumerate(zip(runs, colors)):
-            s, v = _data.series(r, m, lay)
-            if len(s) == 0:
-                continue
-            x = s + 1 if logx else s
-            any_bad |= plot_series(ax, x, v, color=c, log=logy, linewidth=1.1,
-                                   gid=run_gid(fig, i, f"{r.name}: {m} {lay}"))
-            if extra is not None:
-                for h in extra(fig, ax, i, r, m, lay):
-                    handles[h.get_label()] = h
-        if logy:
-            log_axis(ax)
-        if logx:
-            log_axis(ax, "x")
-        else:
-            few_xticks(ax, 4)
-        ax.set_title(text(title), fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    for k, ax in enumerate(axes[:len(panels)]):
-        if k + cols >= len(panels):  # the lowest panel of its column: label its step axis
-            ax.xaxis.set_tick_params(labelbottom=True)
-            ax.set_xlabel("step + 1 (updates applied)" if logx else "step", fontsize=9)
-    for ax in axes[::cols]:
-        ax.set_ylabel(text(ylabel), fontsize=9)
-    idx = [i for i, r in enumerate(runs) if _data.has(r, metric)]  # a run without the metric has no legend entry
-    run_legend(fig, [runs[i] for i in idx], [colors[i] for i in idx],
-               list(handles.values()) + ([NONFINITE_HANDLE] if any_bad else []))
-    finish(fig, rows, cols, hgap=0.45, wgap=0.7)
-    return fig, shown, len(pool)
 
 
 # ----------------------------------------------------------------------------- BatchNorm
@@ -116,15 +40,15 @@ def _panels(
         source="Ioffe 2017, Batch Renormalization; Schneider et al. 2020, test-time BN adaptation", order=230,
         metrics=("bn.mean_shift",), recorded_by='the "batchnorm" probe (default) on a model with BatchNorm')
 def bn_mean_shift(runs: Sequence[RunData]) -> Figure | None:
-    out = _panels(runs, "bn.mean_shift", ylabel="mean shift (running sd)")
+    out = layer_panels(runs, "bn.mean_shift", logy=False, ylabel="mean shift (running sd)")
     if out is None:
         return None
-    fig, shown, total = out
+    fig, shown, total, _ = out
     set_caption(fig, "bn.mean_shift = mean over channels of |batch mean - running mean| / sqrt(running var + eps), "
                 "from the input of each BatchNorm layer in train mode at recording steps, against the running "
                 "statistics before that forward. Large values: eval mode (running statistics) normalises this "
                 "data differently from training (small batches, a shifted input distribution, a momentum too low "
-                "to follow fast-moving weights). " + _layers_caption(shown, total))
+                "to follow fast-moving weights). " + layers_caption(shown, total))
     return fig
 
 
@@ -134,20 +58,20 @@ def bn_mean_shift(runs: Sequence[RunData]) -> Figure | None:
 def bn_var_ratio(runs: Sequence[RunData]) -> Figure | None:
     ref = Line2D([], [], color="gray", linestyle="--", label="ratio 1 (running = batch)")
 
-    def extra(fig, ax, i, r, m, lay):
+    def extra(fig, ax, i, r, m, lay, c):
         if i == 0 and not getattr(ax, "_dynascope_one", False):
             ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
             ax._dynascope_one = True
         return [ref]
 
-    out = _panels(runs, "bn.var_ratio", ylabel="batch var / running var", logy=True, extra=extra)
+    out = layer_panels(runs, "bn.var_ratio", ylabel="batch var / running var", logy=True, extra=extra)
     if out is None:
         return None
-    fig, shown, total = out
+    fig, shown, total, _ = out
     set_caption(fig, "bn.var_ratio = mean over channels of batch variance (ddof=0) / (running variance + eps) for "
                 "each BatchNorm layer in train mode. 1 when the running variance matches the batches; far from 1 "
                 "the eval-mode outputs are scaled differently from the training ones (PowerNorm's argument "
-                "against batch statistics with large fluctuations). " + _layers_caption(shown, total))
+                "against batch statistics with large fluctuations). " + layers_caption(shown, total))
     return fig
 
 
@@ -218,7 +142,7 @@ def distance_init(runs: Sequence[RunData]) -> Figure | None:
     fits: list[str] = []
     fit_handle = Line2D([], [], color="gray", linestyle=":", linewidth=1.5, label="fit a + b log(t)")
 
-    def extra(fig, ax, i, r, m, lay):
+    def extra(fig, ax, i, r, m, lay, c):
         if lay != "":
             return []
         s, v = _data.series(r, m, lay)
@@ -232,16 +156,16 @@ def distance_init(runs: Sequence[RunData]) -> Figure | None:
         fits.append(f"{r.name}: b = {b:.3g} per e-fold of steps, R^2 = {r2:.3f}")
         return [fit_handle]
 
-    out = _panels(runs, "weight.distance_init", ylabel="||w_t - w_0||", logx=True,
+    out = layer_panels(runs, "weight.distance_init", logy=False, ylabel="||w_t - w_0||", logx=True,
                   leading=("weight.distance_init", "", "whole network"), extra=extra)
     if out is None:
         return None
-    fig, shown, total = out
+    fig, shown, total, _ = out
     set_caption(fig, "||w - w_0|| after each recorded step's update (w_0: the weights when the probe started, "
                 "kept across resumes), against step + 1 on a log axis. Hoffer et al. observe a random walk on a "
                 "random potential: the distance grows like log t, a straight line here. First panel: the whole "
                 "network (dotted: least-squares fit a + b log t; "
-                + ("; ".join(fits) if fits else "too few points to fit") + "). " + _layers_caption(shown, total))
+                + ("; ".join(fits) if fits else "too few points to fit") + "). " + layers_caption(shown, total))
     return fig
 
 
@@ -250,13 +174,13 @@ def distance_init(runs: Sequence[RunData]) -> Figure | None:
         source="Miyato et al. 2018, Spectral Normalization; Bernstein and Newhouse 2024", order=194,
         metrics=("weight.spectral_norm",), recorded_by='probes=(..., "spectral")')
 def spectral_norm(runs: Sequence[RunData]) -> Figure | None:
-    out = _panels(runs, "weight.spectral_norm", ylabel="sigma_max(W)", logy=True)
+    out = layer_panels(runs, "weight.spectral_norm", ylabel="sigma_max(W)", logy=True)
     if out is None:
         return None
-    fig, shown, total = out
+    fig, shown, total, _ = out
     set_caption(fig, "Largest singular value of each weight matrix w.flatten(1) before the step, by warm-started "
                 "block power iteration (within 1e-3 of the exact value once warm). It bounds the layer's Lipschitz "
-                "constant (Miyato et al.). " + _layers_caption(shown, total))
+                "constant (Miyato et al.). " + layers_caption(shown, total))
     return fig
 
 
@@ -267,7 +191,7 @@ def spectral_norm(runs: Sequence[RunData]) -> Figure | None:
 def update_spectral_norm(runs: Sequence[RunData]) -> Figure | None:
     spec = Line2D([], [], color="gray", linestyle=":", label="sigma_max(update), raw")
 
-    def extra(fig, ax, i, r, m, lay):
+    def extra(fig, ax, i, r, m, lay, c):
         s, v = _data.series(r, "update.spectral_norm", lay)
         if len(s) == 0:
             return []
@@ -275,11 +199,11 @@ def update_spectral_norm(runs: Sequence[RunData]) -> Figure | None:
                     gid=run_gid(fig, i, f"{r.name}: update.spectral_norm {lay}"))
         return [spec]
 
-    out = _panels(runs, "update.rms_to_rms", ylabel="RMS-to-RMS norm", logy=True, extra=extra)
+    out = layer_panels(runs, "update.rms_to_rms", ylabel="RMS-to-RMS norm", logy=True, extra=extra)
     if out is None:
         return None
-    fig, shown, total = out
+    fig, shown, total, _ = out
     set_caption(fig, "Solid: update.rms_to_rms = sqrt(fan_in / fan_out) * sigma_max(w_t+1 - w_t), the operator "
                 "norm of the step between RMS-normed inputs and outputs that modular-norm optimizers (Muon) hold "
-                "near a target; dotted: sigma_max of the update itself. " + _layers_caption(shown, total))
+                "near a target; dotted: sigma_max of the update itself. " + layers_caption(shown, total))
     return fig

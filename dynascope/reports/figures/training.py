@@ -9,7 +9,7 @@ non-finite values are marked with an ``x`` at the top of the panel.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -22,20 +22,18 @@ from . import BY_GRADIENTS, BY_UPDATES, figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
     depth_modules,
-    few_xticks,
     finish,
     index_xticks,
     log_axis,
     new_figure,
-    pick_layers,
     plot_series,
     run_gid,
     run_legend,
     set_caption,
     text,
 )
+from ._panels import layer_panels, layers_caption
 
-MAX_LAYERS = 8
 _PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.", "event.",
                    "plasticity.", "bn.")
 _PROBE_PREFIXES += ("calibration.", "gns.", "collapse.", "scores.")  # scheduled recorders of issue 12
@@ -102,84 +100,6 @@ def loss_curves(runs: Sequence[RunData]) -> Figure | None:
     set_caption(fig, cap + " Long curves are drawn from the minimum and maximum of each of 500 step buckets, "
                 "so single-step spikes stay visible.")
     return fig
-
-
-def _per_layer_figure(
-    runs: Sequence[RunData],
-    metric: str,
-    *,
-    ylabel: str,
-    log: bool = True,
-    candidates: Callable[[RunData], list[str]] | None = None,
-    extra: Callable[[Figure, object, int, RunData, str, str], list] | None = None,
-    leading: tuple[str, str] | None = None,
-    layers: Sequence[str] | None = None,
-) -> tuple[Figure, list[str], int, bool] | None:
-    """Small multiples of ``metric`` against step for at most MAX_LAYERS layers, runs overlaid.
-
-    ``leading`` = (metric, title) of a run-level panel drawn first (e.g. the global norm).
-    ``layers``: the layers to draw (default: at most MAX_LAYERS evenly spaced ones).
-    Returns the figure, the layers shown, how many were available, and whether any value was non-finite.
-    """
-    have = [r for r in runs if _data.has(r, metric)]
-    if not have:
-        return None
-    pool: list[str] = []
-    for r in have:
-        for lay in (candidates(r) if candidates else _data.layers(r, metric)):
-            if lay not in pool and lay != "":
-                pool.append(lay)
-    if layers is not None:
-        recorded = {lay for r in have for lay in _data.layers(r, metric)}
-        unknown = [lay for lay in layers if lay not in recorded]
-        if unknown or not layers:
-            raise ValueError(f"layers={list(layers)!r}: {metric} was not recorded for {unknown or 'an empty list'}; "
-                             f"recorded layers: {pool}")
-        pool = list(layers)
-    if not pool:
-        return None
-    shown = pool if layers is not None else pick_layers(pool, MAX_LAYERS)
-    panels: list[tuple[str, str, str]] = []
-    if leading is not None and any(_data.has(r, leading[0]) for r in runs):
-        panels.append((leading[0], "", leading[1]))
-    panels += [(metric, lay, _short(lay)) for lay in shown]
-    rows, cols = _grid(len(panels), 3 if len(panels) <= 6 or len(panels) == 9 else 4)
-    fig = new_figure(11 if cols == 4 else 10, 2.6 * rows + 0.7)
-    axes = fig.subplots(rows, cols, squeeze=False, sharex=True).ravel()
-    colors = run_colors(runs)
-    extra_handles: dict[str, object] = {}
-    any_bad = False
-    for ax, (m, lay, title) in zip(axes, panels):
-        for i, (r, c) in enumerate(zip(runs, colors)):
-            s, v = _data.series(r, m, lay)
-            if len(s) == 0:
-                continue
-            any_bad |= plot_series(ax, s, v, color=c, gid=run_gid(fig, i, f"{r.name}: {m} {lay}"), log=log,
-                                   linewidth=1.1)
-            if extra is not None:
-                for h in extra(fig, ax, i, r, lay, c):
-                    extra_handles[h.get_label()] = h
-        if log:
-            log_axis(ax)
-        ax.set_title(text(title), fontsize=9)
-        few_xticks(ax, 4)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[(rows - 1) * cols:]:
-        ax.set_xlabel("step", fontsize=9)
-    for ax in axes[::cols]:
-        ax.set_ylabel(text(ylabel), fontsize=9)
-    run_legend(fig, runs, colors, list(extra_handles.values()) + ([NONFINITE_HANDLE] if any_bad else []))
-    finish(fig, rows, cols, hgap=0.45, wgap=0.7)
-    return fig, shown, len(pool), any_bad
-
-
-def _layers_caption(shown: list[str], total: int) -> str:
-    if total <= len(shown):
-        return f"All {total} layers: {', '.join(shown)}."
-    return f"{len(shown)} of {total} layers, evenly spaced in model order: {', '.join(shown)}."
 
 
 def _scale_invariant_layers(run: RunData, layers: Sequence[str]) -> set[str]:
@@ -261,14 +181,14 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
         source="per-layer gradient norms (Xiong et al. 2020; Shleifer et al. 2021)", order=145,
         metrics=("grad.norm",), recorded_by=BY_GRADIENTS)
 def grad_norm_step(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
-    out = _per_layer_figure(runs, "grad.norm", ylabel="gradient norm",
+    out = layer_panels(runs, "grad.norm", ylabel="gradient norm",
                             candidates=lambda r: _grad_layers(r)[0],
-                            leading=("grad.global_norm", "global gradient norm"), layers=layers)
+                            leading=("grad.global_norm", "", "global gradient norm"), layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
     set_caption(fig, "Gradient norm against step. First panel: global norm over all parameters, when recorded. "
-                + _layers_caption(shown, total))
+                + layers_caption(shown, total))
     return fig
 
 
@@ -285,13 +205,13 @@ def _si_title_hint(runs: Sequence[RunData], shown: list[str]) -> str:
         source="Heo et al. 2021, AdamP (project page: average weight norm per epoch)", order=160,
         metrics=("weight.norm",), recorded_by=BY_UPDATES + ", or dynascope analyze")
 def weight_norm(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
-    out = _per_layer_figure(runs, "weight.norm", ylabel="||w||", log=False, layers=layers)
+    out = layer_panels(runs, "weight.norm", ylabel="||w||", logy=False, layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
     set_caption(fig, "Frobenius norm of each weight tensor (ndim >= 2). Without weight decay the norm of a "
                 "scale-invariant weight grows, which lowers its effective learning rate. "
-                + _layers_caption(shown, total) + _si_title_hint(runs, shown))
+                + layers_caption(shown, total) + _si_title_hint(runs, shown))
     return fig
 
 
@@ -323,14 +243,14 @@ def angular_update(runs: Sequence[RunData], *, layers: Sequence[str] | None = No
     eq = {id(r): _equilibrium(r) for r in runs}
     handle = Line2D([], [], color="gray", linestyle="--", label="equilibrium angle")
 
-    def extra(fig, ax, i, r, lay, c):
+    def extra(fig, ax, i, r, m, lay, c):
         v, _ = eq[id(r)]
         if v is None:
             return []
         ax.axhline(v, color=c, linestyle="--", linewidth=1, gid=run_gid(fig, i, f"{r.name}: equilibrium {v:.3g}"))
         return [handle]
 
-    out = _per_layer_figure(runs, "update.angle_row", ylabel="angle (rad)", extra=extra, layers=layers)
+    out = layer_panels(runs, "update.angle_row", ylabel="angle (rad)", extra=extra, layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
@@ -339,7 +259,7 @@ def angular_update(runs: Sequence[RunData], *, layers: Sequence[str] | None = No
                 "w.flatten(1), averaged over rows. Dashed: expected equilibrium angle of a scale-invariant weight "
                 "(AdamW: sqrt(2 eta lambda (1-beta1)/(1+beta1)); SGD with momentum alpha: "
                 "sqrt(2 eta lambda/(1+alpha))), from the recorded initial learning rate and weight decay: "
-                f"{notes}. " + _layers_caption(shown, total) + _si_title_hint(runs, shown))
+                f"{notes}. " + layers_caption(shown, total) + _si_title_hint(runs, shown))
     return fig
 
 
@@ -348,13 +268,13 @@ def angular_update(runs: Sequence[RunData], *, layers: Sequence[str] | None = No
         "Heo et al. 2021, AdamP", order=180,
         metrics=("lr.effective",), recorded_by=BY_UPDATES)
 def effective_lr(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
-    out = _per_layer_figure(runs, "lr.effective", ylabel="effective LR", layers=layers)
+    out = layer_panels(runs, "lr.effective", ylabel="effective LR", layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
     set_caption(fig, "Effective learning rate of each weight tensor as recorded by the probe (SGD family: "
                 "lr/||w||^2; Adam family: lr/||w||). It is the step size on the unit sphere for a scale-invariant "
-                "weight. " + _layers_caption(shown, total) + _si_title_hint(runs, shown))
+                "weight. " + layers_caption(shown, total) + _si_title_hint(runs, shown))
     return fig
 
 
@@ -365,7 +285,7 @@ def effective_lr(runs: Sequence[RunData], *, layers: Sequence[str] | None = None
 def grad_weight_cos(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
     handle = Line2D([], [], color="gray", linestyle="--", label="threshold delta/sqrt(row dim)")
 
-    def extra(fig, ax, i, r, lay, c):
+    def extra(fig, ax, i, r, m, lay, c):
         s, v = _data.series(r, "grad.weight_cos_threshold", lay)
         if len(s) == 0:
             return []
@@ -373,11 +293,11 @@ def grad_weight_cos(runs: Sequence[RunData], *, layers: Sequence[str] | None = N
                     gid=run_gid(fig, i, f"{r.name}: threshold {lay}"))
         return [handle]
 
-    out = _per_layer_figure(runs, "grad.weight_cos_rowmax", ylabel="max row |cos|", extra=extra, layers=layers)
+    out = layer_panels(runs, "grad.weight_cos_rowmax", ylabel="max row |cos|", extra=extra, layers=layers)
     if out is None:
         return None
     fig, shown, total, _ = out
     set_caption(fig, "Max over rows of |cos(grad_row, w_row)| (solid) and the AdamP threshold delta/sqrt(row dim) "
                 "(dashed). Below the threshold the weight behaves as scale-invariant; weight decay shrinking rows "
-                "until the normalization eps matters breaks the invariance. " + _layers_caption(shown, total))
+                "until the normalization eps matters breaks the invariance. " + layers_caption(shown, total))
     return fig

@@ -1,0 +1,119 @@
+"""One layout for the per-layer small multiples of the report's figures: a metric against step, one
+panel per layer (at most MAX_LAYERS, evenly spaced in model order), runs overlaid."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from matplotlib.figure import Figure
+
+from ...store import RunData
+from .. import _data
+from . import run_colors
+from ._helpers import (
+    NONFINITE_HANDLE,
+    few_xticks,
+    finish,
+    log_axis,
+    new_figure,
+    pick_layers,
+    plot_series,
+    run_gid,
+    run_legend,
+    short,
+    text,
+)
+
+__all__ = ["MAX_LAYERS", "layer_panels", "layers_caption"]
+
+MAX_LAYERS = 8
+
+# extra(fig, ax, run index, run, metric, layer, colour) -> legend handles: what a figure adds to a panel
+Extra = Callable[[Figure, object, int, RunData, str, str, str], list]
+
+
+def layers_caption(shown: list[str], total: int) -> str:
+    if total <= len(shown):
+        return f"All {total} layers: {', '.join(shown)}."
+    return f"{len(shown)} of {total} layers, evenly spaced in model order: {', '.join(shown)}."
+
+
+def layer_panels(
+    runs: Sequence[RunData],
+    metric: str,
+    *,
+    ylabel: str,
+    logy: bool = True,
+    logx: bool = False,
+    candidates: Callable[[RunData], list[str]] | None = None,
+    layers: Sequence[str] | None = None,
+    leading: tuple[str, str, str] | None = None,
+    extra: Extra | None = None,
+) -> tuple[Figure, list[str], int, bool] | None:
+    """Small multiples of ``metric`` against step (``logx``: against step + 1 on a log axis), runs
+    overlaid, for ``layers`` (default: at most MAX_LAYERS of the recorded ones, or of ``candidates(run)``,
+    evenly spaced). ``leading`` = (metric, layer, title) of a first panel (e.g. the whole network), drawn
+    when a run recorded it. Returns the figure, the layers shown, how many were available and whether
+    any value was non-finite; None when no run recorded ``metric``."""
+    have = [r for r in runs if _data.has(r, metric)]
+    if not have:
+        return None
+    pool: list[str] = []
+    for r in have:
+        for lay in (candidates(r) if candidates else _data.layers(r, metric)):
+            if lay and lay not in pool:
+                pool.append(lay)
+    if layers is not None:
+        recorded = {lay for r in have for lay in _data.layers(r, metric)}
+        unknown = [lay for lay in layers if lay not in recorded]
+        if unknown or not layers:
+            raise ValueError(f"layers={list(layers)!r}: {metric} was not recorded for {unknown or 'an empty list'}; "
+                             f"recorded layers: {pool}")
+        pool = list(layers)
+    shown = pool if layers is not None else pick_layers(pool, MAX_LAYERS)
+    panels: list[tuple[str, str, str]] = []
+    if leading is not None and any(_data.has(r, leading[0]) for r in runs):
+        panels.append(leading)
+    panels += [(metric, lay, short(lay, 38)) for lay in shown]
+    if not panels:
+        return None
+    cols = min(len(panels), 3 if len(panels) <= 6 or len(panels) == 9 else 4)
+    rows = math.ceil(len(panels) / cols)
+    fig = new_figure(11 if cols == 4 else 10, 2.6 * rows + 0.7)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True).ravel()
+    colors = run_colors(runs)
+    handles: dict[str, object] = {}
+    any_bad = False
+    for ax, (m, lay, title) in zip(axes, panels):
+        for i, (r, c) in enumerate(zip(runs, colors)):
+            s, v = _data.series(r, m, lay)
+            if len(s) == 0:
+                continue
+            any_bad |= plot_series(ax, s + 1 if logx else s, v, color=c, log=logy, linewidth=1.1,
+                                   gid=run_gid(fig, i, f"{r.name}: {m} {lay}"))
+            if extra is not None:
+                for h in extra(fig, ax, i, r, m, lay, c):
+                    handles[h.get_label()] = h
+        if logy:
+            log_axis(ax)
+        if logx:
+            log_axis(ax, "x")
+        else:
+            few_xticks(ax, 4)
+        ax.set_title(text(title), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for k, ax in enumerate(axes[:len(panels)]):
+        if k + cols >= len(panels):  # the lowest panel of its column: label its step axis
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("step + 1 (updates applied)" if logx else "step", fontsize=9)
+    for ax in axes[::cols]:
+        ax.set_ylabel(text(ylabel), fontsize=9)
+    idx = [i for i, r in enumerate(runs) if _data.has(r, metric)]  # a run without the metric has no legend entry
+    run_legend(fig, [runs[i] for i in idx], [colors[i] for i in idx],
+               list(handles.values()) + ([NONFINITE_HANDLE] if any_bad else []))
+    finish(fig, rows, cols, hgap=0.45, wgap=0.7)
+    return fig, shown, len(pool), any_bad
