@@ -25,7 +25,7 @@ from ._helpers import (
     text,
 )
 
-__all__ = ["MAX_LAYERS", "layer_panels", "layers_caption"]
+__all__ = ["MAX_LAYERS", "layer_panels", "layers_caption", "companion"]
 
 MAX_LAYERS = 8
 
@@ -117,3 +117,16 @@ def layer_panels(
                list(handles.values()) + ([NONFINITE_HANDLE] if any_bad else []))
     finish(fig, rows, cols, hgap=0.45, wgap=0.7)
     return fig, shown, len(pool), any_bad
+
+
+def companion(metric: str, handle: object, linestyle: str) -> Extra:
+    """An ``extra`` that draws ``metric`` of the same layer in each panel (thin, ``linestyle``, log scale)
+    and puts ``handle`` in the legend: a threshold or a related norm beside the panel's metric."""
+    def extra(fig: Figure, ax: object, i: int, r: RunData, m: str, lay: str, c: str) -> list:
+        s, v = _data.series(r, metric, lay)
+        if len(s) == 0:
+            return []
+        plot_series(ax, s, v, color=c, linestyle=linestyle, linewidth=1, log=True,
+                    gid=run_gid(fig, i, f"{r.name}: {metric} {lay}"))
+        return [handle]
+    return extra

@@ -29,7 +29,7 @@ from ._helpers import (
     run_legend,
     set_caption,
 )
-from ._panels import layer_panels, layers_caption
+from ._panels import companion, layer_panels, layers_caption
 
 BN_SECTION = "BatchNorm statistics"
 WEIGHT_SECTION = "Weights and effective learning rate"
@@ -190,15 +190,7 @@ def spectral_norm(runs: Sequence[RunData]) -> Figure | None:
         metrics=("update.spectral_norm", "update.rms_to_rms"), recorded_by='probes=(..., "spectral")')
 def update_spectral_norm(runs: Sequence[RunData]) -> Figure | None:
     spec = Line2D([], [], color="gray", linestyle=":", label="sigma_max(update), raw")
-
-    def extra(fig, ax, i, r, m, lay, c):
-        s, v = _data.series(r, "update.spectral_norm", lay)
-        if len(s) == 0:
-            return []
-        plot_series(ax, s, v, color=run_colors(runs)[i], linestyle=":", linewidth=1, log=True,
-                    gid=run_gid(fig, i, f"{r.name}: update.spectral_norm {lay}"))
-        return [spec]
-
+    extra = companion("update.spectral_norm", spec, ":")
     out = layer_panels(runs, "update.rms_to_rms", ylabel="RMS-to-RMS norm", logy=True, extra=extra)
     if out is None:
         return None

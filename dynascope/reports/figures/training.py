@@ -32,7 +32,7 @@ from ._helpers import (
     set_caption,
     text,
 )
-from ._panels import layer_panels, layers_caption
+from ._panels import companion, layer_panels, layers_caption
 
 _PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.", "event.",
                    "plasticity.", "bn.")
@@ -284,15 +284,7 @@ def effective_lr(runs: Sequence[RunData], *, layers: Sequence[str] | None = None
         metrics=("grad.weight_cos_rowmax",), recorded_by=BY_GRADIENTS)
 def grad_weight_cos(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
     handle = Line2D([], [], color="gray", linestyle="--", label="threshold delta/sqrt(row dim)")
-
-    def extra(fig, ax, i, r, m, lay, c):
-        s, v = _data.series(r, "grad.weight_cos_threshold", lay)
-        if len(s) == 0:
-            return []
-        plot_series(ax, s, v, color=c, linestyle="--", linewidth=1, log=True,
-                    gid=run_gid(fig, i, f"{r.name}: threshold {lay}"))
-        return [handle]
-
+    extra = companion("grad.weight_cos_threshold", handle, "--")
     out = layer_panels(runs, "grad.weight_cos_rowmax", ylabel="max row |cos|", extra=extra, layers=layers)
     if out is None:
         return None
