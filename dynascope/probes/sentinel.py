@@ -16,20 +16,19 @@ later. Events are detected on the host from those late values: a loss spike
 median of the previous values, by more than 6 robust SDs, and by at least 25%
 of the starting loss, the median of the first 3 losses: minibatch losses near
 zero jump by 10% of it), a global-gradient-norm spike (the same rule, 10x the
-running median: minibatch gradient norms move 2-2.5x from step to step, and above the running median
-by at least the starting gradient norm, the median of the first 3: near zero loss a BatchNorm net's
-minibatch gradient norms jump 10x while staying below where they started), a
-non-finite loss or
-gradient norm. The sentinel judges a value only once SPIKE_WINDOW (20) finite
-values precede it: the first steps of training are not compared with an
-immature band. On an event the ring buffer's window up to the event is written
-at full resolution, the session records the full probes at every step for the
-next ``burst`` steps, and ``event.<kind>`` / ``event.<kind>.threshold`` rows
-(one per episode: an event within ``burst`` steps of the last one of its kind
-belongs to it)
-record it (:func:`dynascope.forensics.run_events` reads them back). In normal
-operation the sentinel writes ``update.norm`` per module at the recording
-steps only, so the store does not grow per step.
+running median: minibatch gradient norms move 2-2.5x from step to step, and above the running
+median by at least the starting gradient norm, the median of the first 3: near zero loss a BatchNorm
+net's minibatch gradient norms jump 10x while staying below where they started), a non-finite loss or
+gradient norm, and an early ``warning`` (:mod:`dynascope.drift`: a CUSUM on the loss and on most
+modules' gradient and update norms creeping upward). The sentinel judges a value only once
+SPIKE_WINDOW (20) finite values precede it: the first steps of training are not compared with an
+immature band. On an event the ring buffer's window up to the event is written at full resolution,
+the session records the full probes at every step for the next ``burst`` steps (and writes its
+snapshot, with ``snapshot_every``), and ``event.<kind>`` / ``event.<kind>.threshold`` rows (one per
+episode: an event within ``burst`` steps of the last one of its kind belongs to it; a warning within
+``burst`` steps of any event is left out) record it, with a mark ``event.warning`` holding what
+drifted (:func:`dynascope.forensics.run_events` reads them back). In normal operation the sentinel
+writes ``update.norm`` per module at the recording steps only, so the store does not grow per step.
 """
 
 from __future__ import annotations
