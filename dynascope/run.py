@@ -1,6 +1,7 @@
 """``dynascope.load_run``: a run directory as a :class:`Run`, the store's
 :class:`~dynascope.store.RunData` plus what needs the layers above the store:
-its events and forensics (:mod:`dynascope.forensics`) and its notebook display
+its events and forensics (:mod:`dynascope.forensics`), its snapshots
+(:mod:`dynascope.snapshot`) and its notebook display
 (:mod:`dynascope.reports.inline`). The store itself knows none of them."""
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class Run(RunData):
         from .forensics import forensics
 
         return forensics(self, step, **kwargs)
+
+
+    def snapshots(self) -> pd.DataFrame:
+        """The model/optimizer/RNG snapshots the run wrote on events (``snapshot_every``): columns step,
+        event, event_step, nbytes, file (see :mod:`dynascope.snapshot`)."""
+        from .snapshot import snapshots
+
+        return snapshots(self)
+
+    def snapshot(self, step: int | None = None) -> Any:
+        """The snapshot taken at ``step`` (default: the last one) as a :class:`dynascope.snapshot.Snapshot`;
+        ``.restore(model, optimizer)`` puts it back for a replay."""
+        from .snapshot import load_snapshot
+
+        return load_snapshot(self, step)
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:

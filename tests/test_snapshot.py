@@ -58,6 +58,7 @@ def test_snapshot_written_on_an_event_replays_the_steps_bit_for_bit(tmp_path):
     assert raw["step"] == 40
 
     snap = load_snapshot(tmp_path / "r")
+    assert data.snapshot().step == snap.step == 40 and data.snapshots().equals(table)
     fresh = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
                                 torch.nn.Linear(32, 1))
     fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.01)
