@@ -302,6 +302,7 @@ EXAMPLE_RUNS = {
     "lightning_callback.py": (["--epochs", "1"], "out", "lightning"),
     "hf_trainer_callback.py": (["--steps", "6"], "out", "transformers"),
     "tensorboard_mirror.py": (["--steps", "12", "--logdir"], "out", "tensorboard"),
+    "spike_replay.py": (["--steps", "120"], "out", None),
 }
 
 
@@ -335,6 +336,11 @@ def test_examples_run(name, tmp_path, monkeypatch):
     run = dynascope.load_run(run_dir)
     assert run.meta["status"] == "finished"
     assert run.has("act.channel_var") and run.has("grad.norm") and run.has("update.angle")
+    if name == "spike_replay.py":  # the fault's layer ranks first; the replay from the snapshot recorded every step
+        first = int(run.events()["step"].iloc[0])
+        assert run.forensics(first)["module"].iloc[0] == "2"
+        replay = dynascope.load_run(tmp_path / "out-replay")
+        assert replay.scalars("act.mean")["step"].nunique() == first + 3 - run.snapshot().step
     if name == "tensorboard_mirror.py":
         events = _events(tmp_path / "tb")
         assert "my/loss" in events and "dynascope.loss" in events
