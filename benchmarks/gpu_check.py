@@ -69,7 +69,8 @@ def make(kind: str):
     return model, x, x, loss_fn
 
 
-def timed_steps(kind: str, every: int | None, n: int, sync_count: list[int] | None = None, mod=dynascope) -> float:
+def timed_steps(kind: str, every: int | None, n: int, sync_count: list[int] | None = None, mod=dynascope,
+                **options) -> float:
     torch.manual_seed(0)
     model, x, y, loss_fn = make(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -84,7 +85,7 @@ def timed_steps(kind: str, every: int | None, n: int, sync_count: list[int] | No
 
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mod.probe(model, opt, f"{tmp}/run", every=every, flush_every=10_000,
-                              flush_seconds=1e9) if every else None
+                        flush_seconds=1e9, **options) if every else None
         run = ctx.__enter__() if ctx else None
         try:
             for _ in range(5):
@@ -132,8 +133,13 @@ def main() -> None:
         timed_steps(kind, 1, 20, counts)
         timed_steps(kind, 10, 20, counts)
         timed_steps(kind, 10**9, 20, counts)
+        timed_steps(kind, 10**9, 20, counts, snapshot_every=5)
         print(f"{kind}: synchronising calls in 20 steps without flush: baseline={counts[0]} "
-              f"every=1: {counts[1]} every=10: {counts[2]} sentinel only (every=10**9): {counts[3]}")
+              f"every=1: {counts[1]} every=10: {counts[2]} sentinel only (every=10**9): {counts[3]} "
+              f"sentinel + snapshot_every=5: {counts[4]}")
+        snap = [timed_steps(kind, 10**9, 50, snapshot_every=5) / timed_steps(kind, 10**9, 50)
+                for _ in range(args.repeats)]
+        print(f"{kind}: snapshot_every=5 over the sentinel alone: {statistics.median(snap):.3f}x")
         base: list[float] = []
         everies = (1, 10, 10**9)  # 10**9: only the always-on sentinel
         times: dict[str, list[float]] = {f"{v}every={e}": [] for v in variants for e in everies}
