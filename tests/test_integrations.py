@@ -320,8 +320,20 @@ def test_examples_run(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if name == "distributed_ddp.py":  # starts its own processes: run it as a user would
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        # torch 2.13's gloo aborts a spawned worker at exit now and then (SIGABRT after its work is done):
+        # once rank 0 closed the run, such a teardown abort is not a failure; anything else is retried (the
+        # example picks a fresh port each time), 3 tries, and a real failure fails all three
+        for attempt in range(3):
+            done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                break
+            meta = tmp_path / "out" / "meta.json"
+            finished = meta.exists() and '"status": "finished"' in meta.read_text()
+            if finished and "terminated with signal SIGABRT" in done.stderr and \
+                    "ProcessRaisedException" not in done.stderr:  # a worker's own error is raised, not signalled
+                print(f"a worker aborted at teardown after the run was closed: {done.stderr[-500:]}")
+                break
+            assert attempt < 2, done.stderr[-3000:]
     else:  # in this process: the heavy imports are already paid for
         monkeypatch.setattr(sys, "argv", argv)
         runpy.run_path(argv[0], run_name="__main__")
