@@ -137,6 +137,7 @@ class ProbeContext:
 
     def __post_init__(self) -> None:
         self._group_of: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
+        self._owned: dict[tuple[int, int], tuple[Sequence[tuple[str, torch.Tensor]], list[int]]] = {}
         for opt in self.optimizers:
             for g in opt.param_groups:
                 for p in g["params"]:
@@ -160,13 +161,20 @@ class ProbeContext:
     def owned_by(self, optimizer: torch.optim.Optimizer | None,
                  named: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
         """Indices into ``named`` of the parameters ``optimizer`` owns. Parameters no
-        optimizer owns go with the first optimizer (they are read at its step)."""
+        optimizer owns go with the first optimizer (they are read at its step); without
+        any optimizer (``None``) every parameter. Computed once per optimizer and list
+        (read-only: do not modify the returned list)."""
+        key = (id(optimizer), id(named))
+        hit = self._owned.get(key)
+        if hit is not None and hit[0] is named:  # the list itself is kept: its id is not reused
+            return hit[1]
         first = self.optimizer
         out = []
         for i, (_, p) in enumerate(named):
             o = self.optimizer_of(p)
             if o is optimizer or (o is None and optimizer is first):
                 out.append(i)
+        self._owned[key] = (named, out)
         return out
 
 

@@ -76,7 +76,6 @@ class GradientProbe(Probe):
                 self.module_params.append((name, ids))
         self.is_tracked = [p.ndim >= 2 or self.all_params for _, p in self.params]
         self.layout = ParamLayout([p for _, p in self.params], ctx.rank)
-        self._owned: dict[int, list[int]] = {}
         self._seen: set[tuple[int, ...]] = set()
 
     def arm(self) -> None:
@@ -85,10 +84,7 @@ class GradientProbe(Probe):
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Read the gradients of the parameters ``optimizer`` owns (a later call for
         the same optimizer in the same step replaces the earlier reading)."""
-        owned = self._owned.get(id(optimizer))
-        if owned is None:
-            owned = self._owned[id(optimizer)] = (list(range(len(self.params))) if optimizer is None
-                                                  else self.ctx.owned_by(optimizer, self.params))
+        owned = self.ctx.owned_by(optimizer, self.params)
         present = tuple(i for i in owned if self.params[i][1].grad is not None)
         self._parts = [p for p in self._parts if not set(p[0]) & set(owned)]
         if not present:

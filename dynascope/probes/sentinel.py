@@ -134,8 +134,7 @@ class Sentinel:
         (built once per optimizer)."""
         hit = self._owned.get(id(optimizer))
         if hit is None:
-            idx = (list(range(len(self.params))) if optimizer is None
-                   else self.ctx.owned_by(optimizer, self.params))
+            idx = self.ctx.owned_by(optimizer, self.params)
             hit = self._owned[id(optimizer)] = (idx, [self.params[i][1] for i in idx], self._index(idx))
         return hit
 
