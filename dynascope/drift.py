@@ -67,7 +67,8 @@ class DriftDetector:
 
     ``update(step, row)`` takes one step's values: ``[loss, global grad norm, m module grad norms,
     m module update norms]`` (NaN where missing; non-positive or non-finite values are left out) and
-    returns a :class:`Drift` when a signal's statistic crosses ``h``. ``start``: no warning before
+    returns a :class:`Drift` when the loss statistic crosses ``h`` or a norm signal's crosses
+    NORM_H_FACTOR x ``h``. ``start``: no warning before
     this step (the first steps of training are a transient, not a drift)."""
 
     def __init__(self, modules: list[str], *, window: int = DRIFT_WINDOW, k: float = DRIFT_K, h: float = DRIFT_H,
@@ -123,7 +124,6 @@ class DriftDetector:
         self._n += 1
         return fired
 
-
     def _loss_falling(self) -> bool:
         """Whether the median log loss of the last window/2 steps is below that of the window/2 before
         (False without a full window of finite losses: no loss, no gate)."""
@@ -144,6 +144,7 @@ def drift_warnings(values: np.ndarray, modules: list[str] | None = None, steps: 
     series and tests."""
     values = np.asarray(values, dtype=float)
     m = (values.shape[1] - 2) // 2
-    det = DriftDetector(list(modules) if modules is not None else [str(i) for i in range(m)], **options)  # type: ignore[arg-type]
+    names = list(modules) if modules is not None else [str(i) for i in range(m)]
+    det = DriftDetector(names, **options)  # type: ignore[arg-type]
     steps = np.arange(len(values)) if steps is None else np.asarray(steps)
     return [d for s, row in zip(steps, values) if (d := det.update(int(s), row)) is not None]
