@@ -105,10 +105,11 @@ class Sentinel:
         self._acc = torch.zeros(1 + 2 * m, dtype=torch.float32, device=device)
         self.width = 2 + 2 * m  # loss, global grad norm, module grad norms, module update norms
         self.ring = torch.full((self.window, self.width), float("nan"), dtype=torch.float32, device=device)
-        self._sq = torch.zeros(2 * n, dtype=torch.float32, device=device)  # squared norms: gradients, updates
-        self._gsq, self._usq = self._sq[:n], self._sq[n:]
+        self._nrm = torch.zeros(2 * n, dtype=torch.float32, device=device)  # per-parameter norms: gradients, updates
+        self._gn, self._un = self._nrm[:n], self._nrm[n:]
         self._owned: dict[int, tuple[list[int], list[torch.Tensor], torch.Tensor]] = {}
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._all = self._index(list(range(n)))  # every parameter in order: norms stacked straight into place
         # (optimizer, the subset stepped or None for all it owns) -> (parameters, their copies, device indices)
         self._snap: dict[tuple[int, tuple[int, ...] | None], tuple[list[torch.Tensor], list[torch.Tensor],
                                                                      torch.Tensor]] = {}
@@ -149,6 +150,14 @@ class Sentinel:
             hit = self._index_cache[key] = torch.tensor(idx, dtype=torch.long, device=self.device)
         return hit
 
+    def _put(self, dest: torch.Tensor, index: torch.Tensor, norms: list[torch.Tensor]) -> None:
+        """Write per-parameter ``norms`` at ``index`` of ``dest``: one stack straight into ``dest`` when they
+        cover it in order in float32 (one optimizer stepping every parameter), else a stack and a copy."""
+        if len(norms) == len(dest) and index is self._all and all(t.dtype == torch.float32 for t in norms):
+            torch.stack(norms, out=dest)
+        else:
+            dest.index_copy_(0, index, torch.stack(norms).float())
+
     # -- every step ------------------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         idx, ps, index = self._owned_by(optimizer)
@@ -162,7 +171,7 @@ class Sentinel:
             index = self._index(idx)
         with torch.no_grad():  # .grad tensors need no detach; parameters need none under no_grad
             norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
-            self._gsq.index_copy_(0, index, torch.stack(norms).float().square())
+            self._put(self._gn, index, norms)
             if self.updates and optimizer is not None:
                 key = (id(optimizer), tuple(idx) if subset else None)
                 hit = self._snap.get(key)
@@ -180,7 +189,7 @@ class Sentinel:
         ps, snap, index = hit
         with torch.no_grad():
             torch._foreach_sub_(snap, ps)  # w_t - w_{t+1}
-            self._usq.index_copy_(0, index, torch.stack(torch._foreach_norm(snap)).float().square())
+            self._put(self._un, index, torch._foreach_norm(snap))
 
     def end_step(self, step: int, loss: Any) -> list[SentinelEvent]:
         """Write this step's row into the ring buffer and detect events from the values of earlier
@@ -191,8 +200,8 @@ class Sentinel:
                 row[0].copy_(loss.detach().reshape(()))
             else:
                 row[0].fill_(float("nan") if loss is None else float(loss))
-            torch.sqrt(self._acc.zero_().index_add_(0, self._bins, self._sq[self._gather]), out=row[1:])
-            self._sq.zero_()
+            torch.sqrt(self._acc.zero_().index_add_(0, self._bins, self._nrm[self._gather].square_()), out=row[1:])
+            self._nrm.zero_()
             if len(self._pending) >= _HOST_SLOTS - 1:  # the device is many steps behind: wait for the oldest
                 self._pending[0][2].synchronize()
             host = self._host[step % _HOST_SLOTS]
