@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -138,13 +139,13 @@ class DriftDetector:
 
 
 def drift_warnings(values: np.ndarray, modules: list[str] | None = None, steps: np.ndarray | None = None,
-                   **options: float) -> list[Drift]:
+                   **options: Any) -> list[Drift]:
     """Run :class:`DriftDetector` over a table of steps (rows ``[loss, global grad norm, module grad
     norms..., module update norms...]``) and return its warnings: the offline form, for recorded
     series and tests."""
     values = np.asarray(values, dtype=float)
     m = (values.shape[1] - 2) // 2
     names = list(modules) if modules is not None else [str(i) for i in range(m)]
-    det = DriftDetector(names, **options)  # type: ignore[arg-type]
+    det = DriftDetector(names, **options)
     steps = np.arange(len(values)) if steps is None else np.asarray(steps)
     return [d for s, row in zip(steps, values) if (d := det.update(int(s), row)) is not None]

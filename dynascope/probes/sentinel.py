@@ -38,7 +38,7 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -161,16 +161,17 @@ class Sentinel:
     # -- every step ------------------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         idx, ps, index = self._owned_by(optimizer)
-        grads = [p.grad for p in ps]
-        subset = any(g is None for g in grads)
+        maybe = [p.grad for p in ps]
+        subset = any(g is None for g in maybe)
         if subset:  # some parameters have no gradient this step: the others only
-            keep = [k for k, g in enumerate(grads) if g is not None]
+            keep = [k for k, g in enumerate(maybe) if g is not None]
             if not keep:
                 return
-            idx, ps, grads = [idx[k] for k in keep], [ps[k] for k in keep], [grads[k] for k in keep]
+            idx, ps, maybe = [idx[k] for k in keep], [ps[k] for k in keep], [maybe[k] for k in keep]
             index = self._index(idx)
+        grads = cast(list[torch.Tensor], maybe)
         with torch.no_grad():  # .grad tensors need no detach; parameters need none under no_grad
-            norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
+            norms = torch._foreach_norm(grads)
             self._put(self._gn, index, norms)
             if self.updates and optimizer is not None:
                 key = (id(optimizer), tuple(idx) if subset else None)
