@@ -39,7 +39,7 @@ import numpy as np
 
 from ._robust import nanmedian_last
 
-__all__ = ["DriftDetector", "Drift", "drift_warnings", "SIGNALS"]
+__all__ = ["DriftDetector", "Drift", "drift_warnings", "describe", "SIGNALS"]
 
 SIGNALS = ("loss", "grad.global_norm", "grad.norm", "update.norm")
 DRIFT_WINDOW = 20  # previous values in each reference median / MAD
@@ -149,3 +149,13 @@ def drift_warnings(values: np.ndarray, modules: list[str] | None = None, steps: 
     det = DriftDetector(names, **options)
     steps = np.arange(len(values)) if steps is None else np.asarray(steps)
     return [d for s, row in zip(steps, values) if (d := det.update(int(s), row)) is not None]
+
+
+def describe(detail: Any) -> str:
+    """A warning's detail (``{"signals": [...], "modules": [...]}``, as the sentinel marks it) as text:
+    ``"loss and update.norm (modules that moved most: a, b)"``; ``""`` when there is none."""
+    if not isinstance(detail, dict):
+        return ""
+    text = " and ".join(map(str, detail.get("signals", [])))
+    mods = detail.get("modules") or []
+    return text + (f" (modules that moved most: {', '.join(map(str, mods))})" if mods else "")

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..drift import describe
+from ..forensics import run_events
 from ..store import RunData
 from . import _data
 
@@ -231,23 +233,20 @@ def early_warnings(run: RunData) -> list[Finding]:
     """
     if not _data.has(run, "event.warning"):
         return []
-    s, v = _data.series(run, "event.warning")
-    if not len(s):
+    events = run_events(run, detect=False)
+    warned = events[events["kind"] == "warning"]
+    if warned.empty:
         return []
-    marks = run.marks("event.warning")
-    detail = {int(st): val for st, val in zip(marks["step"], marks["value"])}
-    first = int(s[0])
-    d = detail.get(first) if isinstance(detail.get(first), dict) else {}
-    what = " and ".join(map(str, d.get("signals", []))) or "the loss or the norms"
-    mods = d.get("modules") or []
-    where = f" (modules that moved most: {', '.join(map(str, mods))})" if mods else ""
-    more = f"; {len(s)} warnings, at steps {', '.join(map(str, s[:5].tolist()))}{' ...' if len(s) > 5 else ''}" \
-        if len(s) > 1 else ""
+    first, value = int(warned["step"].iloc[0]), float(warned["value"].iloc[0])
+    what = describe(warned["detail"].iloc[0]) or "the loss or the norms"
+    steps = warned["step"].tolist()
+    more = f"; {len(steps)} warnings, at steps {', '.join(map(str, steps[:5]))}{' ...' if len(steps) > 5 else ''}" \
+        if len(steps) > 1 else ""
     return [Finding(
         "warning",
-        f"early warning at step {first}: {what} drifted upward{where} (CUSUM statistic {_fmt(float(v[0]))}); a loss "
+        f"early warning at step {first}: {what} drifted upward (CUSUM statistic {_fmt(value)}); a loss "
         f"explosion may follow within tens of steps: run.forensics({first}) ranks the modules{more}.",
-        "event.warning", "", first, float(v[0]), None, "loss")]
+        "event.warning", "", first, value, None, "loss")]
 
 
 _NONFINITE_FIGURE = {"loss": "loss", "hessian.eig": "curvature_sharpness", "grad.global_norm": "grad_norm_step",

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..drift import describe
 from ..forensics import (
     BAND_MADS,
     BAND_WINDOW,
@@ -132,15 +133,6 @@ def forensics_figure(run: RunData, event: pd.Series, table: pd.DataFrame, *, pan
     return fig
 
 
-def _detail(detail: Any) -> str:
-    """A warning's detail as text: the signals that drifted and the modules that moved most."""
-    if not isinstance(detail, dict):
-        return ""
-    text = ", ".join(map(str, detail.get("signals", [])))
-    mods = detail.get("modules") or []
-    return text + (f" (modules {', '.join(map(str, mods))})" if mods else "")
-
-
 def _events_to_show(events: pd.DataFrame, max_events: int) -> pd.DataFrame:
     if events.empty:
         return events
@@ -173,7 +165,7 @@ def forensics_items(runs: Sequence[RunData], render: Render, *, max_events: int 
                 "run": run.name, "step": int(ev["step"]), "kind": str(ev["kind"]), "value": _g(float(ev["value"])),
                 "threshold": _g(float(ev["threshold"])), "source": str(ev["source"]),
                 "anchor": f"forensics-{ri}-{ei}", "rows": [], "figure": None, "error": None,
-                "detail": _detail(ev.get("detail")),
+                "detail": describe(ev.get("detail")),
                 "more": (f"{left} more event(s) in this run (run.events() lists them all)"
                          if left and ei == len(shown) - 1 else ""),
             }
