@@ -171,8 +171,9 @@ class Session:
             if sentinel is False:
                 raise ValueError("snapshot_every needs the sentinel (a snapshot is written on the sentinel's events); "
                                  "drop sentinel=False or snapshot_every")
-            self.snapshotter = Snapshotter(snapshot_every) if self.sentinel is not None else None
+            self.snapshotter = Snapshotter(snapshot_every)  # checks the value under torch.distributed too
             if self.sentinel is None:
+                self.snapshotter = None
                 warnings.warn("dynascope: snapshot_every is ignored under torch.distributed (the sentinel, whose "
                               "events write the snapshot, is off there)", RuntimeWarning, stacklevel=2)
         self.writer = _is_rank_zero()

@@ -174,7 +174,7 @@ def snapshots(run: str | os.PathLike[str] | Any) -> Any:
     """The snapshots a run wrote: a DataFrame with columns step, event, event_step, nbytes, file."""
     import pandas as pd
 
-    from .store import RunData
+    from .store import ARTIFACTS, RunData
 
     data = run if isinstance(run, RunData) else RunData(run)
     df = data.artifacts(ARTIFACT)
@@ -182,7 +182,7 @@ def snapshots(run: str | os.PathLike[str] | Any) -> Any:
                          "event": [m.get("event", "") for m in df["meta"]],
                          "event_step": [int(m.get("event_step", -1)) for m in df["meta"]],
                          "nbytes": [int(m.get("nbytes", 0)) for m in df["meta"]],
-                         "file": [str(data.path / "artifacts" / f) for f in df["file"]]})
+                         "file": [str(data.path / ARTIFACTS / f) for f in df["file"]]})
 
 
 def load_snapshot(run: str | os.PathLike[str] | Any, step: int | None = None, *,

@@ -54,6 +54,15 @@ _HOST_SLOTS = 8  # pinned host rows in flight (CUDA)
 START_LOSSES = 3  # the starting loss of the min-rise floor: the median of the first 3 finite losses
 
 
+def _starting(first: list[float], value: float, current: float) -> float:
+    """The level at the start of a series: the median of its first START_LOSSES values (``first`` collects
+    them); ``current`` once they are in."""
+    if len(first) >= START_LOSSES:
+        return current
+    first.append(value)
+    return statistics.median(first)
+
+
 @dataclass
 class SentinelEvent:
     step: int
@@ -250,9 +259,7 @@ class Sentinel:
                 out.append(SentinelEvent(step, "loss_nonfinite", loss, math.nan))
                 self._losses.append(loss)  # in the window, as in the report's rule (then left out)
             else:
-                if len(self._first_losses) < START_LOSSES:  # the loss at the start: its first few values
-                    self._first_losses.append(loss)
-                    self._start_loss = float(np.median(self._first_losses))
+                self._start_loss = _starting(self._first_losses, loss, self._start_loss)
                 thr = spike_threshold(self._losses, self._start_loss, SENTINEL_MIN_RISE, SPIKE_WINDOW)
                 if loss > thr:
                     out.append(SentinelEvent(step, "loss_spike", loss, thr))
@@ -260,9 +267,7 @@ class Sentinel:
         if not math.isfinite(gnorm):
             out.append(SentinelEvent(step, "grad_nonfinite", gnorm, math.nan))
         elif gnorm > 0:  # 0: no gradient this step
-            if len(self._first_gnorms) < START_LOSSES:
-                self._first_gnorms.append(gnorm)
-                self._start_gnorm = statistics.median(self._first_gnorms)
+            self._start_gnorm = _starting(self._first_gnorms, gnorm, self._start_gnorm)
             thr = spike_threshold(self._gnorms, self._start_gnorm, GRAD_MIN_RISE, min_history=SPIKE_WINDOW,
                                   factor=GRAD_SPIKE_FACTOR)
             if gnorm > thr:
