@@ -100,7 +100,7 @@ def spike_threshold(previous: Sequence[float] | np.ndarray, start: float = math.
     among the last SPIKE_WINDOW): max(``factor`` x median, median + SPIKE_MADS x 1.4826 x MAD,
     median + ``min_rise`` x |start|); NaN with fewer than ``min_history`` values or a median <= 0. The
     rule of the report's loss-spike finding, applied online (the sentinel's ``start`` is the median of
-    the finite losses seen so far, up to SPIKE_WINDOW of them; the report's, of the first SPIKE_WINDOW)."""
+    the first 3 finite values of the series; the report's, of the first SPIKE_WINDOW)."""
     v = [x for x in list(previous)[-SPIKE_WINDOW:] if math.isfinite(x)]  # <= 20 floats: plain Python is 10x
     if len(v) < min_history:                                             # faster than numpy here (every step)
         return math.nan

@@ -174,9 +174,11 @@ def run_events(run: str | os.PathLike[str] | RunData, *, detect: bool | None = N
             grad = pd.Series(gv, index=gs)
         df = detect_events(v, s, grad_norm=grad)
         df["source"] = "detected"
-    marks = run.marks()
-    detail = {(int(r.step), str(r.key)[len(EVENT_PREFIX):]): r.value for r in marks.itertuples(index=False)
-              if str(r.key).startswith(EVENT_PREFIX)}
+    detail = {}
+    if len(df):  # an event's detail, when it has one, is the mark event.<kind> at its step
+        marks = run.marks()
+        detail = {(int(st), str(key)[len(EVENT_PREFIX):]): val for st, key, val in
+                  zip(marks["step"], marks["key"], marks["value"]) if str(key).startswith(EVENT_PREFIX)}
     df["detail"] = [detail.get((int(s), str(k))) for s, k in zip(df["step"], df["kind"])]
     return df.sort_values(["step", "kind"], kind="stable").reset_index(drop=True)
 
