@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_invariants import Net, assert_identical, make_optimizer
+from test_invariants import Net, assert_identical, make_optimizer, run_state
 from torch import nn
 
 import dynascope
@@ -153,34 +153,13 @@ def test_function_matches_reference_and_rejects_bad_shape():
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_training_bit_identical_with_batchnorm_probe_and_gap(tmp_path, kind):
-    def train(probed: bool) -> dict:
-        torch.manual_seed(3)
-        model = Net()
-        opt = make_optimizer(kind, model)
-        g = torch.Generator().manual_seed(7)
-        data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
+    def session(model, opt, data):
+        gap = BNGap(every=3, batch=data[0], loss_fn=F.cross_entropy)
+        return dynascope.probe(model, opt, tmp_path / kind, every=1, probes=("batchnorm",), scheduled=[gap])
 
-        def loop(run=None):
-            for s in range(8):
-                x, y = data[s % 3]
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if run is not None:
-                    run.step(loss=loss)
-
-        if probed:
-            gap = BNGap(every=3, batch=data[0], loss_fn=F.cross_entropy)
-            with dynascope.probe(model, opt, tmp_path / kind, every=1, probes=("batchnorm",), scheduled=[gap]) as r:
-                loop(r)
-        else:
-            loop()
-        return {"params": dict(model.named_parameters()), "buffers": dict(model.named_buffers()),
-                "opt": opt.state_dict(), "rng": torch.get_rng_state(), "next": torch.rand(3)}
-
-    plain, probed = train(False), train(True)
-    assert_identical({k: v for k, v in plain.items()}, probed)
+    plain = run_state(kind, 8, seed=3)
+    probed = run_state(kind, 8, session, seed=3)
+    assert_identical(plain, probed)
     data = dynascope.load_run(tmp_path / kind)
     assert list(data.steps("bn.var_ratio")) == list(range(8))
     assert list(data.steps("bn.train_eval_gap")) == [0, 3, 6]

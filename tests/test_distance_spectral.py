@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_invariants import Net, assert_identical, make_optimizer
+from test_invariants import Net, assert_identical, make_optimizer, run_state
 from torch import nn
 
 import dynascope
@@ -204,35 +204,12 @@ def test_spectral_arguments_checked():
 # ----------------------------------------------------------------------------- invariants
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_training_bit_identical_with_distance_and_spectral(tmp_path, kind):
-    def train(probed: bool) -> dict:
-        torch.manual_seed(5)
-        model = Net()
-        opt = make_optimizer(kind, model)
-        g = torch.Generator().manual_seed(7)
-        data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
+    def session(model, opt, data):
+        return dynascope.probe(model, opt, tmp_path / kind, every=2, all_params=True,
+                               probes=("activations", "gradients", "updates", "batchnorm", "distance", "spectral"))
 
-        def loop(run=None):
-            for s in range(7):
-                x, y = data[s % 3]
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if run is not None:
-                    run.step(loss=loss)
-
-        if probed:
-            with dynascope.probe(model, opt, tmp_path / kind, every=2, all_params=True,
-                                 probes=("activations", "gradients", "updates", "batchnorm", "distance",
-                                         "spectral")) as r:
-                loop(r)
-            assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # removed at close
-        else:
-            loop()
-        return {"params": dict(model.named_parameters()), "buffers": dict(model.named_buffers()),
-                "opt": opt.state_dict(), "rng": torch.get_rng_state(), "next": torch.rand(3)}
-
-    plain, probed = train(False), train(True)
+    plain = run_state(kind, 7, seed=5)
+    probed = run_state(kind, 7, session, seed=5)  # also checks the hooks are removed
     assert_identical(plain, probed)
     data = dynascope.load_run(tmp_path / kind)
     for m in ("weight.distance_init", "weight.spectral_norm", "update.spectral_norm", "update.rms_to_rms",

@@ -70,14 +70,19 @@ def scheduled_diagnostics(x: torch.Tensor, y: torch.Tensor) -> list:
     return out
 
 
-def train(kind: str, run_dir: Path | None, steps: int = 12) -> dict:
-    torch.manual_seed(1234)
+def run_state(kind: str, steps: int, session=None, *, seed: int = 1234, data_seed: int = 7, batches: int = 3,
+              scalars=None) -> dict:
+    """Net trained ``steps`` steps on ``batches`` fixed batches: the invariant tests' one training loop.
+    ``session(model, opt, data)`` opens a probe around the loop (None: the bare loop); ``scalars(model)``,
+    extra keywords of each ``run.step``. Returns what must not change (weights, gradients, buffers,
+    optimizer state, the torch / Python / NumPy RNGs, the next random numbers, train mode)."""
+    torch.manual_seed(seed)
     random.seed(1)
     np.random.seed(1)
     model = Net()
     opt = make_optimizer(kind, model)
-    g = torch.Generator().manual_seed(7)
-    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(4)]
+    g = torch.Generator().manual_seed(data_seed)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(batches)]
 
     def loop(run=None):
         for s in range(steps):
@@ -87,16 +92,17 @@ def train(kind: str, run_dir: Path | None, steps: int = 12) -> dict:
             loss.backward()
             opt.step()
             if run is not None:
-                run.step(loss=loss, acc=(model.head.weight.sum() * 0))
+                run.step(loss=loss, **(scalars(model) if scalars else {}))
 
-    if run_dir is None:
+    if session is None:
         loop()
     else:
-        with dynascope.probe(model, opt, run_dir, every=1, all_params=True,
-                             scheduled=scheduled_diagnostics(*data[0]), flush_every=5) as run:
+        with session(model, opt, data) as run:
             loop(run)
+        assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # removed at close
     return {
         "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "grads": {k: v.grad.clone() for k, v in model.named_parameters()},
         "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
         "opt": opt.state_dict(),
         "rng": torch.get_rng_state().clone(),
@@ -105,6 +111,15 @@ def train(kind: str, run_dir: Path | None, steps: int = 12) -> dict:
         "next_rand": torch.rand(3),
         "training": model.training,
     }
+
+
+def train(kind: str, run_dir: Path | None, steps: int = 12) -> dict:
+    def session(model, opt, data):
+        return dynascope.probe(model, opt, run_dir, every=1, all_params=True,
+                               scheduled=scheduled_diagnostics(*data[0]), flush_every=5)
+
+    return run_state(kind, steps, None if run_dir is None else session, batches=4,
+                     scalars=lambda model: {"acc": model.head.weight.sum() * 0})
 
 
 def assert_identical(a, b, path="") -> None:

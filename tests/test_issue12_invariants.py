@@ -4,52 +4,27 @@ one of them is recorded, not raised."""
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_invariants import Net, assert_identical, make_optimizer  # the invariant tests' model and check
+from test_invariants import Net, assert_identical, make_optimizer, run_state  # the invariant tests' harness
 
 import dynascope
 
 
 def _train(kind: str, run_dir, steps: int = 9) -> dict:
-    torch.manual_seed(4321)
-    random.seed(1)
-    np.random.seed(1)
-    model = Net()
-    opt = make_optimizer(kind, model)
-    g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
+    g = torch.Generator().manual_seed(11)
     held = (torch.randn(40, 3, 8, 8, generator=g), torch.arange(40) % 5)
 
-    def loop(run=None):
-        for s in range(steps):
-            x, y = data[s % len(data)]
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if run is not None:
-                run.step(loss=loss)
-
-    if run_dir is None:
-        loop()
-    else:
+    def session(model, opt, data):
         sched = [dynascope.Calibration(every=3, batch=held),
                  dynascope.NoiseScale(every=3, batch=held, loss_fn=F.cross_entropy, micro_batches=4, mode="train"),
                  dynascope.NoiseScale(every=4, batch=held, loss_fn=F.cross_entropy, micro_batches=5),
                  dynascope.Collapse(every=3, batch=held),
                  dynascope.Collapse(every=4, batch=held, layer="bn1", mode="train")]
-        with dynascope.probe(model, opt, run_dir, every=2, scheduled=sched, on_diagnostic_error="raise") as run:
-            loop(run)
-    return {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
-            "grads": {k: v.grad.clone() for k, v in model.named_parameters()},
-            "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
-            "opt": opt.state_dict(), "rng": torch.get_rng_state().clone(), "next": torch.rand(3),
-            "training": model.training}
+        return dynascope.probe(model, opt, run_dir, every=2, scheduled=sched, on_diagnostic_error="raise")
+
+    return run_state(kind, steps, None if run_dir is None else session, seed=4321, data_seed=3)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
