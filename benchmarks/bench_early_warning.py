@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 import dynascope
 from dynascope.datasets import load_digits
-from dynascope.demo import make_mlp
-from dynascope.drift import DriftDetector
-from dynascope.snapshot import Snapshotter
+from dynascope.commands.demo import make_mlp
+from dynascope.core.drift import DriftDetector
+from dynascope.capture.snapshot import Snapshotter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_overhead import PreLNTransformer  # noqa: E402

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import dynascope
 from dynascope.datasets import load_digits
-from dynascope.demo import HELD_OUT, make_mlp
+from dynascope.commands.demo import HELD_OUT, make_mlp
 from dynascope.probes.scheduled import ScheduledContext
 
 

@@ -103,7 +103,7 @@ def main() -> None:
     from dynascope import load_run
     from dynascope.reports import _data
     from dynascope.reports.figures import all_figures
-    from dynascope.reports.findings import findings
+    from dynascope.analysis.findings import findings
     from dynascope.reports.html import report
 
     run_dir = Path(args.run_dir)

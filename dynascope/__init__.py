@@ -26,10 +26,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from .capture.session import Session, probe  # noqa: E402
 from .probes.base import Collected, Probe, ProbeContext, Stat  # noqa: E402
 from .probes.scheduled import Scheduled, ScheduledContext  # noqa: E402
 from .run import Run, load_run  # noqa: E402
-from .session import Session, probe  # noqa: E402
 from .store import RunData, RunStoreError  # noqa: E402
 
 # public name -> module that defines it (imported lazily)
@@ -65,13 +65,13 @@ _LAZY: dict[str, str] = {
     "neural_collapse": "dynascope.diagnostics.collapse",
     "example_scores": "dynascope.diagnostics.scores",
     "Sentinel": "dynascope.probes.sentinel",
-    "findings": "dynascope.check",
-    "compare": "dynascope.comparison",
-    "detect_events": "dynascope.forensics",
-    "load_snapshot": "dynascope.snapshot",
-    "snapshots": "dynascope.snapshot",
-    "Snapshot": "dynascope.snapshot",
-    "drift_warnings": "dynascope.drift",
+    "findings": "dynascope.analysis.check",
+    "compare": "dynascope.analysis.comparison",
+    "detect_events": "dynascope.analysis.forensics",
+    "load_snapshot": "dynascope.capture.snapshot",
+    "snapshots": "dynascope.capture.snapshot",
+    "Snapshot": "dynascope.capture.snapshot",
+    "drift_warnings": "dynascope.core.drift",
 }
 
 __all__ = ["__version__", "Collected", "Probe", "ProbeContext", "Stat", "RunData", "Scheduled", "ScheduledContext",

@@ -1,7 +1,7 @@
 """``dynascope.load_run``: a run directory as a :class:`Run`, the store's
 :class:`~dynascope.store.RunData` plus what needs the layers above the store:
-its events and forensics (:mod:`dynascope.forensics`), its snapshots
-(:mod:`dynascope.snapshot`) and its notebook display
+its events and forensics (:mod:`dynascope.analysis.forensics`), its snapshots
+(:mod:`dynascope.capture.snapshot`) and its notebook display
 (:mod:`dynascope.reports.inline`). The store itself knows none of them."""
 
 from __future__ import annotations
@@ -29,31 +29,31 @@ class Run(RunData):
         """Events (loss spikes, non-finite losses, ...): columns step, kind, value, threshold, source.
 
         The stored ``event.<kind>`` rows, or events detected from the recorded loss when none is stored
-        (see :func:`dynascope.forensics.run_events` and docs/forensics.md).
+        (see :func:`dynascope.analysis.forensics.run_events` and docs/forensics.md).
         """
-        from .forensics import run_events
+        from .analysis.forensics import run_events
 
         return run_events(self, detect=detect)
 
     def forensics(self, step: int, **kwargs: Any) -> pd.DataFrame:
         """Modules ranked by when they left their running band before the event at ``step``: columns
-        module, metric, first_step, ratio, ... (see :func:`dynascope.forensics.forensics`)."""
-        from .forensics import forensics
+        module, metric, first_step, ratio, ... (see :func:`dynascope.analysis.forensics.forensics`)."""
+        from .analysis.forensics import forensics
 
         return forensics(self, step, **kwargs)
 
 
     def snapshots(self) -> pd.DataFrame:
         """The model/optimizer/RNG snapshots the run wrote on events (``snapshot_every``): columns step,
-        event, event_step, nbytes, file (see :mod:`dynascope.snapshot`)."""
-        from .snapshot import snapshots
+        event, event_step, nbytes, file (see :mod:`dynascope.capture.snapshot`)."""
+        from .capture.snapshot import snapshots
 
         return snapshots(self)
 
     def snapshot(self, step: int | None = None) -> Any:
-        """The snapshot taken at ``step`` (default: the last one) as a :class:`dynascope.snapshot.Snapshot`;
+        """The snapshot taken at ``step`` (default: the last one) as a :class:`dynascope.capture.snapshot.Snapshot`;
         ``.restore(model, optimizer)`` puts it back for a replay."""
-        from .snapshot import load_snapshot
+        from .capture.snapshot import load_snapshot
 
         return load_snapshot(self, step)
 

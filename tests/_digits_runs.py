@@ -13,7 +13,7 @@ import torch
 
 import dynascope
 from dynascope.datasets import load_digits
-from dynascope.demo import make_mlp
+from dynascope.commands.demo import make_mlp
 
 
 def train(path: str | Path, *, steps: int, every: int = 1, optimizer: str = "sgd", lr: float = 0.05,

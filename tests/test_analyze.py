@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dynascope import analyze as analyze_mod
-from dynascope.cli import main
+from dynascope.commands.cli import main
 from dynascope.diagnostics.weights import angular_change, stable_rank
 from dynascope.store import RunStore, load_run
 

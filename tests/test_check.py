@@ -75,7 +75,7 @@ def test_findings_with_baseline_put_deviations_first(runs):
 
 
 def _main(capsys, *args: str) -> tuple[int, str, str]:
-    from dynascope.cli import main
+    from dynascope.commands.cli import main
 
     try:
         code = main(["check", *args])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynascope.checkpoints import (
+from dynascope.commands.checkpoints import (
     KeyMismatchError,
     NotACheckpointError,
     UnsafeCheckpointError,
@@ -207,7 +207,7 @@ def test_missing_safetensors_package_message(tmp_path, monkeypatch) -> None:
 
     (tmp_path / "w.safetensors").write_bytes(b"\x00" * 16)
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    from dynascope.checkpoints import CheckpointError
+    from dynascope.commands.checkpoints import CheckpointError
 
     with pytest.raises(CheckpointError, match="pip install safetensors"):
         load_checkpoint(tmp_path / "w.safetensors")

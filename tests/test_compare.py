@@ -127,7 +127,7 @@ def test_same_seed_and_other_data_order_give_no_deviation(digits_runs):
 
 
 def test_report_with_baseline_lists_deviations_first(digits_runs, tmp_path):
-    from dynascope.cli import main
+    from dynascope.commands.cli import main
 
     out = tmp_path / "r.html"
     assert main(["report", str(digits_runs["hot"].path), "--baseline", str(digits_runs["base"].path),

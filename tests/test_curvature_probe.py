@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynascope._guard import preserved_state, rng_state
+from dynascope.core.guard import preserved_state, rng_state
 from dynascope.diagnostics.hessian import (
     hessian_eigenvalues,
     hessian_trace,

@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dynascope
-import dynascope.distributed
-from dynascope.distributed import LayoutMismatchError, RankReducer, chan_merge, shifted_moments, unshifted_moments
+import dynascope.capture.distributed
+from dynascope.capture.distributed import LayoutMismatchError, RankReducer, chan_merge, shifted_moments, unshifted_moments
 
 WORLD = 2
 STEPS = 3
@@ -117,7 +117,7 @@ def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int =
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    _spy_finish(dynascope.distributed)
+    _spy_finish(dynascope.capture.distributed)
     report: dict = {}
     per = GLOBAL_BATCH // WORLD
     try:
@@ -145,7 +145,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
             report["fsdp"] = _train(m, "adam", os.path.join(out, "fsdp", f"rank{rank}"), rank * per,
                                     (rank + 1) * per, after_backward=average_bias_grad)
-            report["fsdp_bias_sharded"] = dynascope.distributed.is_sharded(bias)
+            report["fsdp_bias_sharded"] = dynascope.capture.distributed.is_sharded(bias)
 
         # unequal batches (3 and 5 examples): activation moments still merge exactly
         m = _model()

@@ -1,4 +1,4 @@
-"""The early warning (dynascope.drift): the CUSUM against a plain re-implementation, its behaviour on
+"""The early warning (dynascope.core.drift): the CUSUM against a plain re-implementation, its behaviour on
 planted drifts, spikes and healthy noise, and the live sentinel before an organic explosion of a tiny
 Hugging Face GPT-2."""
 
@@ -12,7 +12,7 @@ import torch
 
 import dynascope
 from dynascope.datasets import load_digits
-from dynascope.drift import DriftDetector, drift_warnings
+from dynascope.core.drift import DriftDetector, drift_warnings
 
 
 def _reference_statistics(values: np.ndarray, window=20, k=1.0, h=10.0, clip=4.0, start=20):

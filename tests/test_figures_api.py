@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import dynascope
-from dynascope.analyze import AnalyzeOptions, analyze
+from dynascope.commands.analyze import AnalyzeOptions, analyze
 from dynascope.reports import html as html_mod
 from dynascope.reports.catalog import FigureDataError
 from dynascope.reports.figures import REGISTRY, all_figures, register

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import dynascope
-from dynascope.cli import main as cli_main
+from dynascope.commands.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

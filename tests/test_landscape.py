@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynascope._guard import preserved_state
+from dynascope.core.guard import preserved_state
 from dynascope.diagnostics.landscape import (
     filter_normalized_direction,
     interpolate,

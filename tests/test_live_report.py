@@ -180,7 +180,7 @@ def test_watch_stops_on_sigint_and_refuses_bad_arguments(tmp_path):
     (["--watch", "1", "--format", "png"], "cannot be used with --format"),
 ])
 def test_watch_argument_errors(tmp_path, capsys, argv, message):
-    from dynascope.cli import main
+    from dynascope.commands.cli import main
 
     assert main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.html"), *argv]) == 2
     assert message in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynascope._guard import preserved_state
+from dynascope.core.guard import preserved_state
 from dynascope.diagnostics.plasticity import (
     dead_fraction,
     dormant_fraction,

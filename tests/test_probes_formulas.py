@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynascope
-from dynascope._names import clean_name, select_modules
+from dynascope.core.names import clean_name, select_modules
 
 ACT = ("act.mean", "act.var", "act.channel_sq_mean", "act.channel_var", "act.absmax", "act.zero_frac")
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynascope
-from dynascope._names import clean_name, is_container
+from dynascope.core.names import clean_name, is_container
 from dynascope.probes.activations import ACT_METRICS
 
 STEPS = 4

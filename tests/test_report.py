@@ -10,7 +10,7 @@ import pytest
 from _synthetic import XSS, make_run
 
 from dynascope import load_run
-from dynascope.cli import main
+from dynascope.commands.cli import main
 from dynascope.reports import html as html_mod
 from dynascope.reports.figures import REGISTRY, FigureSpec, run_colors
 from dynascope.reports.html import report

@@ -130,7 +130,7 @@ def test_bad_arguments():
 def test_analyze_records_quantiles_and_per_example_scores(tmp_path, capsys):
     from test_analyze import MODEL_SRC, _write_checkpoints
 
-    from dynascope.cli import main
+    from dynascope.commands.cli import main
 
     (tmp_path / "usermodel.py").write_text(MODEL_SRC)
     _write_checkpoints(tmp_path / "ck", steps=(0, 40))
@@ -166,7 +166,7 @@ def test_analyze_records_quantiles_and_per_example_scores(tmp_path, capsys):
 def test_analyze_scores_needs_data_and_a_known_kind(tmp_path, capsys):
     from test_analyze import MODEL_SRC, _write_checkpoints
 
-    from dynascope.cli import main
+    from dynascope.commands.cli import main
 
     (tmp_path / "usermodel.py").write_text(MODEL_SRC)
     _write_checkpoints(tmp_path / "ck", steps=(0,))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dynascope
-from dynascope.snapshot import load_snapshot, rng_state, set_rng_state, snapshots
+from dynascope.capture.snapshot import load_snapshot, rng_state, set_rng_state, snapshots
 
 FAULT = 47  # the learning rate is x100 at steps 47-49
 
@@ -110,7 +110,7 @@ def test_snapshot_bad_input_and_missing_files(tmp_path):
 
 def test_the_snapshot_written_is_the_newest_that_precedes_the_event():
     """An event is read one or more steps late on CUDA: the newest snapshot may postdate it."""
-    from dynascope.snapshot import Snapshotter
+    from dynascope.capture.snapshot import Snapshotter
 
     class Store:
         def __init__(self):

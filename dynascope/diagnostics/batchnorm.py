@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._guard import preserved_state
+from ..core.guard import preserved_state
 from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, model_device_dtype, move_to
 
 __all__ = ["BNGapResult", "bn_modules", "batch_vs_running", "channel_terms", "train_eval_gap"]

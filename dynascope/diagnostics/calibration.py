@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._checks import positive_int
+from ..core.checks import positive_int
 
 __all__ = ["calibration", "CalibrationResult", "CalibrationBins"]
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._guard import preserved_state
+from ..core.guard import preserved_state
 from ._batch import Forward, LossFn
 from .hvp import HessianOperator, Mode, Params, _make_operator
 from .lanczos import EigenResult, _check_common, _eigen_on_operator, _lanczos, _progress

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._guard import preserved_state, rng_state, set_rng_state
+from ..core.guard import preserved_state, rng_state, set_rng_state
 from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, trainable_named_parameters
 
 __all__ = ["gradient_noise_scale", "NoiseScaleResult", "noise_scale_from_norms", "KEEP_BYTES"]

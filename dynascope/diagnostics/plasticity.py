@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._guard import preserved_state
+from ..core.guard import preserved_state
 from ._batch import default_forward, model_device_dtype, move_to
 
 __all__ = [

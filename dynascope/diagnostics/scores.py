@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._guard import preserved_state
+from ..core.guard import preserved_state
 from ._batch import Forward, LossFn, as_pairs, default_forward
 from ._batch import batch_size as _n_examples
 from .noise_scale import _take

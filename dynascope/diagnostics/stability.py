@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._guard import preserved_state
+from ..core.guard import preserved_state
 from ._batch import Forward, LossFn
 from .hvp import Mode, _make_operator
 from .lanczos import EigenResult, _check_common, _eigen_on_operator

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from .._checks import positive_int
-from ..session import Session
+from ..capture.session import Session
+from ..core.checks import positive_int
 
 try:  # the unified package first: its Trainer only accepts its own Callback class
     from lightning.pytorch import Callback as _Callback

@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from ..commands.cli import UserError
     from ..store import RunStoreError, load_run
 
     try:

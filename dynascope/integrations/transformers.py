@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .._checks import positive_int
-from ..session import Session
+from ..capture.session import Session
+from ..core.checks import positive_int
 
 __all__ = ["DynascopeCallback", "DEFAULT_SUBDIR"]
 

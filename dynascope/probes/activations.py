@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._names import ModuleFilter, select_modules
-from ..coverage import CoverageRow
+from ..core.coverage import CoverageRow
+from ..core.names import ModuleFilter, select_modules
 from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]

@@ -15,7 +15,7 @@ each tagged with how it combines across processes (:class:`Stat`), and ONE
 ``finish(reduced) -> values`` that holds the probe's formulas. In one process
 ``finish`` runs on the local statistics (the trivial reduction); under
 ``torch.distributed`` it runs on the statistics reduced over the ranks by a
-generic reducer that knows no probe (:mod:`dynascope.distributed`). So every
+generic reducer that knows no probe (:mod:`dynascope.capture.distributed`). So every
 formula exists once, and a custom probe works under DDP/FSDP for free::
 
     class WeightAbsMax(Probe):
@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..coverage import CoverageRow
+from ..core.coverage import CoverageRow
 
 __all__ = ["Probe", "Collected", "Row", "Stat", "ProbeContext", "REDUCTIONS"]
 

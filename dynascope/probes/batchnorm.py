@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._names import select_modules
-from ..coverage import CoverageRow
+from ..core.coverage import CoverageRow
+from ..core.names import select_modules
 from ..diagnostics._batch import Forward, LossFn, _is_pair
 from ..diagnostics.batchnorm import channel_terms, train_eval_gap
 from .activations import shifted_var_mean

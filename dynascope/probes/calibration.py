@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import torch
 
-from .._checks import positive_int
-from .._guard import preserved_state
+from ..core.checks import positive_int
+from ..core.guard import preserved_state
 from ..diagnostics._batch import Forward, default_forward
 from ..diagnostics.calibration import calibration
 from ._eval import DeviceBatch, logits_of

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._guard import preserved_state
-from .._names import clean_name, is_wrapped
+from ..core.guard import preserved_state
+from ..core.names import clean_name, is_wrapped
 from ..diagnostics._batch import Forward, default_forward
 from ..diagnostics.collapse import neural_collapse
 from ._eval import DeviceBatch

@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from ..coverage import CoverageRow
+from ..core.coverage import CoverageRow
 from .base import Collected, Probe, ProbeContext
 
 __all__ = ["DistanceProbe", "INIT_FILE"]

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from .._names import select_modules
-from ..coverage import CoverageRow
+from ..core.coverage import CoverageRow
+from ..core.names import select_modules
 from ._groups import ParamLayout, ShapeGroups, row_view_shape, rowdot, stacked_weights
 from .base import Collected, Probe, ProbeContext, Stat
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from .._checks import positive_int
+from ..core.checks import positive_int
 from ..diagnostics._batch import Forward, LossFn, batch_size
 from ..diagnostics.noise_scale import gradient_noise_scale
 from ._eval import DeviceBatch

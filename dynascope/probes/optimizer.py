@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..coverage import CoverageRow
+from ..core.coverage import CoverageRow
 from ._groups import ParamLayout, ShapeGroups, rowdot, stacked_weights
 from .base import Collected, Probe, ProbeContext, Stat
 

@@ -4,7 +4,7 @@ or at chosen steps, under the state guard, and record its results.
 A scheduled diagnostic subclasses :class:`Scheduled` and implements
 ``run(ctx)``; the session calls it when ``due(step)`` is true (and once more at
 the end of the run when ``at="end"``), inside
-:func:`dynascope._guard.preserved_state`, so training continues bit-identically
+:func:`dynascope.core.guard.preserved_state`, so training continues bit-identically
 (architecture invariant 3). ``run`` writes through the context:
 
 * ``ctx.log(metric, value, layer="")`` for scalar rows,
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import positive_int
-from .._guard import preserved_state
+from ..core.checks import positive_int
+from ..core.guard import preserved_state
 
 __all__ = ["Scheduled", "ScheduledContext", "run_guarded"]
 

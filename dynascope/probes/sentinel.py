@@ -12,14 +12,14 @@ trainable parameters in memory).
 Nothing synchronises with the host per step: each step's row is copied to the
 host without blocking (pinned memory and an event on CUDA) and read one step
 later. Events are detected on the host from those late values: a loss spike
-(the rule of :func:`dynascope._robust.spike_threshold`: above twice the running
+(the rule of :func:`dynascope.core.robust.spike_threshold`: above twice the running
 median of the previous values, by more than 6 robust SDs, and by at least 25%
 of the starting loss, the median of the first 3 losses: minibatch losses near
 zero jump by 10% of it), a global-gradient-norm spike (the same rule, 10x the
 running median: minibatch gradient norms move 2-2.5x from step to step, and above the running
 median by at least the starting gradient norm, the median of the first 3: near zero loss a BatchNorm
 net's minibatch gradient norms jump 10x while staying below where they started), a non-finite loss or
-gradient norm, and an early ``warning`` (:mod:`dynascope.drift`: a CUSUM on the loss and on most
+gradient norm, and an early ``warning`` (:mod:`dynascope.core.drift`: a CUSUM on the loss and on most
 modules' gradient and update norms creeping upward). The sentinel judges a value only once
 SPIKE_WINDOW (20) finite values precede it: the first steps of training are not compared with an
 immature band. On an event the ring buffer's window up to the event is written at full resolution,
@@ -27,7 +27,7 @@ the session records the full probes at every step for the next ``burst`` steps (
 snapshot, with ``snapshot_every``), and ``event.<kind>`` / ``event.<kind>.threshold`` rows (one per
 episode: an event within ``burst`` steps of the last one of its kind belongs to it; a warning within
 ``burst`` steps of any event is left out) record it, with a mark ``event.warning`` holding what
-drifted (:func:`dynascope.forensics.run_events` reads them back). In normal operation the sentinel
+drifted (:func:`dynascope.analysis.forensics.run_events` reads them back). In normal operation the sentinel
 writes ``update.norm`` per module at the recording steps only, so the store does not grow per step.
 """
 
@@ -43,9 +43,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from .._names import select_modules
-from .._robust import GRAD_MIN_RISE, GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
-from ..drift import DriftDetector
+from ..core.drift import DriftDetector
+from ..core.names import select_modules
+from ..core.robust import GRAD_MIN_RISE, GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
 from .base import Collected, ProbeContext
 
 __all__ = ["Sentinel", "SentinelEvent"]
@@ -79,7 +79,7 @@ class Sentinel:
     event); ``burst``: steps recorded with every probe after an event;
     ``updates``: also the per-module update norm (costs a copy of the trainable
     weights per step and their memory); ``drift``: the early warning, a CUSUM drift
-    detector on the loss and the norms (:mod:`dynascope.drift`) that raises a
+    detector on the loss and the norms (:mod:`dynascope.core.drift`) that raises a
     ``warning`` event."""
 
     def __init__(self, window: int = 64, burst: int = 20, updates: bool = True, drift: bool = True) -> None:

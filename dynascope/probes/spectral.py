@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from .._checks import positive_int
+from ..core.checks import positive_int
 from .base import Collected, Probe
 
 __all__ = ["SpectralProbe", "power_iteration"]

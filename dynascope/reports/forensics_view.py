@@ -1,7 +1,7 @@
 """The report's forensics and comparison sections: tables and small-multiples figures.
 
 * Forensics (opens the report): for each event of each run (at most ``MAX_EVENTS`` per run, loss events
-  first), the ranked table of :func:`dynascope.forensics.forensics` and a figure of the loss and the top
+  first), the ranked table of :func:`dynascope.analysis.forensics.forensics` and a figure of the loss and the top
   modules' norms around the event, each panel with its running band (median +- k robust SDs of the
   previous values, the band the table tests) and the event and first-departure steps marked.
 * Comparison (with a baseline): the first deviations of :func:`dynascope.compare` and a figure of the run
@@ -20,8 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..drift import describe
-from ..forensics import (
+from ..analysis.forensics import (
     BAND_MADS,
     BAND_WINDOW,
     EVENT_MERGE,
@@ -32,8 +31,8 @@ from ..forensics import (
     rolling_band,
     run_events,
 )
-from ..store import RunData
-from . import _data
+from ..core.drift import describe
+from ..store import RunData, query
 from .figures._helpers import CAPTION_ATTR, few_xticks, finish, log_axis, new_figure, plot_series, set_caption, text
 
 __all__ = ["forensics_items", "comparison_items", "forensics_figure", "comparison_figure", "MAX_EVENTS",
@@ -62,7 +61,7 @@ def _window_series(run: RunData, metric: str, layer: str, lo: int, hi: int, wind
                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """Steps and values in [lo, hi], preceded by up to ``window`` earlier recorded values (for the band);
     the third value is how many leading values are only there for the band."""
-    s, v = _data.series(run, metric, layer)
+    s, v = query.series(run, metric, layer)
     if len(s) == 0:
         return s, v, 0
     a, b = int(np.searchsorted(s, lo, side="left")), int(np.searchsorted(s, hi, side="right"))
@@ -190,8 +189,8 @@ def forensics_items(runs: Sequence[RunData], render: Render, *, max_events: int 
 def comparison_figure(run: RunData, baseline: RunData, dev: pd.DataFrame, *, panels: int = 6) -> Figure | None:
     """Small multiples of the first deviating layers (one panel per layer, its first metric): the run, the
     baseline and the band the run is tested against; the first deviating step marked."""
-    from ..comparison import band
-    from .findings import distinct_layers
+    from ..analysis.comparison import band
+    from ..analysis.findings import distinct_layers
 
     firsts = dev[dev["layer"].isin(distinct_layers(dev)[:panels])].drop_duplicates("layer")
     if firsts.empty:

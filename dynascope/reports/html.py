@@ -30,12 +30,11 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from .. import __version__
-from ..store import RunData, RunStoreError, load_run
-from . import _data
+from ..analysis.findings import BASELINE_RULE, Finding
+from ..analysis.findings import collect as collect_findings
+from ..store import RunData, RunStoreError, load_run, query
 from .figures import FigureSpec, all_figures, run_colors
 from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
-from .findings import BASELINE_RULE, Finding
-from .findings import collect as collect_findings
 from .forensics_view import comparison_items, forensics_items
 from .report_path import ReportPath
 
@@ -176,10 +175,10 @@ def _fmt_value(v: Any) -> str:
 
 
 def _steps_summary(run: RunData) -> str:
-    metric = "loss" if _data.has(run, "loss") else (_data.metrics(run) or [None])[0]
+    metric = "loss" if query.has(run, "loss") else (query.metrics(run) or [None])[0]
     if metric is None:
         return "nothing recorded"
-    st = _data.steps(run, metric)
+    st = query.steps(run, metric)
     if len(st) == 0:
         return "nothing recorded"
     return f"{len(st)} recorded ({metric}), steps {int(st[0])} to {int(st[-1])}"
@@ -301,7 +300,7 @@ def _deviations(runs: Sequence[RunData], baseline: RunData | None) -> dict[str, 
     """``compare(run, baseline)`` per run name; a run that cannot be compared gets a warning, not an error."""
     if baseline is None:
         return {}
-    from ..comparison import compare
+    from ..analysis.comparison import compare
 
     out = {}
     for r in runs:

@@ -21,8 +21,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, Template, select_autoescape
 
-from ..store import RunData, load_run
-from . import _data
+from ..store import RunData, load_run, query
 
 __all__ = ["run_html", "ReportPath", "figure_call", "IFRAME_HEIGHT"]
 
@@ -49,10 +48,10 @@ def figure_call(figure_key: str | None, keys: list[str]) -> str | None:
 
 def _metric_rows(run: RunData) -> list[dict[str, Any]]:
     rows = []
-    for m in _data.metrics(run):
-        lays = _data.layers(run, m)
+    for m in query.metrics(run):
+        lays = query.layers(run, m)
         n = len([x for x in lays if x != ""])
-        st = _data.steps(run, m, lays[0]) if lays else []
+        st = query.steps(run, m, lays[0]) if lays else []
         rows.append({"name": m, "layers": "run-level" if lays == [""] else n, "n_steps": len(st),
                      "first": int(st[0]) if len(st) else "", "last": int(st[-1]) if len(st) else ""})
     return rows
@@ -70,9 +69,9 @@ def _artifact_rows(run: RunData) -> list[dict[str, Any]]:
 
 def run_html(run: RunData) -> str:
     """The run as an HTML fragment for a notebook (re-read from disk: a run still training shows its progress)."""
+    from ..analysis.findings import findings
     from .catalog import figures
     from .figures import all_figures
-    from .findings import findings
     from .html import run_summary
 
     try:

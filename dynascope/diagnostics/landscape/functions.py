@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..._guard import preserved_state
+from ...core.guard import preserved_state
 from .._batch import (
     Forward,
     LossFn,

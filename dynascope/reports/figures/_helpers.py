@@ -20,8 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 from matplotlib.transforms import blended_transform_factory
 
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 
 __all__ = ["new_figure", "plot_series", "decimate", "pick_layers", "depth_modules", "set_caption", "text",
            "run_gid", "short", "run_label", "finish", "log_axis", "few_xticks", "NONFINITE_HANDLE", "run_legend",
@@ -193,7 +192,7 @@ def depth_modules(run: RunData, metric: str) -> tuple[list[str], str]:
        nn.Sequential), in model order;
     3. else the top-level modules (no ``.`` in the name).
     """
-    recorded = _data.layers(run, metric)
+    recorded = query.layers(run, metric)
     rec = set(recorded)
     blocks = run.meta.get("blocks")
     if blocks:

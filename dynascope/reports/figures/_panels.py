@@ -8,8 +8,7 @@ from collections.abc import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 from . import run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
@@ -56,16 +55,16 @@ def layer_panels(
     evenly spaced). ``leading`` = (metric, layer, title) of a first panel (e.g. the whole network), drawn
     when a run recorded it. Returns the figure, the layers shown, how many were available and whether
     any value was non-finite; None when no run recorded ``metric``."""
-    have = [r for r in runs if _data.has(r, metric)]
+    have = [r for r in runs if query.has(r, metric)]
     if not have:
         return None
     pool: list[str] = []
     for r in have:
-        for lay in (candidates(r) if candidates else _data.layers(r, metric)):
+        for lay in (candidates(r) if candidates else query.layers(r, metric)):
             if lay and lay not in pool:
                 pool.append(lay)
     if layers is not None:
-        recorded = {lay for r in have for lay in _data.layers(r, metric)}
+        recorded = {lay for r in have for lay in query.layers(r, metric)}
         unknown = [lay for lay in layers if lay not in recorded]
         if unknown or not layers:
             raise ValueError(f"layers={list(layers)!r}: {metric} was not recorded for {unknown or 'an empty list'}; "
@@ -73,7 +72,7 @@ def layer_panels(
         pool = list(layers)
     shown = pool if layers is not None else pick_layers(pool, MAX_LAYERS)
     panels: list[tuple[str, str, str]] = []
-    if leading is not None and any(_data.has(r, leading[0]) for r in runs):
+    if leading is not None and any(query.has(r, leading[0]) for r in runs):
         panels.append(leading)
     panels += [(metric, lay, short(lay, 38)) for lay in shown]
     if not panels:
@@ -87,7 +86,7 @@ def layer_panels(
     any_bad = False
     for ax, (m, lay, title) in zip(axes, panels):
         for i, (r, c) in enumerate(zip(runs, colors)):
-            s, v = _data.series(r, m, lay)
+            s, v = query.series(r, m, lay)
             if len(s) == 0:
                 continue
             any_bad |= plot_series(ax, s + 1 if logx else s, v, color=c, log=logy, linewidth=1.1,
@@ -112,7 +111,7 @@ def layer_panels(
             ax.set_xlabel("step + 1 (updates applied)" if logx else "step", fontsize=9)
     for ax in axes[::cols]:
         ax.set_ylabel(text(ylabel), fontsize=9)
-    idx = [i for i, r in enumerate(runs) if _data.has(r, metric)]  # a run without the metric has no legend entry
+    idx = [i for i, r in enumerate(runs) if query.has(r, metric)]  # a run without the metric has no legend entry
     run_legend(fig, [runs[i] for i in idx], [colors[i] for i in idx],
                list(handles.values()) + ([NONFINITE_HANDLE] if any_bad else []))
     finish(fig, rows, cols, hgap=0.45, wgap=0.7)
@@ -123,7 +122,7 @@ def companion(metric: str, handle: object, linestyle: str) -> Extra:
     """An ``extra`` that draws ``metric`` of the same layer in each panel (thin, ``linestyle``, log scale)
     and puts ``handle`` in the legend: a threshold or a related norm beside the panel's metric."""
     def extra(fig: Figure, ax: object, i: int, r: RunData, m: str, lay: str, c: str) -> list:
-        s, v = _data.series(r, metric, lay)
+        s, v = query.series(r, metric, lay)
         if len(s) == 0:
             return []
         plot_series(ax, s, v, color=c, linestyle=linestyle, linewidth=1, log=True,

@@ -16,8 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 from . import figure, run_colors
 from ._helpers import finish, log_axis, new_figure, plot_series, run_gid, run_label, run_legend, set_caption, text
 
@@ -47,7 +46,7 @@ def _wide(ax) -> bool:
         source="Guo et al. 2017, On Calibration of Modern Neural Networks, Fig. 3", order=600,
         metrics=("calibration.ece", "calibration.nll"), recorded_by='dynascope.Calibration(every=N, batch=(x, y))')
 def calibration_curves(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "calibration.ece")]
+    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "calibration.ece")]
     if not have:
         return None
     colors = run_colors(runs)
@@ -57,12 +56,12 @@ def calibration_curves(runs: Sequence[RunData]) -> Figure | None:
               ("calibration.accuracy", "accuracy (solid), mean confidence (dashed)")]
     for ax, (metric, title) in zip(axes, panels):
         for i, r in have:
-            s, v = _data.series(r, metric)
+            s, v = query.series(r, metric)
             if len(s):
                 plot_series(ax, s, v, color=colors[i], gid=run_gid(fig, i, f"{r.name}: {metric}"), linewidth=1.3,
                             marker="o" if len(s) <= 40 else None, markersize=3)
             if metric == "calibration.accuracy":
-                s2, v2 = _data.series(r, "calibration.confidence")
+                s2, v2 = query.series(r, "calibration.confidence")
                 if len(s2):
                     plot_series(ax, s2, v2, color=colors[i], linestyle="--", linewidth=1.1,
                                 gid=run_gid(fig, i, f"{r.name}: calibration.confidence"))

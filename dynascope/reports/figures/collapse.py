@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 from . import figure, run_colors
 from ._helpers import finish, log_axis, new_figure, plot_series, run_gid, run_legend, set_caption, short, text
 
@@ -27,8 +26,8 @@ _STYLES = ["-", "--", ":", "-."]
 def _where(have: Sequence[tuple[int, RunData]], layer: str) -> str:
     """'input of NAME' or 'output of NAME', from the recorded ``collapse.input`` flag."""
     for _, r in have:
-        if _data.has(r, "collapse.input"):
-            _, flag = _data.series(r, "collapse.input", layer)
+        if query.has(r, "collapse.input"):
+            _, flag = query.series(r, "collapse.input", layer)
             if len(flag):
                 return f"{'input' if flag[-1] > 0.5 else 'output'} of {text(short(layer, 30))}"
     return text(short(layer, 30))
@@ -38,7 +37,7 @@ def _where(have: Sequence[tuple[int, RunData]], layer: str) -> str:
         "equiangularity", source="Papyan, Han and Donoho 2020, PNAS, Figs. 2, 3 and 6", order=630,
         metrics=("collapse.nc1",), recorded_by='dynascope.Collapse(every=N, batch=(x, y))')
 def collapse_figure(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "collapse.nc1")]
+    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "collapse.nc1")]
     if not have:
         return None
     colors = run_colors(runs)
@@ -49,14 +48,14 @@ def collapse_figure(runs: Sequence[RunData]) -> Figure | None:
               ("collapse.equiangular", "equiangular: std of class-mean cosines", False)]
     layers: list[str] = []
     for _, r in have:
-        for lay in _data.layers(r, "collapse.nc1"):
+        for lay in query.layers(r, "collapse.nc1"):
             if lay not in layers:
                 layers.append(lay)
     shown = layers[:MAX_LAYERS]
     for ax, (metric, title, log) in zip(axes, panels):
         for i, r in have:
             for j, lay in enumerate(shown):
-                s, v = _data.series(r, metric, lay)
+                s, v = query.series(r, metric, lay)
                 if len(s):
                     plot_series(ax, s, v, color=colors[i], linestyle=_STYLES[j % len(_STYLES)], linewidth=1.3,
                                 log=log, marker="o" if len(s) <= 40 else None, markersize=3,

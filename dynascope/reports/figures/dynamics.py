@@ -15,8 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 from . import figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
@@ -79,7 +78,7 @@ def bn_var_ratio(runs: Sequence[RunData]) -> Figure | None:
         source="train/eval discrepancy of BatchNorm (Ioffe 2017; Summers and Dinneen 2020)", order=236,
         metrics=("bn.train_eval_gap",), recorded_by='dynascope.BNGap(every=N, batch=(x, y), loss_fn=...)')
 def bn_gap(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "bn.train_eval_gap")]
+    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "bn.train_eval_gap")]
     if not have:
         return None
     fig = new_figure(10, 3.6)
@@ -88,11 +87,11 @@ def bn_gap(runs: Sequence[RunData]) -> Figure | None:
     any_bad = False
     losses: list[np.ndarray] = []
     for i, r in have:
-        s, v = _data.series(r, "bn.train_eval_gap")
+        s, v = query.series(r, "bn.train_eval_gap")
         any_bad |= plot_series(ax1, s, v, color=colors[i], marker="o", markersize=3, linewidth=1.1,
                                gid=run_gid(fig, i, f"{r.name}: bn.train_eval_gap"))
         for metric, ls in (("bn.eval_loss", "-"), ("bn.train_loss", "--")):
-            s, v = _data.series(r, metric)
+            s, v = query.series(r, metric)
             if len(s):
                 any_bad |= plot_series(ax2, s, v, color=colors[i], linestyle=ls, linewidth=1.1,
                                        gid=run_gid(fig, i, f"{r.name}: {metric}"))
@@ -145,7 +144,7 @@ def distance_init(runs: Sequence[RunData]) -> Figure | None:
     def extra(fig, ax, i, r, m, lay, c):
         if lay != "":
             return []
-        s, v = _data.series(r, m, lay)
+        s, v = query.series(r, m, lay)
         fit = _log_fit(s, v)
         if fit is None:
             return []

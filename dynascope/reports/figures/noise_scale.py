@@ -22,8 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 from . import figure, run_colors
 from ._helpers import finish, log_axis, new_figure, run_gid, run_legend, set_caption
 
@@ -35,8 +34,8 @@ WINDOW = 5  # recorded measurements in the running median
 def point_estimates(run: RunData) -> tuple[np.ndarray, np.ndarray]:
     """Steps and tr(Sigma)/|G|^2 at every measurement, +inf where the |G|^2 estimate is <= 0 (noise dominates:
     B_simple beyond what the probe batch resolves) and tr(Sigma) > 0, NaN where both are <= 0."""
-    s_g, g = _data.series(run, "gns.grad_sq")
-    s_t, t = _data.series(run, "gns.trace_cov")
+    s_g, g = query.series(run, "gns.grad_sq")
+    s_t, t = query.series(run, "gns.trace_cov")
     df = pd.DataFrame({"g": pd.Series(g, index=s_g), "t": pd.Series(t, index=s_t)}).dropna()
     with np.errstate(divide="ignore", invalid="ignore"):
         b = np.where(df["g"] > 0, df["t"] / df["g"], np.where(df["t"] > 0, np.inf, np.nan))
@@ -60,7 +59,7 @@ def smoothed_noise_scale(run: RunData, window: int = WINDOW) -> tuple[np.ndarray
         metrics=("gns.simple", "gns.grad_sq", "gns.trace_cov"),
         recorded_by="dynascope.NoiseScale(every=N, batch=..., loss_fn=...)")
 def noise_scale_figure(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "gns.grad_sq")]
+    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "gns.grad_sq")]
     if not have:
         return None
     colors = run_colors(runs)
@@ -69,8 +68,8 @@ def noise_scale_figure(runs: Sequence[RunData]) -> Figure | None:
     n_unresolved = 0
     for i, r in have:
         c = colors[i]
-        s, v = _data.series(r, "gns.simple")
-        se_s, se = _data.series(r, "gns.simple_stderr")
+        s, v = query.series(r, "gns.simple")
+        se_s, se = query.series(r, "gns.simple_stderr")
         err = pd.Series(se, index=se_s).reindex(s).to_numpy(dtype=float) if len(se_s) else np.full(len(s), np.nan)
         ok = np.isfinite(v) & (v > 0)
         if ok.any():
@@ -78,13 +77,13 @@ def noise_scale_figure(runs: Sequence[RunData]) -> Figure | None:
             lower = np.minimum(np.nan_to_num(err[ok]), 0.9 * v[ok])
             ax.errorbar(s[ok], v[ok], yerr=[lower, np.nan_to_num(err[ok])], fmt="o", color=c, markersize=3,
                         alpha=0.45, elinewidth=0.8, gid=run_gid(fig, i, f"{r.name}: gns.simple"))
-        gs, _ = _data.series(r, "gns.grad_sq")
+        gs, _ = query.series(r, "gns.grad_sq")
         n_unresolved += len(gs) - int(ok.sum())
         ss, sm = smoothed_noise_scale(r)
         good = np.isfinite(sm) & (sm > 0)
         if good.any():
             ax.plot(ss[good], sm[good], color=c, linewidth=1.8, gid=run_gid(fig, i, f"{r.name}: smoothed B_simple"))
-        bs, bv = _data.series(r, "gns.batch_size")
+        bs, bv = query.series(r, "gns.batch_size")
         if len(bs):
             ax.axhline(float(bv[-1]), color=c, linestyle="--", linewidth=1.2)
     log_axis(ax)

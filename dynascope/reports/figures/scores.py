@@ -15,8 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 from . import figure, run_colors
 from ._helpers import finish, log_axis, new_figure, run_gid, run_legend, set_caption
 
@@ -36,7 +35,7 @@ def _steps(run: RunData, name: str) -> list[int]:
         source="Paul, Ganguli and Dziugaite 2021, Deep Learning on a Data Diet (EL2N and GraNd)", order=640,
         metrics=("scores.el2n", "scores.grand"), recorded_by='dynascope analyze CKPTS --data ... --scores el2n grand')
 def scores_figure(runs: Sequence[RunData]) -> Figure | None:
-    kinds = [(k, label) for k, label in KINDS if any(_data.has(r, f"scores.{k}") for r in runs)]
+    kinds = [(k, label) for k, label in KINDS if any(query.has(r, f"scores.{k}") for r in runs)]
     if not kinds:
         return None
     colors = run_colors(runs)
@@ -48,14 +47,14 @@ def scores_figure(runs: Sequence[RunData]) -> Figure | None:
         q_all: list[np.ndarray] = []
         log_x = False
         for i, r in enumerate(runs):
-            if not _data.has(r, metric):
+            if not query.has(r, metric):
                 continue
             drawn.append(i)
             c = colors[i]
-            s10, q10 = _data.series(r, metric, "q10")
-            s90, q90 = _data.series(r, metric, "q90")
-            s50, q50 = _data.series(r, metric, "q50")
-            sm, mean = _data.series(r, metric, "mean")
+            s10, q10 = query.series(r, metric, "q10")
+            s90, q90 = query.series(r, metric, "q90")
+            s50, q50 = query.series(r, metric, "q50")
+            sm, mean = query.series(r, metric, "mean")
             if len(s10) and np.array_equal(s10, s90):
                 ax_q.fill_between(s10, q10, q90, color=c, alpha=0.18, linewidth=0)
             gid = run_gid(fig, i, f"{r.name}: {metric} median")

@@ -20,8 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 from . import BY_ACTIVATIONS, figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
@@ -42,7 +41,7 @@ MASSIVE_ABS = 100.0
 
 
 def _first_last(run: RunData, metric: str, layer: str) -> list[int]:
-    st = _data.steps(run, metric, layer)
+    st = query.steps(run, metric, layer)
     if len(st) == 0:
         return []
     return sorted({int(st[0]), int(st[-1])})
@@ -62,10 +61,10 @@ def _depth_ticks(ax, names: list[str], single: bool) -> bool:
         "signal propagation to close the performance gap in unnormalized ResNets (Fig. 1)", order=200,
         metrics=("act.channel_var",), recorded_by=BY_ACTIVATIONS)
 def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.channel_var")]
+    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "act.channel_var")]
     if not have:
         return None
-    with_branches = any(r.meta.get("branches") and _data.has(r, "act.channel_var") for _, r in have)
+    with_branches = any(r.meta.get("branches") and query.has(r, "act.channel_var") for _, r in have)
     panels = [("act.channel_sq_mean", "avg channel squared mean"), ("act.channel_var", "avg channel variance")]
     if with_branches:
         panels.append(("branch", "residual branch avg channel variance"))
@@ -79,13 +78,13 @@ def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
             continue
         hows.append(f"{r.name}: {how} ({len(mods)} points)")
         steps = _first_last(r, "act.channel_var", mods[0])
-        branches = [b for b in (r.meta.get("branches") or []) if b in set(_data.layers(r, "act.channel_var"))]
+        branches = [b for b in (r.meta.get("branches") or []) if b in set(query.layers(r, "act.channel_var"))]
         for ax, (metric, _) in zip(axes, panels):
             lays = branches if metric == "branch" else mods
             m = "act.channel_var" if metric == "branch" else metric
-            if not lays or not _data.has(r, m):
+            if not lays or not query.has(r, m):
                 continue
-            table = _data.at_steps(r, m, lays, steps)
+            table = query.at_steps(r, m, lays, steps)
             x = np.arange(1, len(lays) + 1)
             for k, step in enumerate(steps):
                 last = k == len(steps) - 1 and len(steps) > 1
@@ -128,7 +127,7 @@ def _spread_steps(st: np.ndarray, k: int = 5) -> list[int]:
         "at several steps", source="Sun et al. 2025, The Curse of Depth in Large Language Models", order=210,
         metrics=("act.var",), recorded_by=BY_ACTIVATIONS)
 def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.var")]
+    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "act.var")]
     if not have:
         return None
     n = len(have)
@@ -145,8 +144,8 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
             ax.set_visible(False)
             continue
         hows.append(f"{r.name}: {how}")
-        steps = _spread_steps(_data.steps(r, "act.var", mods[0]))
-        table = _data.at_steps(r, "act.var", mods, steps)
+        steps = _spread_steps(query.steps(r, "act.var", mods[0]))
+        table = query.at_steps(r, "act.var", mods, steps)
         x = np.arange(1, len(mods) + 1)
         for k, step in enumerate(steps):
             col = cmap(0.85 * k / max(len(steps) - 1, 1))
@@ -181,7 +180,7 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
         source="Sun et al. 2024, Massive Activations in Large Language Models", order=220,
         metrics=("act.absmax",), recorded_by=BY_ACTIVATIONS)
 def massive_activations(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "act.absmax")]
+    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "act.absmax")]
     if not have:
         return None
     fig = new_figure(9, 4.0)
@@ -193,10 +192,10 @@ def massive_activations(runs: Sequence[RunData]) -> Figure | None:
         if not mods:
             continue
         hows.append(f"{r.name}: {how}")
-        st = _data.steps(r, "act.absmax", mods[0])
+        st = query.steps(r, "act.absmax", mods[0])
         last = int(st[-1])
-        y_last = _data.at_steps(r, "act.absmax", mods, [last]).loc[last].to_numpy(dtype=float)
-        peak = _data.layer_max(r, "act.absmax")
+        y_last = query.at_steps(r, "act.absmax", mods, [last]).loc[last].to_numpy(dtype=float)
+        peak = query.layer_max(r, "act.absmax")
         y_max = np.array([peak.get(m, np.nan) for m in mods], dtype=float)
         x = np.arange(1, len(mods) + 1)
         any_bad |= plot_series(ax, x, y_last, color=colors[i], marker="o" if len(x) <= 60 else None, markersize=3.5,

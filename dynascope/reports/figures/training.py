@@ -16,8 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ...diagnostics.scale import equilibrium_angle_from_hyperparameters
-from ...store import RunData
-from .. import _data
+from ...store import RunData, query
 from . import BY_GRADIENTS, BY_UPDATES, figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
@@ -42,12 +41,12 @@ _PROBE_PREFIXES += ("calibration.", "gns.", "collapse.", "scores.")  # scheduled
 def _user_scalars(run: RunData) -> list[str]:
     """Run-level metrics (layer "") other than the probes' own: loss first, then the user's scalars."""
     out = []
-    for m in _data.metrics(run):
+    for m in query.metrics(run):
         if m == "loss" or m.startswith(_PROBE_PREFIXES):
             continue
-        if _data.layers(run, m) == [""]:
+        if query.layers(run, m) == [""]:
             out.append(m)
-    return (["loss"] if _data.has(run, "loss") else []) + out
+    return (["loss"] if query.has(run, "loss") else []) + out
 
 
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
@@ -79,7 +78,7 @@ def loss_curves(runs: Sequence[RunData]) -> Figure | None:
     for ax, m in zip(axes, shown):
         finite_all = []
         for i, (r, c) in enumerate(zip(runs, colors)):
-            s, v = _data.series(r, m)
+            s, v = query.series(r, m)
             if len(s) == 0:
                 continue
             any_bad |= plot_series(ax, s, v, color=c, gid=run_gid(fig, i, f"{r.name}: {m}"), linewidth=1.2)
@@ -103,11 +102,11 @@ def loss_curves(runs: Sequence[RunData]) -> Figure | None:
 
 
 def _scale_invariant_layers(run: RunData, layers: Sequence[str]) -> set[str]:
-    if not _data.has(run, "scale_invariant"):
+    if not query.has(run, "scale_invariant"):
         return set()
     out = set()
     for lay in layers:
-        _, v = _data.series(run, "scale_invariant", lay)
+        _, v = query.series(run, "scale_invariant", lay)
         v = v[np.isfinite(v)]
         if len(v) and v.mean() >= 0.5:
             out.add(lay)
@@ -119,10 +118,10 @@ def _grad_layers(run: RunData) -> tuple[list[str], str]:
     mods, how = depth_modules(run, "grad.norm")
     if len(mods) >= 2:
         return mods, how
-    weights = [p for p in _data.layers(run, "grad.norm") if p in set(_data.layers(run, "weight.norm"))]
+    weights = [p for p in query.layers(run, "grad.norm") if p in set(query.layers(run, "weight.norm"))]
     if len(weights) >= 2:
         return weights, "layer index = parameters with ndim >= 2 in model order"
-    return _data.layers(run, "grad.norm"), "layer index = every recorded layer in model order"
+    return query.layers(run, "grad.norm"), "layer index = every recorded layer in model order"
 
 
 @figure("grad_norm_depth", section="Gradients", title="Gradient norm against layer index (first, middle and last "
@@ -130,7 +129,7 @@ def _grad_layers(run: RunData) -> tuple[list[str], str]:
         "Shleifer et al. 2021, NormFormer", order=140,
         metrics=("grad.norm",), recorded_by=BY_GRADIENTS)
 def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _data.has(r, "grad.norm")]
+    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "grad.norm")]
     if not have:
         return None
     fig = new_figure(9, 4.2)
@@ -143,11 +142,11 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
         if not lays:
             continue
         hows.append(f"{r.name}: {how}")
-        st = _data.steps(r, "grad.norm", lays[0])
+        st = query.steps(r, "grad.norm", lays[0])
         if len(st) == 0:
             continue
         chosen = {"first": st[0], "middle": st[len(st) // 2], "last": st[-1]}
-        table = _data.at_steps(r, "grad.norm", lays, sorted(set(chosen.values())))
+        table = query.at_steps(r, "grad.norm", lays, sorted(set(chosen.values())))
         x = np.arange(1, len(lays) + 1)  # 1-based, as the depth figures
         max_n = max(max_n, len(lays))
         for which, step in chosen.items():

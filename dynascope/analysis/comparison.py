@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..store import RunData, load_run
 from .forensics import MAD_TO_SD, fold_ratio, rolling_band
-from .store import RunData, load_run
 
 __all__ = ["compare", "band", "COMPARE_WINDOW", "COMPARE_MADS", "COMPARE_MIN_RATIO", "COMPARE_PERSIST", "COMPARE_SHIFT",
            "SKIPPED"]
@@ -159,18 +159,18 @@ def _rolling(y: np.ndarray, shift: int, fn) -> np.ndarray:
 
 def _rows(run: RunData, metric: str) -> pd.DataFrame:
     """Rows ``step, layer, value`` of one metric (one indexed SQLite read; the last row wins for a repeated step)."""
-    from .reports import _data
+    from ..store import query
 
-    df = _data.query(run, metric)
+    df = query.query(run, metric)
     return df.drop_duplicates(["step", "layer"], keep="last")
 
 
 def _pivot(run: RunData, metric: str, rows: pd.DataFrame) -> pd.DataFrame:
     """step x layer table, columns in model order (RunData.pivot without pivot_table's cost)."""
-    from .reports import _data
+    from ..store import query
 
     table = rows.pivot(index="step", columns="layer", values="value").sort_index()
-    order = [c for c in _data.layers(run, metric) if c in table.columns]
+    order = [c for c in query.layers(run, metric) if c in table.columns]
     return table[order + [c for c in table.columns if c not in set(order)]]
 
 

@@ -173,7 +173,7 @@ def _make_loss(spec: str) -> Callable[[Any, Any], torch.Tensor]:
 
 
 def _make_data(spec: str, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor]) -> list[tuple[Any, Any]]:
-    from .diagnostics._batch import as_pairs, default_forward
+    from ..diagnostics._batch import as_pairs, default_forward
 
     factory = import_object(spec, "--data")
     try:
@@ -277,7 +277,7 @@ def analyze(
     Raises UserError for input that stops the whole analysis (and, with
     ``options.strict``, for the first bad checkpoint).
     """
-    from .store import RunData, RunExistsError, RunStore, RunStoreError, now_iso
+    from ..store import RunData, RunExistsError, RunStore, RunStoreError, now_iso
 
     opts = options or AnalyzeOptions()
     if data is not None and loss_fn is None:
@@ -293,7 +293,7 @@ def analyze(
     if opts.resolution < 3:
         raise UserError(f"--resolution must be >= 3, got {opts.resolution}")
     if opts.plasticity:
-        from .diagnostics.plasticity import select_modules
+        from ..diagnostics.plasticity import select_modules
 
         try:
             select_modules(model, opts.plasticity_layers)
@@ -409,7 +409,7 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
         "updated": now_iso(),
     }
     if data is not None:
-        from .diagnostics._batch import batch_size
+        from ..diagnostics._batch import batch_size
 
         meta["data"] = {"n_batches": len(data), "n_samples": int(sum(batch_size(x) for x, _ in data))}
     store.write_meta(meta)
@@ -487,8 +487,8 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
               prev_sd: dict[str, torch.Tensor] | None, prev_step: int | None, loss_fn: Any, data: Any,
               opts: AnalyzeOptions, bar: Any, progress: bool, scheduled: _Scheduled | None = None
               ) -> tuple[list[tuple[int, str, str, float]], dict]:
-    from .diagnostics.plasticity import weight_magnitude
-    from .diagnostics.weights import angular_change, weight_norms, weight_spectra
+    from ..diagnostics.plasticity import weight_magnitude
+    from ..diagnostics.weights import angular_change, weight_norms, weight_spectra
 
     rows: list[tuple[int, str, str, float]] = []
     summary: dict[str, Any] = {}
@@ -533,7 +533,7 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
         return rows, summary
 
     # loss on the data (mean over samples, batches weighted by size)
-    from .diagnostics._batch import batch_size, default_forward
+    from ..diagnostics._batch import batch_size, default_forward
 
     total = correct = 0.0
     n = 0
@@ -589,12 +589,12 @@ def _scheduled(loss_fn: Any, data: Any, opts: AnalyzeOptions) -> _Scheduled:
     if data is None:
         return out
     if opts.hessian or opts.trace:
-        from .probes.curvature import Curvature
+        from ..probes.curvature import Curvature
 
         out.curvature = Curvature(every=1, batch=data, loss_fn=loss_fn, k=opts.hessian_k, eigenvalues=opts.hessian,
                                   trace=opts.trace, trace_samples=opts.trace_samples, seed=opts.seed)
     if opts.landscape or opts.interpolate:
-        from .probes.landscape import Landscape
+        from ..probes.landscape import Landscape
 
         # surfaces at every checkpoint with --landscape (at no step otherwise); the snapshots are the
         # checkpoints themselves (set per checkpoint below), so keep_checkpoints only has to hold two
@@ -603,7 +603,7 @@ def _scheduled(loss_fn: Any, data: Any, opts: AnalyzeOptions) -> _Scheduled:
                                   keep_checkpoints=2, checkpoint_every=1, trajectory=opts.landscape,
                                   interpolation="consecutive" if opts.interpolate else False)
     if opts.plasticity:
-        from .probes.plasticity import Plasticity
+        from ..probes.plasticity import Plasticity
 
         out.plasticity = Plasticity(every=1, batch=data[0], layers=opts.plasticity_layers)
     return out
@@ -611,7 +611,7 @@ def _scheduled(loss_fn: Any, data: Any, opts: AnalyzeOptions) -> _Scheduled:
 
 def _context(store: Any, model: nn.Module, step: int, rows: list[tuple[int, str, str, float]],
              final: bool = False) -> Any:
-    from .probes.scheduled import ScheduledContext
+    from ..probes.scheduled import ScheduledContext
 
     def log_fn(metric: str, value: float, layer: str) -> None:
         rows.append((step, metric, layer, float(value)))
@@ -626,7 +626,7 @@ def _run_scheduled(store: Any, model: nn.Module, step: int, scheduled: _Schedule
                    prev_sd: dict[str, torch.Tensor] | None, prev_step: int | None, opts: AnalyzeOptions,
                    bar: Any) -> list[tuple[int, str, str, float]]:
     """Run the scheduled diagnostics on the checkpoint loaded in ``model``, as a live run does at a due step."""
-    from .probes.scheduled import run_guarded
+    from ..probes.scheduled import run_guarded
 
     rows: list[tuple[int, str, str, float]] = []
     ctx = _context(store, model, step, rows)
@@ -655,7 +655,7 @@ def _run_scheduled(store: Any, model: nn.Module, step: int, scheduled: _Schedule
 def _scores(store: Any, model: nn.Module, step: int, loss_fn: Any, data: Any, kinds: list[str], add: Any,
             summary: dict[str, Any], bar: Any, progress: bool) -> None:
     """``scores.<kind>`` quantiles (layers q10, q50, q90, mean) and the per-example scores as an artifact."""
-    from .diagnostics.scores import example_scores
+    from ..diagnostics.scores import example_scores
 
     for kind in dict.fromkeys(kinds):
         bar.set_postfix_str(f"step {step}: {kind}")
@@ -674,7 +674,7 @@ def _trajectory(store: Any, model: nn.Module, entries: list[_Entry], bad: list[_
                 opts: AnalyzeOptions) -> None:
     """PCA plane of the checkpoint trajectory (Li et al. 2018), when there are >= 3 checkpoints: the live
     Landscape's close, with the checkpoints as its snapshots."""
-    from .probes.scheduled import run_guarded
+    from ..probes.scheduled import run_guarded
 
     bad_paths = {str(b.path) for b in bad}
     good = [e for e in entries if str(e.path) not in bad_paths]
@@ -755,11 +755,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  skipped {path}: {err}")
     if args.report:
         try:
-            from . import report as make_report  # type: ignore[attr-defined]
+            from .. import report as make_report  # type: ignore[attr-defined]
         except ImportError as exc:
             raise UserError("--report: dynascope.report is not available in this installation; "
                             f"run `dynascope report {args.out}` instead") from exc
-        from .store import load_run
+        from ..store import load_run
 
         make_report([load_run(args.out)], args.report)
         print(f"report: {args.report}")

@@ -18,7 +18,7 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(X, y)``: ``X`` float32 of shape (1797, 64) scaled to [0, 1]
     (divided by 16), ``y`` int64 labels 0..9. Rows are in file order.
     """
-    ref = resources.files("dynascope") / "data" / "digits.csv.gz"
+    ref = resources.files("dynascope.datasets") / "digits.csv.gz"
     with ref.open("rb") as raw, gzip.open(raw, "rt") as f:
         data = np.loadtxt(f, delimiter=",", dtype=np.float32)
     if data.ndim != 2 or data.shape[1] != 65:

@@ -81,7 +81,7 @@ def series_spike_threshold(values: np.ndarray, min_rise: float = 0.0) -> np.ndar
     1.4826 x MAD (at least 5 previous values), and that median + ``min_rise`` x the median of the first
     SPIKE_WINDOW values (an absolute floor: a minibatch loss near zero doubles by noise alone). Non-finite
     values are not part of the window. One implementation for the findings and the events of
-    :func:`dynascope.forensics.detect_events`."""
+    :func:`dynascope.analysis.forensics.detect_events`."""
     v = np.where(np.isfinite(values), values, np.nan).astype(float)
     med, mad = rolling_band(v, SPIKE_WINDOW, min_periods=MIN_HISTORY)  # exact median and MAD of the previous values
     thr = np.fmax(SPIKE_FACTOR * med, med + SPIKE_MADS * 1.4826 * mad)

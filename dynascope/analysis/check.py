@@ -1,6 +1,6 @@
 """Findings as data and as a gate: ``dynascope.findings(run)`` and ``dynascope check RUN``.
 
-The same findings as the report (one function, :func:`dynascope.reports.findings.collect`): with a
+The same findings as the report (one function, :func:`dynascope.analysis.findings.collect`): with a
 baseline, its deviations first, then every rule's findings, errors before warnings before info.
 
 ``dynascope check RUN... [--baseline GOOD_RUN] [--fail-on error|warning|info]`` prints one finding per
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from .store import NotARunError, RunData, load_run
+from ..store import NotARunError, RunData, load_run
 
 __all__ = ["findings", "failing", "add_arguments", "run", "SEVERITY_RANK"]
 
@@ -37,7 +37,7 @@ def findings(run: RunLike | Sequence[RunLike], baseline: RunLike | None = None) 
     literature, or the baseline run for deviations), run, value, threshold, figure (the report figure that
     shows it). With ``baseline`` the deviations from it (:func:`dynascope.compare`) come first.
     """
-    from .reports.findings import collect, frame
+    from .findings import collect, frame
 
     runs = [run] if isinstance(run, (str, os.PathLike, RunData)) else list(run)
     if not runs:
@@ -75,7 +75,7 @@ def _line(row: pd.Series, several: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UserError
+    from ..commands.cli import UserError
 
     try:
         runs = [load_run(p) for p in args.runs]

@@ -1,6 +1,6 @@
 """Early warning: a CUSUM drift detector on the sentinel's every-step norms.
 
-A spike rule (:mod:`dynascope._robust`) fires when the loss has already jumped. Before an organic
+A spike rule (:mod:`dynascope.core.robust`) fires when the loss has already jumped. Before an organic
 explosion the loss, the gradient norms and the update norms of most modules creep upward for tens of
 steps; a one-sided CUSUM (Page 1954) accumulates that evidence. Four signals, in log space:
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ._robust import nanmedian_last
+from .robust import nanmedian_last
 
 __all__ = ["DriftDetector", "Drift", "drift_warnings", "describe", "SIGNALS"]
 

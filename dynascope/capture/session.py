@@ -26,20 +26,20 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import __version__
-from ._checks import positive_int
-from ._guard import preserved_state
-from ._names import ModuleFilter, is_wrapped, named_parameters, select_modules
-from .coverage import CoverageRow, coverage_frame, merge
+from .. import __version__
+from ..core.checks import positive_int
+from ..core.coverage import CoverageRow, coverage_frame, merge
+from ..core.guard import preserved_state
+from ..core.names import ModuleFilter, is_wrapped, named_parameters, select_modules
+from ..probes.activations import ActivationProbe
+from ..probes.base import Collected, Probe, ProbeContext
+from ..probes.gradients import GradientProbe
+from ..probes.optimizer import UpdateProbe
+from ..probes.scheduled import Scheduled, ScheduledContext
+from ..probes.sentinel import Sentinel
+from ..store import ResilientWriter, RunStore, now_iso
 from .distributed import RankReducer, is_active, rank, world_size
-from .probes.activations import ActivationProbe
-from .probes.base import Collected, Probe, ProbeContext
-from .probes.gradients import GradientProbe
-from .probes.optimizer import UpdateProbe
-from .probes.scheduled import Scheduled, ScheduledContext
-from .probes.sentinel import Sentinel
 from .snapshot import Snapshotter
-from .store import ResilientWriter, RunStore, now_iso
 
 __all__ = ["Session", "probe", "PROBES"]
 
@@ -177,11 +177,11 @@ class Session:
                 warnings.warn("dynascope: snapshot_every is ignored under torch.distributed (the sentinel, whose "
                               "events write the snapshot, is off there)", RuntimeWarning, stacklevel=2)
         self.writer = _is_rank_zero()
-        # under torch.distributed: combines the ranks' statistics at each flush (dynascope.distributed)
+        # under torch.distributed: combines the ranks' statistics at each flush (dynascope.capture.distributed)
         self.reducer: RankReducer | None = RankReducer() if is_active() else None
         self._listeners: list[Any] = []
         if tensorboard is not None and self.writer:
-            from .integrations.tensorboard import TensorBoardMirror
+            from ..integrations.tensorboard import TensorBoardMirror
 
             self.add_listener(TensorBoardMirror(tensorboard))
         if run_dir is None:
@@ -219,13 +219,13 @@ class Session:
         if spec == "updates":
             return UpdateProbe(all_params)
         if spec == "batchnorm":
-            from .probes.batchnorm import BatchNormProbe
+            from ..probes.batchnorm import BatchNormProbe
             return BatchNormProbe()
         if spec == "distance":
-            from .probes.distance import DistanceProbe
+            from ..probes.distance import DistanceProbe
             return DistanceProbe(all_params)
         if spec == "spectral":
-            from .probes.spectral import SpectralProbe
+            from ..probes.spectral import SpectralProbe
             return SpectralProbe()
         raise ValueError(f"unknown probe {spec!r}; known probes: {', '.join(PROBES + OPT_IN_PROBES)} "
                          "(or a dynascope Probe instance)")
@@ -634,7 +634,7 @@ def probe(
     events and early warnings, see :class:`dynascope.Sentinel`; False: off),
     ``snapshot_every`` (K: keep the model, optimizer and RNG state of every K-th
     step in host memory and write it into the run on an event, see
-    :mod:`dynascope.snapshot`), ``modules`` (type, glob pattern,
+    :mod:`dynascope.capture.snapshot`), ``modules`` (type, glob pattern,
     list or predicate selecting modules), ``all_params`` (also 1-D
     parameters in weight/update metrics), ``curvature`` / ``landscape`` /
     ``plasticity`` / ``scheduled`` (periodic diagnostics), ``resume`` /
@@ -644,7 +644,7 @@ def probe(
     ``flush_seconds``, ``meta`` (extra JSON-able metadata), ``tensorboard`` (a log
     directory or a ``SummaryWriter``: every flushed scalar is mirrored there too).
     Under ``torch.distributed`` the statistics are those of the global batch and
-    model and only rank 0 writes (see ``dynascope.distributed``).
+    model and only rank 0 writes (see ``dynascope.capture.distributed``).
     """
     return Session(model, optimizer, run_dir, every=every, **options)
 

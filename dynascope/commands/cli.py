@@ -18,12 +18,12 @@ __all__ = ["main", "UserError"]
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("dynascope.demo", "train small models on bundled digits data and write a comparison report"),
-    "report": ("dynascope.reports.command", "write the HTML report (and optionally PNG/PDF figures) for runs"),
-    "ls": ("dynascope.reports.command_ls", "list the metrics, layers and steps a run recorded"),
-    "analyze": ("dynascope.analyze", "run diagnostics over saved checkpoints into a run directory"),
+    "demo": ("dynascope.commands.demo", "train small models on bundled digits data and write a comparison report"),
+    "report": ("dynascope.commands.report", "write the HTML report (and optionally PNG/PDF figures) for runs"),
+    "ls": ("dynascope.commands.ls", "list the metrics, layers and steps a run recorded"),
+    "analyze": ("dynascope.commands.analyze", "run diagnostics over saved checkpoints into a run directory"),
     "export": ("dynascope.integrations.tensorboard", "export a run's scalars to TensorBoard event files"),
-    "check": ("dynascope.check", "print a run's findings; exit 1 when one is at or above --fail-on (a gate)"),
+    "check": ("dynascope.analysis.check", "print a run's findings; exit 1 when one is at or above --fail-on (a gate)"),
 }
 
 
@@ -32,7 +32,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="dynascope", description="See inside PyTorch training runs.")
     parser.add_argument("--version", action="version", version=f"dynascope {__version__}")

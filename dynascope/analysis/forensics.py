@@ -6,7 +6,7 @@ full-resolution windows an always-on sentinel writes around an event.
 
 Events
     :func:`detect_events` finds robust loss spikes (the rule of the
-    ``loss_spikes`` finding, :func:`dynascope.reports.findings.spike_threshold`:
+    ``loss_spikes`` finding, :func:`dynascope.analysis.findings.spike_threshold`:
     above 2x the running median of the previous 20 recorded losses, 6 robust SDs
     above it, and a rise of at least 10% of the starting loss) and non-finite
     losses, and the same (without the rise floor) on ``grad.global_norm``.
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._robust import MIN_PERIODS, rolling_band
-from .store import RunData, load_run
+from ..core.robust import MIN_PERIODS, rolling_band
+from ..store import RunData, load_run
 
 __all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRICS", "EVENT_PREFIX",
            "EVENT_MERGE", "MAD_TO_SD", "fold_ratio", "rolling_band", "detect_events", "run_events", "event_rows",
@@ -86,7 +86,7 @@ def _episodes(idx: np.ndarray, merge: int) -> np.ndarray:
 
 
 def _detect(s: np.ndarray, v: np.ndarray, prefix: str, min_rise: float, merge: int) -> list[dict[str, Any]]:
-    from ._robust import series_spike_threshold as spike_threshold
+    from ..core.robust import series_spike_threshold as spike_threshold
 
     out: list[dict[str, Any]] = []
     bad = np.flatnonzero(~np.isfinite(v))
@@ -110,7 +110,7 @@ def detect_events(loss: pd.Series | Sequence[float] | np.ndarray, steps: Sequenc
     ``grad_norm`` also ``grad_spike`` / ``grad_nonfinite``. Spikes of one kind within ``merge`` recorded
     steps of the previous one are one episode, reported at its first step. Sorted by step.
     """
-    from ._robust import SPIKE_MIN_RISE
+    from ..core.robust import SPIKE_MIN_RISE
 
     s, v = _series(loss, steps)
     rows = _detect(s, v, "loss", SPIKE_MIN_RISE, merge)
@@ -149,28 +149,28 @@ def run_events(run: str | os.PathLike[str] | RunData, *, detect: bool | None = N
     True; otherwise :func:`detect_events` on the recorded ``loss`` and ``grad.global_norm`` (source
     ``"detected"``). ``detect=False`` never detects.
     """
-    from .reports import _data
+    from ..store import query
 
     run = _as_run(run)
-    kinds = [m for m in _data.metrics(run) if m.startswith(EVENT_PREFIX) and not m.endswith(THRESHOLD_SUFFIX)]
+    kinds = [m for m in query.metrics(run) if m.startswith(EVENT_PREFIX) and not m.endswith(THRESHOLD_SUFFIX)]
     watched = bool(run.meta.get("sentinel"))  # a live sentinel judged every step: no event means none
     if (kinds or watched) and not detect:
         parts = []
         for m in kinds:
-            s, v = _data.series(run, m, "")
-            ts, tv = _data.series(run, m + THRESHOLD_SUFFIX, "")
+            s, v = query.series(run, m, "")
+            ts, tv = query.series(run, m + THRESHOLD_SUFFIX, "")
             thr = pd.Series(tv, index=ts).reindex(s).to_numpy(dtype=float) if len(ts) else np.full(len(s), np.nan)
             parts.append(pd.DataFrame({"step": s, "kind": m[len(EVENT_PREFIX):], "value": v, "threshold": thr}))
         df = pd.concat(parts, ignore_index=True) if parts else _no_events()
         df["source"] = pd.Series(["recorded"] * len(df), dtype=object)
-    elif detect is False or not _data.has(run, "loss"):
+    elif detect is False or not query.has(run, "loss"):
         df = _no_events()
         df["source"] = pd.Series(dtype=object)
     else:
-        s, v = _data.series(run, "loss", "")
+        s, v = query.series(run, "loss", "")
         grad = None
-        if _data.has(run, "grad.global_norm"):
-            gs, gv = _data.series(run, "grad.global_norm", "")
+        if query.has(run, "grad.global_norm"):
+            gs, gv = query.series(run, "grad.global_norm", "")
             grad = pd.Series(gv, index=gs)
         df = detect_events(v, s, grad_norm=grad)
         df["source"] = "detected"
@@ -235,7 +235,7 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
     the same order (a spike's cause moves up: a minibatch dip of one layer's gradient is not it).
     ``df.attrs`` holds ``event_step`` and ``loss_step``.
     """
-    from .reports import _data
+    from ..store import query
 
     run = _as_run(run)
     step = int(step)
@@ -245,8 +245,8 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
         raise ValueError(f"min_ratio must be >= 1, got {min_ratio}")
     params = list(run.meta.get("parameters") or [])
     loss_step = step
-    if _data.has(run, "loss"):
-        s, v = _data.series(run, "loss", "")
+    if query.has(run, "loss"):
+        s, v = query.series(run, "loss", "")
         keep = s <= step
         s, v = s[keep][-(window + lookback + 1):], v[keep][-(window + lookback + 1):]
         if len(s):
@@ -258,16 +258,16 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
                 loss_step = int(s[-search:][np.argmax(up)])
     rows: list[dict[str, Any]] = []
     for metric in metrics:
-        if not _data.has(run, metric):
+        if not query.has(run, metric):
             continue
-        lays = [lay for lay in _data.layers(run, metric) if lay != ""]
+        lays = [lay for lay in query.layers(run, metric) if lay != ""]
         if not lays:
             continue
-        st = _data.steps(run, metric, lays[0])
+        st = query.steps(run, metric, lays[0])
         pts = [int(p) for p in st[st <= step][-(window + lookback + 1):]]
         if not pts:
             continue
-        q = _data.query(run, metric, lays, pts)
+        q = query.query(run, metric, lays, pts)
         pos = {p: i for i, p in enumerate(pts)}
         col = {lay: j for j, lay in enumerate(lays)}
         x = np.full((len(pts), len(lays)), np.nan)

@@ -857,7 +857,7 @@ class RunData:
 
     def coverage(self) -> pd.DataFrame:
         """What the run recorded and what it could not, and why (columns ``kind, name,
-        recorded, reason, probe``; see :mod:`dynascope.coverage`); empty for runs
+        recorded, reason, probe``; see :mod:`dynascope.core.coverage`); empty for runs
         written before dynascope 0.2."""
         from .coverage import coverage_frame
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..store import RunData
+from . import RunData
 
 __all__ = ["layers", "steps", "query", "series", "at_steps", "layer_max", "non_finite_summary", "has", "metrics"]
 

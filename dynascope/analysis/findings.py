@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..drift import describe
-from ..forensics import run_events
-from ..store import RunData
-from . import _data
+from ..core.drift import describe
+from ..store import RunData, query
+from .forensics import run_events
 
 __all__ = ["Finding", "RULES", "RULE_SOURCES", "findings", "rule", "collect", "frame", "baseline_findings",
            "FRAME_COLUMNS", "rule_source"]
@@ -49,8 +48,8 @@ SEVERITIES = ("error", "warning", "info")
 
 SHARPNESS_RATIO = 1.0
 # one spike rule for the findings, the recorded-series events and the live sentinel
-from .._robust import SPIKE_FACTOR, SPIKE_MADS, SPIKE_MIN_RISE, SPIKE_WINDOW  # noqa: E402, F401
-from .._robust import series_spike_threshold as spike_threshold  # noqa: E402, F401
+from ..core.robust import SPIKE_FACTOR, SPIKE_MADS, SPIKE_MIN_RISE, SPIKE_WINDOW  # noqa: E402, F401
+from ..core.robust import series_spike_threshold as spike_threshold  # noqa: E402, F401
 
 SPIKE_COINCIDE_STEPS = 1  # recorded steps either side
 DEPTH_VAR_RATIO = 10.0
@@ -109,10 +108,10 @@ def _finite(v: np.ndarray) -> np.ndarray:
 
 
 def _threshold_series(run: RunData) -> tuple[np.ndarray, np.ndarray]:
-    lays = _data.layers(run, "hessian.threshold")
+    lays = query.layers(run, "hessian.threshold")
     if not lays:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    return _data.series(run, "hessian.threshold", "" if "" in lays else lays[0])
+    return query.series(run, "hessian.threshold", "" if "" in lays else lays[0])
 
 
 def _aligned_threshold(run: RunData, steps: np.ndarray) -> np.ndarray:
@@ -134,9 +133,9 @@ def sharpness_above_threshold(run: RunData) -> list[Finding]:
     curvature probe records it for the optimizer) at any measured step. Reports the first such step and the
     largest ratio.
     """
-    if not _data.has(run, "hessian.eig") or not _data.has(run, "hessian.threshold"):
+    if not query.has(run, "hessian.eig") or not query.has(run, "hessian.threshold"):
         return []
-    s, v = _data.series(run, "hessian.eig", "1")
+    s, v = query.series(run, "hessian.eig", "1")
     if len(s) == 0:
         return []
     thr = _aligned_threshold(run, s)
@@ -175,19 +174,19 @@ def loss_spikes(run: RunData) -> list[Finding]:
     spike within SPIKE_COINCIDE_STEPS recorded steps, or the last sharpness measurement at or before the
     loss spike at or above its threshold (or itself a spike). Coinciding spikes are warnings, others info.
     """
-    if not _data.has(run, "loss"):
+    if not query.has(run, "loss"):
         return []
-    s, v = _data.series(run, "loss")
+    s, v = query.series(run, "loss")
     idx = spikes(s, v, min_rise=SPIKE_MIN_RISE)
     if len(idx) == 0:
         return []
     g_steps: np.ndarray = np.zeros(0, dtype=np.int64)
-    if _data.has(run, "grad.global_norm"):
-        gs, gv = _data.series(run, "grad.global_norm")
+    if query.has(run, "grad.global_norm"):
+        gs, gv = query.series(run, "grad.global_norm")
         g_steps = gs[spikes(gs, gv)]
     hs = hv = ht = None
-    if _data.has(run, "hessian.eig"):
-        hs, hv = _data.series(run, "hessian.eig", "1")
+    if query.has(run, "hessian.eig"):
+        hs, hv = query.series(run, "hessian.eig", "1")
         ht = _aligned_threshold(run, hs) if len(hs) else None
         h_spk = set(hs[spikes(hs, hv)].tolist()) if len(hs) else set()
     every = int(np.median(np.diff(s))) if len(s) > 1 else 1
@@ -231,7 +230,7 @@ def early_warnings(run: RunData) -> list[Finding]:
     (trainscope). Rule: one warning for the run's stored warnings: the first one, what drifted (its
     mark) and the count.
     """
-    if not _data.has(run, "event.warning"):
+    if not query.has(run, "event.warning"):
         return []
     events = run_events(run, detect=False)
     warned = events[events["kind"] == "warning"]
@@ -269,7 +268,7 @@ def non_finite_values(run: RunData) -> list[Finding]:
     metric family (``loss``, each user scalar, ``act.*``, ``grad.*``, ...): the metrics, the count, the number
     of layers, and the first step and layer; ``loss`` first, then by first step.
     """
-    df = _data.non_finite_summary(run)
+    df = query.non_finite_summary(run)
     df = df[~df["metric"].str.startswith("event.")]  # a stored non-finite event repeats a metric's value
     if df.empty:
         return []
@@ -299,7 +298,7 @@ def non_finite_values(run: RunData) -> list[Finding]:
 
 
 def _depth(run: RunData, metric: str) -> tuple[list[str], str]:
-    from .figures._helpers import depth_modules
+    from ..reports.figures._helpers import depth_modules
 
     return depth_modules(run, metric)
 
@@ -325,16 +324,16 @@ def variance_grows_with_depth(run: RunData) -> list[Finding]:
     DEPTH_VAR_RATIO (10) and Spearman rank correlation with depth >= DEPTH_VAR_RHO (0.8), over at least 4
     depth points.
     """
-    if not _data.has(run, "act.var"):
+    if not query.has(run, "act.var"):
         return []
     mods, _ = _depth(run, "act.var")
     if len(mods) < 4:
         return []
-    st = _data.steps(run, "act.var", mods[0])
+    st = query.steps(run, "act.var", mods[0])
     if len(st) == 0:
         return []
     tail = [int(x) for x in st[-10:]][::-1]
-    table = _data.at_steps(run, "act.var", mods, tail)
+    table = query.at_steps(run, "act.var", mods, tail)
     for last in tail:  # the last recorded step with enough finite values (a diverged run ends in NaN)
         y = table.loc[last].to_numpy(dtype=float)
         ok = np.isfinite(y) & (y > 0)
@@ -368,24 +367,24 @@ def massive_activations(run: RunData) -> list[Finding]:
     x the RMS of the same output, sqrt(var + mean^2). For a Gaussian, 1000 x median |x| = 674 RMS, so the
     weaker rule flags more; the RMS also includes the outliers themselves. Checked at every recorded step.
     """
-    if not _data.has(run, "act.absmax"):
+    if not query.has(run, "act.absmax"):
         return []
-    has_median = _data.has(run, "act.absmedian")
+    has_median = query.has(run, "act.absmedian")
     hits = []
-    peaks = _data.layer_max(run, "act.absmax")
-    for lay in _data.layers(run, "act.absmax"):
+    peaks = query.layer_max(run, "act.absmax")
+    for lay in query.layers(run, "act.absmax"):
         if not peaks.get(lay, np.nan) > MASSIVE_ABS:  # one aggregate query first; series only where needed
             continue
-        s, amax = _data.series(run, "act.absmax", lay)
+        s, amax = query.series(run, "act.absmax", lay)
         if len(s) == 0:
             continue
         if has_median:
-            ms, med = _data.series(run, "act.absmedian", lay)
+            ms, med = query.series(run, "act.absmedian", lay)
             ref = pd.Series(med, index=ms).reindex(s).to_numpy()
             ratio_needed = MASSIVE_MEDIAN_RATIO
         else:
-            vs, var = _data.series(run, "act.var", lay)
-            mean_s, mean = _data.series(run, "act.mean", lay)
+            vs, var = query.series(run, "act.var", lay)
+            mean_s, mean = query.series(run, "act.mean", lay)
             v = pd.Series(var, index=vs).reindex(s).to_numpy()
             m = pd.Series(mean, index=mean_s).reindex(s).to_numpy() if len(mean_s) else np.zeros(len(s))
             ref = np.sqrt(v + np.nan_to_num(m) ** 2)
@@ -421,17 +420,17 @@ def grad_norm_depth_ratio(run: RunData) -> list[Finding]:
     larger gradients than late ones). Rule: ``grad.norm`` of the last depth module / the first, at the first
     and at the last recorded step; flagged when >= 10 or <= 1/10.
     """
-    if not _data.has(run, "grad.norm"):
+    if not query.has(run, "grad.norm"):
         return []
     mods, _ = _depth(run, "grad.norm")
     if len(mods) < 2:
         return []
-    st = _data.steps(run, "grad.norm", mods[0])
+    st = query.steps(run, "grad.norm", mods[0])
     if len(st) == 0:
         return []
     out = []
     steps = sorted({int(st[0]), int(st[-1])})
-    table = _data.at_steps(run, "grad.norm", [mods[0], mods[-1]], steps)
+    table = query.at_steps(run, "grad.norm", [mods[0], mods[-1]], steps)
     worst = None
     for step in steps:
         g0, g1 = table.loc[step, mods[0]], table.loc[step, mods[-1]]
@@ -474,15 +473,15 @@ def effective_lr_decay(run: RunData) -> list[Finding]:
     has weight_decay 0, the weight is scale-invariant (``scale_invariant`` = 1 on the majority of recorded
     steps) and ``lr.effective`` at the last recorded step is below 1/10 of its first value.
     """
-    if not (_data.has(run, "lr.effective") and _data.has(run, "scale_invariant")) or not _no_weight_decay(run):
+    if not (query.has(run, "lr.effective") and query.has(run, "scale_invariant")) or not _no_weight_decay(run):
         return []
     hits = []
-    for lay in _data.layers(run, "scale_invariant"):
-        _, flag = _data.series(run, "scale_invariant", lay)
+    for lay in query.layers(run, "scale_invariant"):
+        _, flag = query.series(run, "scale_invariant", lay)
         flag = _finite(flag)
         if not len(flag) or flag.mean() < SCALE_INVARIANT_MAJORITY:
             continue
-        s, v = _data.series(run, "lr.effective", lay)
+        s, v = query.series(run, "lr.effective", lay)
         fin = np.isfinite(v) & (v > 0)
         if fin.sum() < 2:
             continue
@@ -503,11 +502,11 @@ def effective_lr_decay(run: RunData) -> list[Finding]:
 
 
 def _plasticity_fraction(run: RunData, metric: str, limit: float, what: str, source: str) -> list[Finding]:
-    if not _data.has(run, metric):
+    if not query.has(run, metric):
         return []
     hits = []
-    for lay in _data.layers(run, metric):
-        s, v = _data.series(run, metric, lay)
+    for lay in query.layers(run, metric):
+        s, v = query.series(run, metric, lay)
         fin = np.isfinite(v)
         if not fin.any():
             continue
@@ -556,11 +555,11 @@ def effective_rank_collapse(run: RunData) -> list[Finding]:
     Source: Dohare et al. 2024 (effective rank of Roy and Vetterli 2007 falls as plasticity is lost);
     Kumar et al. 2021, "Implicit Under-Parameterization". Per layer, the last finite value / the first.
     """
-    if not _data.has(run, "plasticity.erank"):
+    if not query.has(run, "plasticity.erank"):
         return []
     hits = []
-    for lay in _data.layers(run, "plasticity.erank"):
-        s, v = _data.series(run, "plasticity.erank", lay)
+    for lay in query.layers(run, "plasticity.erank"):
+        s, v = query.series(run, "plasticity.erank", lay)
         fin = np.isfinite(v) & (v >= 0)
         if fin.sum() < 2 or v[fin][0] <= 0:
             continue
@@ -593,10 +592,10 @@ def overconfidence(run: RunData) -> list[Finding]:
     >= (1 + NLL_RISE) = 1.10x its minimum, which came earlier, and the smoothed accuracy at the last one
     >= its value at that minimum - ACC_HOLD (0.01).
     """
-    if not (_data.has(run, "calibration.nll") and _data.has(run, "calibration.accuracy")):
+    if not (query.has(run, "calibration.nll") and query.has(run, "calibration.accuracy")):
         return []
-    s, nll = _data.series(run, "calibration.nll")
-    sa, acc = _data.series(run, "calibration.accuracy")
+    s, nll = query.series(run, "calibration.nll")
+    sa, acc = query.series(run, "calibration.accuracy")
     acc_at = pd.Series(acc, index=sa).reindex(s).to_numpy(dtype=float)
     ok = np.isfinite(nll) & np.isfinite(acc_at)
     s, nll, acc_at = s[ok], nll[ok], acc_at[ok]
@@ -612,8 +611,8 @@ def overconfidence(run: RunData) -> list[Finding]:
     if last_nll < (1 + NLL_RISE) * nll_m[k] or last_acc < acc_m[k] - ACC_HOLD:
         return []
     ece = ""
-    if _data.has(run, "calibration.ece"):
-        se, ev = _data.series(run, "calibration.ece")
+    if query.has(run, "calibration.ece"):
+        se, ev = query.series(run, "calibration.ece")
         e = pd.Series(ev, index=se).rolling(NLL_WINDOW).mean()
         if int(s[k]) in e.index and int(s[-1]) in e.index:
             ece = f"; ECE {_fmt(float(e[int(s[k])]))} -> {_fmt(float(e[int(s[-1])]))}"
@@ -640,9 +639,9 @@ def batch_size_vs_noise_scale(run: RunData) -> list[Finding]:
     (The paper divides averages taken over steps; over a run both quantities change by orders of magnitude,
     so the median of the ratios is used, as in the report's figure.)
     """
-    if not (_data.has(run, "gns.grad_sq") and _data.has(run, "gns.trace_cov") and _data.has(run, "gns.batch_size")):
+    if not (query.has(run, "gns.grad_sq") and query.has(run, "gns.trace_cov") and query.has(run, "gns.batch_size")):
         return []
-    from .figures.noise_scale import point_estimates
+    from ..reports.figures.noise_scale import point_estimates
 
     steps, est = point_estimates(run)
     ok = ~np.isnan(est)
@@ -653,7 +652,7 @@ def batch_size_vs_noise_scale(run: RunData) -> list[Finding]:
     b_simple = float(np.median(tail))
     if not b_simple > 0:
         return []
-    _, bv = _data.series(run, "gns.batch_size")
+    _, bv = query.series(run, "gns.batch_size")
     batch = float(bv[-1])
     ratio = batch / b_simple
     first, last = int(tail_steps[0]), int(tail_steps[-1])
@@ -759,7 +758,7 @@ def baseline_findings(run: RunData, baseline: RunData, deviations: pd.DataFrame 
     one warning per deviating layer for the first MAX_DEVIATION_FINDINGS layers (its metrics listed), then one
     info line counting the rest."""
     if deviations is None:
-        from ..comparison import compare
+        from .comparison import compare
 
         deviations = compare(run, baseline)
     if deviations.empty:

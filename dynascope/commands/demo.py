@@ -83,7 +83,7 @@ def make_mlp(batchnorm: bool, width: int = 128, depth: int = 4) -> nn.Module:
 def _train(cfg: DemoConfig, out: Path, steps: int, bar: Any, seed: int = 0) -> Path:
     import dynascope
 
-    from .datasets import load_digits
+    from ..datasets import load_digits
 
     x, y = load_digits()
     g = torch.Generator().manual_seed(seed)

@@ -174,7 +174,7 @@ def snapshots(run: str | os.PathLike[str] | Any) -> Any:
     """The snapshots a run wrote: a DataFrame with columns step, event, event_step, nbytes, file."""
     import pandas as pd
 
-    from .store import ARTIFACTS, RunData
+    from ..store import ARTIFACTS, RunData
 
     data = run if isinstance(run, RunData) else RunData(run)
     df = data.artifacts(ARTIFACT)

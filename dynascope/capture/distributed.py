@@ -36,8 +36,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .probes._groups import is_sharded, local_tensor
-from .probes.base import Collected, checked_finish
+from ..probes._groups import is_sharded, local_tensor
+from ..probes.base import Collected, checked_finish
 
 __all__ = ["RankReducer", "is_active", "world_size", "rank", "chan_merge", "local_tensor", "is_sharded",
            "LayoutMismatchError"]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..coverage import summarize
-from ..store import RunData, RunStoreError, load_run
-from . import _data
+from ..core.coverage import summarize
+from ..store import RunData, RunStoreError, load_run, query
 
 __all__ = ["add_arguments", "run", "describe"]
 
@@ -16,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _steps(run: RunData, metric: str, layers: list[str]) -> str:
-    st = _data.steps(run, metric, layers[0]) if layers else []
+    st = query.steps(run, metric, layers[0]) if layers else []
     if len(st) == 0:
         return "no steps"
     return f"steps {int(st[0])}..{int(st[-1])} ({len(st)} recorded)"
@@ -32,11 +31,11 @@ def describe(run: RunData) -> str:
     opt = " + ".join(str(o) for o in opts)
     lines.append(f"  status {meta.get('status', 'n/a')}, model {model or 'n/a'}, optimizer {opt or 'none'}, "
                  f"every {meta.get('every', 'n/a')}")
-    metrics = _data.metrics(run)
+    metrics = query.metrics(run)
     lines.append(f"metrics ({len(metrics)}):")
     width = max((len(m) for m in metrics), default=0)
     for m in metrics:
-        lays = _data.layers(run, m)
+        lays = query.layers(run, m)
         n = len([x for x in lays if x != ""])
         where = "run-level" if lays == [""] else f"{n} layer{'s' if n != 1 else ''}"
         lines.append(f"  {m:<{width}}  {where:<12}  {_steps(run, m, lays)}")
@@ -58,7 +57,7 @@ def describe(run: RunData) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from .cli import UserError
 
     for i, path in enumerate(args.runs):
         try:
