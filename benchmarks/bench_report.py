@@ -101,7 +101,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     from dynascope import load_run
-    from dynascope.reports import _data
+    from dynascope.store import query as _data
     from dynascope.reports.figures import all_figures
     from dynascope.analysis.findings import findings
     from dynascope.reports.html import report

@@ -24,9 +24,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-
 from .capture.session import Session, probe  # noqa: E402
+from .core.version import __version__  # noqa: E402
 from .probes.base import Collected, Probe, ProbeContext, Stat  # noqa: E402
 from .probes.scheduled import Scheduled, ScheduledContext  # noqa: E402
 from .run import Run, load_run  # noqa: E402

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 import dynascope
-from dynascope.datasets import load_digits
 from dynascope.commands.demo import make_mlp
+from dynascope.datasets import load_digits
 
 
 def train(path: str | Path, *, steps: int, every: int = 1, optimizer: str = "sgd", lr: float = 0.05,

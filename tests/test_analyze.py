@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynascope import analyze as analyze_mod
+from dynascope.commands import analyze as analyze_mod
 from dynascope.commands.cli import main
 from dynascope.diagnostics.weights import angular_change, stable_rank
 from dynascope.store import RunStore, load_run

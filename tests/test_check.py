@@ -14,7 +14,7 @@ from _synthetic import make_run
 from markupsafe import escape
 
 import dynascope
-from dynascope.reports import findings as F
+from dynascope.analysis import findings as F
 
 COLUMNS = ["severity", "rule", "metric", "layer", "step", "message", "source"]
 

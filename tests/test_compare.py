@@ -12,7 +12,7 @@ from _digits_runs import edited_copy, train
 from _synthetic import make_run
 
 import dynascope
-from dynascope import comparison as C
+from dynascope.analysis import comparison as C
 from dynascope.store import RunStore, load_run
 
 

@@ -19,7 +19,13 @@ from torch import nn
 
 import dynascope
 import dynascope.capture.distributed
-from dynascope.capture.distributed import LayoutMismatchError, RankReducer, chan_merge, shifted_moments, unshifted_moments
+from dynascope.capture.distributed import (
+    LayoutMismatchError,
+    RankReducer,
+    chan_merge,
+    shifted_moments,
+    unshifted_moments,
+)
 
 WORLD = 2
 STEPS = 3

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dynascope
-from dynascope.datasets import load_digits
 from dynascope.core.drift import DriftDetector, drift_warnings
+from dynascope.datasets import load_digits
 
 
 def _reference_statistics(values: np.ndarray, window=20, k=1.0, h=10.0, clip=4.0, start=20):

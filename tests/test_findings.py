@@ -7,7 +7,7 @@ import pytest
 from _synthetic import make_run
 
 from dynascope import load_run
-from dynascope.reports import findings as F
+from dynascope.analysis import findings as F
 from dynascope.store import RunStore
 
 

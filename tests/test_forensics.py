@@ -13,9 +13,9 @@ from _digits_runs import train
 from _synthetic import make_run
 
 import dynascope
-from dynascope import forensics as FZ
 from dynascope import load_run
-from dynascope.reports import findings as F
+from dynascope.analysis import findings as F
+from dynascope.analysis import forensics as FZ
 from dynascope.store import RunStore
 
 

@@ -10,8 +10,9 @@ from _synthetic import make_run
 
 from dynascope import load_run
 from dynascope.diagnostics.scale import equilibrium_angle, equilibrium_angle_from_hyperparameters
-from dynascope.reports.figures._helpers import decimate, depth_modules, pick_layers
+from dynascope.reports.figures._helpers import decimate, pick_layers
 from dynascope.store import RunStore
+from dynascope.store.query import depth_modules
 
 
 def test_equilibrium_angle_reference_values():

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import dynascope
-from dynascope.core.robust import SPIKE_MIN_RISE, spike_threshold
 from dynascope.analysis.findings import spike_threshold as series_threshold
+from dynascope.core.robust import SPIKE_MIN_RISE, spike_threshold
 
 STEPS = 70
 FAULT = range(45, 46)  # the step at which the faulty layer's learning rate is multiplied

@@ -67,7 +67,7 @@ def _write_v2(path: Path, rows) -> None:
 
 
 def _answers(run: dynascope.RunData) -> dict:
-    from dynascope.reports import _data
+    from dynascope.store import query as _data
 
     out = {"metrics": run.metrics(), "layers": run.layers("act.mean"), "steps": run.steps("loss").tolist(),
            "steps_all": run.steps().tolist(), "steps_layer": run.steps("act.mean", "net.10").tolist(),

@@ -75,7 +75,7 @@ def _line(row: pd.Series, several: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.cli import UserError
+    from ..core.errors import UserError
 
     try:
         runs = [load_run(p) for p in args.runs]

@@ -298,9 +298,8 @@ def non_finite_values(run: RunData) -> list[Finding]:
 
 
 def _depth(run: RunData, metric: str) -> tuple[list[str], str]:
-    from ..reports.figures._helpers import depth_modules
 
-    return depth_modules(run, metric)
+    return query.depth_modules(run, metric)
 
 
 def _spearman(y: np.ndarray) -> float:
@@ -641,9 +640,7 @@ def batch_size_vs_noise_scale(run: RunData) -> list[Finding]:
     """
     if not (query.has(run, "gns.grad_sq") and query.has(run, "gns.trace_cov") and query.has(run, "gns.batch_size")):
         return []
-    from ..reports.figures.noise_scale import point_estimates
-
-    steps, est = point_estimates(run)
+    steps, est = query.noise_scale_points(run)
     ok = ~np.isnan(est)
     steps, est = steps[ok], est[ok]
     if len(est) < GNS_MIN_POINTS:

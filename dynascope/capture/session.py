@@ -26,11 +26,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import __version__
 from ..core.checks import positive_int
 from ..core.coverage import CoverageRow, coverage_frame, merge
 from ..core.guard import preserved_state
 from ..core.names import ModuleFilter, is_wrapped, named_parameters, select_modules
+from ..core.version import __version__
 from ..probes.activations import ActivationProbe
 from ..probes.base import Collected, Probe, ProbeContext
 from ..probes.gradients import GradientProbe
@@ -181,7 +181,7 @@ class Session:
         self.reducer: RankReducer | None = RankReducer() if is_active() else None
         self._listeners: list[Any] = []
         if tensorboard is not None and self.writer:
-            from ..integrations.tensorboard import TensorBoardMirror
+            from .listeners import TensorBoardMirror
 
             self.add_listener(TensorBoardMirror(tensorboard))
         if run_dir is None:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.errors import describe
+
 __all__ = ["Snapshot", "Snapshotter", "load_snapshot", "snapshots", "rng_state", "set_rng_state"]
 
 ARTIFACT = "snapshot"
@@ -205,8 +207,7 @@ def load_snapshot(run: str | os.PathLike[str] | Any, step: int | None = None, *,
     try:
         obj = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:  # a damaged or foreign file: one line naming it
-        raise ValueError(f"{file}: not a readable dynascope snapshot ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ValueError(f"{file}: not a readable dynascope snapshot ({describe(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{file}: not a dynascope snapshot (format {FORMAT})")
     return Snapshot(int(obj["step"]), obj["model"], list(obj["optimizers"]), obj["rng"], dict(obj.get("meta", {})))

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import UserError, describe, one_line
 from .checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -45,7 +46,6 @@ from .checkpoints import (
     load_checkpoint,
     match_state_dict,
 )
-from .cli import UserError
 
 __all__ = ["add_arguments", "run", "analyze", "AnalyzeOptions", "import_object"]
 
@@ -131,19 +131,13 @@ def import_object(spec: str, what: str) -> Any:
     except AttributeError as exc:
         if name in sys.modules:  # the module imported; the attribute path is wrong
             raise UserError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}") from exc
-        raise UserError(f"cannot import {mod_name!r} for {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
+        raise UserError(f"cannot import {mod_name!r} for {what} ({describe(exc)})") from exc
     except ValueError as exc:
         if not str(exc).startswith("invalid format"):  # raised by the module's own code while importing
-            raise UserError(f"cannot import {mod_name!r} for {what} (ValueError: {_one_line(exc)})") from exc
+            raise UserError(f"cannot import {mod_name!r} for {what} (ValueError: {one_line(exc)})") from exc
         raise UserError(f"{what} {spec!r} must look like pkg.module:factory (or path/to/file.py:factory)") from exc
     except Exception as exc:
-        raise UserError(f"cannot import {mod_name!r} for {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    s = lines[0] if lines else type(exc).__name__
-    return s if len(s) <= 200 else s[:197] + "..."
+        raise UserError(f"cannot import {mod_name!r} for {what} ({describe(exc)})") from exc
 
 
 def _make_model(spec: str) -> nn.Module:
@@ -155,7 +149,7 @@ def _make_model(spec: str) -> nn.Module:
     try:
         model = factory()
     except Exception as exc:
-        raise UserError(f"--model factory {spec!r} raised {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise UserError(f"--model factory {spec!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise UserError(f"--model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -179,11 +173,11 @@ def _make_data(spec: str, model: nn.Module, loss_fn: Callable[[Any, Any], torch.
     try:
         data = factory() if callable(factory) and not isinstance(factory, (tuple, list, torch.Tensor)) else factory
     except Exception as exc:
-        raise UserError(f"--data factory {spec!r} raised {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise UserError(f"--data factory {spec!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
     try:
         pairs = as_pairs(data)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"--data {spec!r}: {_one_line(exc)}") from exc
+        raise UserError(f"--data {spec!r}: {one_line(exc)}") from exc
     inputs, targets = pairs[0]
     try:
         with torch.no_grad():
@@ -197,7 +191,7 @@ def _make_data(spec: str, model: nn.Module, loss_fn: Callable[[Any, Any], torch.
     except Exception as exc:
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise UserError(f"--data {spec!r} does not fit the model (inputs {shape}): "
-                        f"{type(exc).__name__}: {_one_line(exc)}") from exc
+                        f"{type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = getattr(loss, "shape", type(loss).__name__)
         raise UserError(f"--loss returned {got}, not a scalar, on --data {spec!r}")
@@ -299,7 +293,7 @@ def analyze(
             select_modules(model, opts.plasticity_layers)
         except ValueError as exc:
             hint = "" if opts.plasticity_layers else " (with --plasticity-layers)"
-            raise UserError(f"--plasticity: {_one_line(exc)}".replace("pass layers=", f"name layers{hint}")) from exc
+            raise UserError(f"--plasticity: {one_line(exc)}".replace("pass layers=", f"name layers{hint}")) from exc
     try:
         files = find_checkpoints(paths)
     except NotACheckpointError as exc:
@@ -447,7 +441,7 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
                                               bar, progress, scheduled)
             except (CheckpointError, ValueError, RuntimeError) as exc:
                 msg = str(exc) if isinstance(exc, CheckpointError) else \
-                    f"{str(e.path)!r}: {type(exc).__name__}: {_one_line(exc)}"
+                    f"{str(e.path)!r}: {type(exc).__name__}: {one_line(exc)}"
                 if opts.strict:
                     raise UserError(msg) from exc
                 bad.append(_Entry(e.path, e.step, e.source, e.key, error=msg))
@@ -647,7 +641,7 @@ def _run_scheduled(store: Any, model: nn.Module, step: int, scheduled: _Schedule
         try:
             run_guarded(scheduled.plasticity, ctx)
         except ValueError as exc:
-            raise ValueError(f"--plasticity: {_one_line(exc)}") from exc
+            raise ValueError(f"--plasticity: {one_line(exc)}") from exc
         bar.update(1)
     return rows
 
@@ -662,7 +656,7 @@ def _scores(store: Any, model: nn.Module, step: int, loss_fn: Any, data: Any, ki
         try:
             res = example_scores(model, loss_fn, data, kind, progress=progress)  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"--scores {kind}: {_one_line(exc)}") from exc
+            raise ValueError(f"--scores {kind}: {one_line(exc)}") from exc
         for name, value in res.summary().items():
             add(f"scores.{kind}", value, name)
         store.write_artifact(f"scores.{kind}", step, {"scores": res.scores},

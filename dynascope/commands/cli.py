@@ -14,6 +14,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from ..core.errors import UserError
+from ..core.version import __version__
+
 __all__ = ["main", "UserError"]
 
 # name -> (module, one-line help)
@@ -27,13 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UserError(Exception):
-    """An expected failure caused by the user's input; printed as one line, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = argparse.ArgumentParser(prog="dynascope", description="See inside PyTorch training runs.")
     parser.add_argument("--version", action="version", version=f"dynascope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

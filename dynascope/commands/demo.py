@@ -161,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UserError
+    from ..core.errors import UserError
 
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")

@@ -57,7 +57,7 @@ def describe(run: RunData) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UserError
+    from ..core.errors import UserError
 
     for i, path in enumerate(args.runs):
         try:

@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.errors import UserError
     from ..reports.html import report
-    from .cli import UserError
 
     if args.refresh and args.watch is None:
         raise UserError("--refresh needs --watch SECONDS (the interval at which the report is rewritten)")
@@ -101,8 +101,8 @@ def _status(path: str) -> str | None:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from ..core.errors import UserError
     from ..reports.html import report
-    from .cli import UserError
 
     if args.fmt != "html":
         raise UserError("--watch rewrites an HTML report; it cannot be used with --format png/pdf")

@@ -21,70 +21,12 @@ imported only when used.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
+
+from ..capture.listeners import DEFAULT_PREFIX, TensorBoardMirror, tag
 
 __all__ = ["TensorBoardMirror", "export", "tag", "DEFAULT_PREFIX", "add_arguments", "run"]
-
-DEFAULT_PREFIX = "dynascope."
-
-Row = tuple[int, str, str, float]
-
-
-def tag(metric: str, layer: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """TensorBoard tag of one scalar row."""
-    return f"{prefix}{metric}/{layer}" if layer else f"{prefix}{metric}"
-
-
-def _summary_writer(logdir: str | os.PathLike[str]) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:  # torch raises ImportError when tensorboard is missing
-        raise ImportError(
-            "TensorBoard output needs the tensorboard package: pip install 'dynascope[tensorboard]'") from exc
-    return SummaryWriter(log_dir=os.fspath(logdir))
-
-
-class TensorBoardMirror:
-    """Flush listener that writes each row as ``writer.add_scalar(tag, value, step)``.
-
-    ``target``: a log directory (a SummaryWriter is opened there and closed with
-    the session) or an object with ``add_scalar`` such as the user's own
-    ``SummaryWriter`` (flushed, not closed, at the end). ``metrics``: glob
-    patterns of metric names to mirror (default: all).
-    """
-
-    def __init__(self, target: Any, prefix: str = DEFAULT_PREFIX, metrics: Sequence[str] | None = None) -> None:
-        if hasattr(target, "add_scalar"):
-            self.writer, self._owned = target, False
-        elif isinstance(target, (str, os.PathLike)):
-            self.writer, self._owned = _summary_writer(target), True
-        else:
-            raise TypeError("tensorboard= must be a log directory or a SummaryWriter (an object with add_scalar), "
-                            f"got {type(target).__name__}")
-        self.prefix = prefix
-        self.metrics = list(metrics) if metrics is not None else None
-        self.written = 0
-
-    def _wanted(self, metric: str) -> bool:
-        return self.metrics is None or any(fnmatch.fnmatchcase(metric, p) for p in self.metrics)
-
-    def __call__(self, rows: Iterable[Row]) -> None:
-        for step, metric, layer, value in sorted(rows, key=lambda r: r[0]):
-            if self._wanted(metric):
-                self.writer.add_scalar(tag(metric, layer, self.prefix), float(value), global_step=int(step))
-                self.written += 1
-        if callable(getattr(self.writer, "flush", None)):
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self._owned:
-            self.writer.close()
-        elif callable(getattr(self.writer, "flush", None)):
-            self.writer.flush()
-
 
 def export(run_dir: str | os.PathLike[str], logdir: str | os.PathLike[str], *, prefix: str = DEFAULT_PREFIX,
            metrics: Sequence[str] | None = None) -> int:
@@ -114,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.cli import UserError
+    from ..core.errors import UserError
     from ..store import RunStoreError, load_run
 
     try:

@@ -29,9 +29,9 @@ import matplotlib
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from .. import __version__
 from ..analysis.findings import BASELINE_RULE, Finding
 from ..analysis.findings import collect as collect_findings
+from ..core.version import __version__
 from ..store import RunData, RunStoreError, load_run, query
 from .figures import FigureSpec, all_figures, run_colors
 from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR

@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 
+from ..core.errors import describe, one_line
+
 if TYPE_CHECKING:  # pandas is needed to read runs, not to record them
     import pandas as pd
 
@@ -145,10 +147,6 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80] or "artifact"
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 class RunStore:
     """Writer side of a run directory (only rank 0 writes).
 
@@ -192,14 +190,14 @@ class RunStore:
             try:
                 self.meta = json.loads((self.path / META_NAME).read_text())
             except ValueError as exc:
-                raise RunStoreError(f"{self.path / META_NAME}: not valid JSON ({_one_line(exc)})") from None
+                raise RunStoreError(f"{self.path / META_NAME}: not valid JSON ({one_line(exc)})") from None
         self._con: sqlite3.Connection | None = None
         try:
             self._open()
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError as exc:  # not a database, malformed: the file, not the moment, is the problem
-            raise RunStoreError(f"{db}: {_one_line(exc)}") from None
+            raise RunStoreError(f"{db}: {one_line(exc)}") from None
         if not (self.path / META_NAME).exists():
             self.write_meta({})  # every run has a meta.json: a reader tells a damaged run by its absence
 
@@ -521,7 +519,7 @@ class ResilientWriter:
     def _failed(self, exc: BaseException) -> None:
         if self.fault is None:
             self.faults += 1
-        self.fault = f"{type(exc).__name__}: {_one_line(exc)}"
+        self.fault = describe(exc)
         if not self.warned:
             self.warned = True
             warnings.warn(
@@ -539,7 +537,7 @@ def _check_db_file(db: Path) -> None:
         with open(db, "rb") as f:
             head = f.read(100)
     except OSError as exc:
-        raise RunStoreError(f"{db}: cannot be read ({_one_line(exc)})") from None
+        raise RunStoreError(f"{db}: cannot be read ({one_line(exc)})") from None
     if size == 0:
         raise RunStoreError(f"{db}: empty file, not a dynascope run store")
     if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
@@ -577,7 +575,7 @@ class RunData:
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise RunStoreError(f"{meta_path}: not valid JSON ({_one_line(exc)})") from None
+            raise RunStoreError(f"{meta_path}: not valid JSON ({one_line(exc)})") from None
         if not isinstance(meta, dict):
             raise RunStoreError(f"{meta_path}: not a JSON object (a {type(meta).__name__})")
         self.meta: dict[str, Any] = meta
@@ -607,7 +605,7 @@ class RunData:
             con = _connect(self._db, readonly=True)
             yield con
         except sqlite3.DatabaseError as exc:
-            raise RunStoreError(f"{self._db}: {_one_line(exc)}") from None
+            raise RunStoreError(f"{self._db}: {one_line(exc)}") from None
         finally:
             if con is not None:
                 con.close()

@@ -20,7 +20,8 @@ import pandas as pd
 
 from . import RunData
 
-__all__ = ["layers", "steps", "query", "series", "at_steps", "layer_max", "non_finite_summary", "has", "metrics"]
+__all__ = ["layers", "steps", "query", "series", "at_steps", "layer_max", "non_finite_summary", "has", "metrics",
+           "depth_modules", "noise_scale_points"]
 
 _CACHE_ATTR = "_dynascope_report_cache"
 
@@ -113,3 +114,48 @@ def non_finite_summary(run: RunData) -> pd.DataFrame:
     if "nonfinite" not in c:
         c["nonfinite"] = run.non_finite()
     return c["nonfinite"]
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\d+", "#", name)
+
+
+def depth_modules(run: RunData, metric: str) -> tuple[list[str], str]:
+    """Modules along the main path, in depth order, and how they were chosen.
+
+    1. meta ``blocks`` (the residual blocks the user marked), when recorded;
+    2. else the recorded modules whose names, with every number replaced by
+       ``#``, share the shallowest repeated pattern with at least 3 members
+       (``h.#``, ``layers.#``, ``layer#.#`` for ResNet stages, ``#`` for an
+       nn.Sequential), in model order;
+    3. else the top-level modules (no ``.`` in the name).
+    """
+    recorded = layers(run, metric)
+    rec = set(recorded)
+    blocks = run.meta.get("blocks")
+    if blocks:
+        chosen = [b for b in blocks if b in rec]
+        if chosen:
+            return chosen, "depth = the residual blocks marked in the run (meta 'blocks')"
+    groups: dict[str, list[str]] = {}
+    for name in recorded:
+        if name:
+            groups.setdefault(_pattern(name), []).append(name)
+    cands = [(p.count(".") , -len(v), p) for p, v in groups.items() if len(v) >= 3 and "#" in p]
+    if cands:
+        _, _, pat = min(cands)
+        return groups[pat], (f"depth = recorded modules matching '{pat}' (# = any index): the shallowest "
+                             "repeated module pattern with at least 3 members, in model order")
+    top = [n for n in recorded if n and "." not in n]
+    return top, "depth = top-level modules in model order (no repeated block pattern found)"
+
+
+def noise_scale_points(run: RunData) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and tr(Sigma)/|G|^2 at every measurement, +inf where the |G|^2 estimate is <= 0 (noise dominates:
+    B_simple beyond what the probe batch resolves) and tr(Sigma) > 0, NaN where both are <= 0."""
+    s_g, g = series(run, "gns.grad_sq")
+    s_t, t = series(run, "gns.trace_cov")
+    df = pd.DataFrame({"g": pd.Series(g, index=s_g), "t": pd.Series(t, index=s_t)}).dropna()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(df["g"] > 0, df["t"] / df["g"], np.where(df["t"] > 0, np.inf, np.nan))
+    return df.index.to_numpy(dtype=np.int64), b.astype(float)

@@ -4,14 +4,12 @@
 - :func:`plot_series` draws a line against step, min/max-decimated to a
   readable number of points (spikes survive), and marks every non-finite value
   with an ``x`` at the top edge of the axes so NaN/Inf are visible, not dropped.
-- :func:`depth_modules` chooses the modules along the main path (block depth).
 - :func:`set_caption` attaches a caption the HTML report prints under the figure.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,9 +18,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 from matplotlib.transforms import blended_transform_factory
 
-from ...store import RunData, query
+from ...store import RunData
 
-__all__ = ["new_figure", "plot_series", "decimate", "pick_layers", "depth_modules", "set_caption", "text",
+__all__ = ["new_figure", "plot_series", "decimate", "pick_layers", "set_caption", "text",
            "run_gid", "short", "run_label", "finish", "log_axis", "few_xticks", "NONFINITE_HANDLE", "run_legend",
            "CAPTION_ATTR", "GID_LABELS_ATTR", "index_xticks"]
 
@@ -176,40 +174,6 @@ def pick_layers(names: Sequence[str], k: int = 8) -> list[str]:
         return names
     idx = np.unique(np.linspace(0, len(names) - 1, k).round().astype(int))
     return [names[i] for i in idx]
-
-
-def _pattern(name: str) -> str:
-    return re.sub(r"\d+", "#", name)
-
-
-def depth_modules(run: RunData, metric: str) -> tuple[list[str], str]:
-    """Modules along the main path, in depth order, and how they were chosen.
-
-    1. meta ``blocks`` (the residual blocks the user marked), when recorded;
-    2. else the recorded modules whose names, with every number replaced by
-       ``#``, share the shallowest repeated pattern with at least 3 members
-       (``h.#``, ``layers.#``, ``layer#.#`` for ResNet stages, ``#`` for an
-       nn.Sequential), in model order;
-    3. else the top-level modules (no ``.`` in the name).
-    """
-    recorded = query.layers(run, metric)
-    rec = set(recorded)
-    blocks = run.meta.get("blocks")
-    if blocks:
-        chosen = [b for b in blocks if b in rec]
-        if chosen:
-            return chosen, "depth = the residual blocks marked in the run (meta 'blocks')"
-    groups: dict[str, list[str]] = {}
-    for name in recorded:
-        if name:
-            groups.setdefault(_pattern(name), []).append(name)
-    cands = [(p.count(".") , -len(v), p) for p, v in groups.items() if len(v) >= 3 and "#" in p]
-    if cands:
-        _, _, pat = min(cands)
-        return groups[pat], (f"depth = recorded modules matching '{pat}' (# = any index): the shallowest "
-                             "repeated module pattern with at least 3 members, in model order")
-    top = [n for n in recorded if n and "." not in n]
-    return top, "depth = top-level modules in model order (no repeated block pattern found)"
 
 
 def short(name: str, width: int = 40) -> str:

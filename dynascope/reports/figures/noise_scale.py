@@ -26,26 +26,15 @@ from ...store import RunData, query
 from . import figure, run_colors
 from ._helpers import finish, log_axis, new_figure, run_gid, run_legend, set_caption
 
-__all__ = ["noise_scale_figure", "smoothed_noise_scale", "point_estimates", "WINDOW"]
+__all__ = ["noise_scale_figure", "smoothed_noise_scale", "WINDOW"]
 
 WINDOW = 5  # recorded measurements in the running median
-
-
-def point_estimates(run: RunData) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and tr(Sigma)/|G|^2 at every measurement, +inf where the |G|^2 estimate is <= 0 (noise dominates:
-    B_simple beyond what the probe batch resolves) and tr(Sigma) > 0, NaN where both are <= 0."""
-    s_g, g = query.series(run, "gns.grad_sq")
-    s_t, t = query.series(run, "gns.trace_cov")
-    df = pd.DataFrame({"g": pd.Series(g, index=s_g), "t": pd.Series(t, index=s_t)}).dropna()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b = np.where(df["g"] > 0, df["t"] / df["g"], np.where(df["t"] > 0, np.inf, np.nan))
-    return df.index.to_numpy(dtype=np.int64), b.astype(float)
 
 
 def smoothed_noise_scale(run: RunData, window: int = WINDOW) -> tuple[np.ndarray, np.ndarray]:
     """Steps and the running median of B_simple over ``window`` measurements centred on each (unresolved
     measurements count as +inf; NaN ones are skipped)."""
-    steps, b = point_estimates(run)
+    steps, b = query.noise_scale_points(run)
     if len(steps) == 0:
         return steps, b
     med = pd.Series(b).rolling(window, center=True, min_periods=1).median()

@@ -7,7 +7,7 @@
   Sun et al. 2025).
 - Largest |activation| against layer index (massive activations, Sun et al. 2024).
 
-Depth follows :func:`._helpers.depth_modules` (meta ``blocks`` when the user
+Depth follows :func:`dynascope.store.query.depth_modules` (meta ``blocks`` when the user
 marked them, else a stated heuristic), and each caption says which was used.
 """
 
@@ -24,7 +24,6 @@ from ...store import RunData, query
 from . import BY_ACTIVATIONS, figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
-    depth_modules,
     finish,
     index_xticks,
     log_axis,
@@ -73,7 +72,7 @@ def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
     colors = run_colors(runs)
     hows, any_bad, drawn, named = [], False, False, False
     for i, r in have:
-        mods, how = depth_modules(r, "act.channel_var")
+        mods, how = query.depth_modules(r, "act.channel_var")
         if not mods:
             continue
         hows.append(f"{r.name}: {how} ({len(mods)} points)")
@@ -139,7 +138,7 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
     hows, any_bad, drawn = [], False, False
     cmap = matplotlib.colormaps["viridis"]
     for ax, (i, r) in zip(axes, have):
-        mods, how = depth_modules(r, "act.var")
+        mods, how = query.depth_modules(r, "act.var")
         if not mods:
             ax.set_visible(False)
             continue
@@ -188,7 +187,7 @@ def massive_activations(runs: Sequence[RunData]) -> Figure | None:
     colors = run_colors(runs)
     hows, any_bad, drawn, named = [], False, False, False
     for i, r in have:
-        mods, how = depth_modules(r, "act.absmax")
+        mods, how = query.depth_modules(r, "act.absmax")
         if not mods:
             continue
         hows.append(f"{r.name}: {how}")

@@ -20,7 +20,6 @@ from ...store import RunData, query
 from . import BY_GRADIENTS, BY_UPDATES, figure, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
-    depth_modules,
     finish,
     index_xticks,
     log_axis,
@@ -115,7 +114,7 @@ def _scale_invariant_layers(run: RunData, layers: Sequence[str]) -> set[str]:
 
 def _grad_layers(run: RunData) -> tuple[list[str], str]:
     """Layers for gradient-norm-vs-depth: the depth modules, else the matrix parameters."""
-    mods, how = depth_modules(run, "grad.norm")
+    mods, how = query.depth_modules(run, "grad.norm")
     if len(mods) >= 2:
         return mods, how
     weights = [p for p in query.layers(run, "grad.norm") if p in set(query.layers(run, "weight.norm"))]
