@@ -19,7 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynascope
-from dynascope.store import DB_NAME, META_NAME, NotARunError, RunExistsError, RunStore
+from dynascope.store import (
+    DB_NAME,
+    META_NAME,
+    NotARunError,
+    ResilientWriter,
+    RunData,
+    RunExistsError,
+    RunStore,
+    as_run,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,3 +187,68 @@ def test_store_roundtrip_nan_inf_artifacts_marks_meta(tmp_path):
     assert (tmp_path / "r" / DB_NAME).exists()
     with pytest.raises(KeyError, match="no artifact"):
         data.load_artifact("nope")
+
+
+def test_as_run_takes_a_path_or_a_run_and_names_a_wrong_type(tmp_path):
+    RunStore(tmp_path / "r").close()
+    for path in (tmp_path / "r", str(tmp_path / "r")):
+        run = as_run(path)
+        assert type(run) is RunData and run.path == tmp_path / "r"
+    assert type(as_run(tmp_path / "r", cls=dynascope.Run)) is dynascope.Run
+    data = dynascope.load_run(tmp_path / "r")
+    assert as_run(data) is data and as_run(data, cls=RunData) is data  # passed through unchanged
+    with pytest.raises(NotARunError):
+        as_run(tmp_path / "nothing")
+    for wrong in (3, None, b"bytes", [str(tmp_path / "r")]):
+        with pytest.raises(TypeError) as err:
+            as_run(wrong)
+        msg = str(err.value)
+        assert "\n" not in msg and type(wrong).__name__ in msg and "RunData" in msg
+
+
+def test_resilient_writer_reconnects_through_the_public_method(tmp_path, monkeypatch):
+    """After a storage fault (the run directory removed) and after its store was closed, the writer
+    makes the store writable again with RunStore.reconnect, and never touches RunStore's private members."""
+    import ast
+    import shutil
+    import warnings
+
+    import dynascope.store.resilient as resilient
+
+    tree = ast.parse(Path(resilient.__file__).read_text())
+    private = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                      and isinstance(n.value, (ast.Name, ast.Attribute))
+                      and ast.unparse(n.value) in ("store", "self.store") and n.attr.startswith("_")})
+    assert private == []
+
+    calls: list[bool] = []
+    real = RunStore.reconnect
+
+    def spy(self):
+        calls.append(real(self))
+        return calls[-1]
+
+    monkeypatch.setattr(RunStore, "reconnect", spy)
+    store = RunStore(tmp_path / "r")
+    writer = ResilientWriter(store)
+    assert store.busy_timeout == ResilientWriter.busy_timeout
+    assert store.con.execute("PRAGMA busy_timeout").fetchone()[0] == int(ResilientWriter.busy_timeout * 1000)
+    writer.write_scalars([(0, "loss", "", 1.0)])
+    assert calls == []
+    shutil.rmtree(tmp_path / "r")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer.write_scalars([(1, "loss", "", 2.0)])  # the fault: the rows wait
+        assert writer.fault is not None and calls == []
+        writer.write_scalars([(2, "loss", "", 3.0)])  # a new database
+    assert calls == [True] and writer.fault is None
+    assert len([w for w in caught if "cannot write the run store" in str(w.message)]) == 1
+    store.close()
+    assert store.closed
+    writer.write_scalars([(3, "loss", "", 4.0)])  # the same database, connected again
+    assert calls == [True, False] and not store.closed
+    writer.close()
+    data = dynascope.load_run(tmp_path / "r")
+    assert data.series("loss")[0].tolist() == [1, 2, 3]
+    assert data.series("loss")[1].tolist() == [2.0, 3.0, 4.0]
+    assert data.series("store.dropped_rows")[1].tolist() == [0.0]

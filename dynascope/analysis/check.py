@@ -17,17 +17,13 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from ..store import NotARunError, RunData, load_run
+from ..store import NotARunError, RunData, as_run, load_run
 
 __all__ = ["findings", "failing", "add_arguments", "run", "SEVERITY_RANK"]
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 
 RunLike = str | os.PathLike[str] | RunData
-
-
-def _as_run(run: RunLike) -> RunData:
-    return run if isinstance(run, RunData) else load_run(run)
 
 
 def findings(run: RunLike | Sequence[RunLike], baseline: RunLike | None = None) -> pd.DataFrame:
@@ -42,8 +38,8 @@ def findings(run: RunLike | Sequence[RunLike], baseline: RunLike | None = None) 
     runs = [run] if isinstance(run, (str, os.PathLike, RunData)) else list(run)
     if not runs:
         raise ValueError("findings() needs a run (a run directory or a RunData)")
-    run_list = [_as_run(r) for r in runs]
-    base = None if baseline is None else _as_run(baseline)
+    run_list = [as_run(r) for r in runs]
+    base = None if baseline is None else as_run(baseline)
     return frame(collect(run_list, base), base)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..store import RunData, load_run
+from ..store import RunData, as_run
 from .forensics import MAD_TO_SD, fold_ratio, rolling_band
 
 __all__ = ["compare", "band", "COMPARE_WINDOW", "COMPARE_MADS", "COMPARE_MIN_RATIO", "COMPARE_PERSIST", "COMPARE_SHIFT",
@@ -46,10 +46,6 @@ SKIPPED = ("event.", "diagnostic.", "grad.weight_cos_threshold", "scale_invarian
 
 _COLUMNS = ["metric", "layer", "first_step", "ratio", "direction", "z", "n_steps", "peak_ratio", "value",
             "baseline_value", "band_low", "band_high"]
-
-
-def _as_run(run: str | os.PathLike[str] | RunData) -> RunData:
-    return run if isinstance(run, RunData) else load_run(run)
 
 
 def _skipped(metric: str) -> bool:
@@ -204,7 +200,7 @@ def compare(run: str | os.PathLike[str] | RunData, baseline: str | os.PathLike[s
     ``metrics``: only these (default: every metric both runs recorded, minus :data:`SKIPPED`).
     Raises ValueError when the runs share no metric and step.
     """
-    run, base = _as_run(run), _as_run(baseline)
+    run, base = as_run(run), as_run(baseline)
     if window < 3 or persist < 1 or min_ratio < 1 or k <= 0:
         raise ValueError(f"need window >= 3, persist >= 1, min_ratio >= 1 and k > 0; got {window}, {persist}, "
                          f"{min_ratio}, {k}")
@@ -240,7 +236,7 @@ def band(run: str | os.PathLike[str] | RunData, baseline: str | os.PathLike[str]
          shift: int = COMPARE_SHIFT) -> pd.DataFrame:
     """The band :func:`compare` tests ``run`` against, for one metric and layer: columns step, value (the
     run), baseline, low, high, out (outside the band at that step), at the steps both recorded."""
-    run, base = _as_run(run), _as_run(baseline)
+    run, base = as_run(run), as_run(baseline)
     bands = _bands(run, base, metric, window, k, min_ratio, shift, only=[layer])
     if bands is None:
         raise ValueError(f"{metric!r} at layer {layer!r} is not recorded at a common step of both runs")

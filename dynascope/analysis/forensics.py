@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.robust import MIN_PERIODS, rolling_band
-from ..store import RunData, load_run
+from ..store import RunData, as_run
 
 __all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRICS", "EVENT_PREFIX",
            "EVENT_MERGE", "MAD_TO_SD", "fold_ratio", "rolling_band", "detect_events", "run_events", "event_rows",
@@ -59,10 +59,6 @@ THRESHOLD_SUFFIX = ".threshold"
 _EVENT_COLUMNS = ["step", "kind", "value", "threshold"]
 _FORENSIC_COLUMNS = ["module", "metric", "first_step", "ratio", "direction", "z", "value", "median", "lead",
                      "layer"]
-
-
-def _as_run(run: str | os.PathLike[str] | RunData) -> RunData:
-    return run if isinstance(run, RunData) else load_run(run)
 
 
 def _series(values: Any, steps: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +147,7 @@ def run_events(run: str | os.PathLike[str] | RunData, *, detect: bool | None = N
     """
     from ..store import query
 
-    run = _as_run(run)
+    run = as_run(run)
     kinds = [m for m in query.metrics(run) if m.startswith(EVENT_PREFIX) and not m.endswith(THRESHOLD_SUFFIX)]
     watched = bool(run.meta.get("sentinel"))  # a live sentinel judged every step: no event means none
     if (kinds or watched) and not detect:
@@ -237,7 +233,7 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
     """
     from ..store import query
 
-    run = _as_run(run)
+    run = as_run(run)
     step = int(step)
     if window < MIN_PERIODS or lookback < 0:
         raise ValueError(f"window must be >= {MIN_PERIODS} and lookback >= 0, got {window} and {lookback}")

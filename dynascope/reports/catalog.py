@@ -25,7 +25,7 @@ from typing import Any, Union
 
 from matplotlib.figure import Figure
 
-from ..store import RunData, load_run
+from ..store import RunData, as_run
 from .figures import FigureSpec, all_figures
 
 __all__ = ["figures", "figure", "FigureInfo", "FigureCatalog", "FigureDataError", "as_runs", "RunsLike"]
@@ -84,7 +84,7 @@ def as_runs(runs: RunsLike) -> list[RunData]:
     """Run directories and/or RunData objects, one or several, as a list of RunData."""
     if isinstance(runs, (str, os.PathLike, RunData)):
         runs = [runs]
-    out = [r if isinstance(r, RunData) else load_run(r) for r in runs]
+    out = [as_run(r) for r in runs]
     if not out:
         raise ValueError("give at least one run (a run directory path or a RunData)")
     return out

@@ -32,7 +32,7 @@ from markupsafe import Markup
 from ..analysis.findings import BASELINE_RULE, Finding
 from ..analysis.findings import collect as collect_findings
 from ..core.version import __version__
-from ..store import RunData, RunStoreError, load_run, query
+from ..store import RunData, RunStoreError, as_run, query
 from .figures import FigureSpec, all_figures, run_colors
 from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
 from .forensics_view import comparison_items, forensics_items
@@ -79,7 +79,7 @@ class _RenderedFigure:
 def _as_runs(runs: Any) -> list[RunData]:
     if isinstance(runs, (str, os.PathLike, RunData)):
         runs = [runs]
-    out = [r if isinstance(r, RunData) else load_run(r) for r in runs]
+    out = [as_run(r) for r in runs]
     if not out:
         raise ValueError("report() needs at least one run (a run directory path or a RunData)")
     return out
