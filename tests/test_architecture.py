@@ -155,7 +155,8 @@ def test_the_walk_sees_upward_imports_and_circles(tmp_path: Path) -> None:
     (pkg / "__init__.py").write_text("")
     (pkg / "core" / "a.py").write_text("def f():\n    from ..reports import b\n")
     (pkg / "reports" / "b.py").write_text("from ..core import a\n")
-    (pkg / "core" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..reports import b\n")
+    (pkg / "core" / "c.py").write_text("from typing import TYPE_CHECKING\n"
+                                       "if TYPE_CHECKING:\n    from ..reports import b\n")
     mods = {}
     for path in pkg.rglob("*.py"):
         parts = list(path.relative_to(tmp_path).with_suffix("").parts)

@@ -115,3 +115,112 @@ def test_layer_index_axes_have_integer_ticks(tmp_path, n_blocks):
             assert all(float(t).is_integer() for t in ticks), f"{key}: fractional layer ticks {ticks}"
             seen += 1
     assert seen >= 6
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+def _small_run(path, rows):
+    store = RunStore(path)
+    store.write_scalars(rows)
+    store.close()
+    return load_run(path)
+
+
+def test_registry_calls_a_figure_only_with_the_runs_that_recorded_its_metrics(tmp_path, monkeypatch):
+    import inspect
+
+    from dynascope.reports import figures as figmod
+
+    monkeypatch.setattr(figmod, "REGISTRY", dict(figmod.REGISTRY))
+    plain = _small_run(tmp_path / "plain", [(s, "loss", "", 1.0) for s in range(3)])
+    other = _small_run(tmp_path / "other", [(0, "loss", "", 1.0), (0, "my.b", "", 3.0)])
+    rich = _small_run(tmp_path / "rich", [(s, "my.a", "x", float(s)) for s in range(3)])
+    calls = []
+
+    @figmod.register("test_only_filtered", section="Tests", title="t", source="none", metrics=("my.a", "my.b"))
+    def filtered(runs, have, *, scale: float = 1.0):
+        calls.append(([r.name for r in runs], [(i, r.name) for i, r in have], scale))
+        return "drawn"
+
+    @figmod.register("test_only_specific", section="Tests", title="t", source="none", metrics=("my.a", "my.b"),
+                     needs="my.a")
+    def specific(runs, have):
+        calls.append(("specific", [(i, r.name) for i, r in have]))
+        return "drawn"
+
+    @figmod.register("test_only_plain", section="Tests", title="t", source="none", metrics="my.a")
+    def one_argument(runs):  # the older form: only runs, all of them (after the same check)
+        calls.append(("plain", [r.name for r in runs]))
+        return "drawn"
+
+    spec = figmod.REGISTRY["test_only_filtered"]
+    assert spec.needs == ("my.a", "my.b") and spec.draw is filtered.__wrapped__ and spec.fn is filtered
+    assert list(inspect.signature(spec.fn).parameters) == ["runs", "scale"]  # `have` is the registry's
+    # no run recorded any declared metric: None, the function is not called
+    assert spec.fn([plain]) is None and figmod.REGISTRY["test_only_plain"].fn([plain, other]) is None
+    assert calls == []
+    # one run has them: called with every run (colours by index) and the kept ones with their index
+    assert spec.fn([plain, rich], scale=2.0) == "drawn"
+    assert calls[-1] == (["plain", "rich"], [(1, "rich")], 2.0)
+    assert filtered([other, plain, rich]) == "drawn"  # the module's name is the filtered figure too
+    assert calls[-1] == (["other", "plain", "rich"], [(0, "other"), (2, "rich")], 1.0)  # ANY declared metric
+    # needs= narrows it to a specific metric
+    assert figmod.REGISTRY["test_only_specific"].fn([other]) is None
+    assert figmod.REGISTRY["test_only_specific"].fn([other, rich]) == "drawn"
+    assert calls[-1] == ("specific", [(1, "rich")])
+    assert figmod.REGISTRY["test_only_plain"].fn([plain, rich]) == "drawn"
+    assert calls[-1] == ("plain", ["plain", "rich"])
+
+
+def test_registry_counts_an_artifact_as_recorded(tmp_path, monkeypatch):
+    from dynascope.reports import figures as figmod
+
+    monkeypatch.setattr(figmod, "REGISTRY", dict(figmod.REGISTRY))
+    store = RunStore(tmp_path / "art")
+    store.write_scalars([(0, "loss", "", 1.0)])
+    store.write_artifact("my.array", 5, {"a": np.arange(3)})
+    store.close()
+    art = load_run(tmp_path / "art")
+    plain = _small_run(tmp_path / "plain", [(0, "loss", "", 1.0)])
+    seen = []
+
+    @figmod.register("test_only_artifact", section="Tests", title="t", source="none", metrics="my.array")
+    def uses_artifact(runs, have):
+        seen.append([i for i, _ in have])
+        return "drawn"
+
+    assert uses_artifact([plain]) is None and seen == []
+    assert uses_artifact([plain, art]) == "drawn" and seen == [[1]]
+
+
+def test_a_declared_per_layer_figure_draws_one_panel_per_chosen_layer(tmp_path, monkeypatch):
+    from dynascope.reports import figures as figmod
+    from dynascope.reports.figures._helpers import CAPTION_ATTR
+    from dynascope.reports.figures._panels import MAX_LAYERS, LayerFigure, register_layers
+
+    monkeypatch.setattr(figmod, "REGISTRY", dict(figmod.REGISTRY))
+    names = [f"blocks.{k}.weight" for k in range(12)]
+    rows = [(s, m, lay, 1.0 + s + k) for s in range(5) for k, lay in enumerate(names)
+            for m in ("my.norm", "my.bound")]
+    run = _small_run(tmp_path / "r", rows)
+    without = _small_run(tmp_path / "none", [(0, "loss", "", 1.0)])
+    fn = register_layers("test_only_layers", LayerFigure(
+        "my.norm", "norm", caption="My norm. ", companion=("my.bound", "bound", "--"), layers_option=True),
+        section="Tests", title="t", source="none")
+    assert figmod.REGISTRY["test_only_layers"].metrics == ("my.norm",)
+    assert fn([without]) is None
+
+    def panels(fig):
+        return [ax.get_title() for ax in fig.axes if ax.get_visible()]
+
+    chosen = [names[1], names[4], names[9]]
+    fig = fn([without, run], layers=chosen)
+    assert panels(fig) == chosen
+    for ax in fig.axes[:3]:
+        assert len(ax.get_lines()) == 2  # the metric and its companion, of the one run that has them
+        assert ax.get_lines()[0].get_color() == figmod.run_colors([without, run])[1]  # its colour by its index
+    assert getattr(fig, CAPTION_ATTR).startswith("My norm. All 3 layers: ")
+    default = fn([run])
+    assert panels(default) == pick_layers(names, MAX_LAYERS)
+    assert [h.get_label() for h in default.legends[0].legend_handles] == ["r", "bound"]
+    with pytest.raises(ValueError, match="was not recorded for"):
+        fn([run], layers=["nope"])

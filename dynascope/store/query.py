@@ -159,3 +159,36 @@ def noise_scale_points(run: RunData) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         b = np.where(df["g"] > 0, df["t"] / df["g"], np.where(df["t"] > 0, np.inf, np.nan))
     return df.index.to_numpy(dtype=np.int64), b.astype(float)
+
+
+__all__ += ["artifact_steps", "artifact", "marks"]
+
+
+def artifact_steps(run: RunData, name: str) -> list[int]:
+    """Steps at which artifact ``name`` was saved, in order (empty when never, or when the run has no readable
+    artifact index: an old or partial run)."""
+    c = _cache(run)
+    key = ("artifact_steps", name)
+    if key not in c:
+        try:
+            c[key] = [int(s) for s in run.artifacts(name)["step"]]
+        except Exception:  # noqa: BLE001 - no artifact index: nothing recorded
+            c[key] = []
+    return c[key]
+
+
+def artifact(run: RunData, name: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays and metadata of artifact ``name`` at ``step`` (default: the last one); not cached (arrays)."""
+    return run.load_artifact(name, step)
+
+
+def marks(run: RunData, key: str) -> pd.DataFrame:
+    """The run's marks ``key`` as rows ``step, key, value`` by step (empty when none, or unreadable)."""
+    c = _cache(run)
+    ck = ("marks", key)
+    if ck not in c:
+        try:
+            c[ck] = run.marks(key)
+        except Exception:  # noqa: BLE001 - an old or partial run: no marks
+            c[ck] = pd.DataFrame({"step": [], "key": [], "value": []})
+    return c[ck]

@@ -17,21 +17,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ...store import RunData, query
-from . import figure, run_colors
+from . import Have, register, run_colors
 from ._helpers import finish, log_axis, new_figure, plot_series, run_gid, run_label, run_legend, set_caption, text
 
 __all__ = ["calibration_curves", "reliability_diagrams"]
 
 SECTION = "Calibration"
 MAX_RUNS = 4  # reliability diagrams: one row per run
-
-
-def _artifact_steps(run: RunData, name: str) -> list[int]:
-    try:
-        df = run.artifacts(name)
-    except Exception:  # noqa: BLE001 - an old or partial run: no artifacts
-        return []
-    return [int(s) for s in df["step"]]
 
 
 def _wide(ax) -> bool:
@@ -42,13 +34,11 @@ def _wide(ax) -> bool:
     return bool(v.size and v.min() > 0 and v.max() / v.min() > 10)
 
 
-@figure("calibration", section=SECTION, title="Calibration against step: ECE, NLL and accuracy",
-        source="Guo et al. 2017, On Calibration of Modern Neural Networks, Fig. 3", order=600,
-        metrics=("calibration.ece", "calibration.nll"), recorded_by='dynascope.Calibration(every=N, batch=(x, y))')
-def calibration_curves(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "calibration.ece")]
-    if not have:
-        return None
+@register("calibration", section=SECTION, title="Calibration against step: ECE, NLL and accuracy",
+          source="Guo et al. 2017, On Calibration of Modern Neural Networks, Fig. 3", order=600,
+          metrics=("calibration.ece", "calibration.nll"), needs=("calibration.ece",),
+          recorded_by='dynascope.Calibration(every=N, batch=(x, y))')
+def calibration_curves(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
     fig = new_figure(11, 3.9)
     axes = fig.subplots(1, 3).ravel()
@@ -82,21 +72,19 @@ def calibration_curves(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("calibration_reliability", section=SECTION,
-        title="Reliability diagrams at the first and last recorded step",
-        source="Guo et al. 2017, Fig. 1 (reliability diagrams)", order=610,
-        metrics=("calibration.reliability",), recorded_by='dynascope.Calibration(every=N, batch=(x, y))')
-def reliability_diagrams(runs: Sequence[RunData]) -> Figure | None:
+@register("calibration_reliability", section=SECTION,
+          title="Reliability diagrams at the first and last recorded step",
+          source="Guo et al. 2017, Fig. 1 (reliability diagrams)", order=610,
+          metrics=("calibration.reliability",), recorded_by='dynascope.Calibration(every=N, batch=(x, y))')
+def reliability_diagrams(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
-    have = [(i, r, st) for i, r in enumerate(runs) if (st := _artifact_steps(r, "calibration.reliability"))]
-    if not have:
-        return None
     shown = have[:MAX_RUNS]
     fig = new_figure(7.6, 3.3 * len(shown) + 0.5)
     axes = fig.subplots(len(shown), 2, squeeze=False)
-    for row, (i, r, steps) in zip(axes, shown):
+    for row, (i, r) in zip(axes, shown):
+        steps = query.artifact_steps(r, "calibration.reliability")
         for ax, step in zip(row, (steps[0], steps[-1])):
-            arrays, meta = r.load_artifact("calibration.reliability", step)
+            arrays, meta = query.artifact(r, "calibration.reliability", step)
             edges = np.asarray(arrays["edges"], dtype=float)
             acc = np.asarray(arrays["accuracy"], dtype=float)
             conf = np.asarray(arrays["confidence"], dtype=float)
@@ -126,7 +114,7 @@ def reliability_diagrams(runs: Sequence[RunData]) -> Figure | None:
              Line2D([], [], color="gray", linestyle="--", label="perfect calibration"),
              Line2D([], [], color="black", marker="D", markersize=3.5, linestyle="none",
                     label="share of examples in the bin")]
-    run_legend(fig, [r for _, r, _ in shown], [colors[i] for i, _, _ in shown], extra)
+    run_legend(fig, [r for _, r in shown], [colors[i] for i, _ in shown], extra)
     finish(fig, len(shown), 2, left=0.7, wgap=0.9, hgap=0.75)
     more = f" Showing {len(shown)} of {len(have)} runs." if len(have) > len(shown) else ""
     set_caption(fig, "Per equal-width confidence bin (max softmax probability), the accuracy of the examples in it "

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ...store import RunData, query
-from . import figure, run_colors
+from . import Have, register, run_colors
 from ._helpers import finish, log_axis, new_figure, plot_series, run_gid, run_legend, set_caption, short, text
 
 __all__ = ["collapse_figure"]
@@ -33,13 +33,10 @@ def _where(have: Sequence[tuple[int, RunData]], layer: str) -> str:
     return text(short(layer, 30))
 
 
-@figure("neural_collapse", section="Neural collapse", title="Neural collapse against step: NC1, equinorm, "
-        "equiangularity", source="Papyan, Han and Donoho 2020, PNAS, Figs. 2, 3 and 6", order=630,
-        metrics=("collapse.nc1",), recorded_by='dynascope.Collapse(every=N, batch=(x, y))')
-def collapse_figure(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "collapse.nc1")]
-    if not have:
-        return None
+@register("neural_collapse", section="Neural collapse", title="Neural collapse against step: NC1, equinorm, "
+          "equiangularity", source="Papyan, Han and Donoho 2020, PNAS, Figs. 2, 3 and 6", order=630,
+          metrics=("collapse.nc1",), recorded_by='dynascope.Collapse(every=N, batch=(x, y))')
+def collapse_figure(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
     fig = new_figure(11, 3.9)
     axes = fig.subplots(1, 3).ravel()

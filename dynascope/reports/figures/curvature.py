@@ -17,25 +17,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ...store import RunData
-from . import BY_CURVATURE, figure, run_colors
+from ...store import RunData, query
+from . import BY_CURVATURE, Have, register, run_colors
 from ._helpers import log_axis, set_caption, text
 
 SECTION = "Curvature"
 DENSITY_FLOOR = 1e-7  # PyHessian's plot adds 1e-7 before the log scale
-
-
-def _has(run: RunData, metric: str) -> bool:
-    try:
-        return run.has(metric)
-    except Exception:
-        return False
-
-
-def _series(run: RunData, metric: str, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    df = run.scalars(metric, layer)
-    df = df.groupby("step", as_index=False)["value"].last()
-    return df["step"].to_numpy(), df["value"].to_numpy(dtype=float)
 
 
 def _wide_range(values: list[np.ndarray]) -> bool:
@@ -45,16 +32,13 @@ def _wide_range(values: list[np.ndarray]) -> bool:
     return float(v.max() / v.min()) > 100.0
 
 
-@figure("curvature_sharpness", section=SECTION, title="Sharpness against step, with the stability threshold",
-        source="Cohen et al. 2021 (edge of stability); Cohen et al. 2022 (Adam: preconditioned sharpness)",
-        order=300,
-        metrics=("hessian.eig", "hessian.precond_eig"), recorded_by=BY_CURVATURE + ", or dynascope analyze --hessian")
-def sharpness(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _has(r, "hessian.eig") or _has(r, "hessian.precond_eig")]
-    if not have:
-        return None
+@register("curvature_sharpness", section=SECTION, title="Sharpness against step, with the stability threshold",
+          source="Cohen et al. 2021 (edge of stability); Cohen et al. 2022 (Adam: preconditioned sharpness)",
+          order=300,
+          metrics=("hessian.eig", "hessian.precond_eig"), recorded_by=BY_CURVATURE + ", or dynascope analyze --hessian")
+def sharpness(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
-    with_loss = any(_has(r, "loss") for _, r in have)
+    with_loss = any(query.has(r, "loss") for _, r in have)
     fig = Figure(figsize=(7.5, 6.2 if with_loss else 4.4), layout="constrained")
     if with_loss:
         ax_loss, ax = fig.subplots(2, 1, sharex=True, height_ratios=(1, 2))
@@ -65,26 +49,26 @@ def sharpness(runs: Sequence[RunData]) -> Figure | None:
     for i, run in have:
         c = colors[i]
         name = text(run.name)
-        pre = _has(run, "hessian.precond_eig")
+        pre = query.has(run, "hessian.precond_eig")
         if pre:
-            s, v = _series(run, "hessian.precond_eig", "1")
+            s, v = query.series(run, "hessian.precond_eig", "1")
             ax.plot(s, v, color=c, lw=1.8, marker="o", ms=3, label=f"{name}: preconditioned sharpness")
             any_pre = True
             plotted.append(v)
-        if _has(run, "hessian.eig"):
-            s, v = _series(run, "hessian.eig", "1")
+        if query.has(run, "hessian.eig"):
+            s, v = query.series(run, "hessian.eig", "1")
             ax.plot(s, v, color=c, lw=1.8 if not pre else 1.0, alpha=1.0 if not pre else 0.45, marker="o",
                     ms=3 if not pre else 2, label=f"{name}: sharpness " + r"$\lambda_1$")
             any_raw = True
             plotted.append(v)
-        if _has(run, "hessian.threshold"):
-            s, v = _series(run, "hessian.threshold")
+        if query.has(run, "hessian.threshold"):
+            s, v = query.series(run, "hessian.threshold")
             what = "(2+2β1)/((1-β1)η)" if pre else "stability threshold"
             ax.step(s, v, where="post", color=c, ls=":", lw=1.6, label=f"{name}: {what}")
             any_thr = True
             plotted.append(v)
-        if ax_loss is not None and _has(run, "loss"):
-            s, v = _series(run, "loss")
+        if ax_loss is not None and query.has(run, "loss"):
+            s, v = query.series(run, "loss")
             ax_loss.plot(s, v, color=c, lw=1.2, label=name)
     if _wide_range(plotted):
         log_axis(ax, "y")
@@ -117,21 +101,18 @@ def sharpness(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("curvature_trace", section=SECTION, title="Hessian trace against step",
-        source="Hutchinson 1990; PyHessian (Yao et al. 2020)", order=310,
-        metrics=("hessian.trace",), recorded_by="dynascope.Curvature(..., trace=True), or dynascope analyze --trace")
-def trace(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _has(r, "hessian.trace")]
-    if not have:
-        return None
+@register("curvature_trace", section=SECTION, title="Hessian trace against step",
+          source="Hutchinson 1990; PyHessian (Yao et al. 2020)", order=310,
+          metrics=("hessian.trace",), recorded_by="dynascope.Curvature(..., trace=True), or dynascope analyze --trace")
+def trace(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for i, run in have:
-        s, v = _series(run, "hessian.trace")
+        s, v = query.series(run, "hessian.trace")
         ax.plot(s, v, color=colors[i], lw=1.6, marker="o", ms=3, label=text(run.name))
-        if _has(run, "hessian.trace_stderr"):
-            s2, e = _series(run, "hessian.trace_stderr")
+        if query.has(run, "hessian.trace_stderr"):
+            s2, e = query.series(run, "hessian.trace_stderr")
             if len(s2) == len(s) and np.array_equal(s2, s):
                 ax.fill_between(s, v - e, v + e, color=colors[i], alpha=0.2, lw=0)
     ax.set_xlabel("step")
@@ -145,22 +126,12 @@ def trace(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("curvature_spectrum", section=SECTION, title="Hessian eigenvalue spectral density",
-        source="Ghorbani, Krishnan, Xiao 2019; PyHessian (stochastic Lanczos quadrature)", order=320,
-        metrics=("hessian.spectrum",), recorded_by="dynascope.Curvature(..., spectrum=True)")
-def spectrum(runs: Sequence[RunData]) -> Figure | None:
-    found = []
-    for i, run in enumerate(runs):
-        try:
-            df = run.artifacts("hessian.spectrum")
-        except Exception:
-            continue
-        if df.empty:
-            continue
-        arrays, meta = run.load_artifact("hessian.spectrum")
-        found.append((i, run, arrays, meta, int(df["step"].iloc[-1])))
-    if not found:
-        return None
+@register("curvature_spectrum", section=SECTION, title="Hessian eigenvalue spectral density",
+          source="Ghorbani, Krishnan, Xiao 2019; PyHessian (stochastic Lanczos quadrature)", order=320,
+          metrics=("hessian.spectrum",), recorded_by="dynascope.Curvature(..., spectrum=True)")
+def spectrum(runs: Sequence[RunData], have: Have) -> Figure | None:
+    found = [(i, run, *query.artifact(run, "hessian.spectrum"), query.artifact_steps(run, "hessian.spectrum")[-1])
+             for i, run in have]
     colors = run_colors(runs)
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -181,25 +152,23 @@ def spectrum(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("curvature_layers", section=SECTION, title="Per-layer sharpness against depth",
-        source="block-diagonal Hessian: lambda_max of each layer's diagonal block", order=330,
-        metrics=("hessian.layer_eig",), recorded_by="dynascope.Curvature(..., layers=True)")
-def layers(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if _has(r, "hessian.layer_eig")]
-    if not have:
-        return None
+@register("curvature_layers", section=SECTION, title="Per-layer sharpness against depth",
+          source="block-diagonal Hessian: lambda_max of each layer's diagonal block", order=330,
+          metrics=("hessian.layer_eig",), recorded_by="dynascope.Curvature(..., layers=True)")
+def layers(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
     fig = Figure(figsize=(7.5, 4.4), layout="constrained")
     ax = fig.add_subplot()
     names_all: list[str] = []
     values: list[np.ndarray] = []
     for i, run in have:
-        table = run.pivot("hessian.layer_eig")
+        blocks = query.layers(run, "hessian.layer_eig")
+        steps = sorted({int(s) for b in blocks for s in query.steps(run, "hessian.layer_eig", b)})
+        table = query.at_steps(run, "hessian.layer_eig", blocks, sorted({steps[0], steps[-1]}))
         names = [str(c) for c in table.columns]
         if len(names) > len(names_all):
             names_all = names
         depth = np.arange(len(names))
-        steps = list(table.index)
         last = table.loc[steps[-1]].to_numpy(dtype=float)
         ax.plot(depth, last, color=colors[i], lw=1.8, marker="o", ms=4,
                 label=f"{text(run.name)}, step {steps[-1]}")

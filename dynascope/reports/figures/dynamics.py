@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ...store import RunData, query
-from . import figure, run_colors
+from . import Have, register, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
     few_xticks,
@@ -28,33 +28,29 @@ from ._helpers import (
     run_legend,
     set_caption,
 )
-from ._panels import companion, layer_panels, layers_caption
+from ._panels import Decoration, LayerFigure, register_layers
 
 BN_SECTION = "BatchNorm statistics"
 WEIGHT_SECTION = "Weights and effective learning rate"
 
 
 # ----------------------------------------------------------------------------- BatchNorm
-@figure("bn_mean_shift", section=BN_SECTION, title="Batch mean against running mean, per BatchNorm layer",
-        source="Ioffe 2017, Batch Renormalization; Schneider et al. 2020, test-time BN adaptation", order=230,
-        metrics=("bn.mean_shift",), recorded_by='the "batchnorm" probe (default) on a model with BatchNorm')
-def bn_mean_shift(runs: Sequence[RunData]) -> Figure | None:
-    out = layer_panels(runs, "bn.mean_shift", logy=False, ylabel="mean shift (running sd)")
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "bn.mean_shift = mean over channels of |batch mean - running mean| / sqrt(running var + eps), "
-                "from the input of each BatchNorm layer in train mode at recording steps, against the running "
-                "statistics before that forward. Large values: eval mode (running statistics) normalises this "
-                "data differently from training (small batches, a shifted input distribution, a momentum too low "
-                "to follow fast-moving weights). " + layers_caption(shown, total))
-    return fig
+BY_BATCHNORM = 'the "batchnorm" probe (default) on a model with BatchNorm'
+
+bn_mean_shift = register_layers("bn_mean_shift", LayerFigure(
+    "bn.mean_shift", "mean shift (running sd)", logy=False,
+    caption="bn.mean_shift = mean over channels of |batch mean - running mean| / sqrt(running var + eps), from the "
+            "input of each BatchNorm layer in train mode at recording steps, against the running statistics before "
+            "that forward. Large values: eval mode (running statistics) normalises this data differently from "
+            "training (small batches, a shifted input distribution, a momentum too low to follow fast-moving "
+            "weights). "),
+    section=BN_SECTION, title="Batch mean against running mean, per BatchNorm layer",
+    source="Ioffe 2017, Batch Renormalization; Schneider et al. 2020, test-time BN adaptation", order=230,
+    recorded_by=BY_BATCHNORM)
 
 
-@figure("bn_var_ratio", section=BN_SECTION, title="Batch variance over running variance, per BatchNorm layer",
-        source="Ioffe 2017, Batch Renormalization; Yao et al. 2021 / Shen et al. 2020, PowerNorm", order=232,
-        metrics=("bn.var_ratio",), recorded_by='the "batchnorm" probe (default) on a model with BatchNorm')
-def bn_var_ratio(runs: Sequence[RunData]) -> Figure | None:
+def _ratio_one(runs: Sequence[RunData]) -> Decoration:
+    """A dashed reference line at ratio 1 in every panel (drawn once per panel)."""
     ref = Line2D([], [], color="gray", linestyle="--", label="ratio 1 (running = batch)")
 
     def extra(fig, ax, i, r, m, lay, c):
@@ -63,24 +59,24 @@ def bn_var_ratio(runs: Sequence[RunData]) -> Figure | None:
             ax._dynascope_one = True
         return [ref]
 
-    out = layer_panels(runs, "bn.var_ratio", ylabel="batch var / running var", logy=True, extra=extra)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "bn.var_ratio = mean over channels of batch variance (ddof=0) / (running variance + eps) for "
-                "each BatchNorm layer in train mode. 1 when the running variance matches the batches; far from 1 "
-                "the eval-mode outputs are scaled differently from the training ones (PowerNorm's argument "
-                "against batch statistics with large fluctuations). " + layers_caption(shown, total))
-    return fig
+    return Decoration(extra)
 
 
-@figure("bn_gap", section=BN_SECTION, title="Loss with running statistics minus loss with batch statistics",
-        source="train/eval discrepancy of BatchNorm (Ioffe 2017; Summers and Dinneen 2020)", order=236,
-        metrics=("bn.train_eval_gap",), recorded_by='dynascope.BNGap(every=N, batch=(x, y), loss_fn=...)')
-def bn_gap(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "bn.train_eval_gap")]
-    if not have:
-        return None
+bn_var_ratio = register_layers("bn_var_ratio", LayerFigure(
+    "bn.var_ratio", "batch var / running var", decorate=_ratio_one,
+    caption="bn.var_ratio = mean over channels of batch variance (ddof=0) / (running variance + eps) for each "
+            "BatchNorm layer in train mode. 1 when the running variance matches the batches; far from 1 the "
+            "eval-mode outputs are scaled differently from the training ones (PowerNorm's argument against batch "
+            "statistics with large fluctuations). "),
+    section=BN_SECTION, title="Batch variance over running variance, per BatchNorm layer",
+    source="Ioffe 2017, Batch Renormalization; Yao et al. 2021 / Shen et al. 2020, PowerNorm", order=232,
+    recorded_by=BY_BATCHNORM)
+
+
+@register("bn_gap", section=BN_SECTION, title="Loss with running statistics minus loss with batch statistics",
+          source="train/eval discrepancy of BatchNorm (Ioffe 2017; Summers and Dinneen 2020)", order=236,
+          metrics=("bn.train_eval_gap",), recorded_by='dynascope.BNGap(every=N, batch=(x, y), loss_fn=...)')
+def bn_gap(runs: Sequence[RunData], have: Have) -> Figure | None:
     fig = new_figure(10, 3.6)
     ax1, ax2 = fig.subplots(1, 2)
     colors = run_colors(runs)
@@ -134,10 +130,8 @@ def _log_fit(s: np.ndarray, v: np.ndarray) -> tuple[float, float, float] | None:
     return float(a), float(b), r2
 
 
-@figure("distance_init", section=WEIGHT_SECTION, title="Distance from initialisation against log step",
-        source="Hoffer, Hubara and Soudry 2017, Train longer, generalize better (Fig. 2)", order=192,
-        metrics=("weight.distance_init",), recorded_by='probes=(..., "distance")')
-def distance_init(runs: Sequence[RunData]) -> Figure | None:
+def _log_fits(runs: Sequence[RunData]) -> Decoration:
+    """A dotted least-squares fit a + b log(t) in the whole-network panel; the note lists the fits."""
     fits: list[str] = []
     fit_handle = Line2D([], [], color="gray", linestyle=":", linewidth=1.5, label="fit a + b log(t)")
 
@@ -150,51 +144,42 @@ def distance_init(runs: Sequence[RunData]) -> Figure | None:
             return []
         a, b, r2 = fit
         t = np.geomspace(1, s.max() + 1, 50)
-        ax.plot(t, a + b * np.log(t), color=run_colors(runs)[i], linestyle=":", linewidth=1.5,
+        ax.plot(t, a + b * np.log(t), color=c, linestyle=":", linewidth=1.5,
                 gid=run_gid(fig, i, f"{r.name}: fit {a:.3g} + {b:.3g} log t"))
         fits.append(f"{r.name}: b = {b:.3g} per e-fold of steps, R^2 = {r2:.3f}")
         return [fit_handle]
 
-    out = layer_panels(runs, "weight.distance_init", logy=False, ylabel="||w_t - w_0||", logx=True,
-                  leading=("weight.distance_init", "", "whole network"), extra=extra)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "||w - w_0|| after each recorded step's update (w_0: the weights when the probe started, "
-                "kept across resumes), against step + 1 on a log axis. Hoffer et al. observe a random walk on a "
-                "random potential: the distance grows like log t, a straight line here. First panel: the whole "
-                "network (dotted: least-squares fit a + b log t; "
-                + ("; ".join(fits) if fits else "too few points to fit") + "). " + layers_caption(shown, total))
-    return fig
+    return Decoration(extra, lambda: "; ".join(fits) if fits else "too few points to fit")
+
+
+distance_init = register_layers("distance_init", LayerFigure(
+    "weight.distance_init", "||w_t - w_0||", logy=False, logx=True, decorate=_log_fits,
+    leading=("weight.distance_init", "", "whole network"),
+    caption="||w - w_0|| after each recorded step's update (w_0: the weights when the probe started, kept across "
+            "resumes), against step + 1 on a log axis. Hoffer et al. observe a random walk on a random potential: "
+            "the distance grows like log t, a straight line here. First panel: the whole network (dotted: "
+            "least-squares fit a + b log t; {note}). "),
+    section=WEIGHT_SECTION, title="Distance from initialisation against log step",
+    source="Hoffer, Hubara and Soudry 2017, Train longer, generalize better (Fig. 2)", order=192,
+    recorded_by='probes=(..., "distance")')
 
 
 # ----------------------------------------------------------------------------- spectral norms
-@figure("spectral_norm", section=WEIGHT_SECTION, title="Spectral norm of each weight matrix against step",
-        source="Miyato et al. 2018, Spectral Normalization; Bernstein and Newhouse 2024", order=194,
-        metrics=("weight.spectral_norm",), recorded_by='probes=(..., "spectral")')
-def spectral_norm(runs: Sequence[RunData]) -> Figure | None:
-    out = layer_panels(runs, "weight.spectral_norm", ylabel="sigma_max(W)", logy=True)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "Largest singular value of each weight matrix w.flatten(1) before the step, by warm-started "
-                "block power iteration (within 1e-3 of the exact value once warm). It bounds the layer's Lipschitz "
-                "constant (Miyato et al.). " + layers_caption(shown, total))
-    return fig
+spectral_norm = register_layers("spectral_norm", LayerFigure(
+    "weight.spectral_norm", "sigma_max(W)",
+    caption="Largest singular value of each weight matrix w.flatten(1) before the step, by warm-started block power "
+            "iteration (within 1e-3 of the exact value once warm). It bounds the layer's Lipschitz constant (Miyato "
+            "et al.). "),
+    section=WEIGHT_SECTION, title="Spectral norm of each weight matrix against step",
+    source="Miyato et al. 2018, Spectral Normalization; Bernstein and Newhouse 2024", order=194,
+    recorded_by='probes=(..., "spectral")')
 
-
-@figure("update_spectral_norm", section=WEIGHT_SECTION,
-        title="Spectral norm of the update (RMS-to-RMS operator norm) against step",
-        source="Bernstein and Newhouse 2024, Old Optimizer, New Norm; Large et al. 2024, modular norm", order=196,
-        metrics=("update.spectral_norm", "update.rms_to_rms"), recorded_by='probes=(..., "spectral")')
-def update_spectral_norm(runs: Sequence[RunData]) -> Figure | None:
-    spec = Line2D([], [], color="gray", linestyle=":", label="sigma_max(update), raw")
-    extra = companion("update.spectral_norm", spec, ":")
-    out = layer_panels(runs, "update.rms_to_rms", ylabel="RMS-to-RMS norm", logy=True, extra=extra)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "Solid: update.rms_to_rms = sqrt(fan_in / fan_out) * sigma_max(w_t+1 - w_t), the operator "
-                "norm of the step between RMS-normed inputs and outputs that modular-norm optimizers (Muon) hold "
-                "near a target; dotted: sigma_max of the update itself. " + layers_caption(shown, total))
-    return fig
+update_spectral_norm = register_layers("update_spectral_norm", LayerFigure(
+    "update.rms_to_rms", "RMS-to-RMS norm", companion=("update.spectral_norm", "sigma_max(update), raw", ":"),
+    caption="Solid: update.rms_to_rms = sqrt(fan_in / fan_out) * sigma_max(w_t+1 - w_t), the operator norm of the "
+            "step between RMS-normed inputs and outputs that modular-norm optimizers (Muon) hold near a target; "
+            "dotted: sigma_max of the update itself. "),
+    metrics=("update.spectral_norm", "update.rms_to_rms"), section=WEIGHT_SECTION,
+    title="Spectral norm of the update (RMS-to-RMS operator norm) against step",
+    source="Bernstein and Newhouse 2024, Old Optimizer, New Norm; Large et al. 2024, modular norm", order=196,
+    recorded_by='probes=(..., "spectral")')

@@ -1,7 +1,7 @@
 """Figures: loss landscapes (Li et al. 2018) and linear interpolation (Goodfellow et al. 2015).
 
 Each figure uses the last ``landscape.*`` artifact of each run; runs without
-it are left out, and the figure is None when no run has it. Several runs are
+it are left out (by the registry), and the figure is None when no run has it. Several runs are
 drawn side by side on shared contour levels / axes, so "with vs without skip
 connections" comparisons are honest. Every panel states the BatchNorm policy.
 """
@@ -9,36 +9,23 @@ connections" comparisons are honest. Every panel states the BatchNorm policy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ...store import RunData
-from . import BY_LANDSCAPE, figure, run_colors
+from ...store import RunData, query
+from . import BY_LANDSCAPE, Have, register, run_colors
 from ._helpers import log_axis
 
 SECTION = "Loss landscape"
 SOURCE = "Li et al. 2018, Visualizing the Loss Landscape of Neural Nets"
 
 
-def _last(run: RunData, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    try:
-        df = run.artifacts(name)
-    except Exception:
-        return None
-    if df.empty:
-        return None
-    return run.load_artifact(name)
-
-
-def _collect(runs: Sequence[RunData], name: str, dims: int | None = None) -> list[tuple[int, RunData, dict, dict]]:
+def _collect(have: Have, name: str, dims: int | None = None) -> list[tuple[int, RunData, dict, dict]]:
+    """The last artifact ``name`` of each run in ``have`` (with ``dims``: only the surfaces of that many dims)."""
     out = []
-    for i, run in enumerate(runs):
-        got = _last(run, name)
-        if got is None:
-            continue
-        arrays, meta = got
+    for i, run in have:
+        arrays, meta = query.artifact(run, name)
         if dims is not None and int(meta.get("dims", 2)) != dims:
             continue
         out.append((i, run, arrays, meta))
@@ -64,11 +51,11 @@ def _policy(meta: dict) -> str:
     return f"BN {meta.get('bn_policy', '?')}, batch {meta.get('batch_size', '?')}"
 
 
-@figure("landscape_1d", section=SECTION, title="1D loss along filter-normalized random directions",
-        source=SOURCE, order=400,
-        metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " with dims=1")
-def landscape_1d(runs: Sequence[RunData]) -> Figure | None:
-    found = _collect(runs, "landscape.surface", dims=1)
+@register("landscape_1d", section=SECTION, title="1D loss along filter-normalized random directions",
+          source=SOURCE, order=400,
+          metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " with dims=1")
+def landscape_1d(runs: Sequence[RunData], have: Have) -> Figure | None:
+    found = _collect(have, "landscape.surface", dims=1)
     if not found:
         return None
     colors = run_colors(runs)
@@ -99,11 +86,11 @@ def _panels(found: list, *, projection: str | None = None, size: float = 3.8) ->
     return fig, axes
 
 
-@figure("landscape_contour", section=SECTION, title="2D loss contours around the weights (filter-normalized plane)",
-        source=SOURCE, order=410,
-        metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " (dims=2), or dynascope analyze --landscape")
-def landscape_contour(runs: Sequence[RunData]) -> Figure | None:
-    found = _collect(runs, "landscape.surface", dims=2)
+@register("landscape_contour", section=SECTION, title="2D loss contours around the weights (filter-normalized plane)",
+          source=SOURCE, order=410,
+          metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " (dims=2), or dynascope analyze --landscape")
+def landscape_contour(runs: Sequence[RunData], have: Have) -> Figure | None:
+    found = _collect(have, "landscape.surface", dims=2)
     if not found:
         return None
     colors = run_colors(runs)
@@ -128,11 +115,11 @@ def landscape_contour(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("landscape_surface3d", section=SECTION, title="3D loss surface around the weights", source=SOURCE,
-        order=420,
-        metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " (dims=2), or dynascope analyze --landscape")
-def landscape_surface3d(runs: Sequence[RunData]) -> Figure | None:
-    found = _collect(runs, "landscape.surface", dims=2)
+@register("landscape_surface3d", section=SECTION, title="3D loss surface around the weights", source=SOURCE,
+          order=420,
+          metrics=("landscape.surface",), recorded_by=BY_LANDSCAPE + " (dims=2), or dynascope analyze --landscape")
+def landscape_surface3d(runs: Sequence[RunData], have: Have) -> Figure | None:
+    found = _collect(have, "landscape.surface", dims=2)
     if not found:
         return None
     colors = run_colors(runs)
@@ -153,13 +140,11 @@ def landscape_surface3d(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("landscape_trajectory", section=SECTION, title="Optimization path on the PCA plane of the checkpoints",
-        source=SOURCE + ", section 7", order=430,
-        metrics=("landscape.trajectory",), recorded_by=BY_LANDSCAPE + ", or dynascope analyze --landscape")
-def landscape_trajectory(runs: Sequence[RunData]) -> Figure | None:
-    found = _collect(runs, "landscape.trajectory")
-    if not found:
-        return None
+@register("landscape_trajectory", section=SECTION, title="Optimization path on the PCA plane of the checkpoints",
+          source=SOURCE + ", section 7", order=430,
+          metrics=("landscape.trajectory",), recorded_by=BY_LANDSCAPE + ", or dynascope analyze --landscape")
+def landscape_trajectory(runs: Sequence[RunData], have: Have) -> Figure | None:
+    found = _collect(have, "landscape.trajectory")
     colors = run_colors(runs)
     fig, axes = _panels(found)
     for ax, (i, run, arrays, meta) in zip(axes, found):
@@ -184,15 +169,13 @@ def landscape_trajectory(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("landscape_interpolation", section=SECTION,
-        title="Loss on the straight line from the first kept checkpoint to the final weights",
-        source="Goodfellow, Vinyals, Saxe 2015, Qualitatively characterizing neural network optimization problems",
-        order=440,
-        metrics=("landscape.interpolation",), recorded_by=BY_LANDSCAPE + ", or dynascope analyze --interpolate")
-def landscape_interpolation(runs: Sequence[RunData]) -> Figure | None:
-    found = _collect(runs, "landscape.interpolation")
-    if not found:
-        return None
+@register("landscape_interpolation", section=SECTION,
+          title="Loss on the straight line from the first kept checkpoint to the final weights",
+          source="Goodfellow, Vinyals, Saxe 2015, Qualitatively characterizing neural network optimization problems",
+          order=440,
+          metrics=("landscape.interpolation",), recorded_by=BY_LANDSCAPE + ", or dynascope analyze --interpolate")
+def landscape_interpolation(runs: Sequence[RunData], have: Have) -> Figure | None:
+    found = _collect(have, "landscape.interpolation")
     colors = run_colors(runs)
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ...store import RunData, query
-from . import figure, run_colors
+from . import Have, register, run_colors
 from ._helpers import finish, log_axis, new_figure, run_gid, run_legend, set_caption
 
 __all__ = ["noise_scale_figure", "smoothed_noise_scale", "WINDOW"]
@@ -41,16 +41,13 @@ def smoothed_noise_scale(run: RunData, window: int = WINDOW) -> tuple[np.ndarray
     return steps, med.to_numpy(dtype=float)
 
 
-@figure("gradient_noise_scale", section="Gradient noise scale",
-        title="Gradient noise scale B_simple against step, with the batch size",
-        source="McCandlish et al. 2018, An Empirical Model of Large-Batch Training (appendix A estimators)",
-        order=150,
-        metrics=("gns.simple", "gns.grad_sq", "gns.trace_cov"),
-        recorded_by="dynascope.NoiseScale(every=N, batch=..., loss_fn=...)")
-def noise_scale_figure(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "gns.grad_sq")]
-    if not have:
-        return None
+@register("gradient_noise_scale", section="Gradient noise scale",
+          title="Gradient noise scale B_simple against step, with the batch size",
+          source="McCandlish et al. 2018, An Empirical Model of Large-Batch Training (appendix A estimators)",
+          order=150,
+          metrics=("gns.simple", "gns.grad_sq", "gns.trace_cov"), needs=("gns.grad_sq",),
+          recorded_by="dynascope.NoiseScale(every=N, batch=..., loss_fn=...)")
+def noise_scale_figure(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
     fig = new_figure(8.5, 4.4)
     ax = fig.subplots()

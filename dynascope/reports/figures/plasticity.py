@@ -18,14 +18,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from ...store import RunData
-from . import BY_ANALYZE, BY_PLASTICITY, figure, run_colors
-
-try:  # shared helpers of the report (captions, run legend); fall back to plain matplotlib
-    from ._helpers import set_caption as _set_caption
-except ImportError:  # pragma: no cover
-    def _set_caption(fig: Figure, caption: str) -> None:
-        fig.dynascope_caption = caption  # type: ignore[attr-defined]
+from ...store import RunData, query
+from . import BY_ANALYZE, BY_PLASTICITY, Have, register, run_colors
+from ._helpers import pick_layers
+from ._helpers import set_caption as _set_caption
 
 __all__ = ["task_of_steps", "plasticity_units", "plasticity_rank", "plasticity_weight_magnitude",
            "weight_spectra_figure", "weight_esd"]
@@ -35,19 +31,9 @@ MAX_LAYERS = 6
 _STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P")]
 
 
-def _has(run: RunData, metric: str) -> bool:
-    try:
-        return run.has(metric)
-    except Exception:  # a run being written, or an old format: treat as missing
-        return False
-
-
 def task_of_steps(run: RunData) -> pd.DataFrame | None:
     """The run's ``task`` marks as a table ``step, task`` (None when there are none)."""
-    try:
-        marks = run.marks("task")
-    except Exception:
-        return None
+    marks = query.marks(run, "task")
     if marks.empty:
         return None
     tasks = []
@@ -64,10 +50,7 @@ def _x_axis(runs: Sequence[RunData]) -> str:
 
 
 def _series(run: RunData, metric: str, layer: str, axis: str) -> tuple[np.ndarray, np.ndarray]:
-    df = run.scalars(metric, layer)
-    df = df.groupby("step", as_index=False).last().sort_values("step")
-    steps = df["step"].to_numpy(dtype=np.int64)
-    vals = df["value"].to_numpy(dtype=float)
+    steps, vals = query.series(run, metric, layer)
     if axis == "step":
         return steps, vals
     marks = task_of_steps(run)
@@ -79,47 +62,34 @@ def _series(run: RunData, metric: str, layer: str, axis: str) -> tuple[np.ndarra
     return sub["task"].to_numpy(), sub["value"].to_numpy(dtype=float)
 
 
-def _pick(names: list[str]) -> list[str]:
-    if len(names) <= MAX_LAYERS:
-        return names
-    idx = np.unique(np.linspace(0, len(names) - 1, MAX_LAYERS).round().astype(int))
-    return [names[i] for i in idx]
-
-
 def _run_layers(run: RunData, metric: str) -> list[str]:
     """The run's layers of ``metric`` in model order, without the whole-network ``""``, at most MAX_LAYERS."""
-    if not _has(run, metric):
-        return []
-    return _pick([lay for lay in run.layers(metric) if lay])
+    return pick_layers([lay for lay in query.layers(run, metric) if lay], MAX_LAYERS)
 
 
-def _layer_plan(runs: Sequence[RunData], metric: str) -> tuple[dict[int, list[str]], list[str] | None]:
-    """Layers per run, and the shared list when every run has the same names (else None: the
+def _layer_plan(have: Have, metric: str) -> tuple[dict[int, list[str]], list[str] | None]:
+    """Layers per run (by run index), and the shared list when every run has the same names (else None: the
     line style then marks the layer's position in its own network, 1st, 2nd, ...)."""
-    per_run = {id(r): _run_layers(r, metric) for r in runs}
+    per_run = {i: _run_layers(r, metric) for i, r in have}
     lists = [tuple(v) for v in per_run.values() if v]
     shared = list(lists[0]) if lists and all(v == lists[0] for v in lists) else None
     return per_run, shared
 
 
-def _colors(runs: Sequence[RunData]) -> dict[int, str]:
-    return {id(r): c for r, c in zip(runs, run_colors(runs))}
-
-
-def _panel(ax, runs: Sequence[RunData], colors: dict[int, str], metric: str, per_run: dict[int, list[str]] | None,
+def _panel(ax, have: Have, colors: list[str], metric: str, per_run: dict[int, list[str]] | None,
            axis: str, scale: float = 1.0, ylabel: str = "", title: str = "", log: bool = False) -> bool:
     """Draw ``metric`` for each run's layers (``per_run`` None: the whole-network layer ``""``)."""
     drawn = False
-    for r in runs:
-        if not _has(r, metric):
+    for i, r in have:
+        if not query.has(r, metric):
             continue
-        layers = [""] if per_run is None else per_run.get(id(r), [])
+        layers = [""] if per_run is None else per_run.get(i, [])
         for j, lay in enumerate(layers):
             x, y = _series(r, metric, lay, axis)
             if len(x) == 0:
                 continue
             ls, mk = _STYLES[j % len(_STYLES)]
-            ax.plot(x, y * scale, color=colors[id(r)], linestyle=ls, marker=mk if len(x) <= 40 else None,
+            ax.plot(x, y * scale, color=colors[i], linestyle=ls, marker=mk if len(x) <= 40 else None,
                     markersize=3.5, linewidth=1.3, label=f"{r.name}: {lay or 'all'}")
             drawn = True
     ax.set_xlabel("task" if axis == "task" else "step")
@@ -138,11 +108,11 @@ def _ordinal(k: int) -> str:
     return f"{k}{'st' if k == 1 else 'nd' if k == 2 else 'rd' if k == 3 else 'th'}"
 
 
-def _legend(fig: Figure, runs: Sequence[RunData], colors: dict[int, str], per_run: dict[int, list[str]],
+def _legend(fig: Figure, have: Have, colors: list[str], per_run: dict[int, list[str]],
             shared: list[str] | None) -> str:
     """Run colours and layer styles above the panels; returns a caption note on the layers."""
-    handles = [Line2D([], [], color=colors[id(r)], linewidth=2, label=str(r.name).replace("$", r"\$"))
-               for r in runs]
+    handles = [Line2D([], [], color=colors[i], linewidth=2, label=str(r.name).replace("$", r"\$"))
+               for i, r in have]
     n = max((len(v) for v in per_run.values()), default=0)
     names = shared if shared is not None else [f"{_ordinal(j + 1)} layer" for j in range(n)]
     handles += [Line2D([], [], color="gray", linestyle=_STYLES[j % len(_STYLES)][0],
@@ -152,7 +122,7 @@ def _legend(fig: Figure, runs: Sequence[RunData], colors: dict[int, str], per_ru
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 5), frameon=False, fontsize=8)
     if shared is not None:
         return ""
-    parts = [f"{r.name}: {', '.join(per_run[id(r)])}" for r in runs if per_run.get(id(r))]
+    parts = [f"{r.name}: {', '.join(per_run[i])}" for i, r in have if per_run.get(i)]
     return " The runs' layers differ, so the line style gives each layer's position in its own network (" + \
         "; ".join(parts) + ")."
 
@@ -163,17 +133,14 @@ def _axis_note(axis: str) -> str:
     return " x axis: training step."
 
 
-@figure("plasticity_units", section=SECTION, title="Dead and dormant units against step or task, per layer",
-        source="Dohare et al. 2024 (Nature), Fig. 3; Sokar et al. 2023 (ReDo)", order=500,
-        metrics=("plasticity.dead", "plasticity.dormant"),
-        recorded_by=BY_PLASTICITY + ", or dynascope analyze --plasticity")
-def plasticity_units(runs: Sequence[RunData]) -> Figure | None:
-    have = [r for r in runs if _has(r, "plasticity.dead") or _has(r, "plasticity.dormant")]
-    if not have:
-        return None
-    axis = _x_axis(have)
-    colors = _colors(runs)
-    metric = "plasticity.dead" if any(_has(r, "plasticity.dead") for r in have) else "plasticity.dormant"
+@register("plasticity_units", section=SECTION, title="Dead and dormant units against step or task, per layer",
+          source="Dohare et al. 2024 (Nature), Fig. 3; Sokar et al. 2023 (ReDo)", order=500,
+          metrics=("plasticity.dead", "plasticity.dormant"),
+          recorded_by=BY_PLASTICITY + ", or dynascope analyze --plasticity")
+def plasticity_units(runs: Sequence[RunData], have: Have) -> Figure | None:
+    axis = _x_axis([r for _, r in have])
+    colors = run_colors(runs)
+    metric = "plasticity.dead" if any(query.has(r, "plasticity.dead") for _, r in have) else "plasticity.dormant"
     per_run, shared = _layer_plan(have, metric)
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, sharex=True)
@@ -187,17 +154,14 @@ def plasticity_units(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("plasticity_rank", section=SECTION, title="Effective rank and srank of the representation, per layer",
-        source="Dohare et al. 2024 (Roy-Vetterli effective rank); Kumar et al. 2021 (srank)", order=510,
-        metrics=("plasticity.erank",), recorded_by=BY_PLASTICITY + ", or dynascope analyze --plasticity")
-def plasticity_rank(runs: Sequence[RunData]) -> Figure | None:
-    have = [r for r in runs if _has(r, "plasticity.erank")]
-    if not have:
-        return None
-    axis = _x_axis(have)
-    colors = _colors(runs)
+@register("plasticity_rank", section=SECTION, title="Effective rank and srank of the representation, per layer",
+          source="Dohare et al. 2024 (Roy-Vetterli effective rank); Kumar et al. 2021 (srank)", order=510,
+          metrics=("plasticity.erank",), recorded_by=BY_PLASTICITY + ", or dynascope analyze --plasticity")
+def plasticity_rank(runs: Sequence[RunData], have: Have) -> Figure | None:
+    axis = _x_axis([r for _, r in have])
+    colors = run_colors(runs)
     per_run, shared = _layer_plan(have, "plasticity.erank")
-    with_srank = any(_has(r, "plasticity.srank") for r in have)
+    with_srank = any(query.has(r, "plasticity.srank") for _, r in have)
     fig = Figure(figsize=(10 if with_srank else 6, 3.8), layout="constrained")
     axes = fig.subplots(1, 2 if with_srank else 1, sharex=True, squeeze=False).ravel()
     _panel(axes[0], have, colors, "plasticity.erank", per_run, axis, 1, "effective rank",
@@ -212,15 +176,12 @@ def plasticity_rank(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("plasticity_weight_magnitude", section=SECTION, title="Average weight magnitude against step or task",
-        source="Dohare et al. 2024 (Nature), Fig. 3", order=520,
-        metrics=("weight.magnitude",), recorded_by=BY_PLASTICITY + ", or dynascope analyze")
-def plasticity_weight_magnitude(runs: Sequence[RunData]) -> Figure | None:
-    have = [r for r in runs if _has(r, "weight.magnitude")]
-    if not have:
-        return None
-    axis = _x_axis(have)
-    colors = _colors(runs)
+@register("plasticity_weight_magnitude", section=SECTION, title="Average weight magnitude against step or task",
+          source="Dohare et al. 2024 (Nature), Fig. 3", order=520,
+          metrics=("weight.magnitude",), recorded_by=BY_PLASTICITY + ", or dynascope analyze")
+def plasticity_weight_magnitude(runs: Sequence[RunData], have: Have) -> Figure | None:
+    axis = _x_axis([r for _, r in have])
+    colors = run_colors(runs)
     per_run, shared = _layer_plan(have, "weight.magnitude")
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, sharex=True)
@@ -233,19 +194,16 @@ def plasticity_weight_magnitude(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("weight_spectra", section=SECTION, title="Weight spectra of checkpoints: stable rank and power-law alpha",
-        source="Martin and Mahoney 2021 (WeightWatcher)", order=540,
-        metrics=("weight.stable_rank", "weight.alpha"), recorded_by=BY_ANALYZE)
-def weight_spectra_figure(runs: Sequence[RunData]) -> Figure | None:
-    have = [r for r in runs if _has(r, "weight.stable_rank") or _has(r, "weight.alpha")]
-    if not have:
-        return None
-    colors = _colors(runs)
-    per_run, shared = _layer_plan(have, "weight.stable_rank" if any(_has(r, "weight.stable_rank") for r in have)
-                                  else "weight.alpha")
+@register("weight_spectra", section=SECTION, title="Weight spectra of checkpoints: stable rank and power-law alpha",
+          source="Martin and Mahoney 2021 (WeightWatcher)", order=540,
+          metrics=("weight.stable_rank", "weight.alpha"), recorded_by=BY_ANALYZE)
+def weight_spectra_figure(runs: Sequence[RunData], have: Have) -> Figure | None:
+    colors = run_colors(runs)
+    per_run, shared = _layer_plan(have, "weight.stable_rank" if any(query.has(r, "weight.stable_rank")
+                                                                    for _, r in have) else "weight.alpha")
     panels = [("weight.stable_rank", "||W||_F^2 / sigma_max^2", "stable rank", False),
               ("weight.alpha", "alpha", "power-law alpha of the ESD of W^T W", False)]
-    if any(_has(r, "weight.angle_prev") for r in have):
+    if any(query.has(r, "weight.angle_prev") for _, r in have):
         panels.append(("weight.angle_prev", "radians", "angle to the previous checkpoint", True))
     fig = Figure(figsize=(4 * len(panels) + 1, 3.8), layout="constrained")
     axes = fig.subplots(1, len(panels), sharex=True).ravel()
@@ -262,21 +220,11 @@ def weight_spectra_figure(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("weight_esd", section=SECTION, title="Empirical spectral density of the weights at the last checkpoint",
-        source="Martin and Mahoney 2021 (WeightWatcher ESD plot)", order=550,
-        metrics=("weight.spectrum",), recorded_by=BY_ANALYZE)
-def weight_esd(runs: Sequence[RunData]) -> Figure | None:
-    have = []
-    for r in runs:
-        try:
-            arts = r.artifacts("weight.spectrum")
-        except Exception:
-            continue
-        if not arts.empty:
-            have.append(r)
-    if not have:
-        return None
-    arrays_by_run = [have_run.load_artifact("weight.spectrum") for have_run in have]
+@register("weight_esd", section=SECTION, title="Empirical spectral density of the weights at the last checkpoint",
+          source="Martin and Mahoney 2021 (WeightWatcher ESD plot)", order=550,
+          metrics=("weight.spectrum",), recorded_by=BY_ANALYZE)
+def weight_esd(runs: Sequence[RunData], have: Have) -> Figure | None:
+    arrays_by_run = [query.artifact(r, "weight.spectrum") for _, r in have]
     layers: list[str] = []
     for arrays, _ in arrays_by_run:
         for k in arrays:
@@ -288,9 +236,8 @@ def weight_esd(runs: Sequence[RunData]) -> Figure | None:
     fig = Figure(figsize=(3.2 * len(layers) + 0.6, 3.6), layout="constrained")
     axes = fig.subplots(1, len(layers), squeeze=False).ravel()
     colors = run_colors(runs)
-    color_of = {id(r): c for r, c in zip(runs, colors)}
     for ax, lay in zip(axes, layers):
-        for r, (arrays, meta) in zip(have, arrays_by_run):
+        for (i, r), (arrays, meta) in zip(have, arrays_by_run):
             if lay not in arrays:
                 continue
             ev = np.asarray(arrays[lay], dtype=float) ** 2
@@ -300,7 +247,7 @@ def weight_esd(runs: Sequence[RunData]) -> Figure | None:
             bins = np.logspace(np.log10(ev.min()), np.log10(ev.max()), min(40, max(5, ev.size // 3)) + 1)
             dens, edges = np.histogram(ev, bins=bins, density=True)
             centers = np.sqrt(edges[1:] * edges[:-1])
-            c = color_of[id(r)]
+            c = colors[i]
             ax.step(centers, np.where(dens > 0, dens, np.nan), where="mid", color=c, linewidth=1.2)
             alpha = (meta.get("alpha") or {}).get(lay)
             xmin = (meta.get("xmin") or {}).get(lay)

@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ...store import RunData, query
-from . import figure, run_colors
+from . import Have, register, run_colors
 from ._helpers import finish, log_axis, new_figure, run_gid, run_legend, set_caption
 
 __all__ = ["scores_figure"]
@@ -24,18 +24,11 @@ __all__ = ["scores_figure"]
 KINDS = (("el2n", "EL2N = ||softmax(f(x)) - onehot(y)||"), ("grand", "GraNd = ||grad_theta loss(x, y)||"))
 
 
-def _steps(run: RunData, name: str) -> list[int]:
-    try:
-        return [int(s) for s in run.artifacts(name)["step"]]
-    except Exception:  # noqa: BLE001 - no artifacts in this run
-        return []
-
-
-@figure("example_scores", section="Example difficulty", title="Example difficulty scores per checkpoint",
-        source="Paul, Ganguli and Dziugaite 2021, Deep Learning on a Data Diet (EL2N and GraNd)", order=640,
-        metrics=("scores.el2n", "scores.grand"), recorded_by='dynascope analyze CKPTS --data ... --scores el2n grand')
-def scores_figure(runs: Sequence[RunData]) -> Figure | None:
-    kinds = [(k, label) for k, label in KINDS if any(query.has(r, f"scores.{k}") for r in runs)]
+@register("example_scores", section="Example difficulty", title="Example difficulty scores per checkpoint",
+          source="Paul, Ganguli and Dziugaite 2021, Deep Learning on a Data Diet (EL2N and GraNd)", order=640,
+          metrics=("scores.el2n", "scores.grand"), recorded_by='dynascope analyze CKPTS --data ... --scores el2n grand')
+def scores_figure(runs: Sequence[RunData], have: Have) -> Figure | None:
+    kinds = [(k, label) for k, label in KINDS if any(query.has(r, f"scores.{k}") for _, r in have)]
     if not kinds:
         return None
     colors = run_colors(runs)
@@ -46,7 +39,7 @@ def scores_figure(runs: Sequence[RunData]) -> Figure | None:
         metric = f"scores.{kind}"
         q_all: list[np.ndarray] = []
         log_x = False
-        for i, r in enumerate(runs):
+        for i, r in have:
             if not query.has(r, metric):
                 continue
             drawn.append(i)
@@ -60,10 +53,10 @@ def scores_figure(runs: Sequence[RunData]) -> Figure | None:
             gid = run_gid(fig, i, f"{r.name}: {metric} median")
             ax_q.plot(s50, q50, color=c, linewidth=1.6, marker="o" if len(s50) <= 40 else None, markersize=3, gid=gid)
             ax_q.plot(sm, mean, color=c, linewidth=1.1, linestyle="--")
-            steps = _steps(r, metric)
+            steps = query.artifact_steps(r, metric)
             hists = []
             for step in (steps[0], steps[-1]) if steps else ():
-                arrays, _ = r.load_artifact(metric, step)
+                arrays, _ = query.artifact(r, metric, step)
                 v = np.asarray(arrays["scores"], dtype=float)
                 hists.append(v[np.isfinite(v) & (v > 0)])
             if hists and all(h.size for h in hists):

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ...store import RunData, query
-from . import BY_ACTIVATIONS, figure, run_colors
+from . import BY_ACTIVATIONS, Have, register, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
     finish,
@@ -55,14 +55,11 @@ def _depth_ticks(ax, names: list[str], single: bool) -> bool:
     return False
 
 
-@figure("signal_propagation", section="Signal propagation", title="Signal propagation plot: channel statistics "
-        "against block depth at the first and last recorded step", source="Brock, De, Smith 2021, Characterizing "
-        "signal propagation to close the performance gap in unnormalized ResNets (Fig. 1)", order=200,
-        metrics=("act.channel_var",), recorded_by=BY_ACTIVATIONS)
-def signal_propagation(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "act.channel_var")]
-    if not have:
-        return None
+@register("signal_propagation", section="Signal propagation", title="Signal propagation plot: channel statistics "
+          "against block depth at the first and last recorded step", source="Brock, De, Smith 2021, Characterizing "
+          "signal propagation to close the performance gap in unnormalized ResNets (Fig. 1)", order=200,
+          metrics=("act.channel_var",), recorded_by=BY_ACTIVATIONS)
+def signal_propagation(runs: Sequence[RunData], have: Have) -> Figure | None:
     with_branches = any(r.meta.get("branches") and query.has(r, "act.channel_var") for _, r in have)
     panels = [("act.channel_sq_mean", "avg channel squared mean"), ("act.channel_var", "avg channel variance")]
     if with_branches:
@@ -122,13 +119,10 @@ def _spread_steps(st: np.ndarray, k: int = 5) -> list[int]:
     return [int(st[i]) for i in idx]
 
 
-@figure("hidden_variance_depth", section="Signal propagation", title="Hidden-state variance against layer index "
-        "at several steps", source="Sun et al. 2025, The Curse of Depth in Large Language Models", order=210,
-        metrics=("act.var",), recorded_by=BY_ACTIVATIONS)
-def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "act.var")]
-    if not have:
-        return None
+@register("hidden_variance_depth", section="Signal propagation", title="Hidden-state variance against layer index "
+          "at several steps", source="Sun et al. 2025, The Curse of Depth in Large Language Models", order=210,
+          metrics=("act.var",), recorded_by=BY_ACTIVATIONS)
+def hidden_variance_depth(runs: Sequence[RunData], have: Have) -> Figure | None:
     n = len(have)
     cols = min(n, 3)
     rows = -(-n // cols)
@@ -175,13 +169,10 @@ def hidden_variance_depth(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("massive_activations", section="Signal propagation", title="Largest |activation| against layer index",
-        source="Sun et al. 2024, Massive Activations in Large Language Models", order=220,
-        metrics=("act.absmax",), recorded_by=BY_ACTIVATIONS)
-def massive_activations(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "act.absmax")]
-    if not have:
-        return None
+@register("massive_activations", section="Signal propagation", title="Largest |activation| against layer index",
+          source="Sun et al. 2024, Massive Activations in Large Language Models", order=220,
+          metrics=("act.absmax",), recorded_by=BY_ACTIVATIONS)
+def massive_activations(runs: Sequence[RunData], have: Have) -> Figure | None:
     fig = new_figure(9, 4.0)
     ax = fig.subplots()
     colors = run_colors(runs)

@@ -17,7 +17,7 @@ from matplotlib.lines import Line2D
 
 from ...diagnostics.scale import equilibrium_angle_from_hyperparameters
 from ...store import RunData, query
-from . import BY_GRADIENTS, BY_UPDATES, figure, run_colors
+from . import BY_GRADIENTS, BY_UPDATES, Have, register, run_colors
 from ._helpers import (
     NONFINITE_HANDLE,
     finish,
@@ -30,7 +30,7 @@ from ._helpers import (
     set_caption,
     text,
 )
-from ._panels import companion, layer_panels, layers_caption
+from ._panels import Decoration, LayerFigure, register_layers
 
 _PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.", "event.",
                    "plasticity.", "bn.")
@@ -57,9 +57,11 @@ def _short(name: str, width: int = 38) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
-@figure("loss", section="Training", title="Loss and logged scalars against step",
-        source="training curves as recorded by run.step(...)", order=100,
-        metrics=("loss",), recorded_by="run.step(loss=...) inside dynascope.probe (every keyword of run.step is drawn)")
+# needs=(): every run is passed on; the figure draws every run-level scalar, not only the loss
+@register("loss", section="Training", title="Loss and logged scalars against step",
+          source="training curves as recorded by run.step(...)", order=100,
+          metrics=("loss",), needs=(),
+          recorded_by="run.step(loss=...) inside dynascope.probe (every keyword of run.step is drawn)")
 def loss_curves(runs: Sequence[RunData]) -> Figure | None:
     names: list[str] = []
     for r in runs:
@@ -123,14 +125,11 @@ def _grad_layers(run: RunData) -> tuple[list[str], str]:
     return query.layers(run, "grad.norm"), "layer index = every recorded layer in model order"
 
 
-@figure("grad_norm_depth", section="Gradients", title="Gradient norm against layer index (first, middle and last "
-        "recorded step)", source="Xiong et al. 2020, On Layer Normalization in the Transformer Architecture; "
-        "Shleifer et al. 2021, NormFormer", order=140,
-        metrics=("grad.norm",), recorded_by=BY_GRADIENTS)
-def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
-    have = [(i, r) for i, r in enumerate(runs) if query.has(r, "grad.norm")]
-    if not have:
-        return None
+@register("grad_norm_depth", section="Gradients", title="Gradient norm against layer index (first, middle and last "
+          "recorded step)", source="Xiong et al. 2020, On Layer Normalization in the Transformer Architecture; "
+          "Shleifer et al. 2021, NormFormer", order=140,
+          metrics=("grad.norm",), recorded_by=BY_GRADIENTS)
+def grad_norm_depth(runs: Sequence[RunData], have: Have) -> Figure | None:
     fig = new_figure(9, 4.2)
     ax = fig.subplots()
     colors = run_colors(runs)
@@ -175,19 +174,12 @@ def grad_norm_depth(runs: Sequence[RunData]) -> Figure | None:
     return fig
 
 
-@figure("grad_norm_step", section="Gradients", title="Gradient norm against step, per layer",
-        source="per-layer gradient norms (Xiong et al. 2020; Shleifer et al. 2021)", order=145,
-        metrics=("grad.norm",), recorded_by=BY_GRADIENTS)
-def grad_norm_step(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
-    out = layer_panels(runs, "grad.norm", ylabel="gradient norm",
-                            candidates=lambda r: _grad_layers(r)[0],
-                            leading=("grad.global_norm", "", "global gradient norm"), layers=layers)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "Gradient norm against step. First panel: global norm over all parameters, when recorded. "
-                + layers_caption(shown, total))
-    return fig
+grad_norm_step = register_layers("grad_norm_step", LayerFigure(
+    "grad.norm", "gradient norm", candidates=lambda r: _grad_layers(r)[0],
+    leading=("grad.global_norm", "", "global gradient norm"), layers_option=True,
+    caption="Gradient norm against step. First panel: global norm over all parameters, when recorded. "),
+    section="Gradients", title="Gradient norm against step, per layer",
+    source="per-layer gradient norms (Xiong et al. 2020; Shleifer et al. 2021)", order=145, recorded_by=BY_GRADIENTS)
 
 
 def _si_title_hint(runs: Sequence[RunData], shown: list[str]) -> str:
@@ -199,18 +191,13 @@ def _si_title_hint(runs: Sequence[RunData], shown: list[str]) -> str:
     return f" Scale-invariant by the AdamP test (majority of recorded steps): {', '.join(s for s in shown if s in si)}."
 
 
-@figure("weight_norm", section="Weights and effective learning rate", title="Weight norm against step, per layer",
-        source="Heo et al. 2021, AdamP (project page: average weight norm per epoch)", order=160,
-        metrics=("weight.norm",), recorded_by=BY_UPDATES + ", or dynascope analyze")
-def weight_norm(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
-    out = layer_panels(runs, "weight.norm", ylabel="||w||", logy=False, layers=layers)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "Frobenius norm of each weight tensor (ndim >= 2). Without weight decay the norm of a "
-                "scale-invariant weight grows, which lowers its effective learning rate. "
-                + layers_caption(shown, total) + _si_title_hint(runs, shown))
-    return fig
+weight_norm = register_layers("weight_norm", LayerFigure(
+    "weight.norm", "||w||", logy=False, hint=_si_title_hint, layers_option=True,
+    caption="Frobenius norm of each weight tensor (ndim >= 2). Without weight decay the norm of a scale-invariant "
+            "weight grows, which lowers its effective learning rate. "),
+    section="Weights and effective learning rate", title="Weight norm against step, per layer",
+    source="Heo et al. 2021, AdamP (project page: average weight norm per epoch)", order=160,
+    recorded_by=BY_UPDATES + ", or dynascope analyze")
 
 
 def _equilibrium(run: RunData) -> tuple[float | None, str]:
@@ -233,11 +220,8 @@ def _equilibrium(run: RunData) -> tuple[float | None, str]:
     return v, note
 
 
-@figure("angular_update", section="Weights and effective learning rate",
-        title="Angular update per step (mean over rows) against step, with the rotational equilibrium",
-        source="Kosson et al. 2024, Rotational Equilibrium (REQ)", order=170,
-        metrics=("update.angle_row",), recorded_by=BY_UPDATES)
-def angular_update(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
+def _equilibrium_lines(runs: Sequence[RunData]) -> Decoration:
+    """A dashed line at each run's equilibrium angle in every panel; the note lists them (every run)."""
     eq = {id(r): _equilibrium(r) for r in runs}
     handle = Line2D([], [], color="gray", linestyle="--", label="equilibrium angle")
 
@@ -248,46 +232,33 @@ def angular_update(runs: Sequence[RunData], *, layers: Sequence[str] | None = No
         ax.axhline(v, color=c, linestyle="--", linewidth=1, gid=run_gid(fig, i, f"{r.name}: equilibrium {v:.3g}"))
         return [handle]
 
-    out = layer_panels(runs, "update.angle_row", ylabel="angle (rad)", extra=extra, layers=layers)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    notes = "; ".join(n for _, n in eq.values())
-    set_caption(fig, "Angle between consecutive weights, arccos(<w_t, w_t+1> / (||w_t|| ||w_t+1||)), per row of "
-                "w.flatten(1), averaged over rows. Dashed: expected equilibrium angle of a scale-invariant weight "
-                "(AdamW: sqrt(2 eta lambda (1-beta1)/(1+beta1)); SGD with momentum alpha: "
-                "sqrt(2 eta lambda/(1+alpha))), from the recorded initial learning rate and weight decay: "
-                f"{notes}. " + layers_caption(shown, total) + _si_title_hint(runs, shown))
-    return fig
+    return Decoration(extra, lambda: "; ".join(n for _, n in eq.values()))
 
 
-@figure("effective_lr", section="Weights and effective learning rate", title="Effective learning rate against "
-        "step, per layer", source="van Laarhoven 2017, L2 Regularization versus Batch and Weight Normalization; "
-        "Heo et al. 2021, AdamP", order=180,
-        metrics=("lr.effective",), recorded_by=BY_UPDATES)
-def effective_lr(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
-    out = layer_panels(runs, "lr.effective", ylabel="effective LR", layers=layers)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "Effective learning rate of each weight tensor as recorded by the probe (SGD family: "
-                "lr/||w||^2; Adam family: lr/||w||). It is the step size on the unit sphere for a scale-invariant "
-                "weight. " + layers_caption(shown, total) + _si_title_hint(runs, shown))
-    return fig
+angular_update = register_layers("angular_update", LayerFigure(
+    "update.angle_row", "angle (rad)", decorate=_equilibrium_lines, hint=_si_title_hint, layers_option=True,
+    caption="Angle between consecutive weights, arccos(<w_t, w_t+1> / (||w_t|| ||w_t+1||)), per row of "
+            "w.flatten(1), averaged over rows. Dashed: expected equilibrium angle of a scale-invariant weight "
+            "(AdamW: sqrt(2 eta lambda (1-beta1)/(1+beta1)); SGD with momentum alpha: "
+            "sqrt(2 eta lambda/(1+alpha))), from the recorded initial learning rate and weight decay: {note}. "),
+    section="Weights and effective learning rate",
+    title="Angular update per step (mean over rows) against step, with the rotational equilibrium",
+    source="Kosson et al. 2024, Rotational Equilibrium (REQ)", order=170, recorded_by=BY_UPDATES)
 
+effective_lr = register_layers("effective_lr", LayerFigure(
+    "lr.effective", "effective LR", hint=_si_title_hint, layers_option=True,
+    caption="Effective learning rate of each weight tensor as recorded by the probe (SGD family: lr/||w||^2; Adam "
+            "family: lr/||w||). It is the step size on the unit sphere for a scale-invariant weight. "),
+    section="Weights and effective learning rate", title="Effective learning rate against step, per layer",
+    source="van Laarhoven 2017, L2 Regularization versus Batch and Weight Normalization; Heo et al. 2021, AdamP",
+    order=180, recorded_by=BY_UPDATES)
 
-@figure("grad_weight_cos", section="Weights and effective learning rate",
-        title="Largest |cos(gradient, weight)| over rows against the scale-invariance threshold",
-        source="Heo et al. 2021, AdamP (projection test, delta = 0.1)", order=190,
-        metrics=("grad.weight_cos_rowmax",), recorded_by=BY_GRADIENTS)
-def grad_weight_cos(runs: Sequence[RunData], *, layers: Sequence[str] | None = None) -> Figure | None:
-    handle = Line2D([], [], color="gray", linestyle="--", label="threshold delta/sqrt(row dim)")
-    extra = companion("grad.weight_cos_threshold", handle, "--")
-    out = layer_panels(runs, "grad.weight_cos_rowmax", ylabel="max row |cos|", extra=extra, layers=layers)
-    if out is None:
-        return None
-    fig, shown, total, _ = out
-    set_caption(fig, "Max over rows of |cos(grad_row, w_row)| (solid) and the AdamP threshold delta/sqrt(row dim) "
-                "(dashed). Below the threshold the weight behaves as scale-invariant; weight decay shrinking rows "
-                "until the normalization eps matters breaks the invariance. " + layers_caption(shown, total))
-    return fig
+grad_weight_cos = register_layers("grad_weight_cos", LayerFigure(
+    "grad.weight_cos_rowmax", "max row |cos|", layers_option=True,
+    companion=("grad.weight_cos_threshold", "threshold delta/sqrt(row dim)", "--"),
+    caption="Max over rows of |cos(grad_row, w_row)| (solid) and the AdamP threshold delta/sqrt(row dim) (dashed). "
+            "Below the threshold the weight behaves as scale-invariant; weight decay shrinking rows until the "
+            "normalization eps matters breaks the invariance. "),
+    section="Weights and effective learning rate",
+    title="Largest |cos(gradient, weight)| over rows against the scale-invariance threshold",
+    source="Heo et al. 2021, AdamP (projection test, delta = 0.1)", order=190, recorded_by=BY_GRADIENTS)
