@@ -28,14 +28,13 @@ from torch import nn
 
 from ..core.checks import positive_int
 from ..core.coverage import CoverageRow, coverage_frame, merge
-from ..core.guard import preserved_state
 from ..core.names import ModuleFilter, is_wrapped, named_parameters, select_modules
 from ..core.version import __version__
 from ..probes.activations import ActivationProbe
-from ..probes.base import Collected, Probe, ProbeContext
+from ..probes.base import Collected, Probe, ProbeContext, StepOutcome
 from ..probes.gradients import GradientProbe
 from ..probes.optimizer import UpdateProbe
-from ..probes.scheduled import Scheduled, ScheduledContext
+from ..probes.scheduled import Scheduled, ScheduledRunner
 from ..probes.sentinel import Sentinel
 from ..store import ResilientWriter, RunStore, now_iso
 from .distributed import RankReducer, is_active, rank, world_size
@@ -157,14 +156,15 @@ class Session:
         self.probes: list[Probe] = [self._make_probe(p, all_params) for p in probes]
         self.scheduled: list[Scheduled] = [s for s in (curvature, landscape, plasticity) if s is not None]
         self.scheduled += list(scheduled)
-        for s in self.scheduled:
-            if not isinstance(s, Scheduled):
-                raise TypeError(f"scheduled diagnostics must be dynascope Scheduled objects, got {type(s).__name__}")
+        runners = [ScheduledRunner(s, on_diagnostic_error) for s in self.scheduled]  # checks each one's type
         if not isinstance(sentinel, (bool, Sentinel)):
             raise TypeError(f"sentinel must be True, False or a dynascope.Sentinel, got {type(sentinel).__name__}")
         # the sentinel's events change the recording schedule, which ranks must share: off under torch.distributed
         self.sentinel: Sentinel | None = None if sentinel is False or is_active() else (
             sentinel if isinstance(sentinel, Sentinel) else Sentinel())
+        # every instrument in one list, called through one protocol (dynascope.probes.base): the probes on
+        # recording steps, the sentinel and the scheduled diagnostics' runners at every step
+        self.instruments: list[Probe] = [*self.probes, *([self.sentinel] if self.sentinel else []), *runners]
         self._burst_until = -1
         self.snapshotter: Snapshotter | None = None
         if snapshot_every is not None:
@@ -300,10 +300,10 @@ class Session:
         self.ctx.run_dir = self.run_dir
         self.ctx.resumed = bool(self.store is not None and self.store.resumed)
         self.ctx.writer = self.writer
-        for p in self.probes:
-            p.setup(self.ctx)
-        if self.sentinel is not None:
-            self.sentinel.setup(self.ctx)
+        self.ctx.log_row = self._log_row
+        self.ctx.write_artifact = self._write_artifact
+        for inst in self.instruments:
+            inst.setup(self.ctx)
         if self.store is not None:
             self.store.write_meta({"coverage": [r.as_dict() for r in self._coverage_rows()]})
         for opt in self.optimizers:
@@ -352,21 +352,21 @@ class Session:
         if on:
             self._scope_dynamo()
         if on and not self._recording:
-            for p in self.probes:
-                p.arm()
+            for inst in self.instruments:
+                inst.arm()
         elif not on and self._recording:
-            for p in self.probes:
-                p.disarm()
+            for inst in self.instruments:
+                inst.disarm()
         self._recording = on
 
+    def _active(self) -> list[Probe]:
+        """The instruments called at this step: all of them on a recording step, else the every-step ones."""
+        return self.instruments if self._recording else [i for i in self.instruments if i.every_step]
+
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self.sentinel is not None:
-            self.sentinel.before_optimizer_step(optimizer)
         self.before_optimizer_step(optimizer)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self.sentinel is not None:
-            self.sentinel.after_optimizer_step(optimizer)
         self.after_optimizer_step(optimizer)
 
     @property
@@ -379,19 +379,15 @@ class Session:
         Called by each optimizer's step pre-hook; an integration whose gradients
         appear only inside ``optimizer.step(closure)`` (Lightning) calls it again
         once they exist: the later reading replaces the earlier one."""
-        if not self._recording:
-            return
-        self.ctx.cache.clear()  # per-step work shared between probes (stacked weights)
-        for p in self.probes:
-            p.before_optimizer_step(optimizer)
+        self.ctx.cache.clear()  # per-step work shared between instruments (gradient norms, stacked weights)
+        for inst in self._active():
+            inst.before_optimizer_step(optimizer)
         self.ctx.cache.clear()
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Tell the probes that ``optimizer`` has stepped (called by its post-hook)."""
-        if not self._recording:
-            return
-        for p in self.probes:
-            p.after_optimizer_step(optimizer)
+        """Tell the instruments that ``optimizer`` has stepped (called by its post-hook)."""
+        for inst in self._active():
+            inst.after_optimizer_step(optimizer)
 
     # -- the loop ------------------------------------------------------------------
     def step(self, loss: Any = None, **scalars: Any) -> None:
@@ -411,21 +407,23 @@ class Session:
             elif not isinstance(value, (int, float, np.number)):
                 raise TypeError(f"scalar {key!r} must be a number or a one-element tensor, got {type(value).__name__}")
             self._scalar_buf.append((s, key, value))
+        if not self.optimizers:  # no optimizer step to hook: gradients are read now
+            self.before_optimizer_step(None)
+        active = self._active()
+        for inst in active:
+            outcome = inst.end_step(s, loss)
+            if outcome is not None:
+                self._take(outcome)
         if self._recording:
-            if not self.optimizers:  # no optimizer step to hook: gradients are read now
-                self.before_optimizer_step(None)
-            for p in self.probes:
-                got = p.collect(s)
+            for inst in active:
+                got = inst.collect(s)
                 if got is not None:
                     self._buffer(s, got)
             self._recorded_since_flush += 1
-        if self.sentinel is not None:
-            self._sentinel_step(s, loss)
-        due = [d for d in self.scheduled if d.due(s)]
-        if due:
-            self._set_recording(False)
-            for d in due:
-                self._run_scheduled(d, s, final=False)
+        if any(inst.runs_model(s) for inst in active):
+            self._set_recording(False)  # the probes do not record a diagnostic's forward passes
+        for inst in active:
+            inst.after_step(s)
         self.step_index = s + 1
         if self.snapshotter is not None and self.snapshotter.due(self.step_index):
             self._snapshot(lambda keeper: keeper.take(self.step_index, self.model, self.optimizers))
@@ -436,28 +434,17 @@ class Session:
         ):
             self.flush()
 
-    def _sentinel_step(self, step: int, loss: Any) -> None:
-        """The sentinel's every-step row; on an event, its window at full resolution, the event rows
-        and a burst of recording steps."""
-        sentinel = self.sentinel
-        assert sentinel is not None
-        if not self.optimizers:
-            sentinel.before_optimizer_step(None)
-        events = sentinel.end_step(step, loss)
-        if self._recording:
-            norms = sentinel.update_norms(step)
-            if norms is not None:
-                self._buffer(step, norms)
-        if events:
-            self._host_rows.extend(sentinel.window_rows(max(e.step for e in events)))
-            self._host_rows.extend(sentinel.event_rows(events))
-            self._burst_until = max(self._burst_until, step + sentinel.burst)
-            if self.store is not None:
-                for mark in sentinel.event_marks(events):
-                    self.store.mark(*mark)
-            if self.snapshotter is not None:
-                first = min(events, key=lambda e: e.step)
-                self._snapshot(lambda keeper: keeper.write(self.store, first.kind, first.step))
+    def _take(self, outcome: StepOutcome) -> None:
+        """An instrument's rows, marks and events of this step; on an event, a burst of recording steps and
+        the snapshot."""
+        self._host_rows.extend(outcome.rows)
+        self._burst_until = max(self._burst_until, outcome.burst_until)
+        if self.store is not None:
+            for mark in outcome.marks:
+                self.store.mark(*mark)
+        if outcome.events and self.snapshotter is not None:
+            first = min(outcome.events, key=lambda e: e.step)
+            self._snapshot(lambda keeper: keeper.write(self.store, first.kind, first.step))
 
     def _snapshot(self, work: Any) -> None:
         """Take or write a snapshot; a failure (a state that does not copy or pickle) turns snapshots off
@@ -492,31 +479,12 @@ class Session:
         if self.store is not None:
             self.store.mark(self.step_index, key, value)
 
-    def _run_scheduled(self, diag: Scheduled, step: int, final: bool, close: bool = False) -> None:
-        def log_fn(metric: str, value: float, layer: str) -> None:
-            self._host_rows.append((step, metric, layer, value))
+    def _log_row(self, step: int, metric: str, layer: str, value: float) -> None:
+        self._host_rows.append((step, metric, layer, float(value)))
 
-        def artifact_fn(name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-            if self.store is not None:
-                self.store.write_artifact(name, step, arrays, meta)
-
-        ctx = ScheduledContext(self.model, self.optimizer, step, final, log_fn, artifact_fn,
-                               optimizers=list(self.optimizers))
-        try:
-            with preserved_state(self.model), torch.enable_grad():
-                if close:
-                    diag.on_close(ctx)
-                else:
-                    diag.run(ctx)
-        except Exception as exc:
-            # the guard has restored the model: training can go on unchanged, and the failure stays on record
-            if self.on_diagnostic_error == "raise":
-                raise
-            name = type(diag).__name__
-            self._host_rows.append((step, "diagnostic.failed", name, 1.0))
-            warnings.warn(f"dynascope: {name} failed at step {step} ({type(exc).__name__}: {exc}); training goes on "
-                          f"unchanged and the failure is recorded as 'diagnostic.failed' (pass "
-                          f"on_diagnostic_error='raise' to stop instead)", RuntimeWarning, stacklevel=4)
+    def _write_artifact(self, name: str, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        if self.store is not None:
+            self.store.write_artifact(name, step, arrays, meta)
 
     # -- flushing ------------------------------------------------------------------
     def flush(self) -> None:
@@ -568,15 +536,11 @@ class Session:
             self._dynamo_patch = None
         try:
             if not failed:
-                last = self.step_index - 1
-                for d in self.scheduled:
-                    if d.at_end:
-                        self._run_scheduled(d, max(last, 0), final=True)
-                for d in self.scheduled:
-                    self._run_scheduled(d, max(last, 0), final=True, close=True)
+                for inst in self.instruments:
+                    inst.end_run(max(self.step_index - 1, 0))
         finally:
-            for p in self.probes:
-                p.close()
+            for inst in self.instruments:
+                inst.close()
             try:
                 self.flush()
             finally:

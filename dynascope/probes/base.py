@@ -1,14 +1,24 @@
-"""The probe protocol: how a stateful collector plugs into a session.
+"""The instrument protocol: how every stateful collector plugs into a session.
 
-A probe sees a narrow :class:`ProbeContext` (the model, its optimizers, the
-selected parameters and modules, a per-step cache, rank and world size), never
-the session. On a recording step the session calls, in order:
+Probes, the sentinel and the scheduled diagnostics are all instruments: subclasses
+of :class:`Probe`, called by the session through one composed list. An instrument
+sees a narrow :class:`ProbeContext` (the model, its optimizers, the selected
+parameters and modules, a per-step cache, rank and world size), never the
+session. A probe is called on recording steps; an instrument with
+``every_step = True`` (the sentinel, the scheduled diagnostics' runners) at every
+step. The lifecycle, in order:
 
-* ``arm()`` before the step's forward pass (attach or switch on hooks),
+* ``setup(ctx)`` once when the session starts;
+* ``arm()`` before a recording step's forward pass (attach or switch on hooks);
 * ``before_optimizer_step(optimizer)`` / ``after_optimizer_step(optimizer)``
   around each optimizer's ``step()`` (gradients are read before, updates
-  around it),
-* ``collect(step)`` at ``run.step()``, then ``disarm()``.
+  around it; the per-step gradient norms are shared, :meth:`ProbeContext.grad_norms`);
+* at ``run.step()``: ``end_step(step, loss)`` (returns a :class:`StepOutcome`:
+  rows, marks, events, a burst of recording steps), then on a recording step
+  ``collect(step)``, then ``disarm()``, then ``after_step(step)`` (work that runs
+  the model, with the probes disarmed: the scheduled diagnostics);
+* ``end_run(step)`` once at the normal end of the run, then ``close()``
+  (also after an exception).
 
 ``collect`` returns the step's *sufficient statistics* as named device tensors,
 each tagged with how it combines across processes (:class:`Stat`), and ONE
@@ -41,8 +51,9 @@ import torch
 from torch import nn
 
 from ..core.coverage import CoverageRow
+from ._groups import local_tensor
 
-__all__ = ["Probe", "Collected", "Row", "Stat", "ProbeContext", "REDUCTIONS"]
+__all__ = ["Probe", "Collected", "Row", "Stat", "ProbeContext", "StepOutcome", "REDUCTIONS", "gradient_norms"]
 
 Row = tuple[str, str, float]  # metric, layer, value
 
@@ -116,6 +127,31 @@ def checked_finish(c: Collected, reduced: Mapping[str, torch.Tensor]) -> torch.T
 
 
 @dataclass
+class StepOutcome:
+    """What an instrument's ``end_step`` hands the session: host rows ``(step, metric, layer, value)`` to
+    write, marks ``(step, key, value)``, the events it raised (objects with ``step`` and ``kind``; on an
+    event the session writes the snapshot, with ``snapshot_every``) and the last step of a burst of
+    recording steps it asks for (-1: none)."""
+
+    rows: list[tuple[int, str, str, float]] = field(default_factory=list)
+    marks: list[tuple[int, str, Any]] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
+    burst_until: int = -1
+
+
+def gradient_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """||g||_2 of each tensor as one float32 tensor (multi-tensor ``torch._foreach_norm``; a stack of
+    per-tensor norms where it fails, e.g. mixed devices on old torch versions)."""
+    try:
+        norms = torch._foreach_norm(list(grads))
+        if any(n.dtype != torch.float32 for n in norms):
+            norms = [n.float() for n in norms]
+        return torch.stack(norms)
+    except RuntimeError:
+        return torch.stack([torch.linalg.vector_norm(g).float() for g in grads])
+
+
+@dataclass
 class ProbeContext:
     """What a probe sees of the run: the (possibly wrapped) model, its optimizers,
     the named parameters and selected modules, a cache shared by the probes
@@ -134,6 +170,10 @@ class ProbeContext:
     run_dir: str | None = None  # where the run is written (a probe may keep a file of its own there)
     resumed: bool = False  # the run continues an earlier one in run_dir
     writer: bool = True  # this process writes the run (rank 0)
+    #: writes one host row (step, metric, layer, value) into the run (set by the session)
+    log_row: Callable[[int, str, str, float], None] | None = None
+    #: writes a named array artifact (name, step, arrays, meta) into the run (set by the session)
+    write_artifact: Callable[[str, int, dict[str, Any], dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self._group_of: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
@@ -158,6 +198,24 @@ class ProbeContext:
         hit = self._group_of.get(id(p))
         return None if hit is None else hit[1]
 
+    def grad_norms(self, optimizer: torch.optim.Optimizer | None) -> tuple[tuple[int, ...], torch.Tensor | None]:
+        """The gradient norms of this optimizer step, computed once and shared by every instrument
+        (architecture invariant 10): indices into ``param_names`` of the parameters ``optimizer`` owns
+        (:meth:`owned_by`) that have a gradient, and their norms ||g||_2 (float32, one multi-tensor
+        reduction of the local pieces: a shard's under FSDP2), or None when none has a gradient. Cached in
+        :attr:`cache`, which the session clears around each optimizer step."""
+        key = ("grad_norms", id(optimizer))
+        hit = self.cache.get(key)
+        if hit is None:
+            owned = self.owned_by(optimizer, self.param_names)
+            present = tuple(i for i in owned if self.param_names[i][1].grad is not None)
+            norms = None
+            if present:
+                with torch.no_grad():
+                    norms = gradient_norms([local_tensor(self.param_names[i][1].grad) for i in present])
+            hit = self.cache[key] = (present, norms)
+        return hit
+
     def owned_by(self, optimizer: torch.optim.Optimizer | None,
                  named: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
         """Indices into ``named`` of the parameters ``optimizer`` owns. Parameters no
@@ -179,10 +237,12 @@ class ProbeContext:
 
 
 class Probe:
-    """Base class of probes. Override what you need; every method is optional
-    except ``collect``."""
+    """Base class of instruments (probes, the sentinel, scheduled runners). Override what you need;
+    every method is optional except ``collect``."""
 
     name: str = "probe"
+    #: called at every step (the sentinel), not only on recording steps
+    every_step: bool = False
     ctx: ProbeContext
 
     @property
@@ -207,9 +267,25 @@ class Probe:
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """After ``optimizer.step()`` on a recording step."""
 
+    def end_step(self, step: int, loss: Any) -> StepOutcome | None:
+        """At ``run.step(loss)``, before ``collect``: this step's rows, marks and events, if any."""
+        return None
+
     def collect(self, step: int) -> Collected | None:
-        """Return this step's statistics, or None when there is nothing."""
+        """Return this recording step's statistics, or None when there is nothing."""
         raise NotImplementedError
+
+    def runs_model(self, step: int) -> bool:
+        """Whether ``after_step(step)`` runs the model (the session disarms the probes before it)."""
+        return False
+
+    def after_step(self, step: int) -> None:
+        """At the end of ``run.step()``, after ``collect`` and with the probes disarmed: work that runs
+        the model (the scheduled diagnostics)."""
+
+    def end_run(self, step: int) -> None:
+        """Once at the normal end of the run (not after an exception), before ``close``; ``step`` is the
+        last step."""
 
     def coverage(self) -> list[CoverageRow]:
         """What this probe records and what it cannot, and why (the coverage report);

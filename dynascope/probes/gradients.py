@@ -46,15 +46,6 @@ ADAMP_DELTA = 0.1
 COS_EPS = 1e-8
 
 
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if hasattr(torch, "_foreach_norm"):
-        try:
-            return torch.stack(torch._foreach_norm(tensors)).float()
-        except RuntimeError:  # mixed devices/dtypes on old versions
-            pass
-    return torch.stack([torch.linalg.vector_norm(t).float() for t in tensors])
-
-
 class GradientProbe(Probe):
     name = "gradients"
 
@@ -85,15 +76,13 @@ class GradientProbe(Probe):
         """Read the gradients of the parameters ``optimizer`` owns (a later call for
         the same optimizer in the same step replaces the earlier reading)."""
         owned = self.ctx.owned_by(optimizer, self.params)
-        present = tuple(i for i in owned if self.params[i][1].grad is not None)
+        present, norms = self.ctx.grad_norms(optimizer)  # computed once per step, shared with the sentinel
         self._parts = [p for p in self._parts if not set(p[0]) & set(owned)]
-        if not present:
+        if norms is None:
             return
-        lay = self.layout
         plan = self._plan(present)
-        grads = lay.local([self.params[i][1].grad for i in present])  # type: ignore[misc]
         with torch.no_grad():
-            sq = _norms([g.detach() for g in grads]).double() ** 2
+            sq = norms.double() ** 2
             if plan["sq_mask"] is not None:
                 sq = sq * plan["sq_mask"].to(sq.device)
             tracked: tuple[int, ...] = plan["tracked"]

@@ -13,6 +13,7 @@ the end of the run when ``at="end"``), inside
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +23,11 @@ import torch
 from torch import nn
 
 from ..core.checks import positive_int
+from ..core.errors import describe
 from ..core.guard import preserved_state
+from .base import Collected, Probe
 
-__all__ = ["Scheduled", "ScheduledContext", "run_guarded"]
+__all__ = ["Scheduled", "ScheduledContext", "ScheduledRunner", "run_guarded"]
 
 
 @dataclass
@@ -101,3 +104,61 @@ def run_guarded(diag: Scheduled, ctx: ScheduledContext, *, close: bool = False) 
             diag.on_close(ctx)
         else:
             diag.run(ctx)
+
+
+class ScheduledRunner(Probe):
+    """A scheduled diagnostic as an instrument of the session: at the end of each step where it is due
+    (after the probes collected and were disarmed) it runs under the state guard, and at the normal end of
+    the run its ``at="end"`` run and ``on_close``. A failure is restored by the guard, recorded as a
+    ``diagnostic.failed`` row and warned about (training goes on), or re-raised with
+    ``on_error="raise"``."""
+
+    every_step = True
+
+    def __init__(self, diagnostic: Scheduled, on_error: str = "warn") -> None:
+        if not isinstance(diagnostic, Scheduled):
+            raise TypeError(f"scheduled diagnostics must be dynascope Scheduled objects, got "
+                            f"{type(diagnostic).__name__}")
+        self.diagnostic = diagnostic
+        self.on_error = on_error
+        self.name = type(diagnostic).__name__
+
+    def collect(self, step: int) -> Collected | None:
+        return None
+
+    def runs_model(self, step: int) -> bool:
+        return self.diagnostic.due(step)
+
+    def after_step(self, step: int) -> None:
+        if self.diagnostic.due(step):
+            self.run(step, final=False)
+
+    def end_run(self, step: int) -> None:
+        if self.diagnostic.at_end:
+            self.run(step, final=True)
+        self.run(step, final=True, close=True)
+
+    def run(self, step: int, final: bool, close: bool = False) -> None:
+        ctx = self.ctx
+        log_row, write_artifact = ctx.log_row, ctx.write_artifact
+
+        def log_fn(metric: str, value: float, layer: str) -> None:
+            if log_row is not None:
+                log_row(step, metric, layer, value)
+
+        def artifact_fn(name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+            if write_artifact is not None:
+                write_artifact(name, step, arrays, meta)
+
+        sctx = ScheduledContext(ctx.model, ctx.optimizer, step, final, log_fn, artifact_fn,
+                                optimizers=list(ctx.optimizers))
+        try:
+            run_guarded(self.diagnostic, sctx, close=close)
+        except Exception as exc:
+            # the guard has restored the model: training can go on unchanged, and the failure stays on record
+            if self.on_error == "raise":
+                raise
+            log_fn("diagnostic.failed", 1.0, self.name)
+            warnings.warn(f"dynascope: {self.name} failed at step {step} ({describe(exc)}); training goes on "
+                          f"unchanged and the failure is recorded as 'diagnostic.failed' (pass "
+                          f"on_diagnostic_error='raise' to stop instead)", RuntimeWarning, stacklevel=6)

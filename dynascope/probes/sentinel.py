@@ -38,7 +38,7 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ import torch
 from ..core.drift import DriftDetector
 from ..core.names import select_modules
 from ..core.robust import GRAD_MIN_RISE, GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
-from .base import Collected, ProbeContext
+from .base import Collected, Probe, ProbeContext, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
 
@@ -72,7 +72,7 @@ class SentinelEvent:
     detail: dict[str, Any] | None = None  # warning: the signals that drifted and the modules that moved most
 
 
-class Sentinel:
+class Sentinel(Probe):
     """Every-step norms in a device ring buffer and online event detection.
 
     ``window``: steps kept in the ring buffer (written at full resolution on an
@@ -80,7 +80,14 @@ class Sentinel:
     ``updates``: also the per-module update norm (costs a copy of the trainable
     weights per step and their memory); ``drift``: the early warning, a CUSUM drift
     detector on the loss and the norms (:mod:`dynascope.core.drift`) that raises a
-    ``warning`` event."""
+    ``warning`` event.
+
+    An instrument like the probes (:class:`dynascope.Probe`) that the session calls at every step; it
+    reads the step's gradient norms from the per-step context (:meth:`ProbeContext.grad_norms`), the
+    same computation the gradient probe uses on a recording step."""
+
+    name = "sentinel"
+    every_step = True
 
     def __init__(self, window: int = 64, burst: int = 20, updates: bool = True, drift: bool = True) -> None:
         if not isinstance(window, int) or window < 2:
@@ -92,7 +99,9 @@ class Sentinel:
     # -- set-up --------------------------------------------------------------------------------
     def setup(self, ctx: ProbeContext) -> None:
         self.ctx = ctx
-        self.params = [(n, p) for n, p in ctx.param_names if p.requires_grad]
+        keep = [i for i, (_, p) in enumerate(ctx.param_names) if p.requires_grad]
+        self.params = [ctx.param_names[i] for i in keep]
+        self._pos = {i: k for k, i in enumerate(keep)}  # index in ctx.param_names -> index here
         index = {id(p): i for i, (_, p) in enumerate(self.params)}
         self.modules: list[str] = []
         mod_idx, par_idx = [], []
@@ -138,16 +147,6 @@ class Sentinel:
         self._last_event: dict[str, int] = {}
         self._drift = DriftDetector(self.modules, start=SPIKE_WINDOW) if self.drift else None
 
-    def _owned_by(self, optimizer: torch.optim.Optimizer | None
-                  ) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
-        """The parameters ``optimizer`` steps: their indices, the tensors and the indices on the device
-        (built once per optimizer)."""
-        hit = self._owned.get(id(optimizer))
-        if hit is None:
-            idx = self.ctx.owned_by(optimizer, self.params)
-            hit = self._owned[id(optimizer)] = (idx, [self.params[i][1] for i in idx], self._index(idx))
-        return hit
-
     def _index(self, idx: list[int]) -> torch.Tensor:
         """``idx`` as a device tensor, built once (indexing with a Python list copies it to the device
         from pageable memory at every call: a host synchronisation on CUDA)."""
@@ -159,35 +158,31 @@ class Sentinel:
             hit = self._index_cache[key] = torch.tensor(idx, dtype=torch.long, device=self.device)
         return hit
 
-    def _put(self, dest: torch.Tensor, index: torch.Tensor, norms: list[torch.Tensor]) -> None:
-        """Write per-parameter ``norms`` at ``index`` of ``dest``: one stack straight into ``dest`` when they
-        cover it in order in float32 (one optimizer stepping every parameter), else a stack and a copy."""
-        if len(norms) == len(dest) and index is self._all and all(t.dtype == torch.float32 for t in norms):
-            torch.stack(norms, out=dest)
-        else:
-            dest.index_copy_(0, index, torch.stack(norms).float())
-
     # -- every step ------------------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
-        idx, ps, index = self._owned_by(optimizer)
-        maybe = [p.grad for p in ps]
-        subset = any(g is None for g in maybe)
-        if subset:  # some parameters have no gradient this step: the others only
-            keep = [k for k, g in enumerate(maybe) if g is not None]
-            if not keep:
+        present, norms = self.ctx.grad_norms(optimizer)  # shared with the gradient probe
+        if norms is None:
+            return
+        idx = [self._pos[i] for i in present if i in self._pos]
+        if len(idx) != len(present):  # a gradient on a frozen parameter: not the sentinel's
+            keep = torch.tensor([k for k, i in enumerate(present) if i in self._pos], dtype=torch.long,
+                                device=norms.device)
+            norms = norms[keep]
+            if not idx:
                 return
-            idx, ps, maybe = [idx[k] for k in keep], [ps[k] for k in keep], [maybe[k] for k in keep]
-            index = self._index(idx)
-        grads = cast(list[torch.Tensor], maybe)
-        with torch.no_grad():  # .grad tensors need no detach; parameters need none under no_grad
-            norms = torch._foreach_norm(grads)
-            self._put(self._gn, index, norms)
+        index = self._index(idx)
+        with torch.no_grad():
+            if len(idx) == len(self.params) and idx == list(range(len(idx))):
+                self._gn.copy_(norms)
+            else:
+                self._gn.index_copy_(0, index, norms.to(self._gn.device))
             if self.updates and optimizer is not None:
-                key = (id(optimizer), tuple(idx) if subset else None)
+                key = (id(optimizer), tuple(idx))
                 hit = self._snap.get(key)
                 if hit is None:
                     if len(self._snap) > 8:
                         self._snap.clear()
+                    ps = [self.params[i][1] for i in idx]
                     hit = self._snap[key] = (ps, [torch.empty_like(p) for p in ps], index)
                 torch._foreach_copy_(hit[1], hit[0])
                 self._last_snap[id(optimizer)] = hit
@@ -199,9 +194,23 @@ class Sentinel:
         ps, snap, index = hit
         with torch.no_grad():
             torch._foreach_sub_(snap, ps)  # w_t - w_{t+1}
-            self._put(self._un, index, torch._foreach_norm(snap))
+            norms = torch._foreach_norm(snap)
+            if len(norms) == len(self._un) and all(t.dtype == torch.float32 for t in norms):
+                torch.stack(norms, out=self._un)  # one optimizer stepping every parameter: stacked in place
+            else:
+                self._un.index_copy_(0, index, torch.stack([t.float() for t in norms]))
 
-    def end_step(self, step: int, loss: Any) -> list[SentinelEvent]:
+    def end_step(self, step: int, loss: Any) -> StepOutcome | None:
+        """Write this step's row into the ring buffer and detect events from the values of earlier steps
+        that have reached the host. On new events: their rows, the ring buffer's window up to them at full
+        resolution, the warnings' marks and a burst of ``burst`` recording steps."""
+        events = self.step_events(step, loss)
+        if not events:
+            return None
+        return StepOutcome(rows=self.window_rows(max(e.step for e in events)) + self.event_rows(events),
+                           marks=self.event_marks(events), events=events, burst_until=step + self.burst)
+
+    def step_events(self, step: int, loss: Any) -> list[SentinelEvent]:
         """Write this step's row into the ring buffer and detect events from the values of earlier
         steps that have reached the host. Returns the new events."""
         with torch.no_grad():
@@ -291,7 +300,7 @@ class Sentinel:
                 rows += [(s, "update.norm", name, float(v)) for name, v in zip(self.modules, r[2 + m:])]
         return rows
 
-    def update_norms(self, step: int) -> Collected | None:
+    def collect(self, step: int) -> Collected | None:
         """The decimated summary of a recording step: ``update.norm`` per module (a copy of the ring
         buffer's row, which the next ``window`` steps overwrite)."""
         if not self.updates or not self.modules or not self.ctx.optimizers:  # no optimizer: no update to measure
