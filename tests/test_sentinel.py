@@ -176,3 +176,48 @@ def test_parameters_without_a_gradient_this_step(tmp_path):
         for step in range(6):
             assert got[step] == pytest.approx(before[step][m], rel=1e-5, abs=1e-12), (m, step)
     assert all(before[s]["branch"] == 0 for s in (0, 2, 4)) and all(before[s]["branch"] > 0 for s in (1, 3, 5))
+
+
+def test_gradient_norms_are_computed_once_per_step_for_the_probe_and_the_sentinel(tmp_path, monkeypatch):
+    """Architecture invariant 10: on a recording step the gradient probe and the sentinel read one shared
+    computation of the per-parameter gradient norms (ProbeContext.grad_norms), and both record its values."""
+    from dynascope.probes import base
+
+    calls: list[int] = []
+    real = base.gradient_norms
+
+    def counting(grads):
+        calls.append(len(grads))
+        return real(grads)
+
+    monkeypatch.setattr(base, "gradient_norms", counting)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(3)
+    steps = 6
+    with dynascope.probe(model, opt, tmp_path / "r", every=1, probes=("gradients",)) as run:
+        for _ in range(steps):
+            x = torch.randn(16, 8, generator=g)
+            loss = (model(x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss.detach())
+    n = len(list(model.parameters()))
+    assert calls == [n] * steps  # once per step, not once per instrument
+    data = dynascope.load_run(tmp_path / "r")
+    gn = data.scalars("grad.global_norm").set_index("step")["value"]
+    assert len(gn) == steps and np.isfinite(gn.to_numpy()).all()
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.ReLU()),
+                                  lambda: nn.Sequential(nn.Linear(4, 4)).requires_grad_(False)])
+def test_a_model_without_trainable_parameters_is_probed_without_stopping(tmp_path, make):
+    model = make()
+    with dynascope.probe(model, None, tmp_path / "r", every=1) as run:
+        for _ in range(3):
+            out = model(torch.randn(2, 4))
+            run.step(loss=out.sum())
+    data = dynascope.load_run(tmp_path / "r")
+    assert data.meta["status"] == "finished"
+    assert sorted(data.scalars("loss")["step"]) == [0, 1, 2]
