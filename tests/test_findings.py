@@ -171,7 +171,7 @@ def test_broken_rule_becomes_info(tmp_path, monkeypatch, clean):
     assert rules["boom"] == "info" and "error" in rules.values() and len(rules) >= 2
 
 
-# -- issue 12: calibration and gradient noise scale --------------------------------------------------------
+# -- calibration and gradient noise scale --------------------------------------------------------
 
 def _scalar_run(path, series: dict[str, list[float]], steps: list[int]):
     store = RunStore(path)

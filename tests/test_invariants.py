@@ -1,4 +1,4 @@
-"""Architecture invariants 1, 2 and 4 for the live probes: probing never
+"""Architecture invariants 1, 3 and 5 for the live probes: probing never
 changes training; no host-device transfer on steps that do not flush (one per
 flush); hooks are removed on exit and on exceptions; memory stays flat.
 Also: non-finite values are recorded as such and never crash."""
@@ -153,7 +153,7 @@ def test_probing_never_changes_training(tmp_path, kind):
     assert "bn.running_mean" in plain["buffers"] and plain["opt"]["state"]
 
 
-# ----------------------------------------------------------------------------- invariant 2
+# ----------------------------------------------------------------------------- invariant 3
 TRANSFERS = ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__", "__array__",
              "__complex__")
 
@@ -279,7 +279,7 @@ def test_no_cuda_sync_on_steps_without_flush(tmp_path):  # pragma: no cover - GP
                 torch.cuda.set_sync_debug_mode(0)
 
 
-# ----------------------------------------------------------------------------- invariant 4
+# ----------------------------------------------------------------------------- invariant 5
 def hook_counts(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int, int]:
     fwd = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
     return fwd, len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..core.robust import MAD_TO_SD
 from ..store import RunData, as_run
-from .forensics import MAD_TO_SD, fold_ratio, rolling_band
+from .forensics import fold_ratio, rolling_band
 
 __all__ = ["compare", "band", "COMPARE_WINDOW", "COMPARE_MADS", "COMPARE_MIN_RATIO", "COMPARE_PERSIST", "COMPARE_SHIFT",
            "SKIPPED"]

@@ -297,11 +297,6 @@ def non_finite_values(run: RunData) -> list[Finding]:
     return out
 
 
-def _depth(run: RunData, metric: str) -> tuple[list[str], str]:
-
-    return query.depth_modules(run, metric)
-
-
 def _spearman(y: np.ndarray) -> float:
     """Spearman rank correlation of ``y`` with its index (depth); 0 for a constant ``y``."""
     from scipy.stats import spearmanr
@@ -325,16 +320,12 @@ def variance_grows_with_depth(run: RunData) -> list[Finding]:
     """
     if not query.has(run, "act.var"):
         return []
-    mods, _ = _depth(run, "act.var")
-    if len(mods) < 4:
+    prof = query.depth_profile(run, "act.var", lambda st: st[-10:])
+    if prof is None or len(prof.modules) < 4 or not prof.steps:
         return []
-    st = query.steps(run, "act.var", mods[0])
-    if len(st) == 0:
-        return []
-    tail = [int(x) for x in st[-10:]][::-1]
-    table = query.at_steps(run, "act.var", mods, tail)
-    for last in tail:  # the last recorded step with enough finite values (a diverged run ends in NaN)
-        y = table.loc[last].to_numpy(dtype=float)
+    mods = prof.modules
+    for last in prof.steps[::-1]:  # the last recorded step with enough finite values (a diverged run ends in NaN)
+        y = prof.at(last)
         ok = np.isfinite(y) & (y > 0)
         if ok.sum() >= 4:
             break
@@ -421,18 +412,14 @@ def grad_norm_depth_ratio(run: RunData) -> list[Finding]:
     """
     if not query.has(run, "grad.norm"):
         return []
-    mods, _ = _depth(run, "grad.norm")
-    if len(mods) < 2:
+    prof = query.depth_profile(run, "grad.norm", query.first_last)
+    if prof is None or len(prof.modules) < 2 or not prof.steps:
         return []
-    st = query.steps(run, "grad.norm", mods[0])
-    if len(st) == 0:
-        return []
+    mods = prof.modules
     out = []
-    steps = sorted({int(st[0]), int(st[-1])})
-    table = query.at_steps(run, "grad.norm", [mods[0], mods[-1]], steps)
     worst = None
-    for step in steps:
-        g0, g1 = table.loc[step, mods[0]], table.loc[step, mods[-1]]
+    for step in prof.steps:
+        g0, g1 = prof.table.loc[step, mods[0]], prof.table.loc[step, mods[-1]]
         if not (np.isfinite(g0) and np.isfinite(g1)) or g0 <= 0 or g1 <= 0:
             continue
         r = float(g1 / g0)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..core.robust import MIN_PERIODS, rolling_band
+from ..core.robust import MAD_TO_SD, MIN_PERIODS, rolling_band
 from ..store import RunData, as_run
 
 __all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRICS", "EVENT_PREFIX",
@@ -51,7 +51,6 @@ BAND_MADS = 6.0         # band half-width in robust SDs (1.4826 x MAD)
 MIN_RATIO = 2.0         # ... and at least this factor from the running median (a jump, not a drift)
 LOOKBACK = 20           # recorded steps before the event that are searched (the event step included)
 EVENT_MERGE = 5         # detected events of one kind within this many recorded steps form one episode
-MAD_TO_SD = 1.4826      # MAD of a normal distribution x 1.4826 = its SD
 FORENSIC_METRICS = ("update.norm", "update.relative", "grad.norm")
 EVENT_PREFIX = "event."
 THRESHOLD_SUFFIX = ".threshold"

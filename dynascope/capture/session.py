@@ -92,11 +92,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _is_rank_zero() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
-
-
 class Session:
     """A probed training run. Use through :func:`probe` as a context manager."""
 
@@ -176,7 +171,7 @@ class Session:
                 self.snapshotter = None
                 warnings.warn("dynascope: snapshot_every is ignored under torch.distributed (the sentinel, whose "
                               "events write the snapshot, is off there)", RuntimeWarning, stacklevel=2)
-        self.writer = _is_rank_zero()
+        self.writer = rank() == 0
         # under torch.distributed: combines the ranks' statistics at each flush (dynascope.capture.distributed)
         self.reducer: RankReducer | None = RankReducer() if is_active() else None
         self._listeners: list[Any] = []

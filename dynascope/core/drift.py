@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .robust import nanmedian_last
+from .robust import MAD_TO_SD, nanmedian_last
 
 __all__ = ["DriftDetector", "Drift", "drift_warnings", "describe", "SIGNALS"]
 
@@ -99,7 +99,7 @@ class DriftDetector:
             cols = hist.T  # (series, values)
             count = np.isfinite(cols).sum(axis=1)
             med = nanmedian_last(cols, count)
-            scale = np.fmax(1.4826 * nanmedian_last(np.abs(cols - med[:, None]), count), self._floor)
+            scale = np.fmax(MAD_TO_SD * nanmedian_last(np.abs(cols - med[:, None]), count), self._floor)
             with np.errstate(invalid="ignore"):
                 z = np.minimum((x - med) / scale, self.clip)
             z[count < MIN_REFERENCE] = np.nan

@@ -1,5 +1,5 @@
 """State guard: run code that may move weights or consume randomness, then put
-everything back exactly (architecture invariant 3).
+everything back exactly (architecture invariant 4).
 
 Restored on exit, also when the body raises: parameter values, ``requires_grad``
 flags, ``.grad`` tensors (values and identity of None), buffers (BatchNorm

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["rolling_band", "nanmedian_last", "series_spike_threshold", "spike_threshold", "SPIKE_WINDOW",
+__all__ = ["MAD_TO_SD", "rolling_band", "nanmedian_last", "series_spike_threshold", "spike_threshold", "SPIKE_WINDOW",
            "SPIKE_FACTOR", "SPIKE_MADS", "SPIKE_MIN_RISE", "SENTINEL_MIN_RISE", "GRAD_SPIKE_FACTOR", "GRAD_MIN_RISE",
            "MIN_HISTORY", "MIN_PERIODS"]
 
 SPIKE_WINDOW = 20  # previous values in the running median and MAD
 SPIKE_FACTOR = 2.0  # a spike is above this factor x the running median ...
+MAD_TO_SD = 1.4826  # the MAD of a normal distribution x 1.4826 = its SD
 SPIKE_MADS = 6.0  # ... by more than this many robust SDs (1.4826 x MAD) ...
 SPIKE_MIN_RISE = 0.1  # ... and by at least this fraction of the loss at the start
 SENTINEL_MIN_RISE = 0.25  # the live sentinel's floor: minibatch losses near zero jump by 10% of the start
@@ -84,7 +85,7 @@ def series_spike_threshold(values: np.ndarray, min_rise: float = 0.0) -> np.ndar
     :func:`dynascope.analysis.forensics.detect_events`."""
     v = np.where(np.isfinite(values), values, np.nan).astype(float)
     med, mad = rolling_band(v, SPIKE_WINDOW, min_periods=MIN_HISTORY)  # exact median and MAD of the previous values
-    thr = np.fmax(SPIKE_FACTOR * med, med + SPIKE_MADS * 1.4826 * mad)
+    thr = np.fmax(SPIKE_FACTOR * med, med + SPIKE_MADS * MAD_TO_SD * mad)
     if min_rise > 0 and np.isfinite(v).any():
         start = float(np.nanmedian(v[:SPIKE_WINDOW])) if np.isfinite(v[:SPIKE_WINDOW]).any() else float("nan")
         if np.isfinite(start):
@@ -108,7 +109,7 @@ def spike_threshold(previous: Sequence[float] | np.ndarray, start: float = math.
     if not med > 0:
         return math.nan
     mad = statistics.median([abs(x - med) for x in v])
-    thr = max(factor * med, med + SPIKE_MADS * 1.4826 * mad)
+    thr = max(factor * med, med + SPIKE_MADS * MAD_TO_SD * mad)
     if min_rise > 0 and math.isfinite(start):
         thr = max(thr, med + min_rise * abs(start))
     return thr

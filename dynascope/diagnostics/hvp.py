@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..core.checks import check_mode
 from ._batch import (
     Forward,
     LossFn,
@@ -86,8 +87,7 @@ class HessianOperator:
         seed: int = 0,
         cache_graph: bool | None = None,
     ) -> None:
-        if mode not in ("eval", "train", "current"):
-            raise ValueError(f"mode must be 'eval', 'train' or 'current', got {mode!r}")
+        check_mode(mode)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.checks import check_mode, set_mode
 from ..core.guard import preserved_state, rng_state, set_rng_state
 from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, trainable_named_parameters
 
@@ -160,8 +161,7 @@ def gradient_noise_scale(
         raise TypeError(f"gradient_noise_scale: loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 2:
         raise ValueError(f"gradient_noise_scale: micro_batches must be an integer >= 2, got {micro_batches!r}")
-    if mode not in ("eval", "train", "current"):
-        raise ValueError(f"gradient_noise_scale: mode must be 'eval', 'train' or 'current', got {mode!r}")
+    check_mode(mode, "gradient_noise_scale")
     pairs = as_pairs(batch)
     if len(pairs) != 1:
         raise ValueError(f"gradient_noise_scale: give one (inputs, targets) batch to split into micro-batches, got "
@@ -186,8 +186,7 @@ def gradient_noise_scale(
         return [None if g is None else g.detach() for g in torch.autograd.grad(loss, ps, allow_unused=True)]
 
     with preserved_state(model, params=False), torch.enable_grad():
-        if mode != "current":
-            model.train(mode == "train")
+        set_mode(model, mode)
         total = [torch.zeros_like(p, dtype=torch.float64) for p in ps]
         norms, kept, rngs = [], [], []
         for i in range(micro_batches):

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.checks import check_mode, set_mode
 from ..core.guard import preserved_state
+from ..core.outputs import first_tensor
 from ._batch import default_forward, model_device_dtype, move_to
 
 __all__ = [
@@ -270,16 +272,6 @@ class PlasticityResult:
         return out
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for o in output:
-            if isinstance(o, torch.Tensor):
-                return o
-    return None
-
-
 def plasticity_metrics(
     model: nn.Module,
     inputs: Any,
@@ -299,8 +291,7 @@ def plasticity_metrics(
     ``"train"``. A module called several times in one forward gets one entry per
     call, named ``name``, ``name@1``, ``name@2``...
     """
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    check_mode(mode, choices=("eval", "train"))
     modules = select_modules(model, layers)
     device, _ = model_device_dtype(model)
     fwd = forward or default_forward
@@ -309,7 +300,7 @@ def plasticity_metrics(
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
-            t = _first_tensor(output)
+            t = first_tensor(output)
             if t is None:
                 return
             i = calls.get(name, 0)
@@ -323,7 +314,7 @@ def plasticity_metrics(
         with preserved_state(model, params=False):
             for name, m in modules:
                 handles.append(m.register_forward_hook(make_hook(name)))
-            model.train(mode == "train")
+            set_mode(model, mode)
             with torch.no_grad():
                 fwd(model, move_to(inputs, device))
     finally:

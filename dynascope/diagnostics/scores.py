@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.checks import check_mode, set_mode
 from ..core.guard import preserved_state
 from ._batch import Forward, LossFn, as_pairs, default_forward
 from ._batch import batch_size as _n_examples
@@ -122,8 +123,7 @@ def example_scores(
         raise ValueError(f"example_scores: kind must be one of {SCORE_KINDS}, got {kind!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"example_scores: batch_size must be an integer >= 1, got {batch_size!r}")
-    if mode not in ("eval", "train", "current"):
-        raise ValueError(f"example_scores: mode must be 'eval', 'train' or 'current', got {mode!r}")
+    check_mode(mode, "example_scores")
     if kind == "grand" and not callable(loss_fn):
         raise TypeError("example_scores: kind='grand' needs a loss_fn(outputs, targets)")
     if kind == "grand" and mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -137,8 +137,7 @@ def example_scores(
     show = sys.stderr.isatty() if progress is None else progress
     with preserved_state(model, params=False), tqdm(total=_total(data), desc=f"{kind} scores", unit="ex",
                                                     disable=not show, file=sys.stderr, leave=False) as bar:
-        if mode != "current":
-            model.train(mode == "train")
+        set_mode(model, mode)
         if kind == "el2n":
             with torch.no_grad():
                 for x, y in _chunks(data, batch_size):

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..core.coverage import CoverageRow
 from ..core.names import ModuleFilter, select_modules
+from ..core.outputs import first_tensor
 from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]
@@ -109,18 +110,6 @@ def _absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(hi, -lo)
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    if isinstance(out, dict) and out:
-        return _first_tensor(next(iter(out.values())))
-    if hasattr(out, "to_tuple"):  # Hugging Face ModelOutput
-        return _first_tensor(out.to_tuple())
-    return None
-
-
 class _State:
     """Sufficient statistics of one module's outputs in one step. The hook
     stores raw reductions: per-channel mean and (ddof=0) variance, max |x| and
@@ -192,7 +181,7 @@ class ActivationProbe(Probe):
         def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
             if not probe.on:
                 return
-            x = output if type(output) is torch.Tensor else _first_tensor(output)
+            x = output if type(output) is torch.Tensor else first_tensor(output)
             if x is None or not x.is_floating_point():
                 if name not in skipped:
                     skipped[name] = ("its output holds no tensor" if x is None

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..core.checks import positive_int
+from ..core.checks import check_mode, positive_int, set_mode
 from ..core.guard import preserved_state
 from ..diagnostics._batch import Forward, default_forward
 from ..diagnostics.calibration import calibration
@@ -44,8 +44,7 @@ class Calibration(Scheduled):
     ) -> None:
         super().__init__(every=every, at=at)
         positive_int("n_bins", n_bins, owner="Calibration")
-        if mode not in ("eval", "train", "current"):
-            raise ValueError(f"Calibration: mode must be 'eval', 'train' or 'current', got {mode!r}")
+        check_mode(mode, "Calibration")
         self.batch = DeviceBatch(batch, "Calibration")
         self.n_bins = n_bins
         self.mode = mode
@@ -54,8 +53,7 @@ class Calibration(Scheduled):
     def run(self, ctx: ScheduledContext) -> None:
         model = ctx.model
         with preserved_state(model, params=False, grads=False), torch.no_grad():
-            if self.mode != "current":
-                model.train(self.mode == "train")
+            set_mode(model, self.mode)
             logits, targets = [], []
             for x, y in self.batch.on(model):
                 logits.append(logits_of(self.forward(model, x)).detach())

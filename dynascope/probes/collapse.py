@@ -16,24 +16,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..core.checks import check_mode, set_mode
 from ..core.guard import preserved_state
 from ..core.names import clean_name, is_wrapped
+from ..core.outputs import first_tensor
 from ..diagnostics._batch import Forward, default_forward
 from ..diagnostics.collapse import neural_collapse
 from ._eval import DeviceBatch
 from .scheduled import Scheduled, ScheduledContext
 
 __all__ = ["Collapse", "feature_module"]
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        for o in obj:
-            if isinstance(o, torch.Tensor):
-                return o
-    return None
 
 
 def feature_module(model: nn.Module, layer: str | None) -> tuple[str, nn.Module, bool]:
@@ -72,8 +64,7 @@ class Collapse(Scheduled):
         forward: Forward | None = None,
     ) -> None:
         super().__init__(every=every, at=at)
-        if mode not in ("eval", "train", "current"):
-            raise ValueError(f"Collapse: mode must be 'eval', 'train' or 'current', got {mode!r}")
+        check_mode(mode, "Collapse")
         if layer is not None and not isinstance(layer, str):
             raise TypeError(f"Collapse: layer must be a module name (str) or None, got {type(layer).__name__}")
         self.batch = DeviceBatch(batch, "Collapse")
@@ -87,14 +78,13 @@ class Collapse(Scheduled):
         feats: list[torch.Tensor] = []
 
         def grab(_m: nn.Module, args: Any, output: Any = None) -> None:
-            t = _first_tensor(args if use_input else output)
+            t = first_tensor(args if use_input else output)
             if t is not None:
                 feats.append(t.detach().reshape(t.shape[0], -1))
 
         labels = []
         with preserved_state(model, params=False, grads=False), torch.no_grad():
-            if self.mode != "current":
-                model.train(self.mode == "train")
+            set_mode(model, self.mode)
             handle = module.register_forward_pre_hook(grab) if use_input else module.register_forward_hook(grab)
             try:
                 for x, y in self.batch.on(model):

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..core.checks import one_of
 from ..diagnostics._batch import Forward, LossFn
 from ..diagnostics.landscape import interpolate, loss_landscape, trajectory_plane
 from .scheduled import Scheduled, ScheduledContext
@@ -87,8 +88,7 @@ class Landscape(Scheduled):
             raise ValueError(f"Landscape: span must be positive, got {span!r}")
         if interpolation not in (True, False, "consecutive"):
             raise ValueError(f"Landscape: interpolation must be True, False or 'consecutive', got {interpolation!r}")
-        if bn_policy not in ("eval", "recompute"):
-            raise ValueError(f"Landscape: bn_policy must be 'eval' or 'recompute', got {bn_policy!r}")
+        one_of("bn_policy", bn_policy, ("eval", "recompute"), "Landscape")
         self.batch = batch
         self.loss_fn = loss_fn
         self.resolution = resolution

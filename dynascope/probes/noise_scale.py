@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ..core.checks import positive_int
+from ..core.checks import check_mode, positive_int
 from ..diagnostics._batch import Forward, LossFn, batch_size
 from ..diagnostics.noise_scale import gradient_noise_scale
 from ._eval import DeviceBatch
@@ -53,8 +53,7 @@ class NoiseScale(Scheduled):
             raise TypeError("NoiseScale: loss_fn= is required (the mean training loss, loss_fn(outputs, targets))")
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 2:
             raise ValueError(f"NoiseScale: micro_batches must be an integer >= 2, got {micro_batches!r}")
-        if mode not in ("eval", "train", "current"):
-            raise ValueError(f"NoiseScale: mode must be 'eval', 'train' or 'current', got {mode!r}")
+        check_mode(mode, "NoiseScale")
         self.batch = DeviceBatch(batch, "NoiseScale")
         if len(self.batch.pairs) != 1:
             raise ValueError(f"NoiseScale: give one (inputs, targets) batch to split into micro-batches, got "

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.checks import check_mode
 from ..diagnostics._batch import _is_pair
 from ..diagnostics.plasticity import LayerSpec, plasticity_metrics, select_modules
 from .scheduled import Scheduled, ScheduledContext
@@ -54,8 +55,7 @@ class Plasticity(Scheduled):
             raise ValueError(f"Plasticity: tau must be >= 0, got {tau!r}")
         if not 0.0 <= delta < 1.0:
             raise ValueError(f"Plasticity: delta must be in [0, 1), got {delta!r}")
-        if mode not in ("eval", "train"):
-            raise ValueError(f"Plasticity: mode must be 'eval' or 'train', got {mode!r}")
+        check_mode(mode, "Plasticity", ("eval", "train"))
         self.inputs = batch[0] if _is_pair(batch) else batch
         self.layers = layers
         self.tau = tau

@@ -5,7 +5,7 @@ A scheduled diagnostic subclasses :class:`Scheduled` and implements
 ``run(ctx)``; the session calls it when ``due(step)`` is true (and once more at
 the end of the run when ``at="end"``), inside
 :func:`dynascope.core.guard.preserved_state`, so training continues bit-identically
-(architecture invariant 3). ``run`` writes through the context:
+(architecture invariant 4). ``run`` writes through the context:
 
 * ``ctx.log(metric, value, layer="")`` for scalar rows,
 * ``ctx.save_artifact(name, arrays, meta)`` for array artifacts.

@@ -25,10 +25,10 @@ from typing import Any, Union
 
 from matplotlib.figure import Figure
 
-from ..store import RunData, as_run
+from ..store import RunData, as_runs
 from .figures import FigureSpec, all_figures
 
-__all__ = ["figures", "figure", "FigureInfo", "FigureCatalog", "FigureDataError", "as_runs", "RunsLike"]
+__all__ = ["figures", "figure", "FigureInfo", "FigureCatalog", "FigureDataError", "RunsLike"]
 
 RunsLike = Union[str, "os.PathLike[str]", RunData, Sequence[Union[str, "os.PathLike[str]", RunData]]]
 
@@ -78,16 +78,6 @@ class _NotebookFigure(Figure):
         from .html import render_png
 
         return render_png(self)
-
-
-def as_runs(runs: RunsLike) -> list[RunData]:
-    """Run directories and/or RunData objects, one or several, as a list of RunData."""
-    if isinstance(runs, (str, os.PathLike, RunData)):
-        runs = [runs]
-    out = [as_run(r) for r in runs]
-    if not out:
-        raise ValueError("give at least one run (a run directory path or a RunData)")
-    return out
 
 
 def _options(spec: FigureSpec) -> tuple[str, ...]:

@@ -25,13 +25,13 @@ from ..analysis.forensics import (
     BAND_WINDOW,
     EVENT_MERGE,
     LOOKBACK,
-    MAD_TO_SD,
     MIN_RATIO,
     forensics,
     rolling_band,
     run_events,
 )
 from ..core.drift import describe
+from ..core.robust import MAD_TO_SD
 from ..store import RunData, query
 from .figures._helpers import CAPTION_ATTR, few_xticks, finish, log_axis, new_figure, plot_series, set_caption, text
 

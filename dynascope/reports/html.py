@@ -32,7 +32,7 @@ from markupsafe import Markup
 from ..analysis.findings import BASELINE_RULE, Finding
 from ..analysis.findings import collect as collect_findings
 from ..core.version import __version__
-from ..store import RunData, RunStoreError, as_run, query
+from ..store import RunData, RunStoreError, as_runs, query
 from .figures import FigureSpec, all_figures, run_colors
 from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
 from .forensics_view import comparison_items, forensics_items
@@ -74,15 +74,6 @@ class _RenderedFigure:
     body: Markup | None
     error: str | None
     spec: FigureSpec
-
-
-def _as_runs(runs: Any) -> list[RunData]:
-    if isinstance(runs, (str, os.PathLike, RunData)):
-        runs = [runs]
-    out = [as_run(r) for r in runs]
-    if not out:
-        raise ValueError("report() needs at least one run (a run directory path or a RunData)")
-    return out
 
 
 def _anchor(key: str) -> str:
@@ -375,10 +366,10 @@ def report(
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if refresh is not None and (fmt != "html" or not refresh > 0):
         raise ValueError(f"refresh must be a positive number of seconds for an html report, got {refresh!r}")
-    run_list = _as_runs(runs)
+    run_list = as_runs(runs, "report()")
     specs = _select(figures)
     out = Path(out)
-    base = None if baseline is None else _as_runs(baseline)[0]
+    base = None if baseline is None else as_runs(baseline, "report()")[0]
     deviations = _deviations(run_list, base)
     found = [Finding("error", f"run {path} was left out of this report: {problem}", "", "", None, None, None, None,
                      run=str(path), rule="store.unreadable") for path, problem in skipped]

@@ -40,7 +40,7 @@ both sides share), ``writer`` (:class:`RunStore`, :func:`convert`),
 report). Import them from here.
 """
 
-from .reader import RunData, as_run, load_run
+from .reader import RunData, as_run, as_runs, load_run
 from .resilient import ResilientWriter
 from .schema import (
     ARTIFACTS,
@@ -56,4 +56,5 @@ from .schema import (
 from .writer import RunStore, convert
 
 __all__ = ["RunStore", "RunData", "load_run", "convert", "ResilientWriter", "RunStoreError", "NotARunError",
-           "RunExistsError", "DB_NAME", "META_NAME", "STORE_FORMAT", "as_run", "StorageFault", "ARTIFACTS", "now_iso"]
+           "RunExistsError", "DB_NAME", "META_NAME", "STORE_FORMAT", "as_run", "as_runs",
+           "StorageFault", "ARTIFACTS", "now_iso"]

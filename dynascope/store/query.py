@@ -12,7 +12,8 @@ run) and cache the answers for one report. Non-finite values come back as NaN
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import pandas as pd
 from . import RunData
 
 __all__ = ["layers", "steps", "query", "series", "at_steps", "layer_max", "non_finite_summary", "has", "metrics",
-           "depth_modules", "noise_scale_points"]
+           "depth_modules", "noise_scale_points", "DepthProfile", "depth_profile", "first_last"]
 
 _CACHE_ATTR = "_dynascope_report_cache"
 
@@ -192,3 +193,37 @@ def marks(run: RunData, key: str) -> pd.DataFrame:
         except Exception:  # noqa: BLE001 - an old or partial run: no marks
             c[ck] = pd.DataFrame({"step": [], "key": [], "value": []})
     return c[ck]
+
+
+@dataclass(frozen=True)
+class DepthProfile:
+    """A metric along the depth modules at chosen steps (the depth figures and rules): ``modules`` in
+    depth order, how they were chosen, the chosen ``steps`` (sorted, possibly empty) and their values
+    (``table``: steps x modules)."""
+
+    modules: list[str]
+    how: str
+    steps: list[int]
+    table: pd.DataFrame
+    recorded: np.ndarray  # every step recorded for the first module (what ``pick`` chose from)
+
+    def at(self, step: int) -> np.ndarray:
+        """The profile at ``step``: one value per depth module."""
+        return self.table.loc[step].to_numpy(dtype=float)
+
+
+def depth_profile(run: RunData, metric: str, pick: Callable[[np.ndarray], Sequence[int]],
+                  modules: tuple[list[str], str] | None = None) -> DepthProfile | None:
+    """``metric`` along the depth modules (:func:`depth_modules`, or ``modules`` = (names, how)) at the
+    steps ``pick`` chooses from those recorded for the first module; None when there is no depth module."""
+    mods, how = depth_modules(run, metric) if modules is None else modules
+    if not mods:
+        return None
+    recorded = steps(run, metric, mods[0])
+    chosen = sorted({int(s) for s in pick(recorded)})
+    return DepthProfile(list(mods), how, chosen, at_steps(run, metric, mods, chosen), recorded)
+
+
+def first_last(st: np.ndarray) -> list[int]:
+    """The first and the last recorded step (one when they are the same; none when nothing is recorded)."""
+    return [int(st[0]), int(st[-1])] if len(st) else []

@@ -8,7 +8,7 @@ import itertools
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -401,3 +401,17 @@ def as_run(run: RunData | str | os.PathLike[str], *, cls: type[RunData] = RunDat
     if isinstance(run, (str, os.PathLike)):
         return cls(run)
     raise TypeError(f"expected a run directory path (str or os.PathLike) or a RunData, got {type(run).__name__}")
+
+
+def as_runs(runs: Any, owner: str = "") -> list[RunData]:
+    """One run or several (run directory paths and/or RunData objects) as a list of RunData
+    (:func:`as_run` on each); ValueError for none at all."""
+    if isinstance(runs, (str, os.PathLike, RunData)):
+        runs = [runs]
+    elif not isinstance(runs, Iterable):
+        raise TypeError(f"expected a run directory path, a RunData or a list of them, got {type(runs).__name__}")
+    out = [as_run(r) for r in runs]
+    if not out:
+        raise ValueError(f"{owner + ' needs' if owner else 'give'} at least one run (a run directory path or a "
+                         "RunData)")
+    return out

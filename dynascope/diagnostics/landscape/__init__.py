@@ -19,7 +19,7 @@ metrics reference section 4):
 Evaluation moves the live model's weights in place under ``torch.no_grad``
 (one preallocated copy of the centre, no per-point allocation), and restores
 the model exactly afterwards (parameters, buffers, modes, ``.grad``, RNG),
-also on error (architecture invariant 3).
+also on error (architecture invariant 4).
 
 Modules (one concern each): :mod:`.results` (result dataclasses),
 :mod:`.directions` (filter-normalized directions), :mod:`.engine` (evaluating

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...core.checks import one_of
 from .._batch import (
     Forward,
     LossFn,
@@ -45,8 +46,7 @@ class _Evaluator:
         bn_policy: str,
         metric_fn: MetricFn | None,
     ) -> None:
-        if bn_policy not in ("eval", "recompute"):
-            raise ValueError(f"bn_policy must be 'eval' or 'recompute', got {bn_policy!r}")
+        one_of("bn_policy", bn_policy, ("eval", "recompute"))
         device, _ = model_device_dtype(model)
         self.model = model
         self.loss_fn = loss_fn

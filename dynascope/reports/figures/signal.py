@@ -39,13 +39,6 @@ from ._helpers import (
 MASSIVE_ABS = 100.0
 
 
-def _first_last(run: RunData, metric: str, layer: str) -> list[int]:
-    st = query.steps(run, metric, layer)
-    if len(st) == 0:
-        return []
-    return sorted({int(st[0]), int(st[-1])})
-
-
 def _depth_ticks(ax, names: list[str], single: bool) -> bool:
     """Name the depth positions when one run with few of them is drawn; True when it did."""
     if single and len(names) <= 16:
@@ -69,11 +62,11 @@ def signal_propagation(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
     hows, any_bad, drawn, named = [], False, False, False
     for i, r in have:
-        mods, how = query.depth_modules(r, "act.channel_var")
-        if not mods:
+        prof = query.depth_profile(r, "act.channel_var", query.first_last)
+        if prof is None:
             continue
-        hows.append(f"{r.name}: {how} ({len(mods)} points)")
-        steps = _first_last(r, "act.channel_var", mods[0])
+        mods, steps = prof.modules, prof.steps
+        hows.append(f"{r.name}: {prof.how} ({len(mods)} points)")
         branches = [b for b in (r.meta.get("branches") or []) if b in set(query.layers(r, "act.channel_var"))]
         for ax, (metric, _) in zip(axes, panels):
             lays = branches if metric == "branch" else mods
@@ -132,17 +125,16 @@ def hidden_variance_depth(runs: Sequence[RunData], have: Have) -> Figure | None:
     hows, any_bad, drawn = [], False, False
     cmap = matplotlib.colormaps["viridis"]
     for ax, (i, r) in zip(axes, have):
-        mods, how = query.depth_modules(r, "act.var")
-        if not mods:
+        prof = query.depth_profile(r, "act.var", _spread_steps)
+        if prof is None:
             ax.set_visible(False)
             continue
-        hows.append(f"{r.name}: {how}")
-        steps = _spread_steps(query.steps(r, "act.var", mods[0]))
-        table = query.at_steps(r, "act.var", mods, steps)
-        x = np.arange(1, len(mods) + 1)
+        hows.append(f"{r.name}: {prof.how}")
+        steps = prof.steps
+        x = np.arange(1, len(prof.modules) + 1)
         for k, step in enumerate(steps):
             col = cmap(0.85 * k / max(len(steps) - 1, 1))
-            any_bad |= plot_series(ax, x, table.loc[step].to_numpy(dtype=float), color=col, label=f"step {step}",
+            any_bad |= plot_series(ax, x, prof.at(step), color=col, label=f"step {step}",
                                    marker="o" if len(x) <= 60 else None, markersize=3, log=True,
                                    gid=run_gid(fig, i, f"{r.name}: step {step}"))
             drawn = True
@@ -178,13 +170,15 @@ def massive_activations(runs: Sequence[RunData], have: Have) -> Figure | None:
     colors = run_colors(runs)
     hows, any_bad, drawn, named = [], False, False, False
     for i, r in have:
-        mods, how = query.depth_modules(r, "act.absmax")
-        if not mods:
+        prof = query.depth_profile(r, "act.absmax", lambda st: st[-1:])
+        if prof is None:
             continue
-        hows.append(f"{r.name}: {how}")
-        st = query.steps(r, "act.absmax", mods[0])
-        last = int(st[-1])
-        y_last = query.at_steps(r, "act.absmax", mods, [last]).loc[last].to_numpy(dtype=float)
+        mods = prof.modules
+        hows.append(f"{r.name}: {prof.how}")
+        if not prof.steps:
+            continue
+        last = prof.steps[-1]
+        y_last = prof.at(last)
         peak = query.layer_max(r, "act.absmax")
         y_max = np.array([peak.get(m, np.nan) for m in mods], dtype=float)
         x = np.arange(1, len(mods) + 1)

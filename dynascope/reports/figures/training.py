@@ -34,7 +34,7 @@ from ._panels import Decoration, LayerFigure, register_layers
 
 _PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.", "event.",
                    "plasticity.", "bn.")
-_PROBE_PREFIXES += ("calibration.", "gns.", "collapse.", "scores.")  # scheduled recorders of issue 12
+_PROBE_PREFIXES += ("calibration.", "gns.", "collapse.", "scores.")  # the scheduled recorders
 
 
 def _user_scalars(run: RunData) -> list[str]:
@@ -136,20 +136,20 @@ def grad_norm_depth(runs: Sequence[RunData], have: Have) -> Figure | None:
     styles = {"first": ("--", "o"), "middle": (":", "s"), "last": ("-", "^")}
     hows, any_bad, max_n, named = [], False, 0, False
     for i, r in have:
-        lays, how = _grad_layers(r)
-        if not lays:
+        prof = query.depth_profile(r, "grad.norm", lambda st: [st[0], st[len(st) // 2], st[-1]] if len(st) else [],
+                                   modules=_grad_layers(r))
+        if prof is None:
             continue
-        hows.append(f"{r.name}: {how}")
-        st = query.steps(r, "grad.norm", lays[0])
+        lays, st = prof.modules, prof.recorded
+        hows.append(f"{r.name}: {prof.how}")
         if len(st) == 0:
             continue
         chosen = {"first": st[0], "middle": st[len(st) // 2], "last": st[-1]}
-        table = query.at_steps(r, "grad.norm", lays, sorted(set(chosen.values())))
         x = np.arange(1, len(lays) + 1)  # 1-based, as the depth figures
         max_n = max(max_n, len(lays))
         for which, step in chosen.items():
             ls, mk = styles[which]
-            y = table.loc[step].to_numpy(dtype=float)
+            y = prof.at(step)
             any_bad |= plot_series(ax, x, y, color=colors[i], linestyle=ls, marker=mk if len(x) <= 40 else None,
                                    markersize=4, log=True, gid=run_gid(fig, i, f"{r.name}: step {step}"))
         if len(have) == 1 and len(lays) <= 16:

@@ -1,4 +1,4 @@
-"""Cost of the issue-12 recorders in the demo's setting (digits MLP with BatchNorm, width 128).
+"""Cost of the calibration, noise-scale, collapse and example-score recorders in the demo's setting (digits MLP with BatchNorm, width 128).
 
 Side by side in one process, interleaved, median of ``--repeats`` blocks:
 
@@ -12,7 +12,7 @@ Printed as milliseconds and as multiples of one training step, and the
 demo's added time per run (600 steps: Calibration every 25, NoiseScale every
 50) as a share of the demo's training steps alone.
 
-    python benchmarks/bench_issue12.py [--repeats 7]
+    python benchmarks/bench_scheduled.py [--repeats 7]
 """
 
 from __future__ import annotations

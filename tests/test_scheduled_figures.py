@@ -1,4 +1,4 @@
-"""Report figures of issue 12 (calibration, noise scale, neural collapse, example scores) on a real probed run,
+"""Report figures of the scheduled recorders (calibration, noise scale, neural collapse, example scores) on a real probed run,
 and their absence on a run that did not record them."""
 
 from __future__ import annotations
