@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 import dynascope
-from dynascope.datasets import load_digits
+from dynascope.capture.snapshot import Snapshotter
 from dynascope.commands.demo import make_mlp
 from dynascope.core.drift import DriftDetector
-from dynascope.capture.snapshot import Snapshotter
+from dynascope.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_overhead import PreLNTransformer  # noqa: E402

@@ -101,10 +101,10 @@ def main() -> None:
 
     torch.set_num_threads(2)
     from dynascope import load_run
-    from dynascope.store import query as _data
-    from dynascope.reports.figures import all_figures
     from dynascope.analysis.findings import findings
+    from dynascope.reports.figures import all_figures
     from dynascope.reports.html import report
+    from dynascope.store import query as _data
 
     run_dir = Path(args.run_dir)
     name = "bench 10k x 100 step-major"

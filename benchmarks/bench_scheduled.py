@@ -1,4 +1,5 @@
-"""Cost of the calibration, noise-scale, collapse and example-score recorders in the demo's setting (digits MLP with BatchNorm, width 128).
+"""Cost of the calibration, noise-scale, collapse and example-score recorders in the demo's setting (digits MLP
+with BatchNorm, width 128).
 
 Side by side in one process, interleaved, median of ``--repeats`` blocks:
 
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import dynascope
-from dynascope.datasets import load_digits
 from dynascope.commands.demo import HELD_OUT, make_mlp
+from dynascope.datasets import load_digits
 from dynascope.probes.scheduled import ScheduledContext
 
 

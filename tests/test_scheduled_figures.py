@@ -1,5 +1,5 @@
-"""Report figures of the scheduled recorders (calibration, noise scale, neural collapse, example scores) on a real probed run,
-and their absence on a run that did not record them."""
+"""Report figures of the scheduled recorders (calibration, noise scale, neural collapse, example scores) on a
+real probed run, and their absence on a run that did not record them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Invariant 1 for the calibration, noise-scale and collapse recorders: training with Calibration, NoiseScale and Collapse scheduled is
-bit-identical to training without them (BatchNorm, dropout, SGD with momentum and AdamW), and a failure in
-one of them is recorded, not raised."""
+"""Invariant 1 for the calibration, noise-scale and collapse recorders: training with Calibration, NoiseScale and
+Collapse scheduled is bit-identical to training without them (BatchNorm, dropout, SGD with momentum and
+AdamW), and a failure in one of them is recorded, not raised."""
 
 from __future__ import annotations
 
