@@ -515,7 +515,7 @@ def test_state_restored_when_loss_raises():
 
 # --------------------------------------------------------------------------- edge of stability
 def _digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    path = Path(__file__).resolve().parents[1] / "dynascope" / "data" / "digits.csv.gz"
+    path = Path(__file__).resolve().parents[1] / "dynascope" / "datasets" / "digits.csv.gz"
     with gzip.open(path, "rt") as fh:
         data = np.loadtxt(fh, delimiter=",", max_rows=n)
     x = torch.tensor(data[:, :64] / 16.0, dtype=torch.float32)

@@ -170,7 +170,7 @@ def _digits_random_labels():
     except ImportError:  # pragma: no cover - parse the bundled file directly
         import gzip
         from importlib import resources
-        with (resources.files("dynascope") / "data" / "digits.csv.gz").open("rb") as raw, gzip.open(raw, "rt") as f:
+        with (resources.files("dynascope.datasets") / "digits.csv.gz").open("rb") as raw, gzip.open(raw, "rt") as f:
             x = torch.from_numpy(np.loadtxt(f, delimiter=",", dtype=np.float32)[:, :64] / 16.0)
     # random labels keep the gradient noise-dominated (the equilibrium's assumption) for the whole run
     y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(1))
