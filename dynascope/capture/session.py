@@ -37,6 +37,7 @@ from ..probes.optimizer import UpdateProbe
 from ..probes.scheduled import Scheduled, ScheduledRunner
 from ..probes.sentinel import Sentinel
 from ..store import ResilientWriter, RunStore, now_iso
+from .clipping import ClipWatch
 from .distributed import RankReducer, is_active, rank, world_size
 from .snapshot import Snapshotter
 
@@ -193,6 +194,7 @@ class Session:
         self._recording = False
         self._hooks: list[Any] = []
         self._dynamo_patch: Any = None
+        self._read_early: set[int] = set()  # optimizers (ids) whose gradients were read before clipping this step
         self.ctx = ProbeContext(model, list(optimizers), self.param_names, modules, self.module_names,
                                 rank=rank(), world=world_size())
         self._device_buf: list[tuple[int, torch.Tensor | None, Collected]] = []
@@ -304,6 +306,7 @@ class Session:
         for opt in self.optimizers:
             self._hooks.append(opt.register_step_pre_hook(self._pre_step))
             self._hooks.append(opt.register_step_post_hook(self._post_step))
+        ClipWatch.add(self._on_clip)
         self._open = True
         if self.snapshotter is not None:
             self._snapshot(lambda keeper: keeper.take(self.step_index, self.model, self.optimizers))
@@ -359,7 +362,28 @@ class Session:
         return self.instruments if self._recording else [i for i in self.instruments if i.every_step]
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if id(optimizer) in self._read_early:  # read before clipping: the gradients as the loss produced them
+            self._read_early.discard(id(optimizer))
+            return
         self.before_optimizer_step(optimizer)
+
+    def _on_clip(self, parameters: Sequence[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        """Gradient clipping is about to scale this model's gradients (``dynascope.capture.clipping``): read
+        them now, for every optimizer that owns some of them, and record the clipping coefficient
+        ``grad.clip_coef`` = min(1, max_norm / (total_norm + 1e-6)) (torch's formula; 1: not clipped)."""
+        ids = {id(p) for p in parameters}
+        mine = [p for _, p in self.param_names if id(p) in ids]
+        if not mine:
+            return  # another model's gradients
+        owners = [o for o in self.optimizers if any(self.ctx.optimizer_of(p) is o for p in mine)]
+        if self.optimizers and any(self.ctx.optimizer_of(p) is None for p in mine) and self.optimizer not in owners:
+            owners.append(self.optimizer)  # parameters no optimizer owns are read with the first
+        for opt in owners or [None]:
+            self.before_optimizer_step(opt)
+            self._read_early.add(id(opt))
+        with torch.no_grad():
+            coef = torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0)
+        self._scalar_buf.append((self.step_index, "grad.clip_coef", coef.reshape(()).float()))
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.after_optimizer_step(optimizer)
@@ -402,8 +426,9 @@ class Session:
             elif not isinstance(value, (int, float, np.number)):
                 raise TypeError(f"scalar {key!r} must be a number or a one-element tensor, got {type(value).__name__}")
             self._scalar_buf.append((s, key, value))
-        if not self.optimizers:  # no optimizer step to hook: gradients are read now
+        if not self.optimizers and id(None) not in self._read_early:  # no optimizer step to hook: read now
             self.before_optimizer_step(None)
+        self._read_early.clear()
         active = self._active()
         for inst in active:
             outcome = inst.end_step(s, loss)
@@ -526,6 +551,7 @@ class Session:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        ClipWatch.remove(self._on_clip)
         if self._dynamo_patch is not None:
             self._dynamo_patch.__exit__(None, None, None)
             self._dynamo_patch = None
