@@ -182,6 +182,10 @@ class Session:
             self.add_listener(TensorBoardMirror(tensorboard))
         if run_dir is None:
             run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str):
+            got = type(run_dir).__name__ if not isinstance(run_dir, os.PathLike) else \
+                f"a {type(run_dir).__name__} whose path is {type(os.fspath(run_dir)).__name__}"
+            raise TypeError(f"run_dir must be a str or os.PathLike, got {got}")
         self.run_dir = os.fspath(run_dir)
         self._mode = "resume" if resume else "overwrite" if overwrite else "new"
         self._name = name
@@ -241,7 +245,8 @@ class Session:
         summary = repr(self.model)
         device = next((str(p.device) for p in self.model.parameters()), "cpu")
         meta: dict[str, Any] = {
-            "name": self._name or os.path.basename(os.path.normpath(self.run_dir)),
+            "name": self._name or os.path.basename(os.path.normpath(os.path.abspath(self.run_dir))),
+            "name_given": bool(self._name),  # else the reader names the run after the folder it lives in
             "model": {"class": type(_unwrapped(self.model)).__name__, "n_parameters": n_params, "n_trainable": n_train,
                       "summary": summary[:20000]},
             "optimizer": None if self.optimizer is None else _optimizer_meta(self.optimizer),
@@ -258,7 +263,9 @@ class Session:
             "probes": [p.name for p in self.probes],
             "scheduled": [type(s).__name__ for s in self.scheduled],
             "modules": self.module_names,
+            "module_types": {n: type(m).__name__ for n, m in select_modules(self.model, self.module_filter)},
             "parameters": [n for n, _ in self.param_names],
+            "parameter_shapes": {n: list(p.shape) for n, p in self.param_names},
             "device": device,
             "status": "running",
             "argv": sys.argv[:20],
@@ -286,6 +293,7 @@ class Session:
             self.store = ResilientWriter(RunStore(self.run_dir, self._mode))
             meta = self._meta()
             if self.store.resumed:
+                self._check_resumed_model(meta)
                 last = self.store.last_step()
                 self.step_index = 0 if last is None else last + 1
                 meta["start_time"] = self.store.meta.get("start_time", now_iso())
@@ -306,11 +314,45 @@ class Session:
         for opt in self.optimizers:
             self._hooks.append(opt.register_step_pre_hook(self._pre_step))
             self._hooks.append(opt.register_step_post_hook(self._post_step))
+        # forward passes counted (eagerly: not inside a compiled graph) to tell a doubled run.step() call
+        self._forwards = self._forwards_at_step = self._step_calls = self._doubled = 0
+        self._forward_in_last_step = self._doubled_off = False
+        self._hooks.append(self.model.register_forward_pre_hook(self._count_forward))
         ClipWatch.add(self._on_clip)
         self._open = True
         if self.snapshotter is not None:
             self._snapshot(lambda keeper: keeper.take(self.step_index, self.model, self.optimizers))
         self._set_recording(self._records(self.step_index))
+
+    def _check_resumed_model(self, meta: dict[str, Any]) -> None:
+        """``resume=True`` continues the run only with the model it recorded: the same parameter names (and
+        shapes, for runs that stored them); else one ValueError naming the first differences."""
+        assert self.store is not None
+        old = self.store.meta
+        names = old.get("parameters")
+        if not isinstance(names, list):
+            return  # a run from before parameter names were stored
+        shapes = old.get("parameter_shapes") if isinstance(old.get("parameter_shapes"), dict) else {}
+        now = meta["parameter_shapes"]
+        diffs = [f"missing {n!r}" for n in names if n not in now]
+        known = set(names)
+        diffs += [f"new {n!r}" for n in now if n not in known]
+        diffs += [f"{n!r} shape {tuple(shapes[n])} vs {tuple(now[n])}" for n in names
+                  if n in now and n in shapes and list(shapes[n]) != now[n]]
+        if diffs:
+            self.store.close()
+            self.store = None
+            more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            raise ValueError(f"resume: the run at {self.run_dir} recorded parameters that differ from this model's: "
+                             f"{', '.join(diffs[:3])}{more} (resume it with the model it recorded, or record a new "
+                             "run)")
+
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        """The root model's forward pre-hook: counts forward passes (outside compiled graphs: under
+        torch.compile the count is skipped, never traced), so ``step`` can tell two ``run.step()`` calls
+        without a forward pass between them. Changes nothing."""
+        if not torch.compiler.is_compiling():
+            self._forwards += 1
 
     def coverage(self) -> pd.DataFrame:
         """What this run records and what it cannot, and why: one row per module,
@@ -338,13 +380,25 @@ class Session:
         """Under torch.compile, let Dynamo guard on module hooks for this session, so a
         graph traced without the recording hooks is not reused when they are attached
         (``torch._dynamo.config.skip_nnmodule_hook_guards``, True by default). Scoped:
-        restored at close. Only when Dynamo is loaded (importing it costs seconds)."""
+        restored at close. Only when Dynamo is loaded (importing it costs seconds).
+
+        The switch only reaches graphs traced from now on: a graph compiled before it has no
+        guard on hooks, and Dynamo does not guard a module's identity either (it inlines
+        ``nn.Module`` calls and guards their type and structure), so a graph compiled for an
+        EARLIER model of the same architecture, or for this model before the session, is
+        reused for this model with its hooks ignored: no ``act.*`` at all. So when the switch
+        is flipped, the compiled code caches are dropped too
+        (``torch._dynamo.reset_code_caches``): each compiled model retraces once, this time
+        guarded on its hooks. Its numbers do not change (the same graphs come back)."""
         if self._dynamo_patch is not None or "torch._dynamo" not in sys.modules:
             return
-        config = sys.modules["torch._dynamo"].config
+        dynamo = sys.modules["torch._dynamo"]
+        config = dynamo.config
         if getattr(config, "skip_nnmodule_hook_guards", False):
             self._dynamo_patch = config.patch(skip_nnmodule_hook_guards=False)
             self._dynamo_patch.__enter__()
+            reset = getattr(dynamo, "reset_code_caches", None) or dynamo.reset
+            reset()
 
     def _set_recording(self, on: bool) -> None:
         if on:
@@ -415,6 +469,7 @@ class Session:
         recording steps, and run due scheduled diagnostics."""
         if not self._open:
             raise RuntimeError("run.step() called outside the `with dynascope.probe(...)` block")
+        self._check_doubled_step()
         s = self.step_index
         if loss is not None:
             scalars = {"loss": loss, **scalars}
@@ -454,11 +509,37 @@ class Session:
         ):
             self.flush()
 
+    def _check_doubled_step(self) -> None:
+        """Warn once when ``run.step()`` is called twice per training step. The sign: twice in a row, a step with
+        a forward pass followed by one without. Two steps in a row without one turn the check off (a loop whose
+        forward passes the hook does not see: a compiled copy of the model, steps without training); two steps
+        in a row with one start the count again (a skipped batch)."""
+        self._step_calls += 1
+        forward = self._forwards != self._forwards_at_step
+        self._forwards_at_step = self._forwards
+        if forward and self._forward_in_last_step:
+            self._doubled = 0
+        elif not forward and not self._doubled_off:
+            if self._forward_in_last_step:
+                self._doubled += 1
+            elif self._forwards:
+                self._doubled_off = True
+            if self._doubled == 2 and not self._doubled_off:
+                self._doubled_off = True
+                warnings.warn(f"dynascope: run.step() is called twice per training step (at step {self.step_index} "
+                              "and before, no forward pass of the model since the previous run.step()): the step "
+                              "axis counts every call; call run.step() once per training step",
+                              RuntimeWarning, stacklevel=3)
+        self._forward_in_last_step = forward
+
     def _take(self, outcome: StepOutcome) -> None:
         """An instrument's rows, marks and events of this step; on an event, a burst of recording steps and
         the snapshot."""
         self._host_rows.extend(outcome.rows)
         self._burst_until = max(self._burst_until, outcome.burst_until)
+        if self.writer:
+            for line in outcome.messages:
+                print(line, file=sys.stderr, flush=True)
         if self.store is not None:
             for mark in outcome.marks:
                 self.store.mark(*mark)
@@ -547,6 +628,10 @@ class Session:
         if not self._open:
             return
         self._open = False
+        if not failed and self._step_calls == 0:
+            warnings.warn(f"dynascope: run.step() was never called: nothing was recorded in {self.run_dir} (call "
+                          "run.step(loss=loss) once per training step inside the `with dynascope.probe(...)` "
+                          "block)", RuntimeWarning, stacklevel=3)
         self._set_recording(False)
         for h in self._hooks:
             h.remove()
@@ -571,7 +656,8 @@ class Session:
                         "wall_time_s": time.monotonic() - self._t0 + float(self.store.meta.get("wall_time_s", 0.0)
                                                                           if self.store.resumed else 0.0),
                         "steps": self.step_index,
-                        "status": "failed" if failed else "finished",
+                        "status": ("interrupted" if isinstance(error, KeyboardInterrupt) else "failed") if failed
+                        else "finished",
                         "coverage": [r.as_dict() for r in self._coverage_rows()],
                     }
                     if error is not None:

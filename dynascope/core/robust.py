@@ -16,6 +16,7 @@ import numpy as np
 
 __all__ = ["MAD_TO_SD", "rolling_band", "nanmedian_last", "series_spike_threshold", "spike_threshold", "SPIKE_WINDOW",
            "SPIKE_FACTOR", "SPIKE_MADS", "SPIKE_MIN_RISE", "SENTINEL_MIN_RISE", "GRAD_SPIKE_FACTOR", "GRAD_MIN_RISE",
+           "JUMP_FACTOR", "JUMP_MIN_HISTORY",
            "MIN_HISTORY", "MIN_PERIODS"]
 
 SPIKE_WINDOW = 20  # previous values in the running median and MAD
@@ -25,6 +26,8 @@ SPIKE_MADS = 6.0  # ... by more than this many robust SDs (1.4826 x MAD) ...
 SPIKE_MIN_RISE = 0.1  # ... and by at least this fraction of the loss at the start
 SENTINEL_MIN_RISE = 0.25  # the live sentinel's floor: minibatch losses near zero jump by 10% of the start
 GRAD_SPIKE_FACTOR = 10.0  # minibatch gradient norms move 2-2.5x from step to step, early training 5x within 20 steps
+JUMP_FACTOR = 10.0  # a module's gradient or update norm above 10x the median of its recent values: a jump
+JUMP_MIN_HISTORY = 10  # ... judged once this many of its values precede it
 GRAD_MIN_RISE = 1.0  # the sentinel's gradient-spike floor: a rise of at least the starting gradient norm
 MIN_HISTORY = 5  # finite previous values a threshold needs
 MIN_PERIODS = 5  # finite values a running band needs

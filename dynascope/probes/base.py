@@ -130,13 +130,14 @@ def checked_finish(c: Collected, reduced: Mapping[str, torch.Tensor]) -> torch.T
 class StepOutcome:
     """What an instrument's ``end_step`` hands the session: host rows ``(step, metric, layer, value)`` to
     write, marks ``(step, key, value)``, the events it raised (objects with ``step`` and ``kind``; on an
-    event the session writes the snapshot, with ``snapshot_every``) and the last step of a burst of
-    recording steps it asks for (-1: none)."""
+    event the session writes the snapshot, with ``snapshot_every``), the last step of a burst of
+    recording steps it asks for (-1: none) and lines to print now (on the writing rank)."""
 
     rows: list[tuple[int, str, str, float]] = field(default_factory=list)
     marks: list[tuple[int, str, Any]] = field(default_factory=list)
     events: list[Any] = field(default_factory=list)
     burst_until: int = -1
+    messages: list[str] = field(default_factory=list)  # one line each, printed on stderr as they happen
 
 
 def gradient_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:

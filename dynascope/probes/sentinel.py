@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +46,15 @@ import torch
 
 from ..core.drift import DriftDetector
 from ..core.names import select_modules
-from ..core.robust import GRAD_MIN_RISE, GRAD_SPIKE_FACTOR, SENTINEL_MIN_RISE, SPIKE_WINDOW, spike_threshold
+from ..core.robust import (
+    GRAD_MIN_RISE,
+    GRAD_SPIKE_FACTOR,
+    JUMP_FACTOR,
+    JUMP_MIN_HISTORY,
+    SENTINEL_MIN_RISE,
+    SPIKE_WINDOW,
+    spike_threshold,
+)
 from .base import Collected, Probe, ProbeContext, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
@@ -66,10 +75,25 @@ def _starting(first: list[float], value: float, current: float) -> float:
 @dataclass
 class SentinelEvent:
     step: int
-    kind: str  # loss_spike, loss_nonfinite, grad_spike, grad_nonfinite, warning
+    kind: str  # loss_spike, loss_nonfinite, grad_spike, grad_nonfinite, grad_jump, update_jump, warning
     value: float
     threshold: float
-    detail: dict[str, Any] | None = None  # warning: the signals that drifted and the modules that moved most
+    detail: dict[str, Any] | None = None  # warning: the signals that drifted and the modules that moved most;
+    # a jump: the metric, the modules that jumped (largest first) and their ratios to their recent maximum
+
+    def describe(self) -> str:
+        """One line for the console."""
+        if self.kind.endswith("_jump") and self.detail:
+            mods = self.detail["modules"]
+            more = f" (+{len(mods) - 1} more)" if len(mods) > 1 else ""
+            return (f"{self.detail['metric']} of {mods[0]!r}{more} jumped to {self.detail['ratios'][0]:.3g}x its "
+                    "recent maximum")
+        if self.kind == "warning" and self.detail:
+            return f"early warning: {', '.join(self.detail.get('signals', []))} drifting upward"
+        what = self.kind.replace("_", " ")
+        if self.kind.endswith("nonfinite"):
+            return f"{what} ({self.value})"
+        return f"{what}: {self.value:.4g} above {self.threshold:.4g}"
 
 
 class Sentinel(Probe):
@@ -80,7 +104,8 @@ class Sentinel(Probe):
     ``updates``: also the per-module update norm (costs a copy of the trainable
     weights per step and their memory); ``drift``: the early warning, a CUSUM drift
     detector on the loss and the norms (:mod:`dynascope.core.drift`) that raises a
-    ``warning`` event.
+    ``warning`` event; ``announce``: print one line on stderr for each event as it is found (module,
+    metric, ratio, step).
 
     An instrument like the probes (:class:`dynascope.Probe`) that the session calls at every step; it
     reads the step's gradient norms from the per-step context (:meth:`ProbeContext.grad_norms`), the
@@ -89,12 +114,14 @@ class Sentinel(Probe):
     name = "sentinel"
     every_step = True
 
-    def __init__(self, window: int = 64, burst: int = 20, updates: bool = True, drift: bool = True) -> None:
+    def __init__(self, window: int = 64, burst: int = 20, updates: bool = True, drift: bool = True,
+                 announce: bool = True) -> None:
         if not isinstance(window, int) or window < 2:
             raise ValueError(f"Sentinel: window must be an integer >= 2, got {window!r}")
         if not isinstance(burst, int) or burst < 0:
             raise ValueError(f"Sentinel: burst must be an integer >= 0, got {burst!r}")
         self.window, self.burst, self.updates, self.drift = window, burst, updates, drift
+        self.announce = bool(announce)
 
     # -- set-up --------------------------------------------------------------------------------
     def setup(self, ctx: ProbeContext) -> None:
@@ -146,6 +173,11 @@ class Sentinel(Probe):
         self.events: list[SentinelEvent] = []
         self._last_event: dict[str, int] = {}
         self._drift = DriftDetector(self.modules, start=SPIKE_WINDOW) if self.drift else None
+        # per-module norms of the last SPIKE_WINDOW steps (host): the recent band of the jump rule
+        self._mod_hist = np.full((SPIKE_WINDOW, 2 * m), np.nan)
+        self._mod_first: list[np.ndarray] = []
+        self._mod_start = np.full(2 * m, np.nan)
+        self._mod_seen = np.zeros(2 * m, dtype=np.int64)
 
     def _index(self, idx: list[int]) -> torch.Tensor:
         """``idx`` as a device tensor, built once (indexing with a Python list copies it to the device
@@ -208,7 +240,9 @@ class Sentinel(Probe):
         if not events:
             return None
         return StepOutcome(rows=self.window_rows(max(e.step for e in events)) + self.event_rows(events),
-                           marks=self.event_marks(events), events=events, burst_until=step + self.burst)
+                           marks=self.event_marks(events), events=events, burst_until=step + self.burst,
+                           messages=[f"dynascope: step {e.step}: {e.describe()}" for e in events]
+                           if self.announce else [])
 
     def step_events(self, step: int, loss: Any) -> list[SentinelEvent]:
         """Write this step's row into the ring buffer and detect events from the values of earlier
@@ -241,6 +275,7 @@ class Sentinel(Probe):
                 break
             self._pending.popleft()
             new += self._detect(s, float(buf[0]) if has_loss else None, float(buf[1]))
+            new += self._jumps(s, buf)
             if self._drift is not None:
                 row = buf.astype(np.float64)
                 if not has_loss:
@@ -282,6 +317,45 @@ class Sentinel(Probe):
             if gnorm > thr:
                 out.append(SentinelEvent(step, "grad_spike", gnorm, thr))
             self._gnorms.append(gnorm)
+        return out
+
+    def _jumps(self, step: int, buf: np.ndarray) -> list[SentinelEvent]:
+        """Modules whose gradient or update norm left its recent band by JUMP_FACTOR: above JUMP_FACTOR x the
+        largest of its last SPIKE_WINDOW values (at least JUMP_MIN_HISTORY of them; the median is not enough:
+        near zero loss a BatchNorm net's per-module minibatch gradient norms jump 20-40x their median), and
+        above it by at least its starting level (the median of its first 3 values). One event per kind and
+        step, the modules largest ratio first."""
+        m = len(self.modules)
+        if not m:
+            return []
+        x = buf[2:2 + 2 * m].astype(np.float64)
+        x = np.where(x > 0, x, np.nan)  # 0: no gradient / no update this step
+        out = []
+        hist = self._mod_hist
+        judged = self._mod_seen >= JUMP_MIN_HISTORY
+        if judged.any():
+            with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (no updates)
+                top = np.nanmax(hist, axis=0)
+                ratio = x / top
+                hit = judged & np.isfinite(ratio) & (ratio >= JUMP_FACTOR) & (x - top >= self._mod_start)
+            for kind, metric, part in (("grad_jump", "grad.norm", slice(0, m)),
+                                       ("update_jump", "update.norm", slice(m, 2 * m))):
+                idx = np.flatnonzero(hit[part])
+                if len(idx):
+                    r = ratio[part][idx]
+                    order = idx[np.argsort(-r, kind="stable")]
+                    ratios = [float(ratio[part][i]) for i in order]
+                    out.append(SentinelEvent(step, kind, ratios[0], JUMP_FACTOR, {
+                        "metric": metric, "modules": [self.modules[i] for i in order], "ratios": ratios}))
+        ok = np.isfinite(x)
+        hist[step % SPIKE_WINDOW] = x
+        if len(self._mod_first) < START_LOSSES:
+            self._mod_first.append(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self._mod_start = np.nan_to_num(np.nanmedian(np.stack(self._mod_first), axis=0), nan=0.0)
+        self._mod_seen += ok
         return out
 
     # -- what is written -------------------------------------------------------------------------
