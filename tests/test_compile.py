@@ -106,3 +106,96 @@ def test_compiled_model_records_every_step_like_eager(tmp_path, backend, graph_b
     # measured: 2 graphs (hooks on / off) without a break; 16 with one (the frames on both sides of the
     # break, each with and without the hooks, and Dynamo's resume functions)
     assert graphs_short <= (16 if graph_break else 4)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _train_mlp(model: nn.Module, call, steps: int, run_dir=None, compile_inside=None):
+    """SGD on a fixed stream of batches; with ``run_dir`` under dynascope (activations only).
+    ``compile_inside``: compile the model once the probe has started (returns the call)."""
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(steps)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = dynascope.probe(model, opt, run_dir, every=EVERY, probes=("activations",)) if run_dir else None
+    if run is not None:
+        run.start()
+    try:
+        if compile_inside is not None:
+            call = compile_inside(model)
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(call(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if run is not None:
+                run.step(loss=loss)
+        return None if run is None else run.coverage()
+    finally:
+        if run is not None:
+            run.close()
+
+
+@pytest.mark.parametrize("when", ["compiled before the probe", "compiled under the probe",
+                                  "compiled and run before the probe"])
+def test_a_model_compiled_after_an_earlier_compiled_model_is_recorded_like_eager(tmp_path, when):
+    """A notebook: a compiled model trained without dynascope, then a NEW model of the same architecture
+    compiled and trained under dynascope.probe. Dynamo does not guard a module's identity (it inlines nn
+    modules and guards their type and structure) and the earlier graph was traced without hook guards, so
+    it was reused for the new model with the probe's hooks ignored: no act.* at all, a warning telling the
+    user to compile after starting the probe, and every module counted as recorded."""
+    import warnings
+
+    steps, backend = 4, "eager"  # the "eager" backend shows it as inductor does (checked by hand), in a second
+    torch._dynamo.reset()
+    try:
+        earlier = _mlp(5)
+        _train_mlp(earlier, torch.compile(earlier, backend=backend), steps)  # no dynascope
+
+        model = _mlp()
+        call = torch.compile(model, backend=backend)
+        if when == "compiled and run before the probe":
+            with torch.no_grad():
+                call(torch.randn(16, 8))  # traced now, before the session (no training step)
+        inside = (lambda m: torch.compile(m, backend=backend)) if when == "compiled under the probe" else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # "no module output was seen" is an error here
+            cov = _train_mlp(model, call, steps, tmp_path / "compiled", compile_inside=inside)
+        reference = _mlp()
+        _train_mlp(reference, reference, steps, tmp_path / "eager")
+    finally:
+        torch._dynamo.reset()
+    got, eager = _acts(tmp_path / "compiled"), _acts(tmp_path / "eager")
+    assert {k[0] for k in got} == set(range(0, steps, EVERY))
+    assert set(got) == set(eager) and len({k[2] for k in eager}) == 5
+    for k, ref in eager.items():
+        assert got[k] == pytest.approx(ref, rel=1e-4, abs=1e-6), k
+    assert cov["recorded"].all() and len(cov[cov["kind"] == "module"]) == 5
+    assert torch._dynamo.config.skip_nnmodule_hook_guards  # the session's scope is restored
+
+
+def test_modules_a_compiled_graph_hides_are_counted_as_not_recorded(tmp_path, monkeypatch):
+    """If a graph traced without the probe's hooks still runs the model (here: the code caches are not
+    dropped, as before the fix), nothing is recorded, and the coverage says so: 0 of 5 modules recorded,
+    with the reason, live and in the stored run (what the report's "N of M modules recorded" counts)."""
+    steps, backend = 4, "eager"
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo, "reset_code_caches", lambda: None)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    try:
+        earlier = _mlp(5)
+        _train_mlp(earlier, torch.compile(earlier, backend=backend), steps)
+        model = _mlp()
+        with pytest.warns(RuntimeWarning, match="no module output was seen"):
+            live = _train_mlp(model, torch.compile(model, backend=backend), steps, tmp_path / "r")
+    finally:
+        monkeypatch.undo()
+        torch._dynamo.reset()
+    stored = dynascope.load_run(tmp_path / "r").coverage()
+    for cov in (live, stored):
+        mods = cov[cov["kind"] == "module"]
+        assert len(mods) == 5 and not mods["recorded"].astype(bool).any()
+        assert all("no output seen in any recording step" in r for r in mods["reason"])
+    assert "act.mean" not in dynascope.load_run(tmp_path / "r").metrics()

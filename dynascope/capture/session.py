@@ -388,8 +388,8 @@ class Session:
         EARLIER model of the same architecture, or for this model before the session, is
         reused for this model with its hooks ignored: no ``act.*`` at all. So when the switch
         is flipped, the compiled code caches are dropped too
-        (``torch._dynamo.reset_code_caches``): each compiled model retraces once, this time
-        guarded on its hooks. Its numbers do not change (the same graphs come back)."""
+        (``torch._dynamo.reset_code_caches``): each model compiled so far retraces once (its
+        next call), this time guarded on the hooks."""
         if self._dynamo_patch is not None or "torch._dynamo" not in sys.modules:
             return
         dynamo = sys.modules["torch._dynamo"]

@@ -150,6 +150,7 @@ class ActivationProbe(Probe):
         self._skipped: dict[str, str] = {}
         self.on = False
         self._warned_empty = False
+        self._collected = False  # a recording step has ended: what was not seen by then is not recorded
 
     def setup(self, ctx: ProbeContext) -> None:
         super().setup(ctx)
@@ -221,13 +222,15 @@ class ActivationProbe(Probe):
         return hook
 
     def collect(self, step: int) -> Collected | None:
+        self._collected = True
         if not self._states:
             if not self._warned_empty and not self._skipped and self.modules:
                 self._warned_empty = True
                 warnings.warn(f"dynascope: no module output was seen during recording step {step}, so it has no "
-                              "activation statistics (no forward pass in this step, or a torch.compile graph traced "
-                              "before dynascope.probe started: compile after starting the probe, or start the probe "
-                              "before the first compiled call). Warned once.", RuntimeWarning, stacklevel=3)
+                              "activation statistics: no forward pass of the probed model in this step, or a "
+                              "forward that does not call module hooks (a graph from torch.export or AOTInductor, "
+                              "or a torch.compile graph traced without them). The coverage report lists the "
+                              "modules never seen as not recorded. Warned once.", RuntimeWarning, stacklevel=3)
             return None
         names = [n for n in self._order if n in self._states]
         states = [self._states[n] for n in names]
@@ -293,13 +296,17 @@ class ActivationProbe(Probe):
         return lay
 
     def coverage(self) -> list[CoverageRow]:
-        started = bool(self._seen or self._skipped)
+        # before the first recording step ends, the hooked modules count as recorded (nothing revealed yet)
+        started = bool(self._seen or self._skipped or self._collected)
+        blind = not (self._seen or self._skipped)  # no hook ran at all: every module unseen, whatever its place
         rows = []
         for name, _ in self.modules:
             if name in self._seen or not started:
                 rows.append(CoverageRow("module", name, True, "", self.name))
             else:
-                reason = self._skipped.get(name, "not called in the forward pass of any recording step")
+                reason = self._skipped.get(name, "no output seen in any recording step (no forward pass, or one "
+                                           "that does not call module hooks)" if blind else
+                                           "not called in the forward pass of any recording step")
                 rows.append(CoverageRow("module", name, False, reason, self.name))
         return rows
 
