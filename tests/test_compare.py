@@ -13,6 +13,7 @@ from _synthetic import make_run
 
 import dynascope
 from dynascope.analysis import comparison as C
+from dynascope.analysis.findings import baseline_findings
 from dynascope.store import RunStore, load_run
 
 
@@ -142,3 +143,53 @@ def test_report_with_baseline_lists_deviations_first(digits_runs, tmp_path):
     assert 'id="fig-baseline_deviations"' in page[i_cmp:i_sum] and "<svg" in page[i_cmp:i_sum]
     assert "(baseline)" in page  # the baseline is drawn in the figures too
     assert np.sum([("Deviates" in it) for it in items]) >= 2
+
+
+def _tiny_run(path, series):
+    """A run of 100 steps with ``series[(metric, layer)] = values``."""
+    store = RunStore(path)
+    store.write_meta({"name": path.name})
+    store.write_scalars([(s, m, lay, float(v)) for (m, lay), vals in series.items() for s, v in enumerate(vals)])
+    store.close()
+    return load_run(path)
+
+
+def _noisy(level, n=100, seed=0):
+    return level * (1 + 0.01 * np.random.default_rng(seed).standard_normal(n))
+
+
+def test_signed_metrics_have_no_ratio(tmp_path):
+    """A signed metric (known signed like act.mean, or one whose values take both signs) is compared on its
+    values: ratio NaN and the message gives the difference, not `act.mean 6.48e+296x down`."""
+    steps = np.arange(100)
+    base = _tiny_run(tmp_path / "base", {("act.mean", "a"): _noisy(0.5), ("my.stat", ""): _noisy(2.0),
+                                         ("act.mean", "b"): _noisy(0.5)})
+    run = _tiny_run(tmp_path / "run", {("act.mean", "a"): np.where(steps >= 60, -0.5, _noisy(0.5, seed=1)),
+                                       ("my.stat", ""): np.where(steps >= 50, -1.0, _noisy(2.0, seed=1)),
+                                       ("act.mean", "b"): np.where(steps >= 70, 5.0, _noisy(0.5, seed=1))})
+    dev = dynascope.compare(run, base)
+    rows = {(r.metric, r.layer): r for r in dev.itertuples()}
+    assert set(rows) == {("act.mean", "a"), ("my.stat", ""), ("act.mean", "b")}
+    for r in rows.values():
+        assert math.isnan(r.ratio) and math.isnan(r.peak_ratio)
+    assert rows[("act.mean", "a")].direction == "down" and rows[("act.mean", "a")].first_step == 60
+    assert rows[("my.stat", "")].first_step == 50  # positive in the baseline, negative in the run: signed
+    assert rows[("act.mean", "b")].direction == "up"  # positive in both runs, but signed by definition
+    found = baseline_findings(run, base, dev)
+    text = " ".join(f.message for f in found)
+    assert "e+" not in text and "x down" not in text
+    assert "act.mean down by 0.99" in text and "(-0.5 vs baseline 0.49" in text, text
+
+
+def test_folded_items_carry_their_own_first_step(tmp_path):
+    """`from step 211: lr 1.53x down, loss 1.85x up` dated the loss rise 40 steps early."""
+    steps = np.arange(100)
+    base = _tiny_run(tmp_path / "base", {("lr", ""): _noisy(1e-3), ("loss", ""): _noisy(2.0)})
+    run = _tiny_run(tmp_path / "run", {("lr", ""): np.where(steps >= 40, 1e-3 / 1.53, _noisy(1e-3, seed=1)),
+                                       ("loss", ""): np.where(steps >= 80, 2.0 * 1.85, _noisy(2.0, seed=1))})
+    found = baseline_findings(run, base)
+    assert len(found) == 1
+    msg = found[0].message
+    assert "from step 40: lr 1.5" in msg and "x down from step 40, loss 1.8" in msg and "x up from step 80" in msg
+    assert C.deviation_text({"metric": "loss", "first_step": 7, "ratio": math.inf, "direction": "non-finite",
+                             "value": math.nan, "baseline_value": 1.0}) == "loss non-finite from step 7"

@@ -3,8 +3,10 @@
 For every metric and layer that both runs recorded (``event.*``, ``diagnostic.*`` and the constant or
 binary ``grad.weight_cos_threshold`` / ``scale_invariant`` left out), at the steps both recorded:
 
-* transform: log for a series whose finite baseline values are all > 0 (norms, variances, ratios,
-  angles, losses), the values themselves otherwise (signed metrics such as ``act.mean``);
+* transform: log for a series whose finite values are all > 0 in BOTH runs (norms, variances, ratios,
+  angles, losses), the values themselves otherwise: signed metrics, those whose values take both signs
+  or the known-signed :data:`SIGNED` (``act.mean``, ``grad.weight_cos``, ...) even where one run happens
+  to stay positive. A signed metric has no ratio (NaN): its deviation is told by its difference;
 * baseline centre c_t: the median of the baseline over ``COMPARE_WINDOW`` recorded steps centred on t;
 * band half-width h_t = max(``COMPARE_MADS`` x 1.4826 x MAD of the baseline's step-to-step differences over
   the same window, a floor): the baseline's own step-to-step spread. For white noise around a trend the
@@ -35,8 +37,8 @@ from ..core.robust import MAD_TO_SD
 from ..store import RunData, as_run
 from .forensics import fold_ratio, rolling_band
 
-__all__ = ["compare", "band", "COMPARE_WINDOW", "COMPARE_MADS", "COMPARE_MIN_RATIO", "COMPARE_PERSIST", "COMPARE_SHIFT",
-           "SKIPPED"]
+__all__ = ["compare", "band", "deviation_text", "SIGNED", "COMPARE_WINDOW", "COMPARE_MADS", "COMPARE_MIN_RATIO",
+           "COMPARE_PERSIST", "COMPARE_SHIFT", "SKIPPED"]
 
 COMPARE_WINDOW = 11       # recorded steps, centred
 COMPARE_MADS = 4.0        # band half-width in robust SDs of the step-to-step differences
@@ -44,6 +46,8 @@ COMPARE_MIN_RATIO = 1.5   # deviations smaller than this factor are not reported
 COMPARE_PERSIST = 3       # consecutive common steps out of the band
 COMPARE_SHIFT = 5         # recorded steps a run may lead or lag the baseline
 SKIPPED = ("event.", "diagnostic.", "grad.weight_cos_threshold", "scale_invariant")
+# signed by definition: never compared as a ratio, even where a run's values happen to stay positive
+SIGNED = ("act.mean", "grad.weight_cos", "bn.train_eval_gap")
 
 _COLUMNS = ["metric", "layer", "first_step", "ratio", "direction", "z", "n_steps", "peak_ratio", "value",
             "baseline_value", "band_low", "band_high"]
@@ -78,7 +82,15 @@ def _bands(run: RunData, base: RunData, metric: str, window: int, k: float, min_
         return None
     b = b[layers]
     bx = b.to_numpy(dtype=float)
-    positive = np.array([bool(np.all(col[np.isfinite(col)] > 0)) and np.isfinite(col).any() for col in bx.T])
+    a_all = a[layers].to_numpy(dtype=float)  # every step of the run: a sign change anywhere makes it signed
+
+    def _positive(col: np.ndarray) -> bool:
+        fin = col[np.isfinite(col)]
+        return bool(fin.size) and bool(np.all(fin > 0))
+
+    positive = np.array([metric not in SIGNED and _positive(bx[:, j]) and
+                         (not np.isfinite(a_all[:, j]).any() or _positive(a_all[:, j]))
+                         for j in range(len(layers))], dtype=bool)
     with np.errstate(divide="ignore", invalid="ignore"):
         by = np.where(positive, np.log(np.where(bx > 0, bx, np.nan)), bx)
     by = np.where(np.isfinite(bx), by, np.nan)
@@ -246,3 +258,21 @@ def band(run: str | os.PathLike[str] | RunData, baseline: str | os.PathLike[str]
     return pd.DataFrame({"step": np.asarray(bands["steps"], dtype=np.int64), "value": bands["ax"][:, 0],
                          "baseline": bands["bx"][:, 0], "low": np.exp(lo) if pos else lo,
                          "high": np.exp(hi) if pos else hi, "out": bands["out"][:, 0]})
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def deviation_text(row: Any) -> str:
+    """One deviation (a row of :func:`compare`) in words, with its own first step: ``lr 1.53x down from step
+    211``; a signed metric (no ratio) by its difference: ``act.mean down by 0.4 (-0.3 vs baseline 0.1) from
+    step 40``; ``loss non-finite from step 90``."""
+    metric, step = str(row["metric"]), int(row["first_step"])
+    ratio = float(row["ratio"])
+    if row["direction"] == "non-finite":
+        return f"{metric} non-finite from step {step}"
+    if math.isfinite(ratio):
+        return f"{metric} {_num(ratio)}x {row['direction']} from step {step}"
+    v, b = float(row["value"]), float(row["baseline_value"])
+    return f"{metric} {row['direction']} by {_num(abs(v - b))} ({_num(v)} vs baseline {_num(b)}) from step {step}"

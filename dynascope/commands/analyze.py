@@ -62,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="callable returning an evaluation batch: an (inputs, targets) pair or an iterable "
                              "of pairs")
     parser.add_argument("--loss", default="cross_entropy", metavar="cross_entropy|mse|pkg.module:fn",
-                        help="loss_fn(outputs, targets) -> scalar (default cross_entropy)")
+                        help="loss_fn(outputs, targets) -> scalar (default cross_entropy: of a tensor output; "
+                             "a model output's .loss when it has one; a causal LM's next-token loss on the "
+                             "input ids)")
     parser.add_argument("--hessian", action="store_true", help="top Hessian eigenvalues (needs --data)")
     parser.add_argument("--hessian-k", type=int, default=1, metavar="K", help="how many top eigenvalues (default 1)")
     parser.add_argument("--trace", action="store_true", help="Hutchinson estimate of the Hessian trace (needs --data)")
@@ -156,8 +158,10 @@ def _make_model(spec: str) -> nn.Module:
 
 
 def _make_loss(spec: str) -> Callable[[Any, Any], torch.Tensor]:
+    from ..diagnostics._batch import default_loss
+
     if spec in ("cross_entropy", "ce"):
-        return F.cross_entropy
+        return default_loss
     if spec == "mse":
         return F.mse_loss
     fn = import_object(spec, "--loss")
@@ -175,7 +179,7 @@ def _make_data(spec: str, model: nn.Module, loss_fn: Callable[[Any, Any], torch.
     except Exception as exc:
         raise UserError(f"--data factory {spec!r} raised {type(exc).__name__}: {one_line(exc)}") from exc
     try:
-        pairs = as_pairs(data)
+        pairs = _default_targets(as_pairs(data), loss_fn)
     except (TypeError, ValueError) as exc:
         raise UserError(f"--data {spec!r}: {one_line(exc)}") from exc
     inputs, targets = pairs[0]
@@ -196,6 +200,15 @@ def _make_data(spec: str, model: nn.Module, loss_fn: Callable[[Any, Any], torch.
         got = getattr(loss, "shape", type(loss).__name__)
         raise UserError(f"--loss returned {got}, not a scalar, on --data {spec!r}")
     return pairs
+
+
+def _default_targets(pairs: list[tuple[Any, Any]], loss_fn: Any) -> list[tuple[Any, Any]]:
+    """With the default loss, a pair without targets gets the input ids (a causal LM's next-token targets)."""
+    from ..diagnostics._batch import default_loss, lm_targets
+
+    if loss_fn is not default_loss:
+        return pairs
+    return [(x, lm_targets(x) if y is None else y) for x, y in pairs]
 
 
 # -- the analysis ------------------------------------------------------------------------------------
@@ -246,9 +259,58 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _progress_enabled(progress: bool | None) -> bool:
+    """A progress bar: ``progress`` when given, else when stderr is a terminal."""
     if progress is not None:
         return progress
     return sys.stderr.isatty()
+
+
+def _progress_lines(progress: bool | None) -> bool:
+    """Progress lines (one per checkpoint and diagnostic, with its time): by default when stderr is not a
+    terminal (piped, a log file, a batch job), where a bar would print nothing useful."""
+    return progress is None and not sys.stderr.isatty()
+
+
+class _Progress:
+    """The tqdm bar (``bar``), or one line per checkpoint and diagnostic when stderr is not a terminal
+    (``lines``): ``dynascope analyze: checkpoint 3/9 (step 200): hessian 2.1 s``. Each
+    ``set_postfix_str("step S: what")`` starts timing ``what`` and prints the one before it."""
+
+    def __init__(self, total: int, bar: bool, lines: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="analyze", unit="diag", disable=not bar, file=sys.stderr)
+        self.lines = lines
+        self.where = ""
+        self.what: str | None = None
+        self.t0 = 0.0
+
+    @property
+    def n(self) -> int:
+        return self.bar.n
+
+    def checkpoint(self, index: int, count: int, step: int | None) -> None:
+        self.flush()
+        self.where = f"checkpoint {index}/{count} (step {step})"
+
+    def set_postfix_str(self, text: str) -> None:
+        self.flush()
+        self.bar.set_postfix_str(text)
+        self.what, self.t0 = text.split(": ", 1)[-1], time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def flush(self) -> None:
+        if self.lines and self.what is not None:
+            where = f"{self.where}: " if self.where else ""
+            _log(f"{where}{self.what} {time.monotonic() - self.t0:.1f} s")
+            sys.stderr.flush()
+        self.what = None
+
+    def close(self) -> None:
+        self.flush()
+        self.bar.close()
 
 
 def _log(msg: str) -> None:
@@ -271,11 +333,14 @@ def analyze(
     Raises UserError for input that stops the whole analysis (and, with
     ``options.strict``, for the first bad checkpoint).
     """
+    from ..diagnostics._batch import default_loss
     from ..store import RunData, RunExistsError, RunStore, RunStoreError, now_iso
 
     opts = options or AnalyzeOptions()
     if data is not None and loss_fn is None:
-        loss_fn = F.cross_entropy
+        loss_fn = default_loss
+    if data is not None:
+        data = _default_targets(data, loss_fn)
     needs_data = [f for f in ("hessian", "trace", "landscape", "interpolate", "plasticity", "scores")
                   if getattr(opts, f)]
     if needs_data and data is None:
@@ -376,9 +441,8 @@ def _scan(files: list[Path], opts: AnalyzeOptions, done_marks: list[dict[str, An
 def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any, data: Any, opts: AnalyzeOptions,
                   done_marks: list[dict[str, Any]], written_steps: set[int], argv: list[str] | None,
                   now_iso: Callable[[], str]) -> dict[str, Any]:
-    from tqdm import tqdm
-
     progress = _progress_enabled(opts.progress)
+    lines = _progress_lines(opts.progress)
     entries, bad = _scan(files, opts, done_marks, progress)
     todo = [e for e in entries if not any(_same(m, e.key) for m in done_marks)]
     todo_ids = {id(e) for e in todo}
@@ -394,6 +458,8 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
         "optimizer": None,
         "modules": [n for n, _ in model.named_modules()],
         "parameters": [n for n, _ in model.named_parameters()],
+        # the figures label the evaluation mode "BN eval" only for a model that has BatchNorm
+        "batchnorm": [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
         "torch_version": torch.__version__,
         "diagnostics": diagnostics,
         "checkpoints": [{"path": str(e.path), "step": e.step, "step_source": e.source} for e in entries],
@@ -415,8 +481,8 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
     prev_path: Path | None = None
     analyzed = 0
     status = "interrupted"
-    bar = tqdm(total=len(todo) * len(diagnostics), desc="analyze", unit="diag", disable=not progress,
-               file=sys.stderr)
+    bar = _Progress(len(todo) * len(diagnostics), progress, lines)
+    n_todo = 0
     try:
         for e in entries:
             if id(e) not in todo_ids:
@@ -429,7 +495,10 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
                 except CheckpointError:
                     prev_sd = None
             start = bar.n
+            n_todo += 1
+            bar.checkpoint(n_todo, len(todo), e.step)
             try:
+                bar.set_postfix_str(f"step {e.step}: loading")
                 ck = e.ckpt or load_checkpoint(e.path, trust=opts.trust)
                 try:
                     sd, stripped = match_state_dict(ck.state_dict, model)
@@ -458,6 +527,9 @@ def _analyze_into(store: Any, files: list[Path], model: nn.Module, loss_fn: Any,
             summary_rows.append(row_summary)
             prev_sd, prev_step, prev_path = {k: v.detach().clone() for k, v in sd.items()}, e.step, e.path
         if scheduled.landscape is not None and opts.landscape:
+            bar.flush()
+            bar.where = "all checkpoints"
+            bar.set_postfix_str("all: trajectory plane")
             _trajectory(store, model, entries, bad, scheduled.landscape, opts)
         status = "finished"
     except BaseException:
@@ -525,9 +597,10 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
     bar.update(1)
     if data is None:
         return rows, summary
+    bar.set_postfix_str(f"step {step}: loss")
 
     # loss on the data (mean over samples, batches weighted by size)
-    from ..diagnostics._batch import batch_size, default_forward
+    from ..diagnostics._batch import batch_size, default_forward, default_loss
 
     total = correct = 0.0
     n = 0
@@ -537,7 +610,7 @@ def _diagnose(store: Any, model: nn.Module, step: int, sd: dict[str, torch.Tenso
             b = batch_size(x)
             total += float(loss_fn(o, y)) * b
             n += b
-            if loss_fn is F.cross_entropy and isinstance(o, torch.Tensor) and o.ndim == 2 \
+            if loss_fn in (F.cross_entropy, default_loss) and isinstance(o, torch.Tensor) and o.ndim == 2 \
                     and isinstance(y, torch.Tensor) and y.ndim == 1 and not y.is_floating_point():
                 correct += float((o.argmax(1) == y).sum())
             else:
@@ -625,7 +698,7 @@ def _run_scheduled(store: Any, model: nn.Module, step: int, scheduled: _Schedule
     rows: list[tuple[int, str, str, float]] = []
     ctx = _context(store, model, step, rows)
     if scheduled.curvature is not None:
-        bar.set_postfix_str(f"step {step}: curvature")
+        bar.set_postfix_str(f"step {step}: " + " and ".join(n for n in ("hessian", "trace") if getattr(opts, n)))
         run_guarded(scheduled.curvature, ctx)
         bar.update(int(opts.hessian) + int(opts.trace))
     if scheduled.landscape is not None:

@@ -20,6 +20,8 @@ __all__ = [
     "as_pairs",
     "batch_size",
     "default_forward",
+    "default_loss",
+    "lm_targets",
     "move_to",
     "model_device_dtype",
     "trainable_named_parameters",
@@ -34,6 +36,52 @@ def default_forward(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
+
+
+def _causal_lm_output(outputs: Any) -> bool:
+    """A Hugging Face ``ModelOutput`` of a causal language model (``CausalLMOutput``, ``...WithPast``,
+    ``...WithCrossAttentions``): next-token logits, shifted by one against the input ids."""
+    return any(c.__name__.startswith("CausalLMOutput") for c in type(outputs).__mro__)
+
+
+def default_loss(outputs: Any, targets: Any) -> torch.Tensor:
+    """The default loss: cross entropy of a tensor output against ``targets``; for a model output with a
+    ``.loss`` (a Hugging Face model given ``labels``) that loss; for a causal LM's output with ``.logits`` the
+    next-token cross entropy, ``logits[:, :-1]`` against ``targets[:, 1:]`` (``targets``: the input ids, as
+    Hugging Face's ``labels``; -100 ignored).
+
+    >>> import torch
+    >>> float(default_loss(torch.zeros(2, 4), torch.tensor([0, 1])))  # log 4
+    1.3862943649291992
+    """
+    import torch.nn.functional as F
+
+    if isinstance(outputs, torch.Tensor):
+        return F.cross_entropy(outputs, targets)
+    loss = getattr(outputs, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor) and _causal_lm_output(outputs):
+        if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1]:
+            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"a causal LM's logits {tuple(logits.shape)} need the input ids "
+                             f"{tuple(logits.shape[:-1])} as targets for the next-token loss, got {got}")
+        return F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]),
+                               targets[..., 1:].reshape(-1).long(), ignore_index=-100)
+    raise TypeError(f"the default loss (cross entropy) needs a tensor output, a model output with .loss, or a "
+                    f"causal LM's output with .logits; got {type(outputs).__name__}: pass a loss function")
+
+
+def lm_targets(inputs: Any) -> torch.Tensor | None:
+    """The input ids in ``inputs`` (an integer tensor, or a mapping's ``input_ids``): the targets of a causal
+    LM's next-token loss when none are given; None otherwise."""
+    if isinstance(inputs, Mapping):
+        inputs = inputs.get("input_ids")
+    if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() and not inputs.is_complex() \
+            and inputs.dtype != torch.bool and inputs.ndim >= 2:
+        return inputs
+    return None
 
 
 def _is_pair(obj: Any) -> bool:

@@ -22,7 +22,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["equilibrium_angle", "equilibrium_angle_from_hyperparameters", "EQUILIBRIUM_OPTIMIZERS"]
+__all__ = ["equilibrium_angle", "equilibrium_angle_from_hyperparameters", "equilibrium_angles",
+           "EQUILIBRIUM_OPTIMIZERS"]
 
 #: optimizer class names (case-insensitive) for which a closed form is known
 EQUILIBRIUM_OPTIMIZERS = ("AdamW", "SGD")
@@ -93,3 +94,23 @@ def equilibrium_angle_from_hyperparameters(optimizer_class: str, hyperparameters
         return equilibrium_angle(optimizer_class, lr, float(wd), float(momentum), float(betas[0]))
     except (TypeError, ValueError):
         return None
+
+
+def equilibrium_angles(optimizer_class: str, hyperparameters: Mapping[str, Any], lrs: Any) -> Any:
+    """:func:`equilibrium_angle` at each learning rate of ``lrs`` (an array: the lr of every step, e.g. under
+    warmup and decay), with the weight decay and momentum / beta1 of ``hyperparameters`` (one param group as
+    recorded in meta.json; its own ``lr`` is ignored). The angle grows as sqrt(lr) for both formulas.
+    Returns a float array (NaN where an lr is not a finite number >= 0), or ``None`` where the equilibrium is
+    not defined (no weight decay, no closed form for the optimizer).
+
+    >>> [round(float(a), 6) for a in equilibrium_angles("AdamW", {"weight_decay": 0.1}, [2.5e-5, 1e-3])]
+    [0.000513, 0.003244]
+    """
+    import numpy as np
+
+    unit = equilibrium_angle_from_hyperparameters(optimizer_class, {**hyperparameters, "lr": 1.0})
+    if unit is None:
+        return None
+    lr = np.asarray(lrs, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(lr) & (lr >= 0), unit * np.sqrt(np.abs(lr)), np.nan)

@@ -47,8 +47,20 @@ def _grid(n: int) -> tuple[int, int]:
     return (n + cols - 1) // cols, cols
 
 
-def _policy(meta: dict) -> str:
-    return f"BN {meta.get('bn_policy', '?')}, batch {meta.get('batch_size', '?')}"
+def _has_batchnorm(run: RunData) -> bool | None:
+    """Whether the run's model has BatchNorm: meta ``batchnorm`` (dynascope analyze), else the model summary;
+    None when neither tells."""
+    if isinstance(run.meta.get("batchnorm"), list):
+        return bool(run.meta["batchnorm"])
+    summary = (run.meta.get("model") or {}).get("summary")
+    return None if not summary else "BatchNorm" in summary
+
+
+def _policy(meta: dict, run: RunData) -> str:
+    """How the landscape was evaluated: "BN eval" / "BN recompute" for a model with BatchNorm, "eval mode"
+    without one (the BN policy has nothing to act on)."""
+    how = "eval mode" if _has_batchnorm(run) is False else f"BN {meta.get('bn_policy', '?')}"
+    return f"{how}, batch {meta.get('batch_size', '?')}"
 
 
 @register("landscape_1d", section=SECTION, title="1D loss along filter-normalized random directions",
@@ -64,7 +76,7 @@ def landscape_1d(runs: Sequence[RunData], have: Have) -> Figure | None:
     for i, run, arrays, meta in found:
         a = arrays["alphas"]
         k = int(meta.get("n_directions", 1))
-        label = f"{run.name} ({_policy(meta)}, {k} direction{'s' if k > 1 else ''}, seed {meta.get('seed')})"
+        label = f"{run.name} ({_policy(meta, run)}, {k} direction{'s' if k > 1 else ''}, seed {meta.get('seed')})"
         if "band_min" in arrays and k > 1:
             ax.fill_between(a, arrays["band_min"], arrays["band_max"], color=colors[i], alpha=0.2, lw=0)
             label += ": median, band = min..max"
@@ -108,7 +120,7 @@ def landscape_contour(runs: Sequence[RunData], have: Have) -> Figure | None:
         ax.set_ylabel(r"$\beta$ ($d_2$)")
         cos = meta.get("axis_cosine")
         detail = f"seed {meta.get('seed')}" + (f", cos(d1, d2) = {cos:.2g}" if cos is not None else "")
-        ax.set_title(f"{run.name}\n{_policy(meta)}\n{detail}", fontsize=8, color=colors[i])
+        ax.set_title(f"{run.name}\n{_policy(meta, run)}\n{detail}", fontsize=8, color=colors[i])
         ax.legend(fontsize=7, loc="upper right")
     if cs is not None:
         fig.colorbar(cs, ax=axes, shrink=0.8, label="loss (shared levels)")
@@ -136,7 +148,7 @@ def landscape_surface3d(runs: Sequence[RunData], have: Have) -> Figure | None:
         ax.set_xlabel(r"$\alpha$")
         ax.set_ylabel(r"$\beta$")
         ax.set_zlabel("loss")
-        ax.set_title(f"{run.name}\n{_policy(meta)}", fontsize=9, color=colors[i])
+        ax.set_title(f"{run.name}\n{_policy(meta, run)}", fontsize=9, color=colors[i])
     return fig
 
 
@@ -162,7 +174,7 @@ def landscape_trajectory(runs: Sequence[RunData], have: Have) -> Figure | None:
         ev = arrays["explained_variance_ratio"]
         ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}% of variance)")
         ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}% of variance)")
-        ax.set_title(f"{run.name}\n{_policy(meta)}\n{meta.get('n_checkpoints')} checkpoints", fontsize=8,
+        ax.set_title(f"{run.name}\n{_policy(meta, run)}\n{meta.get('n_checkpoints')} checkpoints", fontsize=8,
                      color=colors[i])
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -183,7 +195,8 @@ def landscape_interpolation(runs: Sequence[RunData], have: Have) -> Figure | Non
         steps = ""
         if "step_a" in meta:
             steps = f", step {meta['step_a']} -> {meta['step_b']}"
-        ax.plot(arrays["t"], arrays["losses"], color=colors[i], lw=1.8, label=f"{run.name} ({_policy(meta)}{steps})")
+        ax.plot(arrays["t"], arrays["losses"], color=colors[i], lw=1.8,
+                label=f"{run.name} ({_policy(meta, run)}{steps})")
         ia, ib = int(meta["index_a"]), int(meta["index_b"])
         ax.plot(arrays["t"][[ia, ib]], arrays["losses"][[ia, ib]], "o", color=colors[i], ms=5)
     for t in (0.0, 1.0):

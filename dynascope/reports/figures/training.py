@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ...diagnostics.scale import equilibrium_angle_from_hyperparameters
+from ...diagnostics.scale import equilibrium_angles
 from ...store import RunData, query
 from . import BY_GRADIENTS, BY_UPDATES, Have, register, run_colors
 from ._helpers import (
@@ -200,47 +200,107 @@ weight_norm = register_layers("weight_norm", LayerFigure(
     recorded_by=BY_UPDATES + ", or dynascope analyze")
 
 
-def _equilibrium(run: RunData) -> tuple[float | None, str]:
+def _equilibrium_group(run: RunData) -> tuple[str | None, dict | None, str]:
+    """The optimizer class and the param group whose weight decay and momentum / beta1 set the equilibrium:
+    group 0, or where the groups differ the first with weight decay (the matrices' group in the usual
+    decay / no-decay split); and a note."""
     opt = run.meta.get("optimizer") or None
     if not opt or not opt.get("class"):
-        return None, f"{run.name}: no optimizer recorded"
+        return None, None, f"{run.name}: no optimizer recorded"
     groups = opt.get("hyperparameters") or []
     if not groups:
-        return None, f"{run.name}: no hyper-parameters recorded"
-    vals = [equilibrium_angle_from_hyperparameters(str(opt["class"]), g) for g in groups]
-    v = vals[0]
-    cls = opt["class"]
-    if v is None:
-        wd = groups[0].get("weight_decay", 0)
-        why = "no weight decay" if not wd else f"no closed form for {cls}"
-        return None, f"{run.name}: not drawn ({why})"
-    note = f"{run.name}: {cls}, {v:.3g} rad"
-    if len({None if x is None else round(x, 12) for x in vals}) > 1:
-        note += " (param group 0; groups differ)"
-    return v, note
+        return None, None, f"{run.name}: no hyper-parameters recorded"
+    keys = ("weight_decay", "momentum", "betas")
+    k = 0
+    if len({repr([g.get(x) for x in keys]) for g in groups}) > 1:
+        k = next((i for i, g in enumerate(groups) if g.get("weight_decay")), 0)
+    return str(opt["class"]), groups[k], "" if len(groups) == 1 else f"param group {k}'s weight decay"
+
+
+def _step_lrs(run: RunData, lay: str, group: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """The learning rate of ``lay``'s param group at each recorded step: lr.effective x ||w|| (Adam family) or
+    x ||w||^2 (SGD family), as the probe recorded them; else a logged run-level ``lr``; else the recorded
+    (initial) lr of the group, constant."""
+    s_e, v_e = query.series(run, "lr.effective", lay) if query.has(run, "lr.effective") else (np.zeros(0),) * 2
+    if len(s_e):
+        s_w, v_w = query.series(run, "weight.norm", lay)
+        steps, ie, iw = np.intersect1d(s_e, s_w, return_indices=True)
+        if len(steps):
+            w = v_w[iw]
+            return steps, v_e[ie] * (w if "betas" in group else w * w), "each recorded step's learning rate"
+    if query.has(run, "lr") and query.layers(run, "lr") == [""]:
+        s, v = query.series(run, "lr")
+        if len(s):
+            return s, v, "each step's logged lr"
+    try:
+        lr = float(group["lr"])
+    except (KeyError, TypeError, ValueError):
+        return np.zeros(0), np.zeros(0), "no learning rate recorded"
+    s_a, _ = query.series(run, "update.angle_row", lay)
+    return s_a, np.full(len(s_a), lr), "the recorded initial learning rate (no per-step lr recorded)"
 
 
 def _equilibrium_lines(runs: Sequence[RunData]) -> Decoration:
-    """A dashed line at each run's equilibrium angle in every panel; the note lists them (every run)."""
-    eq = {id(r): _equilibrium(r) for r in runs}
-    handle = Line2D([], [], color="gray", linestyle="--", label="equilibrium angle")
+    """In the panels of the weights a run found scale-invariant (``scale_invariant`` mean >= 0.5), that run's
+    equilibrium angle at each step's learning rate (a dashed line over steps: under warmup and decay it
+    follows the schedule); nothing in the other panels. The note says what was drawn, per run."""
+    handle = Line2D([], [], color="gray", linestyle="--", label="equilibrium angle (scale-invariant weights)")
+    info = {id(r): _equilibrium_group(r) for r in runs}
+    drawn: dict[int, dict[str, float]] = {id(r): {} for r in runs}   # layer -> angle at the peak lr
+    how: dict[int, str] = {}
+    why_not: dict[int, str] = {}
+    shown: dict[int, set[str]] = {id(r): set() for r in runs}
 
     def extra(fig, ax, i, r, m, lay, c):
-        v, _ = eq[id(r)]
-        if v is None:
+        cls, group, _ = info[id(r)]
+        if cls is None or group is None or not lay:
             return []
-        ax.axhline(v, color=c, linestyle="--", linewidth=1, gid=run_gid(fig, i, f"{r.name}: equilibrium {v:.3g}"))
+        shown[id(r)].add(lay)
+        if lay not in _scale_invariant_layers(r, [lay]):
+            return []
+        steps, lrs, where = _step_lrs(r, lay, group)
+        eq = equilibrium_angles(cls, group, lrs)
+        if eq is None:
+            why_not[id(r)] = "no weight decay" if not group.get("weight_decay") else f"no closed form for {cls}"
+            return []
+        ok = np.isfinite(eq) & (eq > 0)
+        if not ok.any():
+            return []
+        how[id(r)] = where
+        drawn[id(r)][lay] = float(np.nanmax(eq[ok]))
+        ax.plot(steps[ok], eq[ok], color=c, linestyle="--", linewidth=1,
+                gid=run_gid(fig, i, f"{r.name}: equilibrium angle {lay}"))
         return [handle]
 
-    return Decoration(extra, lambda: "; ".join(n for _, n in eq.values()))
+    def note() -> str:
+        parts = []
+        for r in runs:
+            cls, group, gnote = info[id(r)]
+            if cls is None:
+                parts.append(gnote)
+                continue
+            got = drawn[id(r)]
+            if id(r) in why_not and not got:
+                parts.append(f"{r.name}: not drawn ({why_not[id(r)]})")
+            elif not got:
+                parts.append(f"{r.name}: not drawn (no scale-invariant weight among the panels)"
+                             if shown[id(r)] else f"{r.name}: not drawn")
+            else:
+                peak = max(got.values())
+                parts.append(f"{r.name}: {cls}, from {how[id(r)]}{', ' + gnote if gnote else ''}, up to {peak:.3g} "
+                             f"rad, in the panels of {', '.join(got)}")
+        return "; ".join(parts)
+
+    return Decoration(extra, note)
 
 
 angular_update = register_layers("angular_update", LayerFigure(
     "update.angle_row", "angle (rad)", decorate=_equilibrium_lines, hint=_si_title_hint, layers_option=True,
     caption="Angle between consecutive weights, arccos(<w_t, w_t+1> / (||w_t|| ||w_t+1||)), per row of "
-            "w.flatten(1), averaged over rows. Dashed: expected equilibrium angle of a scale-invariant weight "
-            "(AdamW: sqrt(2 eta lambda (1-beta1)/(1+beta1)); SGD with momentum alpha: "
-            "sqrt(2 eta lambda/(1+alpha))), from the recorded initial learning rate and weight decay: {note}. "),
+            "w.flatten(1), averaged over rows. Dashed, in the panels of the weights found scale-invariant only: "
+            "the expected rotational-equilibrium angle (AdamW: sqrt(2 eta lambda (1-beta1)/(1+beta1)); SGD with "
+            "momentum alpha: sqrt(2 eta lambda/(1+alpha))) at each step's learning rate eta (it follows warmup and "
+            "decay) and the weight decay lambda: {note}. "),
     section="Weights and effective learning rate",
     title="Angular update per step (mean over rows) against step, with the rotational equilibrium",
     source="Kosson et al. 2024, Rotational Equilibrium (REQ)", order=170, recorded_by=BY_UPDATES)
