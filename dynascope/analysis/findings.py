@@ -741,9 +741,9 @@ def baseline_findings(run: RunData, baseline: RunData, deviations: pd.DataFrame 
     """The deviations of ``run`` from ``baseline`` (:func:`dynascope.compare`) as findings, in the compare order:
     one warning per deviating layer for the first MAX_DEVIATION_FINDINGS layers (its metrics listed), then one
     info line counting the rest."""
-    if deviations is None:
-        from .comparison import compare
+    from .comparison import compare, deviation_text
 
+    if deviations is None:
         deviations = compare(run, baseline)
     if deviations.empty:
         return []
@@ -753,7 +753,7 @@ def baseline_findings(run: RunData, baseline: RunData, deviations: pd.DataFrame 
     for lay in order[:MAX_DEVIATION_FINDINGS]:
         sub = deviations[deviations["layer"] == lay]
         first = sub.iloc[0]
-        what = ", ".join(_ratio_text(r) for _, r in sub.head(4).iterrows())
+        what = ", ".join(deviation_text(r) for _, r in sub.head(4).iterrows())  # each with its own first step
         more = f" and {len(sub) - 4} more metric(s)" if len(sub) > 4 else ""
         same = groups[lay][1:]
         twins = f" (and {', '.join(repr(t) for t in same[:3])}{' ...' if len(same) > 3 else ''}, identical)" \
@@ -821,3 +821,14 @@ def frame(found: Sequence[Finding], baseline: RunData | None = None) -> pd.DataF
     df = pd.DataFrame(rows, columns=FRAME_COLUMNS)
     df["step"] = df["step"].astype("Int64")
     return df
+
+
+@rule
+def eval_loss_worse(run: RunData) -> list[Finding]:
+    """An evaluation loss whose last value is >= 10% worse than its best (``dynascope analyze``'s ``loss`` on
+    ``--data`` across checkpoints, or a logged ``val_loss`` / ``eval/loss``). Source: early stopping on held-out
+    loss (Prechelt 1998). Rule and threshold: :mod:`dynascope.analysis.checkpoints` (``EVAL_LOSS_WORSE``)."""
+    from .checkpoints import eval_loss_regressions
+
+    return [Finding("warning", r["message"], r["metric"], "", r["step"], r["value"], r["threshold"], "loss")
+            for r in eval_loss_regressions(run)]

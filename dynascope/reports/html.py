@@ -231,8 +231,9 @@ def _summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
 
     def coverage(r: RunData) -> str:
         cov = r.coverage()
-        if cov.empty:
-            return "n/a (run written before dynascope 0.2)"
+        if cov.empty:  # analyze has no live instruments; otherwise a run of an older dynascope or another writer
+            return ("not recorded (run written by dynascope analyze: checkpoints, no live probes)"
+                    if r.meta.get("source") == "analyze" else "not recorded (no coverage table in the run's meta.json)")
         counts = []
         for kind in ("module", "parameter"):
             k = cov[cov["kind"] == kind]
