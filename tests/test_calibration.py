@@ -79,6 +79,33 @@ def test_matches_a_hand_loop_including_saturated_confidences(n_bins):
     np.testing.assert_allclose(res.bins.edges, np.linspace(0, 1, n_bins + 1))
 
 
+def test_confidences_on_interior_bin_edges_belong_to_the_lower_bin():
+    """Bins are right-closed, I_b = (b/B, (b+1)/B] (Guo et al.; docs/metrics.md): a confidence of exactly
+    k/B belongs to bin k-1. With B = 4, confidences exactly 0.25, 0.5 and 0.75 (softmax of tied logits,
+    exact in float64) against a hand-made reliability table."""
+    off = -1000.0  # exp underflows to 0: the class takes no probability
+    z = torch.tensor([[0.0, 0.0, 0.0, 0.0],                      # 0.25, predicts 0
+                      [0.0, 0.0, off, off],                      # 0.5, predicts 0
+                      [0.0, 0.0, off, off],                      # 0.5, predicts 0
+                      [math.log(3.0), 0.0, off, off],            # 0.75, predicts 0
+                      [math.log(1.5), 0.0, off, off],            # 0.6, predicts 0
+                      [math.log(4.0), math.log(3.0), math.log(3.0), off]],  # 0.4, predicts 0
+                     dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 0, 1, 0])  # correct, correct, wrong, correct, wrong, correct
+    conf = torch.softmax(z, 1).max(1).values
+    assert conf[:4].tolist() == [0.25, 0.5, 0.5, 0.75]  # exactly on the edges
+    res = calibration(z, y, n_bins=4)
+    # by hand: (0, .25] {0.25 ok}; (.25, .5] {0.5 ok, 0.5 wrong, 0.4 ok}; (.5, .75] {0.75 ok, 0.6 wrong}; (.75, 1] {}
+    assert res.bins.count.tolist() == [1, 3, 2, 0]
+    np.testing.assert_allclose(res.bins.accuracy, [1.0, 2 / 3, 0.5, np.nan], rtol=1e-12)
+    np.testing.assert_allclose(res.bins.confidence, [0.25, 1.4 / 3, 0.675, np.nan], rtol=1e-12)
+    gaps = [0.75, 2 / 3 - 1.4 / 3, 0.675 - 0.5]
+    assert res.ece == pytest.approx((1 * gaps[0] + 3 * gaps[1] + 2 * gaps[2]) / 6, rel=1e-12)  # 1.7 / 6
+    assert res.mce == pytest.approx(0.75, rel=1e-12)
+    # left-closed bins [b/B, (b+1)/B) would give counts [0, 2, 3, 1] and ECE 2.2 / 6
+    assert res.ece == pytest.approx(1.7 / 6, rel=1e-12)
+
+
 def test_nll_accuracy_confidence_against_torch():
     z, y = _logits(seed=5)
     res = calibration(z.float(), y)

@@ -219,3 +219,30 @@ def test_noise_scale_rule_both_ways(tmp_path):
     assert below.severity == "info" and "27.5x below" in below.message
     assert _rules(run("near", 64, 200.0), "batch_size_vs_noise_scale") == []
     assert _rules(run("few", 1024, 50.0, n=2), "batch_size_vs_noise_scale") == []
+
+
+def test_overconfidence_when_accuracy_holds_flat_or_within_its_tolerance(tmp_path):
+    """Guo et al.'s over-confidence with the accuracy flat: the NLL rises while accuracy holds (the rule's
+    "holds or improves": at least its value at the NLL minimum minus ACC_HOLD = 0.01) and the confidence
+    rises past it -> a finding; accuracy rising with the confidence (calibrated progress, the NLL falling)
+    -> none; accuracy 0.02 lower (beyond the tolerance) -> none."""
+    steps = [0, 100, 200, 300, 400, 500, 600, 700]
+    nll_up = [1.2, 0.6, 0.5, 0.5, 0.55, 0.62, 0.7, 0.75]  # smoothed minimum at step 400, last 1.34x it
+    conf_up = [0.6, 0.75, 0.8, 0.82, 0.86, 0.9, 0.93, 0.95]
+    cases = {
+        "flat": (nll_up, [0.8] * 8, conf_up, True),
+        "within": (nll_up, [0.8, 0.8, 0.8, 0.8, 0.8, 0.796, 0.795, 0.795], conf_up, True),  # 0.0047 lower
+        "beyond": (nll_up, [0.8, 0.8, 0.8, 0.8, 0.8, 0.78, 0.78, 0.78], conf_up, False),  # 0.02 lower
+        "rising_with_confidence": ([1.2, 0.9, 0.75, 0.65, 0.58, 0.53, 0.5, 0.48],
+                                   [0.6, 0.7, 0.75, 0.8, 0.83, 0.85, 0.87, 0.88],
+                                   [0.6, 0.7, 0.75, 0.8, 0.83, 0.85, 0.87, 0.88], False),
+    }
+    for name, (nll, acc, conf, fires) in cases.items():
+        run = _scalar_run(tmp_path / name, {"calibration.nll": nll, "calibration.accuracy": acc,
+                                            "calibration.confidence": conf}, steps)
+        found = _rules(run, "overconfidence")
+        assert len(found) == int(fires), (name, found)
+        if fires:
+            (f,) = found
+            assert f.step == 700 and f.value == pytest.approx((0.62 + 0.7 + 0.75) / 3), name
+            assert f.threshold == pytest.approx(1.1 * (0.5 + 0.5 + 0.55) / 3), name

@@ -98,12 +98,24 @@ def _truth(delta: torch.Tensor) -> tuple[float, float]:
     return 4 * d2, 4 * (d2 * (D + 1) + SIGMA**2 * D)
 
 
-def test_closed_form_truth_agrees_with_per_example_gradients_of_a_large_sample():
+def test_the_closed_form_truth_and_dynascopes_estimates_on_a_large_sample():
+    """First a check of this file's reference, not of dynascope: the closed-form |G|^2 and tr(Sigma) of
+    ``_truth`` (what the next test holds dynascope's estimates against) agree with the statistics of a
+    large sample of per-example gradients, so an algebra slip in the truth cannot pass or fail that test
+    for the wrong reason. Then dynascope's estimator on the same sample agrees with the truth."""
     delta = _delta()
     grad_sq, trace = _truth(delta)
-    g = _per_example(delta, *_data(400_000, seed=3))
+    x, y = _data(400_000, seed=3)
+    g = _per_example(delta, x, y)
     assert float((g.mean(0) ** 2).sum()) == pytest.approx(grad_sq, rel=0.02)
     assert float(np.trace(np.cov(g.T))) == pytest.approx(trace, rel=0.01)
+    res = gradient_noise_scale(_model(delta), _loss, (x, y), micro_batches=400)  # micro-batches of 1000
+    assert res.b_big == 400_000
+    assert res.grad_sq == pytest.approx(grad_sq, rel=0.02) and res.trace_cov == pytest.approx(trace, rel=0.03)
+    assert res.b_simple == pytest.approx(trace / grad_sq, rel=0.04)
+    for est, truth, se in ((res.grad_sq, grad_sq, res.grad_sq_stderr), (res.trace_cov, trace, res.trace_cov_stderr),
+                           (res.b_simple, trace / grad_sq, res.b_simple_stderr)):
+        assert abs(est - truth) < 5 * se
 
 
 def test_estimates_agree_with_the_truth_within_their_standard_errors():

@@ -75,8 +75,19 @@ def test_el2n_hand_formula_and_chunking():
     for bs in (1, 16, 1000):
         res = example_scores(_net(), None, (x, y), "el2n", batch_size=bs, progress=False)
         np.testing.assert_allclose(res.scores, ref, rtol=1e-6)
-    # bounds: 0 <= EL2N <= sqrt(2)
-    assert (ref >= 0).all() and (ref <= np.sqrt(2)).all()
+    # dynascope's scores within 0 <= EL2N <= sqrt(2), and near both ends where the model is sure: a linear
+    # model with huge logits, one example right (EL2N ~ 0) and one wrong (~ sqrt 2), against the expansion
+    # |p - e_y|^2 = sum p^2 - 2 p_y + 1 in float64
+    assert (res.scores >= 0).all() and (res.scores <= np.sqrt(2)).all()
+    sure = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        sure.weight.copy_(torch.tensor([[40.0, 0.0], [0.0, 40.0], [0.0, 0.0]]))
+    xs, ys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.3, 0.2]]), torch.tensor([0, 1, 2])
+    got = example_scores(sure, None, (xs, ys), "el2n", progress=False).scores
+    p = torch.softmax(sure(xs).double(), 1).detach().numpy()
+    expanded = np.sqrt((p**2).sum(1) - 2 * p[np.arange(3), ys.numpy()] + 1)
+    np.testing.assert_allclose(got, expanded, rtol=1e-6, atol=1e-7)
+    assert got[0] < 1e-6 and got[1] == pytest.approx(np.sqrt(2), rel=1e-6)
 
 
 def test_dataloader_list_of_pairs_and_state_restored():

@@ -221,3 +221,48 @@ def test_a_model_without_trainable_parameters_is_probed_without_stopping(tmp_pat
     data = dynascope.load_run(tmp_path / "r")
     assert data.meta["status"] == "finished"
     assert sorted(data.scalars("loss")["step"]) == [0, 1, 2]
+
+
+def _losses_through_the_sentinel(losses, tmp_path) -> list[tuple[int, str]]:
+    """The live sentinel fed the loss series step by step (constant gradients: no gradient event)."""
+    model = nn.Linear(4, 1, bias=False)
+    with dynascope.probe(model, None, tmp_path, every=10**9, probes=(),
+                         sentinel=dynascope.Sentinel(drift=False, announce=False)) as run:
+        for v in losses:
+            model.weight.grad = torch.full_like(model.weight, 0.5)
+            run.step(loss=float(v))
+        return [(e.step, e.kind) for e in run.sentinel.events]
+
+
+def _documented_loss_spikes(losses) -> list[int]:
+    """docs/metrics.md, written out without dynascope: a loss is judged once 20 finite losses precede it,
+    against the previous 20: above max(2 x median, median + 6 x 1.4826 x MAD) and above the median by at
+    least 25% of the starting loss (the median of the first 3)."""
+    start = float(np.median(losses[:3]))
+    out = []
+    for i in range(20, len(losses)):
+        prev = np.asarray(losses[i - 20:i])
+        med = float(np.median(prev))
+        mad = float(np.median(np.abs(prev - med)))
+        if losses[i] > max(2 * med, med + 6 * 1.4826 * mad, med + 0.25 * start):
+            out.append(i)
+    return out
+
+
+def test_loss_spikes_are_judged_against_the_previous_20_losses(tmp_path):
+    """A noisy loss around 1 (5% minibatch noise), a noisy start (step 8 at 2.6x: too early to judge), a run
+    of five easy minibatches (0.4) and the loss back at its level after them (no spike: the previous 20
+    losses are mostly at 1), and one real spike at step 60. A window of 5 losses would call the loss coming
+    back after the easy stretch a spike (its median is 0.4); judging after 5 losses would call step 8 one."""
+    rng = np.random.default_rng(7)
+    losses = list(np.exp(0.05 * rng.standard_normal(80)))
+    losses[8] = 2.6
+    losses[40:45] = list(0.4 * np.exp(0.02 * rng.standard_normal(5)))
+    losses[60] = 3.0
+    assert _documented_loss_spikes(losses) == [60]
+    assert _losses_through_the_sentinel(losses, tmp_path / "r") == [(60, "loss_spike")]
+    # the same rule as dynascope.core.robust.spike_threshold, the online form the sentinel uses
+    start = float(np.median(losses[:3]))
+    for i in (45, 60):
+        thr = spike_threshold(losses[i - 20:i], start, 0.25, min_history=20)
+        assert (losses[i] > thr) == (i == 60), i
