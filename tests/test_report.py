@@ -100,7 +100,10 @@ def test_non_finite_values_are_marked_not_dropped(two_runs):
 def test_equilibrium_line_caption(two_runs):
     *_, page = two_runs
     cap = _figure_html(page, "angular_update")
-    assert "SGD, 0.00725 rad" in cap and "AdamW, 0.00324 rad" in cap
+    # the line follows each step's lr and is drawn only for scale-invariant weights: none among these panels
+    # (tests/test_recipe_reports.py draws it); the caption says so per run
+    assert "at each step&#39;s learning rate" in cap
+    assert "adamw: not drawn (no scale-invariant weight among the panels)" in cap
 
 
 def test_figures_without_data_are_omitted(tmp_path):
@@ -238,4 +241,7 @@ def test_report_on_a_real_probed_run(tmp_path):
     assert "real &lt;run&gt;" in page and "real <run>" not in page
     # the depth heuristic finds the Sequential's children ('#' pattern) without meta 'blocks'
     assert "matching &#39;#&#39;" in _figure_html(page, "signal_propagation")
-    assert "SGD, 0.00725 rad" in _figure_html(page, "angular_update")  # sqrt(2*0.1*5e-4/1.9)
+    cap = _figure_html(page, "angular_update")
+    # sqrt(2*0.1*5e-4/1.9), only for the weights BatchNorm makes scale-invariant (not the stem, not the head)
+    assert ("SGD, from each recorded step&#39;s learning rate, up to 0.00725 rad, in the panels of 1.fc.weight, "
+            "2.fc.weight, 3.fc.weight, 4.fc.weight.") in cap

@@ -64,7 +64,12 @@ def test_sentinel_event_window_burst_and_forensics(tmp_path):
     assert len(events) >= 1 and (events["source"] == "recorded").all()
     first = int(events["step"].min())
     assert FAULT.start <= first <= FAULT.stop + 1, events
-    assert set(events["kind"]) <= {"loss_spike", "grad_spike", "loss_nonfinite", "grad_nonfinite"}
+    assert set(events["kind"]) <= {"loss_spike", "grad_spike", "loss_nonfinite", "grad_nonfinite", "update_jump",
+                                   "grad_jump"}
+    # the faulty layer's update jumps at the fault step itself, before the loss moves: an event naming it
+    jump = events[events["kind"] == "update_jump"].iloc[0]
+    assert jump["step"] == FAULT.start and jump["detail"]["modules"][0] == "2" and jump["value"] >= 100, events
+    assert jump["detail"]["metric"] == "update.norm"
     # the window before the event at full resolution (every step, though every=10**9)
     un = data.scalars("update.norm", "2")
     assert set(range(first - 20, first + 1)) <= set(un["step"].astype(int))
@@ -73,7 +78,9 @@ def test_sentinel_event_window_burst_and_forensics(tmp_path):
     assert {0} | set(range(first + 1, first + 1 + 20)) <= act_steps
     # the layer whose learning rate jumped moves first
     table = data.forensics(first)
-    assert table.iloc[0]["module"] == "2", table.head()
+    # the cause: the lr of layer 2's param group (named after the module it holds), then its update
+    assert (table.iloc[0]["metric"], table.iloc[0]["module"]) == ("optim.lr", "2"), table.head()
+    assert table[table["metric"] != "optim.lr"].iloc[0]["module"] == "2", table.head()
 
 
 def test_sentinel_quiet_run_has_no_event_and_writes_update_norm_only_at_recording_steps(tmp_path):
@@ -84,7 +91,7 @@ def test_sentinel_quiet_run_has_no_event_and_writes_update_norm_only_at_recordin
     assert steps == list(range(0, STEPS, 10))
     # update.norm = ||w_{t+1} - w_t|| over the module's parameters, against update.relative x weight.norm
     # of its weight when the bias moves little: checked exactly below on a one-step run
-    assert data.meta["sentinel"] == {"window": 64, "burst": 20, "updates": True, "drift": True}
+    assert data.meta["sentinel"] == {"window": 64, "burst": 20, "updates": True, "drift": True, "announce": True}
 
 
 def test_update_norm_is_the_norm_of_the_step(tmp_path):

@@ -68,6 +68,9 @@ ACC_HOLD = 0.01
 NLL_WINDOW = 3
 GNS_FAR = 10.0
 GNS_MIN_POINTS = 3
+LR_JUMP = 3.0  # a learning rate above 3x the median of its previous 5 values: a jump (warmup moves < 2x, cosine ~1x)
+UPDATE_JUMP = 10.0  # lr.effective / update.relative of a module above 10x its previous 5 recorded values
+JUMP_BAND = 5  # previous recorded values the jump rules compare with
 
 
 @dataclass(frozen=True)
@@ -313,14 +316,16 @@ def variance_grows_with_depth(run: RunData) -> list[Finding]:
 
     Sources: Sun et al. 2025, "The Curse of Depth in Large Language Models" (Pre-LN output variance grows
     with depth); Brock, De, Smith 2021 (variance grows linearly with depth in unnormalized ResNets).
-    Rule: at the last recorded step (or the last of the final 10 with at least 4 finite values),
+    Rule: at the last recorded step before the run's first event, if it has one (a change that begins at an
+    event, e.g. a learning-rate jump, is the event's), or the last of the final 10 with at least 4 finite values,
     ``act.var`` along the depth modules (meta ``blocks`` or the figures' heuristic) has last/first >=
     DEPTH_VAR_RATIO (10) and Spearman rank correlation with depth >= DEPTH_VAR_RHO (0.8), over at least 4
     depth points.
     """
     if not query.has(run, "act.var"):
         return []
-    prof = query.depth_profile(run, "act.var", lambda st: st[-10:])
+    limit = _first_event(run)  # a change that begins at an event is the event's, not the architecture's
+    prof = query.depth_profile(run, "act.var", lambda st: (st if limit is None else st[st < limit])[-10:])
     if prof is None or len(prof.modules) < 4 or not prof.steps:
         return []
     mods = prof.modules
@@ -408,11 +413,12 @@ def grad_norm_depth_ratio(run: RunData) -> list[Finding]:
     Sources: Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture" (Post-LN: gradients
     of late layers larger at initialization); Shleifer et al. 2021, "NormFormer" (Pre-LN: early layers get
     larger gradients than late ones). Rule: ``grad.norm`` of the last depth module / the first, at the first
-    and at the last recorded step; flagged when >= 10 or <= 1/10.
+    and at the last recorded step (before the run's first event, if it has one); flagged when >= 10 or <= 1/10.
     """
     if not query.has(run, "grad.norm"):
         return []
-    prof = query.depth_profile(run, "grad.norm", query.first_last)
+    limit = _first_event(run)  # a change that begins at an event is the event's, not the architecture's
+    prof = query.depth_profile(run, "grad.norm", lambda st: query.first_last(st if limit is None else st[st < limit]))
     if prof is None or len(prof.modules) < 2 or not prof.steps:
         return []
     mods = prof.modules
@@ -485,6 +491,81 @@ def effective_lr_decay(run: RunData) -> list[Finding]:
         f"at step {s0} to {_fmt(last)} at step {s1} with no weight decay{others}: its norm grows and learning "
         "slows (van Laarhoven 2017). Weight decay, or AdamP/SGDP's projection, keeps the effective step.",
         "lr.effective", lay, s1, last, first / EFF_LR_DECAY, "effective_lr")]
+
+
+def _jumps(run: RunData, metric: str, factor: float) -> list[tuple[int, str, float, float, float]]:
+    """(step, layer, ratio, before, after) where ``metric`` rose ``factor`` x above the median of its previous
+    JUMP_BAND recorded values (the first step of each such rise)."""
+    from ..core.robust import rolling_band
+
+    out = []
+    for lay in query.layers(run, metric):
+        s, v = query.series(run, metric, lay)
+        if len(s) <= JUMP_BAND:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = np.where(np.isfinite(v) & (v > 0), np.log(np.where(v > 0, v, 1.0)), np.nan)
+        med, _ = rolling_band(y, JUMP_BAND)
+        with np.errstate(invalid="ignore"):
+            hit = np.flatnonzero(np.isfinite(med) & (y - med >= math.log(factor)))
+        if len(hit):
+            hit = hit[np.r_[True, np.diff(hit) > 1]]  # the first step of each rise
+        out += [(int(s[i]), lay, float(math.exp(y[i] - med[i])), float(math.exp(med[i])), float(v[i])) for i in hit]
+    return out
+
+
+@rule
+def learning_rate_jumps(run: RunData) -> list[Finding]:
+    """A jump of the learning rate, and the modules whose step jumped with it.
+
+    A learning rate that jumps is set, not caused: a scheduler or a loop bug, found before any architecture
+    explanation of what follows. Rule: ``optim.lr`` of a param group (recorded every step; or a logged
+    ``lr`` scalar) above LR_JUMP (3) x the median of its previous JUMP_BAND (5) values (a linear warmup moves
+    < 2x a step from its 5th step, cosine decay ~1x), or ``lr.effective`` / ``update.relative`` of modules
+    above UPDATE_JUMP (10) x the median of their previous 5 recorded values. One finding per step where the
+    learning rate jumped (naming the groups, the size and the modules whose update jumped within 5 steps),
+    and one per step where only module updates did (naming the modules). Sources: the warmup and schedule
+    practice of Goyal et al. 2017 (a learning rate changes smoothly; a jump is a bug or a restart); the
+    effective step of van Laarhoven 2017.
+    """
+    lr_hits = [(st, lay, r, b, a, m) for m in ("optim.lr", "lr") if query.has(run, m)
+               for st, lay, r, b, a in _jumps(run, m, LR_JUMP)]
+    upd_hits = [(st, lay, r, b, a, m) for m in ("lr.effective", "update.relative") if query.has(run, m)
+                for st, lay, r, b, a in _jumps(run, m, UPDATE_JUMP)]
+    out = []
+    used: set[int] = set()
+    for step in sorted({h[0] for h in lr_hits}):
+        here = sorted((h for h in lr_hits if h[0] == step), key=lambda h: -h[2])
+        mods = sorted({h[1] for h in upd_hits if step <= h[0] <= step + 5})
+        used.update(i for i, h in enumerate(upd_hits) if step <= h[0] <= step + 5)
+        groups = ", ".join(f"{h[1] or h[5]} {_fmt(h[2])}x ({_fmt(h[3])} -> {_fmt(h[4])})" for h in here[:4])
+        more = f" and {len(here) - 4} more" if len(here) > 4 else ""
+        moved = (f"; the step of {len(mods)} module(s) jumped with it ({', '.join(repr(m) for m in mods[:5])}"
+                 f"{', ...' if len(mods) > 5 else ''})") if mods else ""
+        out.append(Finding(
+            "warning",
+            f"Learning rate jumped at step {step}: {groups}{more}{moved}. A jump of the learning rate, not the "
+            "architecture, explains what follows it (a scheduler restarting or a loop that sets the lr): check "
+            "the schedule before changing the model.",
+            here[0][5], here[0][1], step, here[0][2], LR_JUMP, "effective_lr"))
+    rest = [h for i, h in enumerate(upd_hits) if i not in used]
+    for step in sorted({h[0] for h in rest}):
+        here = sorted((h for h in rest if h[0] == step), key=lambda h: -h[2])
+        names = sorted({h[1] for h in here})
+        out.append(Finding(
+            "warning",
+            f"The update of {len(names)} module(s) jumped at step {step}: {here[0][5]} of {here[0][1]!r} "
+            f"{_fmt(here[0][2])}x its recent median ({', '.join(repr(n) for n in names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}) with no learning-rate jump recorded: a param group's "
+            "learning rate or the optimizer's state changed for these modules.",
+            here[0][5], here[0][1], step, here[0][2], UPDATE_JUMP, "effective_lr"))
+    return out
+
+
+def _first_event(run: RunData) -> int | None:
+    """The step of the run's first event (stored by the sentinel or detected from the loss), or None."""
+    ev = run_events(run)
+    return int(ev["step"].min()) if len(ev) else None
 
 
 def _plasticity_fraction(run: RunData, metric: str, limit: float, what: str, source: str) -> list[Finding]:
@@ -658,6 +739,23 @@ def batch_size_vs_noise_scale(run: RunData) -> list[Finding]:
             "proportionally at little extra cost in examples (McCandlish et al. 2018).",
             "gns.simple", "", last, b_simple, batch * GNS_FAR, "gradient_noise_scale")]
     return []
+
+
+@rule
+def run_step_never_called(run: RunData) -> list[Finding]:
+    """A run that ended without one ``run.step()`` call: nothing was recorded.
+
+    Source: dynascope's usage (``run.step(loss=loss)`` once per training step inside the ``with
+    dynascope.probe(...)`` block ends each step; without it no step is recorded). Rule: a run whose meta.json
+    says it finished with ``steps`` 0.
+    """
+    if run.meta.get("status") != "finished" or run.meta.get("steps") != 0:
+        return []
+    return [Finding(
+        "warning",
+        "run.step() was never called inside the `with dynascope.probe(...)` block: nothing was recorded. Call "
+        "run.step(loss=loss) once per training step.",
+        "", "", None, 0.0, None, None)]
 
 
 _SEVERITY_ORDER = {s: i for i, s in enumerate(SEVERITIES)}

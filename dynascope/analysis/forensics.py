@@ -18,15 +18,18 @@ Events
     the run stored none.
 
 Forensics
-    :func:`forensics` ranks the modules by leading indicators: for each module
-    and each of ``update.norm``, ``update.relative`` and ``grad.norm``, the first
-    recorded step within ``LOOKBACK`` recorded steps before the event (the event
-    step included) at which the value left its own running band (the median +-
-    ``BAND_MADS`` x 1.4826 x MAD of the previous ``BAND_WINDOW`` recorded values,
-    in log space, and at least ``MIN_RATIO`` times away from the median), and by
-    how much. Ordered by first step, then by ratio: the cause moves first, its
-    effects reach the other layers one step later. docs/forensics.md explains
-    how to read the table.
+    :func:`forensics` ranks candidate causes: for each module and each of
+    ``update.norm``, ``update.relative``, ``grad.norm`` and ``act.absmax`` (and each
+    param group's ``optim.lr``), the recorded steps within ``LOOKBACK`` recorded
+    steps before the event (the event step included) at which the value left its
+    RECENT band (the median +- ``BAND_MADS`` x 1.4826 x MAD of the previous
+    ``BAND_WINDOW`` = 5 recorded values, in log space, and at least ``MIN_RATIO`` =
+    5 times away from the median: a warmup or a slow drift moves the band with
+    it, minibatch noise stays inside), and by how much. Ranked: a change of a
+    hyperparameter first (the learning rate is set, not caused), then values that
+    became non-finite (earliest first; at one step, the activations in forward
+    order: the first module whose output is NaN produced it), then rises by size
+    (largest first), then drops. docs/forensics.md explains how to read the table.
 """
 
 from __future__ import annotations
@@ -42,16 +45,17 @@ import pandas as pd
 from ..core.robust import MAD_TO_SD, MIN_PERIODS, rolling_band
 from ..store import RunData, as_run
 
-__all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRICS", "EVENT_PREFIX",
+__all__ = ["BAND_WINDOW", "BAND_MADS", "MIN_RATIO", "LOOKBACK", "FORENSIC_METRICS", "HYPERPARAMETERS", "EVENT_PREFIX",
            "EVENT_MERGE", "MAD_TO_SD", "fold_ratio", "rolling_band", "detect_events", "run_events", "event_rows",
            "forensics", "module_of"]
 
-BAND_WINDOW = 20        # recorded values in a module's running band
+BAND_WINDOW = 5         # recent recorded values in a module's band (a warmup or a slow drift moves it along)
 BAND_MADS = 6.0         # band half-width in robust SDs (1.4826 x MAD)
-MIN_RATIO = 2.0         # ... and at least this factor from the running median (a jump, not a drift)
+MIN_RATIO = 5.0         # ... and at least this factor from the recent median (minibatch noise moves 2-3x)
 LOOKBACK = 20           # recorded steps before the event that are searched (the event step included)
 EVENT_MERGE = 5         # detected events of one kind within this many recorded steps form one episode
-FORENSIC_METRICS = ("update.norm", "update.relative", "grad.norm")
+FORENSIC_METRICS = ("optim.lr", "update.norm", "update.relative", "grad.norm", "act.absmax")
+HYPERPARAMETERS = ("optim.",)  # metrics that are set, not caused: a change of them ranks first
 EVENT_PREFIX = "event."
 THRESHOLD_SUFFIX = ".threshold"
 
@@ -212,22 +216,38 @@ def _log(x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x), y, np.nan)
 
 
+def _forward_order(layers: Sequence[str]) -> dict[str, int]:
+    """When each module's output is complete in a forward pass, as a rank: modules are listed in model
+    order (a parent before its children), and a parent's output comes after all of its children's."""
+    pos = {lay: i for i, lay in enumerate(layers)}
+    done = {}
+    for lay in layers:
+        kids = [pos[k] for k in layers if k.startswith(lay + ".")] if lay else list(pos.values())
+        done[lay] = (max(kids, default=pos[lay]), -lay.count("."))
+    return {lay: r for r, lay in enumerate(sorted(layers, key=lambda n: done[n]))}
+
+
 def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequence[str] = FORENSIC_METRICS,
               window: int = BAND_WINDOW, lookback: int = LOOKBACK, k: float = BAND_MADS,
               min_ratio: float = MIN_RATIO) -> pd.DataFrame:
-    """Modules ranked by when they left their own running band before the event at ``step``.
+    """Candidate causes of the event at ``step``: modules (and param groups) ranked by how far they left
+    their recent band before it.
 
-    Columns: ``module`` (a parameter's row is reported under its module), ``metric``, ``first_step`` (the
-    first recorded step within ``lookback`` recorded steps up to ``step`` where the value left the band:
-    |log x - median| > max(k x 1.4826 x MAD, log(min_ratio)) over the ``window`` previous recorded
-    values, or became non-finite), ``ratio`` (x / median at that step, folded to >= 1; inf when
-    non-finite), ``direction`` (up / down / non-finite), ``z`` (robust SDs from the median), ``value``,
-    ``median``, ``lead`` (steps between ``first_step`` and the step at which the loss left its own band,
-    positive = before the loss moved), ``layer`` (the recorded layer). One row per module and metric (its
-    earliest rise, or its earliest drop when it never rose); modules that stayed in their band are left
-    out. Rises and non-finite values first, ordered by ``first_step``, then by ratio (largest first),
-    then deeper module first (a parent that holds only the culprit moves with it); drops after them, in
-    the same order (a spike's cause moves up: a minibatch dip of one layer's gradient is not it).
+    Columns: ``module`` (a parameter's row is reported under its module; a param group's name for
+    ``optim.lr``), ``metric``, ``first_step`` (a recorded step within ``lookback`` recorded steps up to
+    ``step`` where the value left its band: |log x - median| > max(k x 1.4826 x MAD, log(min_ratio))
+    over the ``window`` previous recorded values, or became non-finite; which one: below),
+    ``ratio`` (x / median at that step, folded to >= 1; inf when non-finite), ``direction`` (up / down /
+    non-finite), ``z`` (robust SDs from the median), ``value``, ``median``, ``lead`` (steps between
+    ``first_step`` and the step at which the loss left its own band, positive = before the loss moved),
+    ``layer`` (the recorded layer). One row per module and metric: the first step it went non-finite, else
+    its first rise within 2x of its largest, else (it never rose) its first drop within 2x of its largest;
+    what stayed in its band is left out. Order: hyperparameters that moved (``optim.lr``: set by the user
+    or a scheduler, so a cause, not an effect); rises before anything went non-finite (what broke it),
+    largest first; non-finite values (earliest first; at one step activations before gradients and
+    updates, in forward order: the first module whose output went non-finite made it); the other rises,
+    largest first (ties: earlier, then deeper module: a parent that holds only the culprit moves with
+    it); drops (a spike's cause moves up: a minibatch dip of one layer's gradient is not it).
     ``df.attrs`` holds ``event_step`` and ``loss_step``.
     """
     from ..store import query
@@ -274,13 +294,20 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
         search = min(lookback + 1, len(pts))
         out, dev, sd, med = _departures(_log(x), nonfinite, search, window, k, min_ratio)
         s_search, xs = pts[-search:], x[-search:]
+        order = _forward_order(lays) if metric.startswith("act.") else {}
         for j, lay in enumerate(lays):
             hit = np.flatnonzero(out[:, j])
             if len(hit) == 0:
                 continue
+            bad = hit[~np.isfinite(xs[hit, j])]
             with np.errstate(invalid="ignore"):
-                rise = hit[(dev[hit, j] > 0) | ~np.isfinite(xs[hit, j])]
-            i = int(rise[0] if len(rise) else hit[0])  # a module's first rise; a drop only when it never rose
+                rise = hit[dev[hit, j] > 0]
+            if len(bad):  # the first step it went non-finite
+                i = int(bad[0])
+            else:  # its first rise within 2x of its largest; the same for drops when it never rose
+                pick = rise if len(rise) else hit
+                size = np.abs(dev[pick, j])
+                i = int(pick[np.flatnonzero(size >= size.max() - math.log(2.0))[0]])
             fin = bool(np.isfinite(xs[i, j]))
             d = float(dev[i, j]) if fin else math.inf
             direction = "non-finite" if not fin else ("up" if d > 0 else "down")
@@ -288,16 +315,26 @@ def forensics(run: str | os.PathLike[str] | RunData, step: int, *, metrics: Sequ
                          "ratio": fold_ratio(d) if fin else math.inf, "direction": direction,
                          "z": abs(d) / sd[i, j] if fin and sd[i, j] > 0 else math.inf,
                          "value": float(xs[i, j]), "median": math.exp(float(med[i, j])),
-                         "lead": loss_step - s_search[i], "layer": lay})
-    df = pd.DataFrame(rows, columns=_FORENSIC_COLUMNS)
+                         "lead": loss_step - s_search[i], "layer": lay,
+                         "_forward": order.get(lay, len(order)) if metric.startswith("act.") else math.inf})
+    df = pd.DataFrame(rows, columns=[*_FORENSIC_COLUMNS, "_forward"])
     if len(df):
+        hyper = df["metric"].map(lambda m: m.startswith(HYPERPARAMETERS)) & (df["direction"] != "down")
+        broke = df.loc[df["direction"] == "non-finite", "first_step"]
+        before = (df["direction"] == "up") & (df["first_step"] < (broke.min() if len(broke) else -1))
+        # 0: a hyperparameter moved; 1: rises before anything went non-finite (what broke it); 2: non-finite;
+        # 3: other rises; 4: drops
+        df["_class"] = np.select([hyper, before, df["direction"] == "non-finite", df["direction"] == "up"],
+                                 [0, 1, 2, 3], 4)
         df["_depth"] = [m.count(".") + 1 if m else 0 for m in df["module"]]
-        df["_neg"] = -df["ratio"]
-        df["_down"] = df["direction"] == "down"
-        df = df.sort_values(["_down", "first_step", "_neg", "_depth"], ascending=[True, True, True, False],
-                            kind="stable")
-        df = df.drop_duplicates(["module", "metric"]).drop(columns=["_depth", "_neg", "_down"])
+        # non-finite values by time, then forward order; everything else by size
+        df["_time"] = np.where(df["_class"] == 2, df["first_step"], 0)
+        df["_neg"] = np.where(df["_class"] == 2, 0.0, -df["ratio"])
+        df = df.sort_values(["_class", "_time", "_forward", "_neg", "first_step", "_depth"],
+                            ascending=[True, True, True, True, True, False], kind="stable")
+        df = df.drop_duplicates(["module", "metric"]).drop(columns=["_class", "_depth", "_time", "_neg"])
         df = df.reset_index(drop=True)
+    df = df.drop(columns=["_forward"])
     df = df.astype({"first_step": np.int64, "lead": np.int64}) if len(df) else df
     df.attrs.update(event_step=step, loss_step=loss_step)
     return df

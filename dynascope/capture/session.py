@@ -12,6 +12,7 @@ transaction.
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import sys
@@ -33,7 +34,7 @@ from ..core.version import __version__
 from ..probes.activations import ActivationProbe
 from ..probes.base import Collected, Probe, ProbeContext, StepOutcome
 from ..probes.gradients import GradientProbe
-from ..probes.optimizer import UpdateProbe
+from ..probes.optimizer import LearningRates, UpdateProbe
 from ..probes.scheduled import Scheduled, ScheduledRunner
 from ..probes.sentinel import Sentinel
 from ..store import ResilientWriter, RunStore, now_iso
@@ -160,7 +161,8 @@ class Session:
             sentinel if isinstance(sentinel, Sentinel) else Sentinel())
         # every instrument in one list, called through one protocol (dynascope.probes.base): the probes on
         # recording steps, the sentinel and the scheduled diagnostics' runners at every step
-        self.instruments: list[Probe] = [*self.probes, *([self.sentinel] if self.sentinel else []), *runners]
+        self.instruments: list[Probe] = [*self.probes, *([self.sentinel] if self.sentinel else []), *runners,
+                                         *([LearningRates()] if optimizers else [])]
         self._burst_until = -1
         self.snapshotter: Snapshotter | None = None
         if snapshot_every is not None:
@@ -258,7 +260,7 @@ class Session:
             "every": self.every,
             "sentinel": None if self.sentinel is None else {
                 "window": self.sentinel.window, "burst": self.sentinel.burst, "updates": self.sentinel.updates,
-                "drift": self.sentinel.drift},
+                "drift": self.sentinel.drift, "announce": self.sentinel.announce},
             "snapshot_every": None if self.snapshotter is None else self.snapshotter.every,
             "probes": [p.name for p in self.probes],
             "scheduled": [type(s).__name__ for s in self.scheduled],
@@ -334,11 +336,11 @@ class Session:
             return  # a run from before parameter names were stored
         shapes = old.get("parameter_shapes") if isinstance(old.get("parameter_shapes"), dict) else {}
         now = meta["parameter_shapes"]
-        diffs = [f"missing {n!r}" for n in names if n not in now]
         known = set(names)
-        diffs += [f"new {n!r}" for n in now if n not in known]
-        diffs += [f"{n!r} shape {tuple(shapes[n])} vs {tuple(now[n])}" for n in names
-                  if n in now and n in shapes and list(shapes[n]) != now[n]]
+        kinds = ([f"missing {n!r}" for n in names if n not in now], [f"new {n!r}" for n in now if n not in known],
+                 [f"{n!r} shape {tuple(shapes[n])} vs {tuple(now[n])}" for n in names
+                  if n in now and n in shapes and list(shapes[n]) != now[n]])
+        diffs = [d for trio in itertools.zip_longest(*kinds) for d in trio if d]  # the first of each kind first
         if diffs:
             self.store.close()
             self.store = None

@@ -35,9 +35,9 @@ import torch
 
 from ..core.coverage import CoverageRow
 from ._groups import ParamLayout, ShapeGroups, rowdot, stacked_weights
-from .base import Collected, Probe, ProbeContext, Stat
+from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
 
-__all__ = ["UpdateProbe", "is_adam_family", "lr_rule"]
+__all__ = ["UpdateProbe", "LearningRates", "group_names", "is_adam_family", "lr_rule"]
 
 
 def is_adam_family(optimizer: torch.optim.Optimizer | None, group: dict[str, Any] | None = None) -> bool:
@@ -238,3 +238,73 @@ def _angle(aa: torch.Tensor, ad: torch.Tensor, dd: torch.Tensor) -> torch.Tensor
     perp = (dd - ad * ad / aa).clamp_min(0)
     theta = torch.atan2((aa * perp).sqrt(), aa + ad)
     return torch.where(aa > 0, theta, torch.full_like(theta, float("nan")))
+
+
+def group_names(ctx: ProbeContext) -> list[list[str]]:
+    """A name for each param group of each optimizer: its own ``"name"`` entry when it has one (a string),
+    else the module that holds all of its parameters when that module holds no other group's (one group per
+    block: the block's name), else ``group<k>`` (``opt<i>.group<k>`` with several optimizers)."""
+    name_of = {id(p): n for n, p in ctx.param_names}
+    several = len(ctx.optimizers) > 1
+    common: list[list[str]] = []
+    for o in ctx.optimizers:
+        row = []
+        for g in o.param_groups:
+            mods = [name_of[id(p)].rsplit(".", 1)[0] if "." in name_of.get(id(p), "") else ""
+                    for p in g["params"] if id(p) in name_of]
+            parts = [m.split(".") for m in mods]
+            prefix = []
+            for level in zip(*parts) if parts else ():
+                if len(set(level)) != 1:
+                    break
+                prefix.append(level[0])
+            row.append(".".join(prefix))
+        common.append(row)
+    flat = [c for row in common for c in row if c]
+    out = [[c if c and flat.count(c) == 1 else (f"opt{i}.group{k}" if several else f"group{k}")
+            for k, c in enumerate(row)] for i, row in enumerate(common)]
+    given = [g.get("name") for o in ctx.optimizers for g in o.param_groups]
+    if all(isinstance(n, str) and n for n in given) and len(set(given)) == len(given):
+        it = iter(given)
+        out = [[next(it) for _ in row] for row in out]
+    return out
+
+
+class LearningRates(Probe):
+    """The learning rate of every param group at every step: ``optim.lr``, layer = the group's name
+    (:func:`group_names`: the module that holds the group, or ``group<k>``), read from the param groups in
+    the optimizer's step pre-hook: the lr this step's update uses (a scheduler stepped after
+    ``optimizer.step()`` sets the next step's). Host floats; a tensor lr on an accelerator is not read (it
+    would synchronise): NaN. What forensics and the ``learning_rate_jumps`` finding compare a change of the
+    update size with."""
+
+    name = "lr"
+    every_step = True
+
+    def setup(self, ctx: ProbeContext) -> None:
+        super().setup(ctx)
+        self.names = group_names(ctx)
+        self._rows: dict[tuple[int, int], float] = {}
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is None:
+            return
+        i = next((k for k, o in enumerate(self.ctx.optimizers) if o is optimizer), None)
+        if i is None:
+            return
+        for k, group in enumerate(optimizer.param_groups):
+            self._rows[(i, k)] = _lr_value(group)
+
+    def collect(self, step: int) -> Collected | None:
+        return None
+
+    def end_step(self, step: int, loss: Any) -> StepOutcome | None:
+        if not self._rows:
+            return None
+        rows = []
+        for (i, k), lr in self._rows.items():
+            names = self.names[i]
+            name = names[k] if k < len(names) else f"group{k}"  # a param group added during training
+            rows.append((step, "optim.lr", name, lr))
+        self._rows.clear()
+        return StepOutcome(rows=rows)
