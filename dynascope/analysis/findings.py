@@ -745,9 +745,8 @@ def batch_size_vs_noise_scale(run: RunData) -> list[Finding]:
 def run_step_never_called(run: RunData) -> list[Finding]:
     """A run that ended without one ``run.step()`` call: nothing was recorded.
 
-    Source: dynascope's usage (``run.step(loss=loss)`` once per training step inside the ``with
-    dynascope.probe(...)`` block ends each step; without it no step is recorded). Rule: a run whose meta.json
-    says it finished with ``steps`` 0.
+    Source: dynascope's usage, run.step() ends each training step inside the probe's block. Rule: a run whose
+    meta.json says it finished with ``steps`` 0 (``run.step(loss=loss)`` never called: nothing recorded).
     """
     if run.meta.get("status") != "finished" or run.meta.get("steps") != 0:
         return []

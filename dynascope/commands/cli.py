@@ -4,13 +4,15 @@
 module that provides ``add_arguments(parser)`` and ``run(args) -> int``; this
 file only dispatches. Wrong arguments print a usage message and exit with 2;
 expected failures (a path that is not a run, a bad checkpoint) print one line
-``dynascope: error: ...`` and exit with 2 as well.
+``dynascope: error: ...`` and exit with 2 as well. Output piped into a reader that
+stops early (``dynascope ls RUN | head``) ends quietly with 141 (128 + SIGPIPE).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -55,13 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_unavailable", None):
         parser.error(f"command {args.command!r} is not available in this installation ({args._unavailable})")
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is met inside the try
+        return code
     except UserError as exc:
         print(f"dynascope {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dynascope ls RUN | head`: the reader has gone; stop quietly as `cat` would
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, the status of a writer whose reader closed the pipe
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,8 @@ __all__ = ["add_arguments", "run", "describe"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="run directories (a folder holding runs: each run inside it)")
 
 
 def _steps(run: RunData, metric: str, layers: list[str]) -> str:
@@ -46,7 +47,10 @@ def describe(run: RunData) -> str:
             st = grp["step"].to_numpy()
             lines.append(f"  {name}  steps {int(st.min())}..{int(st.max())} ({len(st)})")
     lines.append("coverage:")
-    lines += summarize(run.coverage())
+    if meta.get("steps") == 0 and meta.get("status") == "finished":
+        lines.append("  nothing recorded: run.step() was never called")
+    else:
+        lines += summarize(run.coverage(), module_types=meta.get("module_types"), parameters=meta.get("parameters"))
     marks = run.marks()
     lines.append(f"marks ({len(marks)}):")
     for _, row in marks.head(20).iterrows():
@@ -58,8 +62,9 @@ def describe(run: RunData) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import UserError
+    from .report import expand_runs
 
-    for i, path in enumerate(args.runs):
+    for i, path in enumerate(expand_runs(args.runs, "ls")):
         try:
             text = describe(load_run(path))
         except RunStoreError as exc:

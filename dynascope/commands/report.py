@@ -6,7 +6,7 @@ until Ctrl-C (exit 0). Each rewrite re-opens the runs (read-only SQLite
 connections on the WAL store: the training process is never blocked) and
 replaces the file atomically, so a browser or a reader never sees half a
 report. A run directory that does not exist yet is waited for. A line is
-printed when a run's status (meta.json) turns ``finished`` or ``failed``.
+printed when a run's status (meta.json) turns ``finished``, ``failed`` or ``interrupted``.
 ``--refresh`` makes the page reload itself at the same interval, keeping its
 scroll position.
 """
@@ -23,12 +23,31 @@ import time
 from pathlib import Path
 
 from ..store import RunStoreError, load_run
+from ..store.reader import find_runs
+from ..store.schema import DB_NAME
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "expand_runs"]
+
+
+def expand_runs(paths: list[str], command: str) -> list[str]:
+    """``paths`` with each folder that is not a run but holds runs (at any depth) replaced by those runs,
+    sorted, and one line on stderr saying how many were found; anything else is kept (and errors as before)."""
+    out: list[str] = []
+    for p in paths:
+        found = [] if (Path(p) / DB_NAME).exists() else find_runs(p)
+        if found:
+            print(f"dynascope {command}: {p} is not a run; found {len(found)} run{'s' if len(found) != 1 else ''} "
+                  "inside it", file=sys.stderr)
+            out += [str(f) for f in found]
+        else:
+            out.append(p)
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories to report on (several are compared)")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="run directories to report on (several are compared; a folder holding runs: each run "
+                             "inside it)")
     parser.add_argument("-o", "--out", default=None, metavar="PATH",
                         help="output file for html (default: report.html), or folder for png/pdf "
                              "(default: report-figures)")
@@ -57,13 +76,14 @@ def run(args: argparse.Namespace) -> int:
     if args.watch is not None:
         return _watch(args)
     runs, skipped = [], []
-    for path in args.runs:
+    paths = expand_runs(args.runs, "report")
+    for path in paths:
         try:
             runs.append(load_run(path))
         except RunStoreError as exc:
             if not args.skip_bad:
                 raise UserError(f"run {path}: {exc} (pass --skip-bad to report on the other runs)"
-                                if len(args.runs) > 1 else str(exc)) from None
+                                if len(paths) > 1 else str(exc)) from None
             skipped.append((path, str(exc)))
     try:
         baseline = None if args.baseline is None else load_run(args.baseline)
@@ -91,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dynascope report: skipped {p}: {problem}", file=sys.stderr)
     print(path)
     return 0
+
+
+_ENDED = ("finished", "failed", "interrupted")  # the statuses a closed run's meta.json holds
 
 
 def _status(path: str) -> str | None:
@@ -125,7 +148,7 @@ def _watch(args: argparse.Namespace) -> int:
                 if st != known.get(path, "?"):
                     if st is None:
                         print(f"waiting for run {path!r} to appear", flush=True)
-                    elif st in ("finished", "failed"):
+                    elif st in _ENDED:
                         print(f"run {path!r} {st}", flush=True)
                     elif path not in known or known[path] is None:
                         print(f"watching run {path!r} ({st})", flush=True)
@@ -133,7 +156,7 @@ def _watch(args: argparse.Namespace) -> int:
             present = [p for p in args.runs if known.get(p) is not None]
             if present:
                 now = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S UTC")
-                state = ("all runs ended" if all(known[p] in ("finished", "failed") for p in present)
+                state = ("all runs ended" if all(known[p] in _ENDED for p in present)
                          else "runs still training")
                 live = (f"Live report, rewritten every {args.watch:g} s (last at {now}; {state})"
                         + ("; this page reloads itself." if args.refresh else "; reload the page to update."))

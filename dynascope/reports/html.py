@@ -31,6 +31,7 @@ from markupsafe import Markup
 
 from ..analysis.findings import BASELINE_RULE, Finding
 from ..analysis.findings import collect as collect_findings
+from ..core.coverage import triage
 from ..core.version import __version__
 from ..store import RunData, RunStoreError, as_runs, query
 from .figures import FigureSpec, all_figures, run_colors
@@ -165,7 +166,13 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
+def _never_stepped(run: RunData) -> bool:
+    return run.meta.get("steps") == 0 and run.meta.get("status") == "finished"
+
+
 def _steps_summary(run: RunData) -> str:
+    if _never_stepped(run):
+        return "nothing recorded: run.step() was never called"
     metric = "loss" if query.has(run, "loss") else (query.metrics(run) or [None])[0]
     if metric is None:
         return "nothing recorded"
@@ -234,15 +241,19 @@ def _summary(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
         if cov.empty:  # analyze has no live instruments; otherwise a run of an older dynascope or another writer
             return ("not recorded (run written by dynascope analyze: checkpoints, no live probes)"
                     if r.meta.get("source") == "analyze" else "not recorded (no coverage table in the run's meta.json)")
+        if _never_stepped(r):
+            return "n/a: run.step() was never called"
         counts = []
         for kind in ("module", "parameter"):
             k = cov[cov["kind"] == kind]
             if len(k):
-                counts.append(f"{int(k['recorded'].sum())} of {len(k)} {kind}s recorded")
-        missing = cov[~cov["recorded"].astype(bool)]
+                counts.append(f"{int(k['recorded'].astype(bool).sum())} of {len(k)} {kind}s recorded")
+        # what a user would act on, one by one; what is missing by design, one line per kind
+        missing, by_design = triage(cov, r.meta.get("module_types"), r.meta.get("parameters"))
         notes = [f"{m.kind} {m.name}: {m.reason}" for m in missing.head(6).itertuples()]
         more = f"; ... {len(missing) - 6} more (dynascope ls)" if len(missing) > 6 else ""
-        return ", ".join(counts) + ("; not recorded: " + "; ".join(notes) + more if notes else "")
+        return (", ".join(counts) + ("; not recorded: " + "; ".join(notes) + more if notes else "")
+                + "".join(f"; {line}" for line in by_design))
 
     row("status", lambda r: str(r.meta.get("status", "n/a")))
     row("model", model)

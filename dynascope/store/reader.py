@@ -32,7 +32,7 @@ from .schema import (
 if TYPE_CHECKING:  # pandas is needed to read runs, not to record them
     import pandas as pd
 
-__all__ = ["RunData", "load_run", "as_run"]
+__all__ = ["RunData", "load_run", "as_run", "find_runs"]
 
 
 def _check_db_file(db: Path) -> None:
@@ -96,7 +96,7 @@ class RunData:
                 con.execute("SELECT MAX(series), COUNT(*) FROM (SELECT series FROM points LIMIT 1)").fetchone()
                 con.execute("SELECT COUNT(*) FROM series").fetchone()
         self.format: int = fmt
-        self.name: str = str(self.meta.get("name") or self.path.name)
+        self.name: str = _run_name(self.meta, self.path)
         self._cache: dict[str, Any] = {}
         self._series: dict[str, dict[str, int]] | None = None
 
@@ -382,6 +382,32 @@ def _pairs(rows: list[tuple]) -> np.ndarray:
         return np.fromiter(itertools.chain.from_iterable(rows), dtype=float, count=2 * len(rows))
     except TypeError:  # a None among the values
         return np.array(rows, dtype=float).reshape(-1)
+
+def _run_name(meta: dict[str, Any], path: Path) -> str:
+    """The run's name: the ``name=`` it was given, else the name of the folder it lives in now (a copied run
+    is named after its copy; runs written before ``name_given`` was stored keep their stored name)."""
+    folder = os.path.basename(os.path.normpath(os.path.abspath(path)))
+    stored = meta.get("name")
+    if not stored or meta.get("name_given") is False:
+        return folder or str(path)
+    return str(stored)
+
+
+def find_runs(path: str | os.PathLike[str]) -> list[Path]:
+    """The run directories under the folder ``path`` (at any depth, not inside a run; sorted by path), or
+    ``[]``. ``dynascope report runs/`` and ``dynascope ls runs/`` read them as TensorBoard reads a log folder."""
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    found = []
+    for here, dirs, files in os.walk(root):
+        if DB_NAME in files and here != str(root):
+            found.append(Path(here))
+            dirs.clear()  # a run's own folders hold no runs
+        else:
+            dirs.sort()
+    return sorted(found, key=lambda p: [_natural_key(part) for part in p.relative_to(root).parts])
+
 
 def load_run(path: str | os.PathLike[str]) -> RunData:
     """Open a run directory for reading (also while it is being written).
