@@ -320,3 +320,25 @@ def test_coverage_shows_what_to_act_on_and_folds_what_is_missing_by_design(tmp_p
     assert "drops.0" not in page and "update.*@fc.bias" not in page
     html = dynascope.load_run(tmp_path / "r")._repr_html_()
     assert "3 Dropout, 1 Identity" in html and "drops.0" not in html
+
+
+def test_a_probed_model_still_deep_copies(tmp_path):
+    """The session's forward counter rides on the model while it is open: an EMA or evaluation copy
+    (copy.deepcopy) still works (a hook bound to the session dragged its database connection along)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    import dynascope
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dynascope.probe(model, opt, tmp_path / "r") as run:
+        ema = copy.deepcopy(model)
+        loss = model(torch.randn(2, 4)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        run.step(loss=loss)
+    assert isinstance(ema, nn.Sequential)

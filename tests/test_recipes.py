@@ -137,3 +137,74 @@ def test_clipping_is_restored_when_the_session_closes(tmp_path):
         assert clip_grad._clip_grads_with_norm_ is not original
     assert clip_grad._clip_grads_with_norm_ is original
     assert torch.nn.utils.clip_grads_with_norm_ is original
+
+
+# -- the language-model recipe: a tiny GPT-2, AdamW with decay / no-decay groups, warmup + cosine, clipping ----
+GPT_STEPS = 200
+GPT_FAULT = 150
+
+
+def _gpt2_recipe(path, fault: str, clip: float | None = 1.0):
+    """Returns (run, what clip_grad_norm_ returned per step)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    from dynascope.datasets import load_digits
+
+    x, _ = load_digits()
+    tokens = (x * 16).round().long()  # each 8x8 digit as 64 intensity tokens
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=17, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    groups: dict[str, list] = {}
+    for n, p in model.named_parameters():
+        unit = "h.1" if ".h.1." in n else "rest"  # one block's groups apart, so its lr can be faulted
+        groups.setdefault(f"{unit}.{'decay' if p.ndim >= 2 else 'no_decay'}", []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "name": k, "weight_decay": 0.1 if k.endswith(".decay") else 0.0}
+                             for k, ps in groups.items()], lr=1e-3)
+    sched = _warmup_cosine(opt, 20, GPT_STEPS)
+    g = torch.Generator().manual_seed(0)
+    returned = []
+    with dynascope.probe(model, opt, path, sentinel=dynascope.Sentinel(announce=False)) as run:
+        for step in range(GPT_STEPS):
+            b = tokens[torch.randint(0, len(tokens), (32,), generator=g)]
+            loss = model(input_ids=b, labels=b).loss
+            opt.zero_grad()
+            loss.backward()
+            if clip is not None:
+                returned.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+            base = [group["lr"] for group in opt.param_groups]
+            for group in opt.param_groups:
+                if step >= GPT_FAULT and (fault == "global" or group["name"].startswith("h.1.")):
+                    group["lr"] *= 100.0
+            opt.step()
+            for group, lr in zip(opt.param_groups, base):
+                group["lr"] = lr
+            sched.step()
+            run.step(loss=loss.detach())
+    return dynascope.load_run(path), returned
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,clip", [("global", 1.0), ("global", None), ("block", 1.0)])
+def test_the_gpt2_recipe_with_a_learning_rate_fault(tmp_path, fault, clip):
+    run, returned = _gpt2_recipe(tmp_path / "r", fault, clip)
+    if clip is not None:  # the recorded gradient norm is clip_grad_norm_'s value (before clipping)
+        gn = run.scalars("grad.global_norm").set_index("step")["value"]
+        np.testing.assert_allclose(gn.to_numpy(), np.array(returned)[gn.index.to_numpy()], rtol=1e-5)
+        assert max(returned) > 1.0
+    ev = run.events()
+    assert ev[ev["step"] < GPT_FAULT].empty, ev  # warmup and cosine are quiet
+    first = int(ev["step"].min())
+    assert GPT_FAULT <= first <= GPT_FAULT + 5, ev
+    table = run.forensics(first)
+    assert table.iloc[0]["metric"] == "optim.lr" and table.iloc[0]["ratio"] > 30, table.head()
+    if fault == "block":
+        assert table.iloc[0]["module"].startswith("h.1."), table.head()
+        modules = table[table["metric"] != "optim.lr"]
+        assert modules.iloc[0]["module"].startswith("transformer.h.1"), modules.head()
+    found = dynascope.findings(run)
+    lr = found[found["rule"] == "learning_rate_jumps"]
+    assert len(lr) and int(lr.iloc[0]["step"]) == GPT_FAULT, found
+    arch = found[found["rule"].isin(["variance_grows_with_depth", "grad_norm_depth_ratio"])]
+    assert (arch["step"] < GPT_FAULT).all(), arch

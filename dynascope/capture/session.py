@@ -94,6 +94,20 @@ def _unwrapped(model: nn.Module) -> nn.Module:
         model = inner
 
 
+class _ForwardCounter:
+    """The root model's forward pre-hook: counts forward passes (outside compiled graphs: under torch.compile
+    the count is skipped, never traced), so ``step`` can tell two ``run.step()`` calls without a forward pass
+    between them. Changes nothing; holds only a count, so a model that carries it while the session is open
+    still deep-copies and pickles (``copy.deepcopy(model)`` for an EMA or evaluation copy, ``torch.save``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.count += 1
+
+
 class Session:
     """A probed training run. Use through :func:`probe` as a context manager."""
 
@@ -201,6 +215,7 @@ class Session:
         self._hooks: list[Any] = []
         self._dynamo_patch: Any = None
         self._read_early: set[int] = set()  # optimizers (ids) whose gradients were read before clipping this step
+        self._forward_counter = _ForwardCounter()
         self.ctx = ProbeContext(model, list(optimizers), self.param_names, modules, self.module_names,
                                 rank=rank(), world=world_size())
         self._device_buf: list[tuple[int, torch.Tensor | None, Collected]] = []
@@ -317,9 +332,10 @@ class Session:
             self._hooks.append(opt.register_step_pre_hook(self._pre_step))
             self._hooks.append(opt.register_step_post_hook(self._post_step))
         # forward passes counted (eagerly: not inside a compiled graph) to tell a doubled run.step() call
-        self._forwards = self._forwards_at_step = self._step_calls = self._doubled = 0
+        self._forwards_at_step = self._step_calls = self._doubled = 0
         self._forward_in_last_step = self._doubled_off = False
-        self._hooks.append(self.model.register_forward_pre_hook(self._count_forward))
+        self._forward_counter = _ForwardCounter()
+        self._hooks.append(self.model.register_forward_pre_hook(self._forward_counter))
         ClipWatch.add(self._on_clip)
         self._open = True
         if self.snapshotter is not None:
@@ -349,12 +365,9 @@ class Session:
                              f"{', '.join(diffs[:3])}{more} (resume it with the model it recorded, or record a new "
                              "run)")
 
-    def _count_forward(self, module: nn.Module, args: Any) -> None:
-        """The root model's forward pre-hook: counts forward passes (outside compiled graphs: under
-        torch.compile the count is skipped, never traced), so ``step`` can tell two ``run.step()`` calls
-        without a forward pass between them. Changes nothing."""
-        if not torch.compiler.is_compiling():
-            self._forwards += 1
+    @property
+    def _forwards(self) -> int:
+        return self._forward_counter.count
 
     def coverage(self) -> pd.DataFrame:
         """What this run records and what it cannot, and why: one row per module,

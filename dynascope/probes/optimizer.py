@@ -273,10 +273,10 @@ def group_names(ctx: ProbeContext) -> list[list[str]]:
 class LearningRates(Probe):
     """The learning rate of every param group at every step: ``optim.lr``, layer = the group's name
     (:func:`group_names`: the module that holds the group, or ``group<k>``), read from the param groups in
-    the optimizer's step pre-hook: the lr this step's update uses (a scheduler stepped after
-    ``optimizer.step()`` sets the next step's). Host floats; a tensor lr on an accelerator is not read (it
-    would synchronise): NaN. What forensics and the ``learning_rate_jumps`` finding compare a change of the
-    update size with."""
+    the optimizer's step post-hook: the lr this step's update used (a scheduler stepped after
+    ``optimizer.step()`` sets the next step's; a loop that sets the lr after clipping is seen too). Host
+    floats; a tensor lr on an accelerator is not read (it would synchronise): NaN. What forensics and the
+    ``learning_rate_jumps`` finding compare a change of the update size with."""
 
     name = "lr"
     every_step = True
@@ -286,9 +286,7 @@ class LearningRates(Probe):
         self.names = group_names(ctx)
         self._rows: dict[tuple[int, int], float] = {}
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
-        if optimizer is None:
-            return
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         i = next((k for k, o in enumerate(self.ctx.optimizers) if o is optimizer), None)
         if i is None:
             return
