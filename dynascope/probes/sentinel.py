@@ -5,9 +5,11 @@ buffer of the last ``window`` steps (default 64): the loss, the global gradient
 norm and, per module that owns parameters, the gradient norm ``grad.norm`` and
 the update norm ``update.norm`` = ||w_{t+1} - w_t|| (the same names and module
 names the probes use). Norms come from multi-tensor reductions
-(``torch._foreach_norm``); the update needs a copy of the trainable weights
-before each optimizer step (``torch._foreach_copy_``: one extra copy of the
-trainable parameters in memory).
+(``torch._foreach_norm``). For SGD, Adam and AdamW the update follows from the
+optimizer's state after its step (:mod:`dynascope.probes._steps`: no copy of the
+weights, temporaries of at most STATE_CHUNK elements); for other optimizers it
+needs a copy of the trainable weights before each optimizer step
+(``torch._foreach_copy_``: one extra copy of the trainable parameters in memory).
 
 Nothing synchronises with the host per step: each step's row is copied to the
 host without blocking (pinned memory and an event on CUDA) and read one step
@@ -55,11 +57,13 @@ from ..core.robust import (
     SPIKE_WINDOW,
     spike_threshold,
 )
+from ._steps import steps_from_state, supports_state_steps
 from .base import Collected, Probe, ProbeContext, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
 
 _HOST_SLOTS = 8  # pinned host rows in flight (CUDA)
+STATE_CHUNK = 1 << 22  # elements of temporaries when update norms are computed from the optimizer's state
 START_LOSSES = 3  # the starting loss of the min-rise floor: the median of the first 3 finite losses
 
 
@@ -159,6 +163,7 @@ class Sentinel(Probe):
         self._snap: dict[tuple[int, tuple[int, ...] | None], tuple[list[torch.Tensor], list[torch.Tensor],
                                                                      torch.Tensor]] = {}
         self._last_snap: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
+        self._last_state: dict[int, tuple[list[int], torch.Tensor]] = {}
         pinned = device.type == "cuda"
         self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
         self._host_np = [h.numpy() for h in self._host]  # views: read without a torch call per step
@@ -208,7 +213,10 @@ class Sentinel(Probe):
                 self._gn.copy_(norms)
             else:
                 self._gn.index_copy_(0, index, norms.to(self._gn.device))
-            if self.updates and optimizer is not None:
+            if self.updates and optimizer is not None and supports_state_steps(optimizer):
+                # the step follows from the optimizer's state after it: no copy of the weights
+                self._last_state[id(optimizer)] = (idx, index)
+            elif self.updates and optimizer is not None:
                 key = (id(optimizer), tuple(idx))
                 hit = self._snap.get(key)
                 if hit is None:
@@ -220,6 +228,10 @@ class Sentinel(Probe):
                 self._last_snap[id(optimizer)] = hit
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        state = self._last_state.pop(id(optimizer), None)
+        if state is not None:
+            self._state_update_norms(optimizer, *state)
+            return
         hit = self._last_snap.pop(id(optimizer), None)
         if hit is None:
             return
@@ -231,6 +243,36 @@ class Sentinel(Probe):
                 torch.stack(norms, out=self._un)  # one optimizer stepping every parameter: stacked in place
             else:
                 self._un.index_copy_(0, index, torch.stack([t.float() for t in norms]))
+
+    def _state_update_norms(self, optimizer: torch.optim.Optimizer, idx: list[int], index: torch.Tensor) -> None:
+        """||w_{t+1} - w_t|| of the parameters ``optimizer`` stepped, from its state (dynascope.probes._steps):
+        a few parameters at a time (at most STATE_CHUNK elements of temporaries), per param group."""
+        norms: list[torch.Tensor] = []
+        chunk: list[torch.Tensor] = []
+        size, group = 0, None
+        with torch.no_grad():
+            def flush() -> bool:
+                if not chunk:
+                    return True
+                ds = steps_from_state(optimizer, group, chunk)  # type: ignore[arg-type]
+                if ds is None:
+                    return False
+                norms.extend(torch._foreach_norm(ds))
+                chunk.clear()
+                return True
+
+            for i in idx:
+                p = self.params[i][1]
+                g = self.ctx.group_of(p)
+                if g is not group or size + p.numel() > STATE_CHUNK:
+                    if not flush():
+                        return
+                    size, group = 0, g
+                chunk.append(p)
+                size += p.numel()
+            if not flush() or len(norms) != len(idx):
+                return
+            self._un.index_copy_(0, index, torch.stack([t.float() for t in norms]))
 
     def end_step(self, step: int, loss: Any) -> StepOutcome | None:
         """Write this step's row into the ring buffer and detect events from the values of earlier steps
