@@ -288,10 +288,14 @@ def test_transformers_callback_matches_the_trainers_logs(tmp_path, monkeypatch):
     assert run.meta["status"] == "finished" and callback.session is None
     assert run.scalars("loss")["step"].tolist() == list(range(6))
     hf_norm = run.scalars("grad_norm").set_index("step")["value"]  # before clipping, logged by the Trainer
-    ours = run.scalars("grad.global_norm").set_index("step")["value"]  # read in the optimizer pre-hook
+    ours = run.scalars("grad.global_norm").set_index("step")["value"]  # read just before the Trainer clips
     assert ours.index.tolist() == [0, 2, 4]
-    for step, value in ours.items():
-        assert value == pytest.approx(min(hf_norm[step], 1.0), rel=1e-5)
+    for step, value in ours.items():  # the gradient the loss produced: the Trainer's own grad_norm
+        assert value == pytest.approx(hf_norm[step], rel=1e-5)
+    assert max(hf_norm[s] for s in ours.index) > 1.0  # it clipped: the comparison tells before from after
+    coef = run.scalars("grad.clip_coef").set_index("step")["value"]
+    for step, value in coef.items():  # what the optimizer got: torch's clip factor
+        assert value == pytest.approx(min(1.0, 1.0 / (hf_norm[step] + 1e-6)), rel=1e-5)
     assert "transformer.h.1.mlp.c_fc" in run.layers("act.channel_var")
     assert run.has("update.angle") and run.has("learning_rate")
 

@@ -317,7 +317,8 @@ def test_hooks_removed_on_exit_and_on_exception(tmp_path):
             F.cross_entropy(model(x), y).backward()
             opt.step()
             run.step()
-    assert [c > 0 for c in counts] == [True, False, False, True, False, False]
+    # one forward pre-hook stays on the root model while the session is open (it counts forward passes)
+    assert [c > 1 for c in counts] == [True, False, False, True, False, False] and min(counts) == 1
     assert hook_counts(model, opt) == (0, 0, 0)
 
 

@@ -126,24 +126,33 @@ def forensics_figure(run: RunData, event: pd.Series, table: pd.DataFrame, *, pan
         ax.set_visible(False)
     finish(fig, rows, cols, legend=False, top=0.3, hgap=0.7)
     set_caption(fig, f"Run {run.name}: {event['kind']} at step {step} (red dashed line). Panels: the loss and "
-                f"the modules that left their running band first, in the table's order; shaded: the band "
+                f"the top-ranked modules, in the table's order; shaded: the recent band "
                 f"exp(median +- {BAND_MADS:g} robust SDs of log value, at least {MIN_RATIO:g}x) over the "
-                f"previous {window} recorded values; dotted: each metric's first departure.")
+                f"previous {window} recorded values; dotted: the step each metric is reported at.")
     return fig
+
+
+def _priority(kind: str) -> int:
+    """Which event of an episode heads its forensics: a loss event, then a spike or non-finite gradient, then
+    a module jump, then an early warning."""
+    if kind.startswith("loss"):
+        return 0
+    if kind.startswith("grad_spike") or kind.endswith("nonfinite"):
+        return 1
+    return 2 if kind.endswith("_jump") else 3
 
 
 def _events_to_show(events: pd.DataFrame, max_events: int) -> pd.DataFrame:
     if events.empty:
         return events
-    is_loss = np.array([str(k).startswith("loss") for k in events["kind"]])
-    loss_steps = events["step"].to_numpy()[is_loss]
-    # another kind within EVENT_MERGE steps of a loss event is the same episode: its forensics repeat
-    near = np.array([bool(len(loss_steps)) and bool(np.any(np.abs(loss_steps - st) <= EVENT_MERGE))
-                     for st in events["step"]])
-    keep = events[is_loss | ~near]
-    loss_first = keep.assign(_grad=[0 if str(k).startswith("loss") else 1 for k in keep["kind"]])
-    chosen = loss_first.sort_values(["_grad", "step"], kind="stable").head(max_events)
-    return chosen.drop(columns="_grad")  # loss events first (by step), then the others
+    ev = events.sort_values("step", kind="stable").reset_index(drop=True)
+    steps = ev["step"].to_numpy()
+    # events within EVENT_MERGE steps of the previous one are one episode: their forensics repeat
+    episode = np.r_[0, np.cumsum(np.diff(steps) > EVENT_MERGE)]
+    ev = ev.assign(_episode=episode, _prio=[_priority(str(k)) for k in ev["kind"]])
+    heads = ev.sort_values(["_episode", "_prio", "step"], kind="stable").drop_duplicates("_episode")
+    chosen = heads.sort_values(["_prio", "step"], kind="stable").head(max_events)
+    return chosen.drop(columns=["_episode", "_prio"])  # loss events first (by step), then the others
 
 
 def forensics_items(runs: Sequence[RunData], render: Render, *, max_events: int = MAX_EVENTS,
