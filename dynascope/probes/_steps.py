@@ -14,9 +14,10 @@ w_{t+1} by the formula the optimizer used (torch/optim/sgd.py, adam.py):
   w_{t+1} = w_t (1 - lr wd) - u, so w_t = (w_{t+1} + u) / (1 - lr wd) and D = w_{t+1} - w_t.
 
 The copy measures the update as rounded into the float32 weights; this gives the update the optimizer
-computed (they agree to ~1e-6 relative, tested to 1e-4 for each optimizer and flag). Other optimizers (Muon,
-user optimizers), a tensor learning rate on an accelerator (reading it would synchronise) and a state
-without the expected entries return None: the caller keeps a copy for those.
+computed (they agree to ~1e-6 relative, tested to 1e-4 for each optimizer and flag). A tensor learning rate
+or step count stays a tensor (no value is read on the host: no synchronisation, architecture invariant 3).
+Other optimizers (Muon, user optimizers) and a state without the expected entries return None: the caller
+keeps a copy for those.
 """
 
 from __future__ import annotations
@@ -29,19 +30,10 @@ import torch
 __all__ = ["supports_state_steps", "steps_from_state"]
 
 
-def _scalar(x: Any) -> float | None:
-    if isinstance(x, torch.Tensor):
-        if x.device.type != "cpu":
-            return None
-        return float(x)
-    return float(x)
-
-
 def supports_state_steps(optimizer: torch.optim.Optimizer | None) -> bool:
     """Whether :func:`steps_from_state` knows this optimizer's step (SGD, Adam, AdamW; not their subclasses,
     whose step may differ)."""
-    return type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW) and all(
-        _scalar(g["lr"]) is not None for g in optimizer.param_groups)  # type: ignore[union-attr]
+    return type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def _decoupled(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
@@ -56,9 +48,7 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
     """D = w_{t+1} - w_t of each of ``params`` (all in ``group``, all stepped just now), computed from the
     optimizer's state after its step; None when this optimizer or state is not covered. One new tensor of
     the parameter's size per parameter: callers bound their memory by passing a few at a time."""
-    lr = _scalar(group["lr"])
-    if lr is None:
-        return None
+    lr = group["lr"]  # a float, or a 0-dim tensor used as it is
     wd = float(group.get("weight_decay", 0.0) or 0.0)
     state = optimizer.state
     out: list[torch.Tensor] = []
@@ -71,7 +61,7 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
             if mu and buf is None:
                 return None
             if mu and not nesterov:
-                out.append(buf.mul(-lr))  # type: ignore[union-attr]
+                out.append(buf.mul(lr).neg_())  # type: ignore[union-attr]
                 continue
             if p.grad is None:
                 return None
@@ -79,7 +69,7 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
             rhs = g.mul(sign)
             if nesterov:
                 rhs.add_(buf, alpha=mu)  # type: ignore[arg-type]
-            w_t = p.detach().add(rhs, alpha=lr)
+            w_t = p.detach().add(rhs.mul_(lr))
             if wd:
                 w_t.div_(1.0 - lr * wd)
             out.append(p.detach().sub(w_t))
@@ -93,11 +83,10 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
         m, v, t = st.get("exp_avg"), st.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq"), st.get("step")
         if m is None or v is None or t is None:
             return None
-        step = float(t) if not isinstance(t, torch.Tensor) or t.device.type == "cpu" else None
-        if step is None:
-            return None
-        bc1 = 1.0 - beta1 ** step
-        bc2_sqrt = (1.0 - beta2 ** step) ** 0.5
+        # the step count: a float, or a (CPU or device) tensor kept on its device
+        t = t.to(m.device, torch.float64) if isinstance(t, torch.Tensor) else float(t)
+        bc1 = 1.0 - beta1 ** t
+        bc2_sqrt = (1.0 - beta2 ** t) ** 0.5
         denom = v.sqrt().div_(bc2_sqrt).add_(eps)
         u = m.div(denom).mul_(lr / bc1)  # what the optimizer subtracted
         if decoupled:

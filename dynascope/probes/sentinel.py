@@ -164,6 +164,7 @@ class Sentinel(Probe):
                                                                      torch.Tensor]] = {}
         self._last_snap: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
         self._last_state: dict[int, tuple[list[int], torch.Tensor]] = {}
+        self._no_state: set[int] = set()  # optimizers whose state did not give their step: copied instead
         pinned = device.type == "cuda"
         self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
         self._host_np = [h.numpy() for h in self._host]  # views: read without a torch call per step
@@ -213,7 +214,8 @@ class Sentinel(Probe):
                 self._gn.copy_(norms)
             else:
                 self._gn.index_copy_(0, index, norms.to(self._gn.device))
-            if self.updates and optimizer is not None and supports_state_steps(optimizer):
+            if self.updates and optimizer is not None and supports_state_steps(optimizer) \
+                    and id(optimizer) not in self._no_state:
                 # the step follows from the optimizer's state after it: no copy of the weights
                 self._last_state[id(optimizer)] = (idx, index)
             elif self.updates and optimizer is not None:
@@ -254,23 +256,33 @@ class Sentinel(Probe):
             def flush() -> bool:
                 if not chunk:
                     return True
-                ds = steps_from_state(optimizer, group, chunk)  # type: ignore[arg-type]
-                if ds is None:
-                    return False
-                norms.extend(torch._foreach_norm(ds))
+                if group is None:  # parameters no optimizer owns (read with the first one): not stepped
+                    norms.extend(p.new_zeros((), dtype=torch.float32) for p in chunk)
+                else:
+                    ds = steps_from_state(optimizer, group, chunk)
+                    if ds is None:
+                        return False
+                    norms.extend(torch._foreach_norm(ds))
                 chunk.clear()
                 return True
 
-            for i in idx:
-                p = self.params[i][1]
-                g = self.ctx.group_of(p)
-                if g is not group or size + p.numel() > STATE_CHUNK:
-                    if not flush():
-                        return
-                    size, group = 0, g
-                chunk.append(p)
-                size += p.numel()
-            if not flush() or len(norms) != len(idx):
+            try:
+                for i in idx:
+                    p = self.params[i][1]
+                    g = self.ctx.group_of(p) if self.ctx.optimizer_of(p) is optimizer else None
+                    if g is not group or size + p.numel() > STATE_CHUNK:
+                        if not flush():
+                            raise LookupError("the optimizer's state lacks an entry its step writes")
+                        size, group = 0, g
+                    chunk.append(p)
+                    size += p.numel()
+                if not flush():
+                    raise LookupError("the optimizer's state lacks an entry its step writes")
+            except Exception as exc:  # noqa: BLE001 - probing never stops training: copy from the next step on
+                self._no_state.add(id(optimizer))
+                warnings.warn(f"dynascope: the sentinel could not read {type(optimizer).__name__}'s step from its "
+                              f"state ({type(exc).__name__}: {exc}); it copies the weights from the next step on",
+                              RuntimeWarning, stacklevel=4)
                 return
             self._un.index_copy_(0, index, torch.stack([t.float() for t in norms]))
 
