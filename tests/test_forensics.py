@@ -303,3 +303,21 @@ def test_a_sentinel_run_without_events_is_not_second_guessed(tmp_path):
     assert run.events().empty and list(run.events().columns) == ["step", "kind", "value", "threshold", "source",
                                                                  "detail"]
     assert (run.events(detect=True)["step"] == 120).any()
+
+
+def test_a_learning_rate_jump_heads_the_table_above_larger_effects_before_a_nan(tmp_path):
+    """The lr is set, not caused: its row ranks first even when a module's update rose more and before the
+    gradients went non-finite (a rank by size alone would put the effect first)."""
+    run = _planted(tmp_path)
+    lr = np.full(120, 1e-3)
+    lr[100:] *= 100
+    boost = 0.01 * np.exp(0.05 * np.random.default_rng(5).standard_normal(120))
+    boost[100:] *= 1000
+    store = RunStore(tmp_path / "planted", mode="resume")
+    store.write_scalars([(int(s), "optim.lr", "group0", float(v)) for s, v in enumerate(lr)]
+                        + [(int(s), "update.norm", "big", float(v)) for s, v in enumerate(boost)])
+    store.close()
+    tab = load_run(tmp_path / "planted").forensics(102)
+    assert tab[["module", "metric"]].values.tolist()[:3] == [
+        ["group0", "optim.lr"], ["big", "update.norm"], ["enc.a", "update.norm"]]
+    assert tab["ratio"].iloc[0] == pytest.approx(100.0)
