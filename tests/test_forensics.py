@@ -308,7 +308,7 @@ def test_a_sentinel_run_without_events_is_not_second_guessed(tmp_path):
 def test_a_learning_rate_jump_heads_the_table_above_larger_effects_before_a_nan(tmp_path):
     """The lr is set, not caused: its row ranks first even when a module's update rose more and before the
     gradients went non-finite (a rank by size alone would put the effect first)."""
-    run = _planted(tmp_path)
+    _planted(tmp_path)
     lr = np.full(120, 1e-3)
     lr[100:] *= 100
     boost = 0.01 * np.exp(0.05 * np.random.default_rng(5).standard_normal(120))

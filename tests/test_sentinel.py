@@ -273,3 +273,32 @@ def test_loss_spikes_are_judged_against_the_previous_20_losses(tmp_path):
     for i in (45, 60):
         thr = spike_threshold(losses[i - 20:i], start, 0.25, min_history=20)
         assert (losses[i] > thr) == (i == 60), i
+
+
+def test_module_jump_rule_against_minibatch_noise_and_the_starting_level():
+    """The jump rule compares with the module's recent MAXIMUM and asks a rise of its starting level:
+    heavy-tailed minibatch noise (values 20-40x the median now and then, as a BatchNorm net's per-module
+    gradient norms near zero loss) is not a jump; a 20x rise of a norm that decayed 10,000x below where it
+    started is not either; a clean 50x jump is."""
+    from dynascope.probes.base import ProbeContext
+    from dynascope.probes.sentinel import Sentinel
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    ctx = ProbeContext(model, [], list(model.named_parameters()), None, ["0", "1"])
+    sentinel = Sentinel(drift=False)
+    sentinel.setup(ctx)
+    assert sentinel.modules == ["0", "1"]
+    rng = np.random.default_rng(0)
+    noisy = np.exp(1.2 * rng.standard_normal(300))  # module 0's gradient norm: heavy-tailed noise
+    assert (noisy[20:] > 10 * np.median(noisy)).sum() >= 5  # a median-based rule would fire here
+    decayed = np.r_[np.full(10, 100.0), np.full(290, 0.01) * np.exp(0.05 * rng.standard_normal(290))]
+    decayed[200] = 0.2  # 20x its recent maximum, far below its starting level
+    events = []
+    for s in range(300):
+        buf = np.array([1.0, 1.0, noisy[s], decayed[s], 1.0, 1.0], dtype=np.float32)  # loss, gnorm, grads, updates
+        events += sentinel._jumps(s, buf)
+    assert events == []
+    jump = np.array([1.0, 1.0, 1.0, 50 * decayed[:300].max(), 1.0, 1.0], dtype=np.float32)
+    (e,) = sentinel._jumps(300, jump)
+    assert e.kind == "grad_jump" and e.detail["modules"] == ["1"]
+    assert e.value == pytest.approx(jump[3] / decayed[280:300].max(), rel=1e-5)  # against the last 20 values
