@@ -27,7 +27,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["supports_state_steps", "steps_from_state"]
+__all__ = ["supports_state_steps", "steps_from_state", "steps_and_weights_from_state"]
+
+
+#: w_t solved from w_{t+1} and the step carries the rounding of the step: an entry below this fraction of its
+#: step's size is zero (a bias at its zero initialisation stays zero, so its angle and effective lr stay
+#: undefined as with a copy)
+ROUNDING = 2.0 ** -20
+
+
+def _pair(w1: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, w_t) from w_{t+1} and a solved w_t, entries of w_t at the rounding level of the step set to zero."""
+    d = w1.sub(w_t)
+    w_t.masked_fill_(w_t.abs() <= d.abs().mul_(ROUNDING), 0.0)
+    return w1.sub(w_t), w_t
 
 
 def supports_state_steps(optimizer: torch.optim.Optimizer | None) -> bool:
@@ -48,10 +61,19 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
     """D = w_{t+1} - w_t of each of ``params`` (all in ``group``, all stepped just now), computed from the
     optimizer's state after its step; None when this optimizer or state is not covered. One new tensor of
     the parameter's size per parameter: callers bound their memory by passing a few at a time."""
+    got = steps_and_weights_from_state(optimizer, group, params)
+    return None if got is None else [d for d, _ in got]
+
+
+@torch.no_grad()
+def steps_and_weights_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
+                                 params: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """(D, w_t) of each parameter, as :func:`steps_from_state`: w_t solved from the step where the formula
+    needs it (exact where w_t was: a zero bias stays zero), else w_{t+1} - D."""
     lr = group["lr"]  # a float, or a 0-dim tensor used as it is
     wd = float(group.get("weight_decay", 0.0) or 0.0)
     state = optimizer.state
-    out: list[torch.Tensor] = []
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
     if type(optimizer) is torch.optim.SGD:
         mu = float(group.get("momentum", 0.0) or 0.0)
         nesterov = bool(group.get("nesterov", False))
@@ -61,7 +83,7 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
             if mu and buf is None:
                 return None
             if mu and not nesterov:
-                out.append(buf.mul(lr).neg_())  # type: ignore[union-attr]
+                out.append(_pair(p.detach(), p.detach().add(buf.mul(lr))))  # type: ignore[union-attr]
                 continue
             if p.grad is None:
                 return None
@@ -72,7 +94,7 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
             w_t = p.detach().add(rhs.mul_(lr))
             if wd:
                 w_t.div_(1.0 - lr * wd)
-            out.append(p.detach().sub(w_t))
+            out.append(_pair(p.detach(), w_t))
         return out
     beta1, beta2 = (float(b) for b in group["betas"])
     eps = float(group["eps"])
@@ -90,8 +112,7 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
         denom = v.sqrt().div_(bc2_sqrt).add_(eps)
         u = m.div(denom).mul_(lr / bc1)  # what the optimizer subtracted
         if decoupled:
-            w_t = p.detach().add(u).div_(1.0 - lr * wd)
-            out.append(p.detach().sub(w_t))
+            out.append(_pair(p.detach(), p.detach().add(u).div_(1.0 - lr * wd)))
         else:
-            out.append(u.neg_())
+            out.append(_pair(p.detach(), p.detach().add(u)))
     return out

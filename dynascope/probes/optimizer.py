@@ -28,6 +28,7 @@ Sources: metrics-reference section 2; rotational equilibrium: Kosson et al.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,10 @@ import torch
 
 from ..core.coverage import CoverageRow
 from ._groups import ParamLayout, ShapeGroups, rowdot, stacked_weights
+from ._steps import steps_and_weights_from_state, supports_state_steps
 from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
+
+STATE_CHUNK = 1 << 22  # elements of temporaries per chunk when the step is read from the optimizer's state
 
 __all__ = ["UpdateProbe", "LearningRates", "group_names", "is_adam_family", "lr_rule"]
 
@@ -83,6 +87,7 @@ class UpdateProbe(Probe):
         self._plans: dict[int, dict[str, Any]] = {}
         self._finish_cache: dict[tuple[int, ...], Any] = {}
         self._lrs = {}
+        self._no_state: set[int] = set()  # optimizers whose state did not give their step: copied instead
 
     def _plan(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The tracked weights ``optimizer`` owns, their shape groups (group order)
@@ -107,19 +112,67 @@ class UpdateProbe(Probe):
         self._plans[key] = plan
         return plan
 
+    def _from_state(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this optimizer's step is read from its state after the step (no copy of w_t)."""
+        return supports_state_steps(optimizer) and not self.layout.any_sharded and id(optimizer) not in self._no_state
+
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Snapshot w_t of the weights ``optimizer`` owns (one stacked copy per shape)."""
+        """Snapshot w_t of the weights ``optimizer`` owns (one stacked copy per shape), unless its step is read
+        from its state afterwards (SGD, Adam, AdamW: :mod:`dynascope.probes._steps`)."""
         plan = None if optimizer is None else self._plan(optimizer)
         if plan is None:
             return
-        ps = [self.tracked[i][1] for i in plan["idx"]]
-        ws, wws = stacked_weights(self.ctx.cache, tuple(id(p) for p in ps), plan["groups"], self.layout.local(ps))
         lrs = []
         for i in plan["ordered"]:
             p = self.tracked[i][1]
             g = self.ctx.group_of(p)
             lrs.append((_lr_value(g) if g is not None else float("nan"), lr_rule(self.ctx.optimizer_of(p), g)))
+        if self._from_state(optimizer):
+            self._before[id(optimizer)] = (None, None, lrs)
+            return
+        ps = [self.tracked[i][1] for i in plan["idx"]]
+        ws, wws = stacked_weights(self.ctx.cache, tuple(id(p) for p in ps), plan["groups"], self.layout.local(ps))
         self._before[id(optimizer)] = (ws, wws, lrs)
+
+    def _state_sums(self, optimizer: torch.optim.Optimizer, plan: dict[str, Any]) -> torch.Tensor:
+        """Per weight, in shape-group order: <w_t,w_t>, <w_t,D>, <D,D>, the sum and count of row angles, with
+        D from the optimizer's state and w_t = w_{t+1} - D, a chunk of at most STATE_CHUNK elements of each
+        shape group at a time (no copy of the model)."""
+        groups: ShapeGroups = plan["groups"]
+        ps = [self.tracked[i][1] for i in plan["idx"]]
+        parts = []
+        for members, (r, c) in zip(groups.groups, groups.row_shapes):
+            per = max(1, STATE_CHUNK // max(r * c, 1))
+            for k in range(0, len(members), per):
+                chunk = [ps[j] for j in members[k:k + per]]
+                pairs = self._steps(optimizer, chunk)
+                d = torch.stack([x.reshape(r, c) for x, _ in pairs])
+                a = torch.stack([w.reshape(r, c) for _, w in pairs])  # w_t
+                if d.dtype not in (torch.float32, torch.float64):
+                    d, a = d.float(), a.float()
+                aa, ad, dd = rowdot(a, a), rowdot(a, d), rowdot(d, d)
+                parts.append(_row_sums(aa, ad, dd))
+        return torch.cat(parts)
+
+    def _steps(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(D, w_t) of each parameter (D = 0 for one ``optimizer`` does not own: not stepped), one call per
+        param group."""
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(params)
+        by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
+        for k, p in enumerate(params):
+            g = self.ctx.group_of(p) if self.ctx.optimizer_of(p) is optimizer else None
+            if g is None:
+                out[k] = (torch.zeros_like(p), p.detach())
+            else:
+                by_group.setdefault(id(g), (g, []))[1].append(k)
+        for g, ks in by_group.values():
+            ds = steps_and_weights_from_state(optimizer, g, [params[k] for k in ks])
+            if ds is None:
+                raise LookupError("the optimizer's state lacks an entry its step writes")
+            for k, d in zip(ks, ds):
+                out[k] = d
+        return out  # type: ignore[return-value]
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Compare with w_{t+1} on the device: sums of <w,w>, <w,D>, <D,D> and of the row angles."""
@@ -128,19 +181,24 @@ class UpdateProbe(Probe):
         if got is None or plan is None:
             return
         before, before_aa, lrs = got
-        ps = [self.tracked[i][1] for i in plan["idx"]]
-        after = plan["groups"].stack(self.layout.local(ps))
-        parts = []
         with torch.no_grad():
-            for a, aa, d in zip(before, before_aa, after):
-                d.sub_(a)  # in place: the stacked copy of w_{t+1} becomes D = w_{t+1} - w_t
-                ad, dd = rowdot(a, d), rowdot(d, d)
-                row_angle = _angle(aa, ad, dd)
-                ok = ~torch.isnan(row_angle)  # rows of zero weight have no angle (a padding embedding row)
-                parts.append(torch.stack([aa.sum(1), ad.sum(1), dd.sum(1),
-                                          torch.where(ok, row_angle, torch.zeros_like(row_angle)).sum(1),
-                                          ok.sum(1).to(aa.dtype)], dim=1))
-            sums = torch.cat(parts)
+            if before is None:  # the step from the optimizer's state
+                try:
+                    sums = self._state_sums(optimizer, plan)
+                except Exception as exc:  # noqa: BLE001 - probing never stops training: copy from the next step
+                    self._no_state.add(id(optimizer))
+                    warnings.warn(f"dynascope: the update probe could not read {type(optimizer).__name__}'s step "
+                                  f"from its state ({type(exc).__name__}: {exc}); it copies the weights from the "
+                                  "next recording step on", RuntimeWarning, stacklevel=4)
+                    return
+            else:
+                ps = [self.tracked[i][1] for i in plan["idx"]]
+                after = plan["groups"].stack(self.layout.local(ps))
+                parts = []
+                for a, aa, d in zip(before, before_aa, after):
+                    d.sub_(a)  # in place: the stacked copy of w_{t+1} becomes D = w_{t+1} - w_t
+                    parts.append(_row_sums(aa, rowdot(a, d), rowdot(d, d)))
+                sums = torch.cat(parts)
             if plan["perm"] is not None:
                 sums = sums[plan["perm"]]
             if plan["mask"] is not None:
@@ -231,6 +289,14 @@ class UpdateProbe(Probe):
         self._before.clear()
         self._parts = []
         self._finish_cache.clear()
+
+
+def _row_sums(aa: torch.Tensor, ad: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+    """(G, R) row inner products -> (G, 5): sums of <w,w>, <w,D>, <D,D>, of the row angles and their count."""
+    row_angle = _angle(aa, ad, dd)
+    ok = ~torch.isnan(row_angle)  # rows of zero weight have no angle (a padding embedding row)
+    return torch.stack([aa.sum(1), ad.sum(1), dd.sum(1),
+                        torch.where(ok, row_angle, torch.zeros_like(row_angle)).sum(1), ok.sum(1).to(aa.dtype)], dim=1)
 
 
 def _angle(aa: torch.Tensor, ad: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
