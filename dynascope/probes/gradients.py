@@ -37,13 +37,14 @@ import torch
 
 from ..core.coverage import CoverageRow
 from ..core.names import select_modules
-from ._groups import ParamLayout, ShapeGroups, row_view_shape, rowdot, stacked_weights
+from ._groups import ParamLayout, ShapeGroups, row_view_shape, rowdot
 from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["GradientProbe", "ADAMP_DELTA", "COS_EPS"]
 
 ADAMP_DELTA = 0.1
 COS_EPS = 1e-8
+CHUNK = 1 << 22  # elements of a shape group stacked at once (grads and weights): transient memory stays small
 
 
 class GradientProbe(Probe):
@@ -131,17 +132,24 @@ class GradientProbe(Probe):
         groups: ShapeGroups = plan["groups"]
         ps = [self.params[i][1] for i in plan["tracked"]]
         local_w = lay.local(ps)
-        gs = groups.stack(lay.local([p.grad for p in ps]))  # type: ignore[misc]
-        ws, wws = stacked_weights(self.ctx.cache, tuple(id(p) for p in ps), groups, local_w)
+        local_g = lay.local([p.grad for p in ps])  # type: ignore[misc]
         dots, rmaxes = [], []
-        for g, w, ww in zip(gs, ws, wws):
-            gw, gg = rowdot(g, w), rowdot(g, g)
-            dots.append(torch.stack([gw.sum(1), gg.sum(1), ww.sum(1)], dim=1))
-            if gw.shape[1]:
-                row_cos = gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))
-                rmaxes.append(row_cos.abs().amax(dim=1))
-            else:  # an empty shard: |cos| >= 0, so 0 is neutral for the max over ranks
-                rmaxes.append(gw.new_zeros(gw.shape[0]))
+        # each shape group stacked a chunk of at most CHUNK elements at a time: no copy of the model
+        for members, (r, c) in zip(groups.groups, groups.row_shapes):
+            per = max(1, CHUNK // max(r * c, 1))
+            for k in range(0, len(members), per):
+                part = members[k:k + per]
+                g = torch.stack([local_g[j].detach().reshape(r, c) for j in part])
+                w = torch.stack([local_w[j].detach().reshape(r, c) for j in part])
+                if g.dtype not in (torch.float32, torch.float64):
+                    g, w = g.float(), w.float()
+                gw, gg, ww = rowdot(g, w), rowdot(g, g), rowdot(w, w)
+                dots.append(torch.stack([gw.sum(1), gg.sum(1), ww.sum(1)], dim=1))
+                if gw.shape[1]:
+                    row_cos = gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))
+                    rmaxes.append(row_cos.abs().amax(dim=1))
+                else:  # an empty shard: |cos| >= 0, so 0 is neutral for the max over ranks
+                    rmaxes.append(gw.new_zeros(gw.shape[0]))
         dots_t = torch.cat(dots)
         rmax = torch.cat(rmaxes)
         if plan["perm"] is not None:
