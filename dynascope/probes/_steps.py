@@ -82,15 +82,15 @@ def steps_and_weights_from_state(optimizer: torch.optim.Optimizer, group: dict[s
             buf = state.get(p, {}).get("momentum_buffer") if mu else None
             if mu and buf is None:
                 return None
-            if mu and not nesterov:
-                out.append(_pair(p.detach(), p.detach().add(buf.mul(lr))))  # type: ignore[union-attr]
+            if buf is not None and not nesterov:
+                out.append(_pair(p.detach(), p.detach().add(buf.mul(lr))))
                 continue
             if p.grad is None:
                 return None
             g = p.grad.to(p.dtype)
             rhs = g.mul(sign)
-            if nesterov:
-                rhs.add_(buf, alpha=mu)  # type: ignore[arg-type]
+            if nesterov and buf is not None:
+                rhs.add_(buf, alpha=mu)
             w_t = p.detach().add(rhs.mul_(lr))
             if wd:
                 w_t.div_(1.0 - lr * wd)

@@ -172,7 +172,7 @@ class UpdateProbe(Probe):
                 raise LookupError("the optimizer's state lacks an entry its step writes")
             for k, d in zip(ks, ds):
                 out[k] = d
-        return out  # type: ignore[return-value]
+        return [pair for pair in out if pair is not None]  # every slot is filled above
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Compare with w_{t+1} on the device: sums of <w,w>, <w,D>, <D,D> and of the row angles."""
