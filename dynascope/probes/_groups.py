@@ -13,8 +13,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["ShapeGroups", "rowdot", "stacked_weights", "ParamLayout", "rows_whole", "is_sharded", "local_tensor",
-           "row_view_shape"]
+#: elements of temporaries per chunk when per-parameter work is stacked or computed a few tensors at a time
+#: (gradient cosines, steps from the optimizer's state): the transient memory stays small next to the model
+CHUNK_ELEMENTS = 1 << 22
+
+__all__ = ["CHUNK_ELEMENTS", "ShapeGroups", "rowdot", "stacked_weights", "ParamLayout", "rows_whole", "is_sharded",
+           "local_tensor", "row_view_shape"]
 
 
 def row_view_shape(shape: torch.Size) -> tuple[int, int]:

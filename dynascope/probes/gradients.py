@@ -37,14 +37,13 @@ import torch
 
 from ..core.coverage import CoverageRow
 from ..core.names import select_modules
-from ._groups import ParamLayout, ShapeGroups, row_view_shape, rowdot
+from ._groups import CHUNK_ELEMENTS, ParamLayout, ShapeGroups, row_view_shape, rowdot
 from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["GradientProbe", "ADAMP_DELTA", "COS_EPS"]
 
 ADAMP_DELTA = 0.1
 COS_EPS = 1e-8
-CHUNK = 1 << 22  # elements of a shape group stacked at once (grads and weights): transient memory stays small
 
 
 class GradientProbe(Probe):
@@ -134,9 +133,9 @@ class GradientProbe(Probe):
         local_w = lay.local(ps)
         local_g = lay.local([p.grad for p in ps])  # type: ignore[misc]
         dots, rmaxes = [], []
-        # each shape group stacked a chunk of at most CHUNK elements at a time: no copy of the model
+        # each shape group stacked a chunk of at most CHUNK_ELEMENTS elements at a time: no copy of the model
         for members, (r, c) in zip(groups.groups, groups.row_shapes):
-            per = max(1, CHUNK // max(r * c, 1))
+            per = max(1, CHUNK_ELEMENTS // max(r * c, 1))
             for k in range(0, len(members), per):
                 part = members[k:k + per]
                 g = torch.stack([local_g[j].detach().reshape(r, c) for j in part])

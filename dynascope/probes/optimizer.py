@@ -35,11 +35,9 @@ from typing import Any
 import torch
 
 from ..core.coverage import CoverageRow
-from ._groups import ParamLayout, ShapeGroups, rowdot, stacked_weights
+from ._groups import CHUNK_ELEMENTS, ParamLayout, ShapeGroups, rowdot, stacked_weights
 from ._steps import steps_and_weights_from_state, supports_state_steps
 from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
-
-STATE_CHUNK = 1 << 22  # elements of temporaries per chunk when the step is read from the optimizer's state
 
 __all__ = ["UpdateProbe", "LearningRates", "group_names", "is_adam_family", "lr_rule"]
 
@@ -136,13 +134,13 @@ class UpdateProbe(Probe):
 
     def _state_sums(self, optimizer: torch.optim.Optimizer, plan: dict[str, Any]) -> torch.Tensor:
         """Per weight, in shape-group order: <w_t,w_t>, <w_t,D>, <D,D>, the sum and count of row angles, with
-        D from the optimizer's state and w_t = w_{t+1} - D, a chunk of at most STATE_CHUNK elements of each
+        D from the optimizer's state and w_t = w_{t+1} - D, a chunk of at most CHUNK_ELEMENTS elements of each
         shape group at a time (no copy of the model)."""
         groups: ShapeGroups = plan["groups"]
         ps = [self.tracked[i][1] for i in plan["idx"]]
         parts = []
         for members, (r, c) in zip(groups.groups, groups.row_shapes):
-            per = max(1, STATE_CHUNK // max(r * c, 1))
+            per = max(1, CHUNK_ELEMENTS // max(r * c, 1))
             for k in range(0, len(members), per):
                 chunk = [ps[j] for j in members[k:k + per]]
                 pairs = self._steps(optimizer, chunk)

@@ -7,7 +7,7 @@ the update norm ``update.norm`` = ||w_{t+1} - w_t|| (the same names and module
 names the probes use). Norms come from multi-tensor reductions
 (``torch._foreach_norm``). For SGD, Adam and AdamW the update follows from the
 optimizer's state after its step (:mod:`dynascope.probes._steps`: no copy of the
-weights, temporaries of at most STATE_CHUNK elements); for other optimizers it
+weights, temporaries of at most CHUNK_ELEMENTS elements); for other optimizers it
 needs a copy of the trainable weights before each optimizer step
 (``torch._foreach_copy_``: one extra copy of the trainable parameters in memory).
 
@@ -57,13 +57,13 @@ from ..core.robust import (
     SPIKE_WINDOW,
     spike_threshold,
 )
+from ._groups import CHUNK_ELEMENTS
 from ._steps import steps_from_state, supports_state_steps
 from .base import Collected, Probe, ProbeContext, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
 
 _HOST_SLOTS = 8  # pinned host rows in flight (CUDA)
-STATE_CHUNK = 1 << 22  # elements of temporaries when update norms are computed from the optimizer's state
 START_LOSSES = 3  # the starting loss of the min-rise floor: the median of the first 3 finite losses
 
 
@@ -248,7 +248,7 @@ class Sentinel(Probe):
 
     def _state_update_norms(self, optimizer: torch.optim.Optimizer, idx: list[int], index: torch.Tensor) -> None:
         """||w_{t+1} - w_t|| of the parameters ``optimizer`` stepped, from its state (dynascope.probes._steps):
-        a few parameters at a time (at most STATE_CHUNK elements of temporaries), per param group."""
+        a few parameters at a time (at most CHUNK_ELEMENTS elements of temporaries), per param group."""
         norms: list[torch.Tensor] = []
         chunk: list[torch.Tensor] = []
         size, group = 0, None
@@ -270,7 +270,7 @@ class Sentinel(Probe):
                 for i in idx:
                     p = self.params[i][1]
                     g = self.ctx.group_of(p) if self.ctx.optimizer_of(p) is optimizer else None
-                    if g is not group or size + p.numel() > STATE_CHUNK:
+                    if g is not group or size + p.numel() > CHUNK_ELEMENTS:
                         if not flush():
                             raise LookupError("the optimizer's state lacks an entry its step writes")
                         size, group = 0, g
