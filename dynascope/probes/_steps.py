@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["supports_state_steps", "steps_from_state", "steps_and_weights_from_state"]
+from .base import ProbeContext
+
+__all__ = ["supports_state_steps", "steps_from_state", "steps_and_weights_from_state", "optimizer_steps"]
 
 
 #: w_t solved from w_{t+1} and the step carries the rounding of the step: an entry below this fraction of its
@@ -116,3 +118,25 @@ def steps_and_weights_from_state(optimizer: torch.optim.Optimizer, group: dict[s
         else:
             out.append(_pair(p.detach(), p.detach().add(u)))
     return out
+
+
+def optimizer_steps(ctx: ProbeContext, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(D, w_t) of each of ``params`` after ``optimizer`` stepped, whatever param groups they are in (one
+    :func:`steps_and_weights_from_state` call per group); D = 0 for a parameter ``optimizer`` does not own (it
+    was not stepped). LookupError when the state lacks an entry the step writes."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(params)
+    by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
+    for k, p in enumerate(params):
+        g = ctx.group_of(p) if ctx.optimizer_of(p) is optimizer else None
+        if g is None:
+            out[k] = (torch.zeros_like(p), p.detach())
+        else:
+            by_group.setdefault(id(g), (g, []))[1].append(k)
+    for g, ks in by_group.values():
+        pairs = steps_and_weights_from_state(optimizer, g, [params[k] for k in ks])
+        if pairs is None:
+            raise LookupError("the optimizer's state lacks an entry its step writes")
+        for k, pair in zip(ks, pairs):
+            out[k] = pair
+    return [pair for pair in out if pair is not None]  # every slot is filled above

@@ -36,7 +36,7 @@ import torch
 
 from ..core.coverage import CoverageRow
 from ._groups import CHUNK_ELEMENTS, ParamLayout, ShapeGroups, rowdot, stacked_weights
-from ._steps import steps_and_weights_from_state, supports_state_steps
+from ._steps import optimizer_steps, supports_state_steps
 from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
 
 __all__ = ["UpdateProbe", "LearningRates", "group_names", "is_adam_family", "lr_rule"]
@@ -143,7 +143,7 @@ class UpdateProbe(Probe):
             per = max(1, CHUNK_ELEMENTS // max(r * c, 1))
             for k in range(0, len(members), per):
                 chunk = [ps[j] for j in members[k:k + per]]
-                pairs = self._steps(optimizer, chunk)
+                pairs = optimizer_steps(self.ctx, optimizer, chunk)
                 d = torch.stack([x.reshape(r, c) for x, _ in pairs])
                 a = torch.stack([w.reshape(r, c) for _, w in pairs])  # w_t
                 if d.dtype not in (torch.float32, torch.float64):
@@ -151,26 +151,6 @@ class UpdateProbe(Probe):
                 aa, ad, dd = rowdot(a, a), rowdot(a, d), rowdot(d, d)
                 parts.append(_row_sums(aa, ad, dd))
         return torch.cat(parts)
-
-    def _steps(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
-               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(D, w_t) of each parameter (D = 0 for one ``optimizer`` does not own: not stepped), one call per
-        param group."""
-        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(params)
-        by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
-        for k, p in enumerate(params):
-            g = self.ctx.group_of(p) if self.ctx.optimizer_of(p) is optimizer else None
-            if g is None:
-                out[k] = (torch.zeros_like(p), p.detach())
-            else:
-                by_group.setdefault(id(g), (g, []))[1].append(k)
-        for g, ks in by_group.values():
-            ds = steps_and_weights_from_state(optimizer, g, [params[k] for k in ks])
-            if ds is None:
-                raise LookupError("the optimizer's state lacks an entry its step writes")
-            for k, d in zip(ks, ds):
-                out[k] = d
-        return [pair for pair in out if pair is not None]  # every slot is filled above
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Compare with w_{t+1} on the device: sums of <w,w>, <w,D>, <D,D> and of the row angles."""

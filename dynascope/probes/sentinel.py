@@ -58,7 +58,7 @@ from ..core.robust import (
     spike_threshold,
 )
 from ._groups import CHUNK_ELEMENTS
-from ._steps import steps_from_state, supports_state_steps
+from ._steps import optimizer_steps, supports_state_steps
 from .base import Collected, Probe, ProbeContext, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
@@ -156,9 +156,7 @@ class Sentinel(Probe):
         self.ring = torch.full((self.window, self.width), float("nan"), dtype=torch.float32, device=device)
         self._nrm = torch.zeros(2 * n, dtype=torch.float32, device=device)  # per-parameter norms: gradients, updates
         self._gn, self._un = self._nrm[:n], self._nrm[n:]
-        self._owned: dict[int, tuple[list[int], list[torch.Tensor], torch.Tensor]] = {}
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        self._all = self._index(list(range(n)))  # every parameter in order: norms stacked straight into place
         # (optimizer, the subset stepped or None for all it owns) -> (parameters, their copies, device indices)
         self._snap: dict[tuple[int, tuple[int, ...] | None], tuple[list[torch.Tensor], list[torch.Tensor],
                                                                      torch.Tensor]] = {}
@@ -210,7 +208,7 @@ class Sentinel(Probe):
                 return
         index = self._index(idx)
         with torch.no_grad():
-            if len(idx) == len(self.params) and idx == list(range(len(idx))):
+            if len(idx) == len(self.params):  # every parameter, in order (present is in parameter order)
                 self._gn.copy_(norms)
             else:
                 self._gn.index_copy_(0, index, norms.to(self._gn.device))
@@ -248,36 +246,18 @@ class Sentinel(Probe):
 
     def _state_update_norms(self, optimizer: torch.optim.Optimizer, idx: list[int], index: torch.Tensor) -> None:
         """||w_{t+1} - w_t|| of the parameters ``optimizer`` stepped, from its state (dynascope.probes._steps):
-        a few parameters at a time (at most CHUNK_ELEMENTS elements of temporaries), per param group."""
+        a few parameters at a time (at most CHUNK_ELEMENTS elements of temporaries)."""
         norms: list[torch.Tensor] = []
-        chunk: list[torch.Tensor] = []
-        size, group = 0, None
         with torch.no_grad():
-            def flush() -> bool:
-                if not chunk:
-                    return True
-                if group is None:  # parameters no optimizer owns (read with the first one): not stepped
-                    norms.extend(p.new_zeros((), dtype=torch.float32) for p in chunk)
-                else:
-                    ds = steps_from_state(optimizer, group, chunk)
-                    if ds is None:
-                        return False
-                    norms.extend(torch._foreach_norm(ds))
-                chunk.clear()
-                return True
-
             try:
-                for i in idx:
-                    p = self.params[i][1]
-                    g = self.ctx.group_of(p) if self.ctx.optimizer_of(p) is optimizer else None
-                    if g is not group or size + p.numel() > CHUNK_ELEMENTS:
-                        if not flush():
-                            raise LookupError("the optimizer's state lacks an entry its step writes")
-                        size, group = 0, g
-                    chunk.append(p)
-                    size += p.numel()
-                if not flush():
-                    raise LookupError("the optimizer's state lacks an entry its step writes")
+                k = 0
+                while k < len(idx):  # a chunk of at most CHUNK_ELEMENTS elements (at least one parameter)
+                    chunk, size = [], 0
+                    while k < len(idx) and (not chunk or size + self.params[idx[k]][1].numel() <= CHUNK_ELEMENTS):
+                        chunk.append(self.params[idx[k]][1])
+                        size += chunk[-1].numel()
+                        k += 1
+                    norms.extend(torch._foreach_norm([d for d, _ in optimizer_steps(self.ctx, optimizer, chunk)]))
             except Exception as exc:  # noqa: BLE001 - probing never stops training: copy from the next step on
                 self._no_state.add(id(optimizer))
                 warnings.warn(f"dynascope: the sentinel could not read {type(optimizer).__name__}'s step from its "
