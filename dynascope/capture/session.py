@@ -444,10 +444,9 @@ class Session:
         mine = [p for _, p in self.param_names if id(p) in ids]
         if not mine:
             return  # another model's gradients
-        owners = [o for o in self.optimizers if any(self.ctx.optimizer_of(p) is o for p in mine)]
-        if self.optimizers and any(self.ctx.optimizer_of(p) is None for p in mine) and self.optimizer not in owners:
-            owners.append(self.optimizer)  # parameters no optimizer owns are read with the first
-        for opt in owners or [None]:
+        # one pass: each parameter's optimizer (one no optimizer owns is read with the first; None without any)
+        owners = {id(o): o for o in (self.ctx.optimizer_of(p) or self.optimizer for p in mine)}
+        for opt in owners.values():
             self.before_optimizer_step(opt)
             self._read_early.add(id(opt))
         with torch.no_grad():
