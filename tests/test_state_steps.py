@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from dynascope.probes._steps import steps_from_state, supports_state_steps
+import dynascope.probes._steps as steps_mod
+from dynascope.probes._steps import steps_from_state, supports_state_steps, update_norms_from_state
 
 CASES = [
     ("sgd", dict(lr=0.1)),
@@ -33,8 +34,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 100], ids=["one-chunk", "chunks-of-100"])
 @pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{'-'.join(kw)}" for k, kw in CASES])
-def test_step_from_state_equals_the_copy(kind, kw):
+def test_step_from_state_equals_the_copy(kind, kw, chunk, monkeypatch):
+    monkeypatch.setattr(steps_mod, "CHUNK_ELEMENTS", chunk)  # several parameters per chunk, and one per chunk
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
@@ -55,6 +58,32 @@ def test_step_from_state_equals_the_copy(kind, kw):
                 ref = p.detach().double() - before[[id(q) for q in model.parameters()].index(id(p))]
                 err = (d.double() - ref).norm() / ref.norm()
                 assert err < 1e-4, (step, float(err))
+            # the norms in closed form, multi-tensor (the sentinel's path)
+            norms = update_norms_from_state(opt, group, group["params"])
+            assert norms is not None and norms.dtype == torch.float32 and norms.shape == (len(group["params"]),)
+            for p, n in zip(group["params"], norms):
+                ref = p.detach().double() - before[[id(q) for q in model.parameters()].index(id(p))]
+                assert float(n) == pytest.approx(float(ref.norm()), rel=1e-4), step
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_update_norms_with_different_step_counts_per_parameter(kind):
+    """A parameter that had no gradient at the first step has a smaller step count (its own bias correction)."""
+    torch.manual_seed(1)
+    a, b = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(7))
+    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    opt = cls([a, b], lr=0.05, weight_decay=0.1)
+    for step in range(4):
+        opt.zero_grad()
+        loss = (a ** 2).sum() + ((b ** 3).sum() if step >= 2 else 0.0)
+        loss.backward()
+        before = [a.detach().double().clone(), b.detach().double().clone()]
+        opt.step()
+        ps = [a, b] if step >= 2 else [a]
+        norms = update_norms_from_state(opt, opt.param_groups[0], ps)
+        for p, n, w in zip(ps, norms, before):
+            assert float(n) == pytest.approx(float((p.detach().double() - w).norm()), rel=1e-4)
+    assert float(opt.state[a]["step"]) != float(opt.state[b]["step"])
 
 
 def test_other_optimizers_are_not_covered():

@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
+from ._groups import CHUNK_ELEMENTS
 from .base import ProbeContext
 
-__all__ = ["supports_state_steps", "steps_from_state", "steps_and_weights_from_state", "optimizer_steps"]
+__all__ = ["supports_state_steps", "steps_from_state", "steps_and_weights_from_state", "optimizer_steps",
+           "update_norms_from_state", "optimizer_update_norms"]
 
 
 #: w_t solved from w_{t+1} and the step carries the rounding of the step: an entry below this fraction of its
@@ -117,6 +119,130 @@ def steps_and_weights_from_state(optimizer: torch.optim.Optimizer, group: dict[s
             out.append(_pair(p.detach(), p.detach().add(u).div_(1.0 - lr * wd)))
         else:
             out.append(_pair(p.detach(), p.detach().add(u)))
+    return out
+
+
+def _chunks(params: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Consecutive index chunks of ``params`` of at most CHUNK_ELEMENTS elements (at least one parameter)."""
+    out: list[list[int]] = []
+    size = 0
+    for k, p in enumerate(params):
+        n = p.numel()
+        if not out or size + n > CHUNK_ELEMENTS:
+            out.append([])
+            size = 0
+        out[-1].append(k)
+        size += n
+    return out
+
+
+def _as_dtype(ts: list[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t if t.dtype == q.dtype else t.to(q.dtype) for t, q in zip(ts, like)]
+
+
+@torch.no_grad()
+def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
+                            params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """||w_{t+1} - w_t|| of each of ``params`` (all in ``group``, all stepped just now) from the optimizer's
+    state, as a float32 vector on their device; None when this optimizer or state is not covered. The step in
+    closed form (module docstring): D = -lr b (SGD with momentum), D = -lr (s g + mu b [Nesterov] + wd w_{t+1})
+    / (1 - lr wd) (SGD otherwise), D = -(u + lr wd w_{t+1}) / (1 - lr wd) (AdamW; Adam: -u); multi-tensor
+    operations over chunks of at most CHUNK_ELEMENTS elements of temporaries (SGD with momentum: none), a
+    constant number of Python calls per chunk. Nothing is read on the host."""
+    if not params:
+        return torch.zeros(0)
+    device = params[0].device
+    lr = group["lr"]  # a float, or a 0-dim tensor used as it is
+    wd = float(group.get("weight_decay", 0.0) or 0.0)
+    state = optimizer.state
+    sts = [state.get(p) or {} for p in params]
+    norms: list[torch.Tensor] = []
+    if type(optimizer) is torch.optim.SGD:
+        mu = float(group.get("momentum", 0.0) or 0.0)
+        nesterov = bool(group.get("nesterov", False))
+        bufs = [st.get("momentum_buffer") for st in sts] if mu else []
+        if mu and any(b is None for b in bufs):
+            return None
+        if mu and not nesterov:  # D = -lr b: the momentum buffers' norms, no temporary
+            return torch.stack([n.float() for n in torch._foreach_norm(bufs)]).mul_(abs(lr))
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            return None
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        for ks in _chunks(params):
+            ps = [params[k].detach() for k in ks]
+            e = torch._foreach_mul(_as_dtype([grads[k] for k in ks], ps), sign)  # s g
+            if nesterov:
+                torch._foreach_add_(e, [bufs[k] for k in ks], alpha=mu)
+            if wd:
+                torch._foreach_add_(e, ps, alpha=wd)
+            norms += torch._foreach_norm(e)
+            del e
+        scale = lr / (1.0 - lr * wd) if wd else lr
+    else:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps = float(group["eps"])
+        amsgrad = bool(group.get("amsgrad", False))
+        decoupled = _decoupled(optimizer, group) and wd != 0.0
+        if any(not st for st in sts):
+            return None
+        ms = [st.get("exp_avg") for st in sts]
+        vs = [st.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq") for st in sts]
+        ts = [st.get("step") for st in sts]
+        if any(x is None for x in ms) or any(x is None for x in vs) or any(x is None for x in ts):
+            return None
+        # per-parameter bias corrections as 0-dim tensors computed where the step counts live (no value is
+        # read on the host: architecture invariant 3), moved to the parameters' device without blocking
+        t = torch.stack([x.detach().reshape(()).to(torch.float64) if isinstance(x, torch.Tensor)
+                         else torch.tensor(float(x), dtype=torch.float64) for x in ts])
+        if isinstance(lr, torch.Tensor) and lr.device != t.device:
+            t = t.to(lr.device)
+        vec = torch.stack([(1.0 - beta2 ** t).sqrt(), lr / (1.0 - beta1 ** t)]).to(ms[0].dtype)
+        if vec.device != device:
+            vec = (vec.pin_memory() if device.type == "cuda" else vec).to(device, non_blocking=True)
+        bc2s, step = list(vec[0].unbind()), list(vec[1].unbind())
+        for ks in _chunks(params):
+            # the optimizer's own order: u = (lr / bc1) m / (sqrt(v) / bc2 + eps)
+            den = torch._foreach_sqrt([vs[k] for k in ks])
+            torch._foreach_div_(den, [bc2s[k] for k in ks])
+            torch._foreach_add_(den, eps)
+            torch._foreach_reciprocal_(den)
+            torch._foreach_mul_(den, [ms[k] for k in ks])
+            torch._foreach_mul_(den, [step[k] for k in ks])
+            if decoupled:  # AdamW: D = -(u + lr wd w_{t+1}) / (1 - lr wd)
+                if isinstance(lr, torch.Tensor):
+                    torch._foreach_addcmul_(den, [params[k].detach() for k in ks], [lr * wd] * len(ks))
+                else:
+                    torch._foreach_add_(den, [params[k].detach() for k in ks], alpha=lr * wd)
+            norms += torch._foreach_norm(den)
+            del den
+        scale = 1.0 / (1.0 - lr * wd) if decoupled else 1.0
+    out = torch.stack([n.float() for n in norms])
+    if isinstance(scale, torch.Tensor):
+        return out.mul_(scale.abs().to(out.dtype))
+    return out.mul_(abs(scale))
+
+
+def optimizer_update_norms(ctx: ProbeContext, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+                           ) -> torch.Tensor:
+    """||w_{t+1} - w_t|| of each of ``params`` after ``optimizer`` stepped (float32, their device), whatever
+    param groups they are in (one :func:`update_norms_from_state` per group); 0 for a parameter ``optimizer``
+    does not own. LookupError when the state lacks an entry the step writes."""
+    device = params[0].device if params else torch.device("cpu")
+    out = torch.zeros(len(params), dtype=torch.float32, device=device)
+    by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
+    for k, p in enumerate(params):
+        if ctx.optimizer_of(p) is optimizer:
+            g = ctx.group_of(p)
+            if g is not None:
+                by_group.setdefault(id(g), (g, []))[1].append(k)
+    for g, ks in by_group.values():
+        got = update_norms_from_state(optimizer, g, [params[k] for k in ks])
+        if got is None:
+            raise LookupError("the optimizer's state lacks an entry its step writes")
+        if len(ks) == len(params):
+            return got.to(out.device)
+        out.index_copy_(0, torch.tensor(ks, dtype=torch.long, device=device), got.to(out.device))
     return out
 
 

@@ -7,7 +7,8 @@ the update norm ``update.norm`` = ||w_{t+1} - w_t|| (the same names and module
 names the probes use). Norms come from multi-tensor reductions
 (``torch._foreach_norm``). For SGD, Adam and AdamW the update follows from the
 optimizer's state after its step (:mod:`dynascope.probes._steps`: no copy of the
-weights, temporaries of at most CHUNK_ELEMENTS elements); for other optimizers it
+weights: multi-tensor operations on the optimizer's state, temporaries of at most CHUNK_ELEMENTS
+elements); for other optimizers it
 needs a copy of the trainable weights before each optimizer step
 (``torch._foreach_copy_``: one extra copy of the trainable parameters in memory).
 
@@ -57,8 +58,7 @@ from ..core.robust import (
     SPIKE_WINDOW,
     spike_threshold,
 )
-from ._groups import CHUNK_ELEMENTS
-from ._steps import optimizer_steps, supports_state_steps
+from ._steps import optimizer_update_norms, supports_state_steps
 from .base import Collected, Probe, ProbeContext, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
@@ -163,6 +163,7 @@ class Sentinel(Probe):
         self._last_snap: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
         self._last_state: dict[int, tuple[list[int], torch.Tensor]] = {}
         self._no_state: set[int] = set()  # optimizers whose state did not give their step: copied instead
+        self._state_params: dict[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         pinned = device.type == "cuda"
         self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
         self._host_np = [h.numpy() for h in self._host]  # views: read without a torch call per step
@@ -245,26 +246,26 @@ class Sentinel(Probe):
                 self._un.index_copy_(0, index, torch.stack([t.float() for t in norms]))
 
     def _state_update_norms(self, optimizer: torch.optim.Optimizer, idx: list[int], index: torch.Tensor) -> None:
-        """||w_{t+1} - w_t|| of the parameters ``optimizer`` stepped, from its state (dynascope.probes._steps):
-        a few parameters at a time (at most CHUNK_ELEMENTS elements of temporaries)."""
-        norms: list[torch.Tensor] = []
+        """||w_{t+1} - w_t|| of the parameters ``optimizer`` stepped, from its state
+        (:func:`dynascope.probes._steps.optimizer_update_norms`: multi-tensor operations over chunks of at
+        most CHUNK_ELEMENTS elements of temporaries)."""
+        key = (id(optimizer), len(idx))
+        ps = self._state_params.get(key)
+        if ps is None or ps[0] is not index:
+            ps = self._state_params[key] = (index, [self.params[i][1] for i in idx])
         with torch.no_grad():
             try:
-                k = 0
-                while k < len(idx):  # a chunk of at most CHUNK_ELEMENTS elements (at least one parameter)
-                    chunk, size = [], 0
-                    while k < len(idx) and (not chunk or size + self.params[idx[k]][1].numel() <= CHUNK_ELEMENTS):
-                        chunk.append(self.params[idx[k]][1])
-                        size += chunk[-1].numel()
-                        k += 1
-                    norms.extend(torch._foreach_norm([d for d, _ in optimizer_steps(self.ctx, optimizer, chunk)]))
+                norms = optimizer_update_norms(self.ctx, optimizer, ps[1])
             except Exception as exc:  # noqa: BLE001 - probing never stops training: copy from the next step on
                 self._no_state.add(id(optimizer))
                 warnings.warn(f"dynascope: the sentinel could not read {type(optimizer).__name__}'s step from its "
                               f"state ({type(exc).__name__}: {exc}); it copies the weights from the next step on",
                               RuntimeWarning, stacklevel=4)
                 return
-            self._un.index_copy_(0, index, torch.stack([t.float() for t in norms]))
+            if len(idx) == len(self._un):  # every parameter, in order
+                self._un.copy_(norms)
+            else:
+                self._un.index_copy_(0, index, norms)
 
     def end_step(self, step: int, loss: Any) -> StepOutcome | None:
         """Write this step's row into the ring buffer and detect events from the values of earlier steps
