@@ -41,7 +41,7 @@ def test_records_eigenvalues_threshold_trace_layers_spectrum(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     store = RunStore(tmp_path / "run")
     probe = Curvature(every=2, batch=(x, y), loss_fn=CE, k=3, trace=True, spectrum=True, layers=True,
-                      trace_samples=20, spectrum_iter=20, tol=1e-6)
+                      trace_samples=20, spectrum_iter=20, tol=1e-6, trace_method="hutchinson")
     for step in range(3):
         if probe.due(step):
             with preserved_state(model):
@@ -74,10 +74,10 @@ def test_values_match_the_function_at_that_step(tmp_path):
     store = RunStore(tmp_path / "run")
     batch = [(x[:10], y[:10]), (x[10:], y[10:])]
     probe = Curvature(every=1, batch=batch, loss_fn=CE, k=2, tol=1e-8, trace=True, trace_samples=7, layers=True,
-                      seed=3)
+                      seed=3, trace_method="hutchinson")
     want = hessian_eigenvalues(model, CE, (x, y), k=2, tol=1e-8, seed=8)
     # the probe's seed at step 5 is seed + step = 8: the same Rademacher draws as the direct call
-    want_tr = hessian_trace(model, CE, batch, n_samples=7, seed=8)
+    want_tr = hessian_trace(model, CE, batch, n_samples=7, seed=8, method="hutchinson")
     want_ls = layer_sharpness(model, CE, batch, tol=1e-8, seed=8)
     with preserved_state(model):
         probe.run(context(store, model, opt, 5))

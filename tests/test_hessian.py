@@ -152,7 +152,7 @@ def test_trace_within_three_standard_errors(name):
     model, x, y = MODELS[name]()
     H = dense_hessian(model, CE, x, y)
     exact = float(np.trace(H))
-    tr = hessian_trace(model, CE, (x, y), n_samples=120, seed=0)
+    tr = hessian_trace(model, CE, (x, y), n_samples=120, method="hutchinson", seed=0)
     assert tr.n_samples == 120 and tr.n_hvp == 120
     assert tr.stderr > 0
     # a 3-sigma check fails by chance for about 0.3% of seeds (seed 3 does on cnn_bn);
@@ -173,10 +173,10 @@ def test_trace_within_three_standard_errors(name):
 
 def test_trace_stops_on_target_stderr_only():
     model, x, y = mlp()
-    tr = hessian_trace(model, CE, (x, y), n_samples=300, seed=0, target_stderr=0.3)
+    tr = hessian_trace(model, CE, (x, y), n_samples=300, method="hutchinson", seed=0, target_stderr=0.3)
     assert tr.stderr <= 0.3 and 10 <= tr.n_samples < 300
     # deterministic given the seed
-    again = hessian_trace(model, CE, (x, y), n_samples=300, seed=0, target_stderr=0.3)
+    again = hessian_trace(model, CE, (x, y), n_samples=300, method="hutchinson", seed=0, target_stderr=0.3)
     assert again.trace == tr.trace and again.n_samples == tr.n_samples
 
 
@@ -190,10 +190,10 @@ def test_trace_negative_curvature_does_not_stop_early():
 
     exact = float(np.trace(dense_hessian(model, concave, x, None)))
     assert exact < 0
-    tr = hessian_trace(model, concave, (x, None), n_samples=40, seed=1)
+    tr = hessian_trace(model, concave, (x, None), n_samples=40, method="hutchinson", seed=1)
     assert tr.n_samples == 40
     assert abs(tr.trace - exact) <= 3 * tr.stderr + 1e-12
-    tr = hessian_trace(model, concave, (x, None), n_samples=40, seed=1, target_stderr=1e-12)
+    tr = hessian_trace(model, concave, (x, None), n_samples=40, method="hutchinson", seed=1, target_stderr=1e-12)
     assert tr.n_samples == 40
 
 
@@ -259,7 +259,7 @@ def test_train_mode_bn_statistics_unchanged_and_exact():
     model, x, y = cnn_bn()
     bufs = {n: b.clone() for n, b in model.named_buffers()}
     res = hessian_eigenvalues(model, CE, (x, y), k=2, tol=1e-9, mode="train")
-    hessian_trace(model, CE, (x, y), n_samples=5, mode="train")
+    hessian_trace(model, CE, (x, y), n_samples=5, method="hutchinson", mode="train")
     hessian_spectrum(model, CE, (x, y), n_iter=5, mode="train")
     for n, b in model.named_buffers():
         assert torch.equal(b, bufs[n]), n
@@ -273,7 +273,7 @@ def test_grad_untouched_no_graph_and_no_double_counting():
     model[0].weight.grad = torch.ones_like(model[0].weight)
     g_obj = model[0].weight.grad
     first = hessian_eigenvalues(model, CE, (x, y), k=1, tol=1e-9)
-    hessian_trace(model, CE, (x, y), n_samples=4)
+    hessian_trace(model, CE, (x, y), n_samples=4, method="hutchinson")
     second = hessian_eigenvalues(model, CE, (x, y), k=1, tol=1e-9)
     assert model[0].weight.grad is g_obj and torch.equal(g_obj, torch.ones_like(g_obj))
     assert g_obj.grad_fn is None and not g_obj.requires_grad
@@ -307,8 +307,8 @@ def test_unequal_batches_weighted_by_size():
     # an equal-weight average of the two pair Hessians would differ
     equal = 0.5 * (dense_hessian(model, CE, x[:5], y[:5]) + dense_hessian(model, CE, x[5:], y[5:]))
     assert rel(res.eigenvalues[:1], np.linalg.eigvalsh(equal)[-1:]) > 1e-3
-    tr = hessian_trace(model, CE, parts, n_samples=20, seed=0)
-    full = hessian_trace(model, CE, (x, y), n_samples=20, seed=0)
+    tr = hessian_trace(model, CE, parts, n_samples=20, method="hutchinson", seed=0)
+    full = hessian_trace(model, CE, (x, y), n_samples=20, method="hutchinson", seed=0)
     assert abs(tr.trace - full.trace) < 1e-9 * abs(full.trace)
 
 
@@ -492,7 +492,7 @@ def test_bad_inputs_have_clear_errors():
     with pytest.raises(ValueError, match="mode"):
         hessian_eigenvalues(model, CE, (x, y), mode="inference")
     with pytest.raises(ValueError, match="n_samples"):
-        hessian_trace(model, CE, (x, y), n_samples=1)
+        hessian_trace(model, CE, (x, y), n_samples=1, method="hutchinson")
     with pytest.raises(ValueError, match="nope"):
         hessian_eigenvalues(model, CE, (x, y), params=["nope"])
 

@@ -477,14 +477,18 @@ class Session:
             inst.after_optimizer_step(optimizer)
 
     # -- the loop ------------------------------------------------------------------
-    def step(self, loss: Any = None, **scalars: Any) -> None:
+    def step(self, loss: Any = None, *, batch: Any = None, **scalars: Any) -> None:
         """End of one training step: record ``loss`` and any named scalars
         (tensors stay on the device until the flush), collect the probes on
-        recording steps, and run due scheduled diagnostics."""
+        recording steps, and run due scheduled diagnostics. ``batch``: this step's
+        ``(inputs, targets)``, for scheduled diagnostics built with ``batch="step"``
+        (e.g. ``Curvature(batch="step")``); held until the next ``run.step()`` or the
+        end of the run, never copied."""
         if not self._open:
             raise RuntimeError("run.step() called outside the `with dynascope.probe(...)` block")
         self._check_doubled_step()
         s = self.step_index
+        self.ctx.step_batch = batch  # this step's batch (None: not given), read by the scheduled diagnostics
         if loss is not None:
             scalars = {"loss": loss, **scalars}
         for key, value in scalars.items():
@@ -661,6 +665,7 @@ class Session:
         finally:
             for inst in self.instruments:
                 inst.close()
+            self.ctx.step_batch = None
             try:
                 self.flush()
             finally:

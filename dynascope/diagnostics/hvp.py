@@ -27,6 +27,7 @@ stated mode.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -131,6 +132,7 @@ class HessianOperator:
         self._buffer_src = [(name, b) for name, b in model.named_buffers()]
         self.cache_graph = (len(self.pairs) == 1) if cache_graph is None else bool(cache_graph)
         self._graphs: list[tuple[list[torch.Tensor], list[int]]] | None = None
+        self._batched = True  # matmat through one batched double backward until a model refuses it
         if self.cache_graph:
             self._graphs = [self._gradient(i) for i in range(len(self.pairs))]
 
@@ -221,6 +223,51 @@ class HessianOperator:
                 acc[j] = h.detach() if acc[j] is None else acc[j] + h.detach()
         self.n_hvp += 1
         return self.flatten(acc)
+
+    def matmat(self, X: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        """H X for the columns of X (shape ``n x m``), ``m`` products counted in ``n_hvp``.
+
+        Up to ``chunk`` columns go through one batched double backward
+        (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over the
+        backward); a model whose backward has no batching rule (or that raises under
+        vmap) falls back, once and for the rest of this operator, to one
+        :meth:`matvec` per column. Same values as the loop up to rounding."""
+        X = X.to(device=self.device, dtype=self.dtype)
+        if X.ndim != 2 or X.shape[0] != self.n:
+            raise ValueError(f"matmat needs an (n, m) matrix with n = {self.n}, got shape {tuple(X.shape)}")
+        cols: list[torch.Tensor] = []
+        for a in range(0, X.shape[1], max(1, int(chunk))):
+            part = X[:, a : a + chunk]
+            if self._batched and self._graphs is not None and part.shape[1] > 1:
+                try:
+                    cols.append(self._matmat_batched(part))
+                    continue
+                except Exception:  # noqa: BLE001 - no batching rule for some op: the exact loop instead
+                    self._batched = False
+            cols.append(torch.stack([self.matvec(part[:, j]) for j in range(part.shape[1])], dim=1))
+        return torch.cat(cols, dim=1) if cols else X.new_zeros(self.n, 0)
+
+    def _matmat_batched(self, part: torch.Tensor) -> torch.Tensor:
+        assert self._graphs is not None
+        m = part.shape[1]
+        rows = part.T.contiguous()  # (m, n): one vector per row
+        pieces = [rows[:, self.offsets[j] : self.offsets[j + 1]].reshape(m, *self.shapes[j])
+                  for j in range(len(self.shapes))]
+        acc: list[torch.Tensor | None] = [None] * len(self.leaves)
+        for grads, keep in self._graphs:
+            if not keep:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # vmap's "performance drop" fallback notice
+                hv = torch.autograd.grad(grads, self.leaves, grad_outputs=[pieces[j] for j in keep],
+                                         retain_graph=True, allow_unused=True, is_grads_batched=True)
+            for j, h in enumerate(hv):
+                if h is not None:
+                    acc[j] = h.detach() if acc[j] is None else acc[j] + h.detach()
+        out = torch.cat([(torch.zeros(m, n, device=self.device, dtype=self.dtype) if t is None else t.reshape(m, -1))
+                         for t, n in zip(acc, self.numels)], dim=1)
+        self.n_hvp += m
+        return out.T
 
     def release(self) -> None:
         self._graphs = None

@@ -175,6 +175,8 @@ class ProbeContext:
     log_row: Callable[[int, str, str, float], None] | None = None
     #: writes a named array artifact (name, step, arrays, meta) into the run (set by the session)
     write_artifact: Callable[[str, int, dict[str, Any], dict[str, Any]], None] | None = None
+    #: the current step's batch as given to ``run.step(loss, batch=...)`` (None when not given)
+    step_batch: Any = None
 
     def __post_init__(self) -> None:
         self._group_of: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}

@@ -27,7 +27,7 @@ from ..core.errors import describe
 from ..core.guard import preserved_state
 from .base import Collected, Probe
 
-__all__ = ["Scheduled", "ScheduledContext", "ScheduledRunner", "run_guarded"]
+__all__ = ["Scheduled", "ScheduledContext", "ScheduledRunner", "run_guarded", "step_batch"]
 
 
 @dataclass
@@ -43,6 +43,9 @@ class ScheduledContext:
     artifact_fn: Callable[[str, dict[str, np.ndarray], dict[str, Any]], None]
     extra: dict[str, Any] = field(default_factory=dict)
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)  # all of them (``optimizer``: the first)
+    #: the step's own batch, from ``run.step(loss, batch=(inputs, targets))`` (None when not given): what a
+    #: diagnostic built with ``batch="step"`` measures on (:func:`step_batch`)
+    batch: Any = None
 
     def __post_init__(self) -> None:
         if not self.optimizers and self.optimizer is not None:
@@ -93,6 +96,18 @@ class Scheduled:
     def on_close(self, ctx: ScheduledContext) -> None:
         """Called once when the probe closes (after a final ``run`` if any), under
         the state guard; e.g. to turn kept checkpoints into a trajectory plane."""
+
+
+def step_batch(diag: Scheduled, batch: Any, ctx: ScheduledContext) -> Any:
+    """The batch a scheduled diagnostic measures on: its fixed ``batch``, or with ``batch="step"`` the step's
+    own (``ctx.batch``, given as ``run.step(loss, batch=(inputs, targets))``); a ValueError saying how to give
+    it when the step has none (the runner records ``diagnostic.failed`` and training goes on)."""
+    if not (isinstance(batch, str) and batch == "step"):
+        return batch
+    if ctx.batch is None:
+        raise ValueError(f"{type(diag).__name__}(batch='step') at step {ctx.step}: this step gave no batch; call "
+                         "run.step(loss, batch=(inputs, targets)) with the step's inputs and targets")
+    return ctx.batch
 
 
 def run_guarded(diag: Scheduled, ctx: ScheduledContext, *, close: bool = False) -> None:
@@ -151,7 +166,7 @@ class ScheduledRunner(Probe):
                 write_artifact(name, step, arrays, meta)
 
         sctx = ScheduledContext(ctx.model, ctx.optimizer, step, final, log_fn, artifact_fn,
-                                optimizers=list(ctx.optimizers))
+                                optimizers=list(ctx.optimizers), batch=ctx.step_batch)
         try:
             run_guarded(self.diagnostic, sctx, close=close)
         except Exception as exc:
