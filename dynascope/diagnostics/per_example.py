@@ -29,8 +29,9 @@ output keeps the output's gradient ``D`` (scaled by ``B``: ``g_i``'s share); the
   the unfolded input patches (``T`` = output positions).
 * ``nn.Embedding`` (no ``max_norm``, not sparse): ``g_i = sum_t onehot(idx_it) D_it^T``;
   ``|g_i|^2 = sum_{t,s} [idx_it = idx_is] D_it . D_is``; tokens at ``padding_idx`` contribute nothing.
-* ``nn.LayerNorm`` / ``nn.RMSNorm`` affine parameters and every layer's bias: the per-example gradients
-  themselves (``B x`` the parameter's size: ``sum_t D_it * xhat_it`` and ``sum_t D_it``).
+* ``nn.LayerNorm`` / ``nn.RMSNorm`` affine parameters, BatchNorm's in eval mode (running statistics) and
+  every layer's bias: the per-example gradients themselves (``B x`` the parameter's size:
+  ``sum_t D_it * xhat_it`` and ``sum_t D_it``).
 
 A module called several times contributes the positions of every call. A parameter whose gradient the
 hooks do not rebuild (``mean_i g_i`` differs from the batch gradient: a tied weight, a weight used outside
@@ -170,6 +171,9 @@ def _kind(m: nn.Module) -> str | None:
         return "embedding"
     if type(m) is nn.LayerNorm and m.elementwise_affine:
         return "layernorm"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and not m.training \
+            and m.running_mean is not None and m.running_var is not None:
+        return "batchnorm"  # eval mode (running statistics): a per-channel affine map of each example
     rms = getattr(nn, "RMSNorm", None)
     if rms is not None and type(m) is rms and m.elementwise_affine:
         return "rmsnorm"
@@ -253,6 +257,11 @@ def _factors(m: nn.Module, rec: _Calls, n: int, scale: float) -> tuple[torch.Ten
 
 
 def _norm_xhat(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        rm, rv = m.running_mean, m.running_var
+        assert rm is not None and rv is not None
+        return (x - rm.reshape(shape)) * torch.rsqrt(rv.reshape(shape) + m.eps)
     dims = tuple(range(-len(m.normalized_shape), 0))  # type: ignore[arg-type]
     if isinstance(m, nn.LayerNorm):
         mean = x.mean(dims, keepdim=True)
@@ -263,16 +272,18 @@ def _norm_xhat(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_per_example(m: nn.Module, rec: _Calls, n: int, scale: float) -> dict[str, torch.Tensor] | None:
-    """Per-example gradients (``n x shape``) of a LayerNorm's / RMSNorm's weight and bias over all its calls."""
+    """Per-example gradients (``n x shape``) of a LayerNorm's / RMSNorm's / eval-mode BatchNorm's weight and bias
+    over all its calls."""
     out: dict[str, torch.Tensor] = {}
-    nd = len(m.normalized_shape)  # type: ignore[arg-type]
+    bn = rec.kind == "batchnorm"
+    nd = 0 if bn else len(m.normalized_shape)  # type: ignore[arg-type]
     for x, g in zip(rec.inputs, rec.grads):
-        if x is None or x.ndim <= nd or x.shape[0] != n:
+        if x is None or x.ndim <= (1 if bn else nd) or x.shape[0] != n:
             return None
         if g is None:
             continue
         g = g * scale
-        lead = tuple(range(1, x.ndim - nd))
+        lead = tuple(range(2, x.ndim)) if bn else tuple(range(1, x.ndim - nd))
         parts = {"weight": g * _norm_xhat(m, x), "bias": g}
         for name, t in parts.items():
             t = t.sum(lead) if lead else t
@@ -464,7 +475,7 @@ def _from_hooks(hooks: _Hooks, ps: list[nn.Parameter], gbar: list[torch.Tensor],
         if not rec.inputs:
             continue
         own = {nm: p for nm, p in m.named_parameters(recurse=False) if id(p) in index}
-        if rec.kind in ("layernorm", "rmsnorm"):
+        if rec.kind in ("layernorm", "rmsnorm", "batchnorm"):
             per = _norm_per_example(m, rec, n, float(n))
             if per is None:
                 continue
