@@ -172,6 +172,11 @@ def test_each_quantity_equals_cockpits_formula_over_training_steps(case):
         ref = cockpit_reference(model, loss_fn, x, y, lr=0.3)
         _assert_matches(res, ref, rel=1e-8)
         assert res.loss == pytest.approx(float(loss_fn(model(x), y).detach()), rel=1e-12)
+        # without histograms the hooks never build per-example gradients where a shortcut exists (Goodfellow's
+        # factors for one position, the Gram form's norms): the same numbers
+        bare = gradient_tests(model, loss_fn, (x, y), lr=0.3, mode="train", hist1d=False, hist2d=False, tic=False)
+        for q in QUANTITIES[:6]:
+            assert getattr(bare, q) == pytest.approx(ref[q], rel=1e-8), q
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()

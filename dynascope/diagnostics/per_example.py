@@ -306,25 +306,28 @@ def _outer_stats(a: torch.Tensor, d: torch.Tensor, gbar: torch.Tensor, shape: to
         acc.dots += _rows(d * (a @ g2.t()))
     in_dim = embedding if embedding else a.shape[2]
     hist = acc.h1 is not None or acc.h2 is not None
-    materialise = hist or (need_m2 and (t > 1 or embedding))
-    m2: torch.Tensor | None = None
-    if not materialise:
+    step = _chunk(n, out_dim * in_dim, d.element_size(), budget)
+    if not embedding and t == 1:  # Goodfellow: norms and second moments from the factors; g_i only to bin it
+        acc.sq += _rows(d.square()) * _rows(a.square())
+        m2 = (d[:, 0].square().t() @ a[:, 0].square()).reshape(shape) / n if need_m2 else None
+        if hist:
+            for s in range(0, n, step):
+                g = torch.einsum("bo,bi->boi", d[s:s + step, 0], a[s:s + step, 0])
+                acc.hist(g.reshape((g.shape[0], *shape)), value)
+        return m2
+    if not hist and not need_m2:
         if embedding:  # |g_i|^2 = sum_ts [idx_it == idx_is] D_it . D_is
             same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)
             acc.sq += _rows(same * (d @ d.transpose(1, 2)))
-        elif t == 1:
-            acc.sq += _rows(d.square()) * _rows(a.square())
-            if need_m2:
-                m2 = (d[:, 0].square().t() @ a[:, 0].square()) / n
-        else:
-            step = _chunk(n, t * t, d.element_size(), budget)
-            for s in range(0, n, step):
-                dd, aa = d[s:s + step], a[s:s + step]
+        else:  # the Gram form
+            gram_step = _chunk(n, t * t, d.element_size(), budget)
+            for s in range(0, n, gram_step):
+                dd, aa = d[s:s + gram_step], a[s:s + gram_step]
                 acc.sq += _rows((dd @ dd.transpose(1, 2)) * (aa @ aa.transpose(1, 2)))
-        return m2.reshape(shape) if m2 is not None else None
+        return None
+    # g_i built a chunk of examples at a time: the second moments (no shortcut for T > 1) and the histograms
     m2 = torch.zeros(out_dim, in_dim, dtype=d.dtype, device=d.device) if not embedding else \
         torch.zeros(embedding, out_dim, dtype=d.dtype, device=d.device)
-    step = _chunk(n, out_dim * in_dim, d.element_size(), budget)
     for s in range(0, n, step):
         dd, aa = d[s:s + step], a[s:s + step]
         b = dd.shape[0]
@@ -335,10 +338,12 @@ def _outer_stats(a: torch.Tensor, d: torch.Tensor, gbar: torch.Tensor, shape: to
             g = g.reshape(b, embedding, out_dim)
         else:
             g = torch.einsum("bto,bti->boi", dd, aa)
-        acc.sq += _rows(g.square())
+        g2 = g.square()
+        acc.sq += _rows(g2)
         if need_m2:
-            m2 += g.square().sum(0)
-        acc.hist(g.reshape((b, *shape)), value)
+            m2 += g2.sum(0)
+        if hist:
+            acc.hist(g.reshape((b, *shape)), value)
     return (m2 / n).reshape(shape) if need_m2 else None
 
 
