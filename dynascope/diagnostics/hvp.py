@@ -38,6 +38,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..core.checks import check_mode
+from . import _dist
 from ._batch import (
     Forward,
     LossFn,
@@ -91,10 +92,13 @@ class HessianOperator:
         check_mode(mode)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        model = _dist.unwrap(model)  # DDP: the module itself (diagnostics/_dist.py)
         self.loss_fn = loss_fn
         self.pairs = as_pairs(batch)
         sizes = [batch_size(x) for x, _ in self.pairs]
         total = float(sum(sizes))
+        if _dist.active():  # each rank holds its shard: weights n_pair / N over the global batch
+            total = float(_dist.reduce_sum(lambda: torch.tensor([total], dtype=torch.float64))[0])
         if total <= 0:
             raise ValueError(f"batch holds no samples (sizes {sizes})")
         self.weights = [s / total for s in sizes]
@@ -121,11 +125,12 @@ class HessianOperator:
         self._wrapper = _Call(model, forward or default_forward)
         chosen_ids = {id(p) for _, p in chosen}
         # leaves: detached copies the graph attaches to (never the caller's tensors)
-        self.leaves = [p.detach().to(self.dtype).requires_grad_(True) for _, p in chosen]
+        # (FSDP2: the whole parameter, gathered once; every rank holds the same one)
+        self.leaves = [_dist.full(p).to(self.dtype).requires_grad_(True) for _, p in chosen]
         leaf_of = {id(p): leaf for (_, p), leaf in zip(chosen, self.leaves)}
         self._tensors: dict[str, torch.Tensor] = {}
         for name, p in model.named_parameters():
-            t = leaf_of[id(p)] if id(p) in chosen_ids else p.detach()
+            t = leaf_of[id(p)] if id(p) in chosen_ids else _dist.full(p)
             if id(p) not in chosen_ids and p.is_floating_point():
                 t = t.to(self.dtype)
             self._tensors["model." + name] = t
@@ -154,7 +159,7 @@ class HessianOperator:
         tensors.update(self._buffers())
         torch.manual_seed(self.seed + i)  # dropout in train mode: same mask every product
         # fused attention kernels (flash / memory-efficient) have no double backward
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), _dist.plain_forward(self._wrapper.model):
             out = functional_call(self._wrapper, tensors, (inputs,))
         loss = self.loss_fn(out, targets)
         if not isinstance(loss, torch.Tensor):
@@ -194,7 +199,12 @@ class HessianOperator:
     def matvec(self, x: torch.Tensor, block: list[int] | None = None) -> torch.Tensor:
         """H x for a flat x (length n). With ``block`` (indices of parameter
         tensors), the product with the diagonal block H_BB: x is read and the
-        result written only on those tensors (zeros elsewhere)."""
+        result written only on those tensors (zeros elsewhere). Under
+        torch.distributed: the sum over ranks of each rank's weighted product, so
+        H is the global batch's (``diagnostics/_dist.py``; every rank calls it)."""
+        return _dist.reduce_sum(lambda: self._local_matvec(x, block))
+
+    def _local_matvec(self, x: torch.Tensor, block: list[int] | None = None) -> torch.Tensor:
         x = x.to(device=self.device, dtype=self.dtype)
         xs = self.split(x)
         acc: list[torch.Tensor | None] = [None] * len(self.leaves)
@@ -274,7 +284,11 @@ class HessianOperator:
 
 
 def _make_operator(model, loss_fn, batch, params, forward, dtype, mode, seed, cache_graph) -> HessianOperator:
-    return HessianOperator(
+    # under torch.distributed a rank whose forward or loss raises fails every rank together
+    op = _dist.attempt(lambda: HessianOperator(
         model, loss_fn, batch, params=params, forward=forward, dtype=dtype, mode=mode, seed=seed,
         cache_graph=cache_graph,
-    )
+    ))
+    if _dist.active():
+        op._batched = False  # products of several columns: one reduced matvec per column (the batched one is local)
+    return op

@@ -32,6 +32,7 @@ from torch import nn
 from ..core.checks import check_mode, set_mode
 from ..core.guard import preserved_state
 from ..core.outputs import first_tensor
+from . import _dist
 from ._batch import default_forward, model_device_dtype, move_to
 
 __all__ = [
@@ -182,7 +183,7 @@ def weight_magnitude(model: nn.Module) -> dict[str, float]:
         params = [p for p in module.parameters(recurse=False) if p.is_floating_point() or p.is_complex()]
         if not params:
             continue
-        s = sum(p.detach().abs().to(torch.float64).sum().cpu() for p in params)
+        s = sum(_dist.full(p).abs().to(torch.float64).sum().cpu() for p in params)  # FSDP2: whole parameters
         n = sum(p.numel() for p in params)
         if n:
             out[name] = float(s / n)
@@ -292,6 +293,7 @@ def plasticity_metrics(
     call, named ``name``, ``name@1``, ``name@2``...
     """
     check_mode(mode, choices=("eval", "train"))
+    model = _dist.unwrap(model)  # DDP: the module itself, whose names one process would record
     modules = select_modules(model, layers)
     device, _ = model_device_dtype(model)
     fwd = forward or default_forward
@@ -327,7 +329,8 @@ def plasticity_metrics(
     if not 0.0 <= delta < 1.0:
         raise ValueError(f"delta must be in [0, 1), got {delta!r}")
     for name, out in captured.items():
-        mat = _as_matrix(out)
+        # torch.distributed: the rows of every rank's shard of the batch (one process on the global batch)
+        (mat,) = _dist.gather_rows(_as_matrix(out))
         sv = _singular_values(mat)  # once per layer, for both ranks
         result[name] = LayerPlasticity(
             dead=dead_fraction(mat),

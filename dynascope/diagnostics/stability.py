@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.guard import preserved_state
+from . import _dist
 from ._batch import Forward, LossFn
 from .hvp import Mode, _make_operator
 from .lanczos import EigenResult, _check_common, _eigen_on_operator
@@ -56,7 +57,7 @@ def adam_preconditioner(
             t = float(st["step"])
             if t < 1:
                 continue
-            v_hat = st[key].detach() / (1 - beta2**t)
+            v_hat = _dist.full(st[key]) / (1 - beta2**t)  # FSDP2: the whole state, gathered
             P = v_hat.sqrt() + g["eps"]
             if bias_correction1:
                 P = P * (1 - beta1**t)
@@ -75,7 +76,7 @@ def _has_second_moment(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tens
         for p in g["params"]:
             st = optimizer.state.get(p, {})
             if key in st:
-                out[id(p)] = st[key].detach() != 0
+                out[id(p)] = _dist.full(st[key]) != 0
     return out
 
 
@@ -107,6 +108,8 @@ def preconditioned_sharpness(
     that would scale their curvature by ~1/eps. They are left out (P^-1/2 = 0 on
     them); a ValueError says when no coordinate has a second moment yet."""
     _check_common(k, tol, "largest")
+    model = _dist.unwrap(model)  # DDP: the module's own parameter names
+    _dist.checkpoint()  # torch.distributed: every rank is here before the optimizer state is gathered
     P = adam_preconditioner(optimizer, bias_correction1)
     seen = _has_second_moment(optimizer)
     names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in P]

@@ -17,6 +17,7 @@ import torch
 from ..core.checks import check_mode, positive_int, set_mode
 from ..core.guard import preserved_state
 from ..diagnostics._batch import Forward, default_forward
+from ..diagnostics._dist import gather_rows
 from ..diagnostics.calibration import calibration
 from ._eval import DeviceBatch, logits_of
 from .scheduled import Scheduled, ScheduledContext
@@ -58,7 +59,8 @@ class Calibration(Scheduled):
             for x, y in self.batch.on(model):
                 logits.append(logits_of(self.forward(model, x)).detach())
                 targets.append(y)
-        res = calibration(torch.cat(logits), torch.cat(targets), self.n_bins)
+        # torch.distributed: every rank's shard of the batch, in rank order (one process on the global batch)
+        res = calibration(*gather_rows(torch.cat(logits), torch.cat(targets)), self.n_bins)
         for metric, value in res.rows():
             ctx.log(metric, value)
         ctx.save_artifact("calibration.reliability", res.bins.to_arrays(),

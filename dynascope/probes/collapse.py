@@ -21,6 +21,7 @@ from ..core.guard import preserved_state
 from ..core.names import clean_name, is_wrapped
 from ..core.outputs import first_tensor
 from ..diagnostics._batch import Forward, default_forward
+from ..diagnostics._dist import gather_rows
 from ..diagnostics.collapse import neural_collapse
 from ._eval import DeviceBatch
 from .scheduled import Scheduled, ScheduledContext
@@ -96,7 +97,8 @@ class Collapse(Scheduled):
                     labels.append(y)
             finally:
                 handle.remove()
-        res = neural_collapse(torch.cat(feats), torch.cat(labels))
+        # torch.distributed: every rank's shard of the batch, in rank order (one process on the global batch)
+        res = neural_collapse(*gather_rows(torch.cat(feats), torch.cat(labels)))
         for metric, value in res.rows():
             ctx.log(metric, value, name)
         ctx.log("collapse.input", float(use_input), name)  # 1: the module's input was measured, 0: its output

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..core.checks import check_mode
 from ..diagnostics._batch import _is_pair
+from ..diagnostics._dist import unwrap
 from ..diagnostics.plasticity import LayerSpec, plasticity_metrics, select_modules
 from .scheduled import Scheduled, ScheduledContext
 
@@ -66,7 +67,7 @@ class Plasticity(Scheduled):
 
     def run(self, ctx: ScheduledContext) -> None:
         if self._checked != id(ctx.model):
-            select_modules(ctx.model, self.layers)  # fail early with a clear message
+            select_modules(unwrap(ctx.model), self.layers)  # fail early with a clear message
             self._checked = id(ctx.model)
         res = plasticity_metrics(ctx.model, self.inputs, layers=self.layers, tau=self.tau, delta=self.delta,
                                  mode=self.mode, forward=self.forward)

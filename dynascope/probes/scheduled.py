@@ -25,6 +25,7 @@ from torch import nn
 from ..core.checks import positive_int
 from ..core.errors import describe
 from ..core.guard import preserved_state
+from ..diagnostics._dist import Agreement
 from .base import Collected, Probe
 
 __all__ = ["Scheduled", "ScheduledContext", "ScheduledRunner", "run_guarded", "step_batch"]
@@ -167,12 +168,20 @@ class ScheduledRunner(Probe):
 
         sctx = ScheduledContext(ctx.model, ctx.optimizer, step, final, log_fn, artifact_fn,
                                 optimizers=list(ctx.optimizers), batch=ctx.step_batch)
-        try:
-            run_guarded(self.diagnostic, sctx, close=close)
-        except Exception as exc:
+        # under torch.distributed every rank agrees on the outcome (diagnostics/_dist.py): a diagnostic that
+        # fails on one rank fails on every rank, at the same collective, and no rank waits in one alone
+        error: Exception | None = None
+        with Agreement() as agreement:
+            try:
+                run_guarded(self.diagnostic, sctx, close=close)
+            except Exception as exc:  # noqa: BLE001 - reported below (or re-raised with on_error="raise")
+                error = exc
+        outcome = agreement.finish(error)
+        if outcome is not None:
+            exc = outcome
             # the guard has restored the model: training can go on unchanged, and the failure stays on record
             if self.on_error == "raise":
-                raise
+                raise exc
             log_fn("diagnostic.failed", 1.0, self.name)
             warnings.warn(f"dynascope: {self.name} failed at step {step} ({describe(exc)}); training goes on "
                           f"unchanged and the failure is recorded as 'diagnostic.failed' (pass "

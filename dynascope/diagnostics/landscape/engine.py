@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...core.checks import one_of
+from .. import _dist
 from .._batch import (
     Forward,
     LossFn,
@@ -54,6 +55,8 @@ class _Evaluator:
         self.pairs = [(move_to(x, device), move_to(y, device)) for x, y in as_pairs(batch)]
         self.sizes = [batch_size(x) for x, _ in self.pairs]
         self.total = float(sum(self.sizes))
+        if _dist.active():  # each rank holds its shard: weights n_pair / N over the global batch
+            self.total = float(_dist.reduce_sum(lambda: torch.tensor([self.total], dtype=torch.float64))[0])
         self.weights = [n / self.total for n in self.sizes]
         self.bn_policy = bn_policy
         self.metric_fn = metric_fn
@@ -75,6 +78,17 @@ class _Evaluator:
             m.eval()
 
     def __call__(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss (and metrics) of the whole batch; under torch.distributed each rank's weighted shard
+        summed over the ranks (one all_reduce per point, after a checkpoint: ``diagnostics/_dist.py``)."""
+        if not _dist.active():
+            return self._local()
+        loss, metrics = _dist.attempt(self._local)
+        keys = sorted(metrics)
+        packed = torch.tensor([float(loss), *(metrics[k] for k in keys)], dtype=torch.float64, device=loss.device)
+        total = _dist.reduce_sum(lambda: packed)
+        return total[0], {k: float(v) for k, v in zip(keys, total[1:].tolist())}
+
+    def _local(self) -> tuple[torch.Tensor, dict[str, float]]:
         if self.bns:
             self._recompute_bn()
         loss = None
@@ -214,6 +228,8 @@ def _choose_method(method: str, ev: _Evaluator, metric_fn: MetricFn | None) -> s
     """``"loop"``, ``"vmap"`` or ``"measure"`` (time both on the first chunks, keep the faster)."""
     if method not in ("auto", "loop", "vmap", "measure"):
         raise ValueError(f"method must be 'auto', 'loop', 'vmap' or 'measure', got {method!r}")
+    if _dist.active():
+        return "loop"  # torch.distributed: every point's loss through the evaluator, which combines the ranks
     if method in ("vmap", "measure"):
         if ev.bn_policy == "recompute":
             raise ValueError(f"method={method!r} needs bn_policy='eval' (recomputing statistics updates buffers "

@@ -1,0 +1,240 @@
+"""The diagnostics under torch.distributed (DDP, FSDP2): one process on the global batch, and ranks that
+fail together.
+
+Each rank passes ITS shard of the batch; the result is what one process computes on the concatenated
+(global) batch, whose loss is the size-weighted mean of the shards' mean losses:
+
+* **Parameters**: DDP replicates them; under FSDP2 each sharded parameter (a ``DTensor``) is gathered
+  once per operator (:func:`full`, ``DTensor.full_tensor()``), so every rank holds the same parameter
+  vector and the same directions. Lanczos, Hutchinson and SLQ then run unchanged and identically on every
+  rank: their random vectors come from generators seeded with the same seed, their dot products and norms
+  are of replicated vectors.
+* **Hessian-vector products**: each rank computes the product of ITS shard's loss, weighted by
+  ``n_rank / N`` (``N``: the global number of samples, one all_reduce when the operator is built), and
+  :func:`reduce_sum` adds them across ranks: ``sum_r (n_r / N) H_r v = H v`` of the global mean loss,
+  also for uneven shards.
+* **Forward passes**: the model runs through ``torch.func.functional_call`` on plain tensors; FSDP2's
+  forward hooks (which would all-gather and swap in their own parameters) are taken off for that call
+  (:func:`plain_forward`) and DDP's wrapper is stepped over (:func:`unwrap`), so neither sees a forward
+  it did not start.
+
+**Failing together.** A rank that raises inside a diagnostic must not leave the others waiting in a
+collective. Every collective of this module is preceded by a *checkpoint* (:func:`checkpoint`): a
+2-number all_reduce ``(failed, finished)``. A rank whose local work raised catches the error and brings
+``failed = 1`` to the next checkpoint; if any rank failed, every rank raises :class:`RanksFailed` there,
+at the same collective. A rank whose error escaped between checkpoints goes straight to the final
+checkpoint of its scheduled runner (``finished = 1``); the others meet it at their next checkpoint, see
+``failed > 0`` (or ``finished > 0`` while they are not finished) and raise too; such an agreed failure
+skips the final checkpoint (:class:`Agreement` remembers it), so the count of collectives stays equal on
+every rank. In one process every function here is a no-op or a plain call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from ..core.names import is_wrapped
+
+__all__ = ["Agreement", "RanksFailed", "active", "attempt", "checkpoint", "full", "gather_rows", "plain_forward",
+           "reduce_sum", "unwrap", "world_size"]
+
+T = TypeVar("T")
+
+
+def active() -> bool:
+    """True inside an initialized process group with more than one rank."""
+    d = torch.distributed
+    return bool(d.is_available() and d.is_initialized() and d.get_world_size() > 1)
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if active() else 1
+
+
+def _device() -> torch.device:
+    """Where the small agreement tensors live: the current GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class RanksFailed(RuntimeError):
+    """A diagnostic failed on at least one rank; every rank raises this at the same collective.
+    ``local`` is this rank's own error (None when another rank failed)."""
+
+    def __init__(self, failed: int, world: int, local: Exception | None) -> None:
+        self.failed, self.world, self.local = failed, world, local
+        mine = f"here: {type(local).__name__}: {local}" if local is not None else "not on this rank"
+        super().__init__(f"the diagnostic failed on {failed} of {world} ranks ({mine})")
+
+
+class Agreement:
+    """One attempt of a diagnostic on every rank (opened by the scheduled runner): ``agreed`` is set once a
+    checkpoint inside made every rank raise :class:`RanksFailed`, so the runner's final checkpoint is
+    skipped on every rank alike."""
+
+    def __init__(self) -> None:
+        self.agreed = False
+        self._token: contextvars.Token[Agreement | None] | None = None
+
+    def __enter__(self) -> Agreement:
+        self._token = _CURRENT.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+            self._token = None
+
+    def finish(self, error: Exception | None) -> Exception | None:
+        """The final checkpoint, after the attempt: None when every rank succeeded, else the error to report
+        (this rank's own, or :class:`RanksFailed` when only another rank failed). One process: ``error``."""
+        if not active() or self.agreed:
+            return error
+        try:
+            checkpoint(error, final=True)
+        except RanksFailed as exc:
+            return error if error is not None else exc
+        return error
+
+
+_CURRENT: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("dynascope_agreement", default=None)
+
+
+def checkpoint(error: Exception | None = None, *, final: bool = False) -> None:
+    """All ranks meet (one all_reduce of 2 numbers); raise :class:`RanksFailed` on every rank when any rank
+    brings an error, or when ranks disagree on whether the diagnostic has finished. In one process: raise
+    ``error`` if given."""
+    if not active():
+        if error is not None:
+            raise error
+        return
+    d = torch.distributed
+    flags = torch.tensor([float(error is not None), float(final)], dtype=torch.float64, device=_device())
+    d.all_reduce(flags)
+    failed, finished = (int(round(v)) for v in flags.tolist())
+    world = d.get_world_size()
+    if failed == 0 and finished in (0, world):
+        return
+    if not final:
+        agreement = _CURRENT.get()
+        if agreement is not None:
+            agreement.agreed = True
+    if failed == 0:  # a rank left the diagnostic early (its error escaped between checkpoints)
+        failed = world - finished if final else finished
+    raise RanksFailed(failed, world, error) from error
+
+
+def attempt(fn: Callable[[], T]) -> T:
+    """``fn()`` on this rank, then a checkpoint: a local error is raised on every rank together."""
+    if not active():
+        return fn()
+    try:
+        out = fn()
+    except RanksFailed:
+        raise  # already agreed at a checkpoint inside fn, on every rank
+    except Exception as exc:  # noqa: BLE001 - brought to the checkpoint, raised there on every rank
+        checkpoint(exc)
+        raise  # pragma: no cover - checkpoint raised
+    checkpoint()
+    return out
+
+
+def reduce_sum(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The sum over ranks of this rank's ``fn()`` (a tensor of the same shape and dtype on every rank), after a
+    checkpoint: a rank whose ``fn`` raised never leaves the others in the all_reduce."""
+    out = attempt(fn)
+    if active():
+        out = out.clone()
+        torch.distributed.all_reduce(out)
+    return out
+
+
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor's rows from every rank, concatenated in rank order: the global batch's (logits, features,
+    targets of each rank's shard; the rows may differ in number, not in shape otherwise). After a checkpoint;
+    one all_gather of the row counts and one per tensor, padded to the longest shard. One process: as given.
+    The bytes moved are the global batch's rows: a probe batch is small."""
+    if not active():
+        return tensors
+    checkpoint()
+    d = torch.distributed
+    world = d.get_world_size()
+    dev = _device()
+    n = torch.tensor([tensors[0].shape[0] if tensors else 0], dtype=torch.int64, device=dev)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    d.all_gather(counts, n)
+    sizes = [int(c.item()) for c in counts]
+    longest = max(sizes)
+    out = []
+    for t in tensors:
+        if t.shape[0] != int(n.item()):
+            raise ValueError(f"gather_rows: tensors of {t.shape[0]} and {int(n.item())} rows")
+        padded = t.new_zeros((longest, *t.shape[1:]), device=dev)
+        padded[: t.shape[0]] = t.to(dev)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        d.all_gather(parts, padded.contiguous())
+        out.append(torch.cat([p[:k] for p, k in zip(parts, sizes)]).to(t.device))
+    return tuple(out)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a ``DTensor`` (a collective: an all-gather of FSDP2's shards), detached; any
+    other tensor detached. Called in the same order on every rank."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return t.detach()
+    if isinstance(t, DTensor):
+        return t.detach().full_tensor()
+    return t.detach()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper (the diagnostics call it directly:
+    the wrapper's forward would sync buffers and arm its reducer for a backward that never comes)."""
+    return model.module if is_wrapped(model) else model  # type: ignore[return-value]
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def plain_forward(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` without FSDP2's forward hooks (restored on exit, in their order, also when the body raises).
+
+    FSDP2 all-gathers its parameters in a forward pre-hook and swaps its own unsharded tensors into the
+    modules, which would replace the plain tensors ``functional_call`` puts there ("got mixed torch.Tensor
+    and DTensor"). The diagnostics pass every parameter and buffer themselves, so the hooks have nothing to
+    do. The hooks are found by the handles FSDP2 keeps on its per-module state (torch 2.6 to 2.13)."""
+    saved: list[tuple[dict[int, Any], dict[int, Any]]] = []
+    for m in _fsdp_modules(model):
+        state = m._get_fsdp_state()  # type: ignore[operator]
+        ids: set[int] = set()
+        for handle in (getattr(state, "_pre_forward_hook_handle", None),
+                       getattr(state, "_post_forward_hook_handle", None)):
+            for h in getattr(handle, "handles", (handle,)):
+                if h is not None and hasattr(h, "id"):
+                    ids.add(h.id)
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            if ids & set(hooks):
+                saved.append((hooks, dict(hooks)))
+                for i in ids & set(hooks):
+                    del hooks[i]
+    try:
+        yield
+    finally:
+        for hooks, before in saved:
+            hooks.clear()
+            hooks.update(before)

@@ -1,0 +1,359 @@
+"""Scheduled diagnostics under torch.distributed measure the global batch: each of 2 gloo ranks passes its
+shard of the probe batch (3 and 5 examples: uneven), and the curvature rows equal one process on the 8
+examples (DDP, and FSDP2 with uneven parameter shards: 7 rows as 4 + 3, 3 rows as 2 + 1). A diagnostic that
+fails on one rank only fails on every rank together (inside a collective and before any), is recorded as
+``diagnostic.failed`` and training finishes. Training is bit-identical with and without dynascope on each
+rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _spawn import spawn_reports
+from torch import nn
+
+import dynascope
+from dynascope.diagnostics import _dist
+from dynascope.diagnostics.hessian import hessian_eigenvalues
+
+WORLD = 2
+STEPS = 4
+GLOBAL = 8
+PROBE_CUT = 3  # rank 0 holds probe examples [0, 3), rank 1 [3, 8)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _data() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    steps = [(torch.randn(GLOBAL, 5, generator=g), torch.randint(0, 3, (GLOBAL,), generator=g)) for _ in range(STEPS)]
+    probe = (torch.randn(GLOBAL, 5, generator=g), torch.randint(0, 3, (GLOBAL,), generator=g))
+    return steps, probe
+
+
+#: probe-batch cuts per world size: uneven shards (3 + 5; 1 + 2 + 2 + 3)
+CUTS = {1: [0, GLOBAL], 2: [0, PROBE_CUT, GLOBAL], 4: [0, 1, 3, 5, GLOBAL]}
+
+
+def _probe_shard(rank: int, world: int = WORLD) -> slice:
+    return slice(CUTS[world][rank], CUTS[world][rank + 1])
+
+
+def _curvature(batch, **kw) -> dynascope.Curvature:
+    return dynascope.Curvature(every=2, batch=batch, loss_fn=F.cross_entropy, **kw)
+
+
+def _hutchinson(batch) -> dynascope.Curvature:
+    """The trace alone, by Hutchinson's estimator: the same seeded Rademacher vectors on every rank and in one
+    process."""
+    return _curvature(batch, eigenvalues=False, trace=True, trace_method="hutchinson", trace_samples=6,
+                      preconditioned=False)
+
+
+def _landscape(batch) -> dynascope.Landscape:
+    return dynascope.Landscape(every=2, batch=batch, loss_fn=F.cross_entropy, resolution=5, span=0.5,
+                               trajectory_resolution=5)
+
+
+def _ddp_diagnostics(batch) -> list:
+    return [_curvature(batch, k=2, trace=True, layers=True, spectrum=True, spectrum_iter=12),
+            *_forward_diagnostics(batch), _landscape(batch)]
+
+
+def _four_rank_diagnostics(batch) -> list:
+    return [_curvature(batch, k=2), dynascope.Calibration(every=2, batch=batch, n_bins=4)]
+
+
+def _forward_diagnostics(batch) -> list:
+    """The scheduled diagnostics that read forward passes: each rank's rows (logits, features, activations)
+    combined over ranks."""
+    return [dynascope.Calibration(every=2, batch=batch, n_bins=4), dynascope.Collapse(every=2, batch=batch),
+            dynascope.Plasticity(every=2, batch=batch, layers=(nn.Tanh, nn.Linear))]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, scheduled: list, lo: int, hi: int
+           ) -> list[str]:
+    """STEPS steps on examples [lo, hi) of each global batch (with dynascope when ``run_dir``); the warnings."""
+    steps, _ = _data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if run_dir is None:
+            for x, y in steps:
+                loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        else:
+            with dynascope.probe(model, opt, run_dir, every=1, sentinel=False, probes=("gradients",),
+                                 scheduled=scheduled) as run:
+                for x, y in steps:
+                    loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    run.step(loss=loss.detach())
+    return [str(w.message) for w in caught if "failed at step" in str(w.message)]
+
+
+def _local_params(model: nn.Module) -> list[list[float]]:
+    out = []
+    for p in model.parameters():
+        t = p.detach()
+        t = t.to_local() if hasattr(t, "to_local") else t
+        out.append(t.reshape(-1).tolist())
+    return out
+
+
+def _fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+class FailsOnRankOne(dynascope.Scheduled):
+    """Raises on rank 1 only, before any collective; rank 0 goes into a Hessian computation meanwhile."""
+
+    def __init__(self, batch) -> None:
+        super().__init__(every=2)
+        self.batch = batch
+
+    def run(self, ctx) -> None:
+        if dist.get_rank() == 1:
+            raise RuntimeError("planted failure on rank 1")
+        eig = hessian_eigenvalues(ctx.model, F.cross_entropy, self.batch, k=1)
+        ctx.log("custom.eig", float(eig.eigenvalues[0]))
+
+
+def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    report: dict = {}
+    per = GLOBAL // world
+    lo, hi = rank * per, (rank + 1) * per  # the training shards (equal: DDP averages ranks with equal weight)
+    _, (px, py) = _data()
+    probe = (px[_probe_shard(rank, world)], py[_probe_shard(rank, world)])
+    try:
+        # DDP (SGD + momentum): top-2, trace, per-layer sharpness of the global probe batch
+        ddp = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        report["ddp_warnings"] = _train(ddp, opt, os.path.join(out, "ddp", f"rank{rank}"),
+                                        _ddp_diagnostics(probe) if world == 2 else _four_rank_diagnostics(probe),
+                                        lo, hi)
+        report["ddp_params"] = _local_params(ddp)
+        if world != 2:
+            return
+        plain = nn.parallel.DistributedDataParallel(_mlp())
+        _train(plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9), None, [], lo, hi)
+        report["ddp_plain_params"] = _local_params(plain)
+
+        # FSDP2 (Adam): the issue's call, which raised "mixed torch.Tensor and DTensor" and stopped training
+        m = _fsdp(_mlp())
+        report["fsdp_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
+                                         os.path.join(out, "fsdp", f"rank{rank}"),
+                                         [_curvature(probe, k=2), _hutchinson(probe), *_forward_diagnostics(probe)],
+                                         lo, hi)
+        report["fsdp_params"] = _local_params(m)
+        report["fsdp_shard_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
+        plain = _fsdp(_mlp())
+        _train(plain, torch.optim.Adam(plain.parameters(), lr=0.01), None, [], lo, hi)
+        report["fsdp_plain_params"] = _local_params(plain)
+
+        # failures on rank 1 only: inside the Hessian-vector products (rank 0 is in the same collective),
+        # and before any collective (rank 0 is in a Hessian computation); each runs twice (steps 0 and 2)
+        def loss_fails_on_rank_one(out_: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if rank == 1:
+                raise RuntimeError("planted loss failure on rank 1")
+            return F.cross_entropy(out_, y)
+
+        m = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        fails = [dynascope.Curvature(every=2, batch=probe, loss_fn=loss_fails_on_rank_one, k=1),
+                 FailsOnRankOne(probe), _curvature(probe, k=1)]
+        report["fail_warnings"] = _train(m, opt, os.path.join(out, "fail", f"rank{rank}"), fails, lo, hi)
+        report["fail_params"] = _local_params(m)
+    finally:
+        Path(out, f"report{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+
+
+def _worker4(rank: int, port: int, out: str) -> None:
+    _worker(rank, port, out, 4)
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    return spawn_reports(_worker, WORLD, lambda: tmp_path_factory.mktemp("dist_sched"), timeout=150)
+
+
+def _rows(run_dir: Path, prefix: str = "") -> dict[tuple[int, str, str], float]:
+    df = dynascope.load_run(run_dir)._query("SELECT step, metric, layer, value FROM scalars")
+    return {(int(s), m, la): float(v) for s, m, la, v in zip(df.step, df.metric, df.layer, df.value.astype(float))
+            if m.startswith(prefix)}
+
+
+def _single(tmp_path: Path, make_opt, scheduled_of_probe, prefix: str = "hessian.") -> dict:
+    """One process on the global batches and the global probe batch."""
+    _, probe = _data()
+    m = _mlp()
+    _train(m, make_opt(m), str(tmp_path), scheduled_of_probe(probe), 0, GLOBAL)
+    return _rows(tmp_path, prefix)
+
+
+FORWARD_METRICS = ("calibration.", "collapse.", "plasticity.", "weight.magnitude")
+
+
+def _forward_rows(rows: dict) -> dict:
+    return {k: v for k, v in rows.items() if k[1].startswith(FORWARD_METRICS)}
+
+
+def _assert_close(ref: dict, got: dict, rtol: float) -> None:
+    assert ref and set(ref) == set(got), sorted(set(ref) ^ set(got))[:10]
+    bad = [(k, ref[k], got[k]) for k in sorted(ref)
+           if not np.isclose(ref[k], got[k], rtol=rtol, atol=1e-12 * max(1.0, abs(ref[k])))]
+    assert not bad, bad[:10]
+
+
+def test_ddp_curvature_equals_one_process_on_the_global_batch(spawned, tmp_path):
+    out, reports = spawned
+    ref = _single(tmp_path / "single", lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                  lambda probe: _ddp_diagnostics(probe)[:1])
+    got = _rows(out / "ddp" / "rank0", "hessian.")
+    assert {m for _, m, _ in ref} >= {"hessian.eig", "hessian.trace", "hessian.layer_eig", "hessian.threshold"}
+    assert {s for s, _, _ in ref} == {0, 2}
+    # rank 0's own shard (3 examples) gives another Hessian: the comparison can tell the global batch from it
+    _, (px, py) = _data()
+    shard0 = hessian_eigenvalues(_mlp(), F.cross_entropy, (px[:PROBE_CUT], py[:PROBE_CUT]), k=1).eigenvalues[0]
+    assert abs(shard0 - ref[(0, "hessian.eig", "1")]) > 1e-3 * abs(ref[(0, "hessian.eig", "1")])
+    _assert_close(ref, got, rtol=1e-5)
+    # the spectral density's Lanczos nodes and weights (SLQ from the same Rademacher start vectors)
+    for step in (0, 2):
+        want, _ = dynascope.load_run(tmp_path / "single").load_artifact("hessian.spectrum", step=step)
+        have, _ = dynascope.load_run(out / "ddp" / "rank0").load_artifact("hessian.spectrum", step=step)
+        np.testing.assert_allclose(have["nodes"], want["nodes"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(have["weights"], want["weights"], rtol=1e-4, atol=1e-7)
+    assert not (out / "ddp" / "rank1").exists()
+    assert reports[0]["ddp_warnings"] == reports[1]["ddp_warnings"] == []
+
+
+def test_ddp_landscape_equals_one_process_on_the_global_batch(spawned, tmp_path):
+    out, _ = spawned
+    _single(tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda p: [_landscape(p)])
+    single, ddp = dynascope.load_run(tmp_path), dynascope.load_run(out / "ddp" / "rank0")
+    _assert_close(_rows(tmp_path, "landscape."), _rows(out / "ddp" / "rank0", "landscape."), rtol=1e-6)
+    names = set(single.artifacts()["name"])
+    assert {"landscape.surface", "landscape.trajectory"} <= names, names
+    for name in names:
+        for step in single.artifacts(name)["step"]:
+            want, _ = single.load_artifact(name, step=int(step))
+            have, _ = ddp.load_artifact(name, step=int(step))
+            assert set(want) == set(have)
+            for key in want:
+                if want[key].dtype.kind == "f":
+                    np.testing.assert_allclose(have[key], want[key], rtol=1e-6, atol=1e-9, err_msg=f"{name} {key}")
+
+
+def _check_forward_diagnostics(run_dir: Path, tmp_path: Path, make_opt) -> None:
+    ref = _forward_rows(_single(tmp_path, make_opt, _forward_diagnostics, prefix=""))
+    got = _forward_rows(_rows(run_dir))
+    metrics = {m for _, m, _ in ref}
+    assert {"calibration.ece", "calibration.nll", "collapse.nc1", "plasticity.erank", "plasticity.dormant",
+            "weight.magnitude"} <= metrics, metrics
+    assert {la for _, m, la in ref if m == "plasticity.erank"} == {"0", "1", "2"}  # the module's own names
+    _assert_close(ref, got, rtol=1e-6)
+    # the reliability diagram: the global batch's 8 examples in its bins
+    art, _ = dynascope.load_run(run_dir).load_artifact("calibration.reliability", step=2)
+    assert int(np.sum(art["count"])) == GLOBAL
+
+
+def test_ddp_forward_diagnostics_equal_one_process_on_the_global_batch(spawned, tmp_path):
+    out, _ = spawned
+    _check_forward_diagnostics(out / "ddp" / "rank0", tmp_path / "single",
+                               lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_fsdp2_forward_diagnostics_equal_one_process_on_the_global_batch(spawned, tmp_path):
+    out, _ = spawned
+    _check_forward_diagnostics(out / "fsdp" / "rank0", tmp_path / "single",
+                               lambda m: torch.optim.Adam(m.parameters(), lr=0.01))
+
+
+def test_fsdp2_curvature_records_the_global_batch_instead_of_stopping_training(spawned, tmp_path):
+    out, reports = spawned
+    assert reports[0]["fsdp_shard_rows"] == [4, 4, 2, 2] and reports[1]["fsdp_shard_rows"] == [3, 3, 1, 1]
+    ref = _single(tmp_path / "single", lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
+                  lambda probe: [_curvature(probe, k=2), _hutchinson(probe)])
+    got = _rows(out / "fsdp" / "rank0", "hessian.")
+    assert {la for _, m, la in ref if m == "hessian.trace_estimator"} == {"hutchinson"}
+    # Adam: the preconditioned sharpness too, from the optimizer's sharded second moments (from step 2 on)
+    assert {m for _, m, _ in ref} >= {"hessian.eig", "hessian.precond_eig"}
+    _assert_close(ref, got, rtol=1e-5)
+    assert reports[0]["fsdp_warnings"] == reports[1]["fsdp_warnings"] == []
+
+
+@pytest.mark.slow
+def test_four_ranks_ddp_curvature_and_calibration_equal_one_process(tmp_path_factory, tmp_path):
+    """4 gloo processes, probe shards of 1, 2, 2 and 3 examples (slow: 4 processes start on 2 cores, ~40 s)."""
+    out, reports = spawn_reports(_worker4, 4, lambda: tmp_path_factory.mktemp("dist_sched4"), timeout=150)
+    want = _single(tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                   _four_rank_diagnostics, prefix="")
+    got = _rows(out / "ddp" / "rank0")
+    keep = ("hessian.", "calibration.")
+    assert {m for _, m, _ in want} >= {"hessian.eig", "calibration.ece"}
+    _assert_close({k: v for k, v in want.items() if k[1].startswith(keep)},
+                  {k: v for k, v in got.items() if k[1].startswith(keep)}, rtol=1e-5)
+    assert all(r["ddp_warnings"] == [] for r in reports)
+
+
+def test_training_is_bit_identical_with_and_without_dynascope_on_each_rank(spawned):
+    _, reports = spawned
+    for r in reports:
+        assert r["ddp_params"] == r["ddp_plain_params"]
+        assert r["fsdp_params"] == r["fsdp_plain_params"]
+        assert r["fail_params"] == r["ddp_plain_params"]  # failing diagnostics change nothing either
+
+
+def test_a_diagnostic_failing_on_one_rank_fails_on_every_rank_and_training_goes_on(spawned, tmp_path):
+    out, reports = spawned
+    for r in reports:  # each failing diagnostic, at steps 0 and 2, warned on both ranks
+        assert len(r["fail_warnings"]) == 4, r["fail_warnings"]
+        assert sum("Curvature failed" in w for w in r["fail_warnings"]) == 2
+        assert sum("FailsOnRankOne failed" in w for w in r["fail_warnings"]) == 2
+    assert any("planted loss failure on rank 1" in w for w in reports[1]["fail_warnings"])
+    assert any("failed on 1 of 2 ranks" in w for w in reports[0]["fail_warnings"])
+    rows = _rows(out / "fail" / "rank0")
+    failed = {(s, la) for (s, m, la) in rows if m == "diagnostic.failed"}
+    assert failed == {(0, "Curvature"), (2, "Curvature"), (0, "FailsOnRankOne"), (2, "FailsOnRankOne")}
+    assert not any(m == "custom.eig" for _, m, _ in rows)
+    # the healthy Curvature after the failing ones still ran on every due step, on the global batch
+    ref = _single(tmp_path / "single", lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                  lambda probe: [_curvature(probe, k=1)])
+    _assert_close({k: v for k, v in ref.items() if k[1] == "hessian.eig"},
+                  {k: v for (k, v) in rows.items() if k[1] == "hessian.eig"}, rtol=1e-5)
+
+
+def test_one_process_agreement_is_the_plain_call():
+    """Without a process group the checkpoints cost nothing and raise the local error as it is."""
+    assert not _dist.active()
+    _dist.checkpoint()
+    with pytest.raises(ValueError, match="local"):
+        _dist.checkpoint(ValueError("local"))
+    assert _dist.reduce_sum(lambda: torch.ones(2)).tolist() == [1.0, 1.0]
+    with _dist.Agreement() as a:
+        pass
+    err = KeyError("x")
+    assert a.finish(None) is None and a.finish(err) is err
