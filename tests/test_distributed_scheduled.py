@@ -226,6 +226,8 @@ def _assert_close(ref: dict, got: dict, rtol: float) -> None:
     bad = [(k, ref[k], got[k]) for k in sorted(ref)
            if not np.isclose(ref[k], got[k], rtol=rtol, atol=1e-12 * max(1.0, abs(ref[k])))]
     assert not bad, bad[:10]
+    worst = max(abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref)
+    print(f"{len(ref)} rows, {len({m for _, m, _ in ref})} metrics: max relative difference {worst:.1e}")
 
 
 def test_ddp_curvature_equals_one_process_on_the_global_batch(spawned, tmp_path):
