@@ -171,6 +171,8 @@ def test_each_quantity_equals_cockpits_formula_over_training_steps(case):
         res = gradient_tests(model, loss_fn, (x, y), lr=0.3, mode="train")
         ref = cockpit_reference(model, loss_fn, x, y, lr=0.3)
         _assert_matches(res, ref, rel=1e-8)
+        assert res.notes == ()  # every hook-covered parameter's gradient rebuilt exactly: no fallback taken
+        assert "torch.func" not in {v for k, v in res.methods.items() if "att." not in k and k != "pos"}
         assert res.loss == pytest.approx(float(loss_fn(model(x), y).detach()), rel=1e-12)
         # without histograms the hooks never build per-example gradients where a shortcut exists (Goodfellow's
         # factors for one position, the Gram form's norms): the same numbers
