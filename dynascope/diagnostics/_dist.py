@@ -151,8 +151,9 @@ def reduce_sum(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     checkpoint: a rank whose ``fn`` raised never leaves the others in the all_reduce."""
     out = attempt(fn)
     if active():
-        out = out.clone()
-        torch.distributed.all_reduce(out)
+        summed = out.to(_device(), copy=True)  # NCCL reduces on the GPU: a CPU count travels there and back
+        torch.distributed.all_reduce(summed)
+        out = summed.to(out.device)
     return out
 
 
