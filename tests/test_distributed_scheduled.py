@@ -55,10 +55,10 @@ def _curvature(batch, **kw) -> dynascope.Curvature:
 
 
 def _hutchinson(batch) -> dynascope.Curvature:
-    """The trace alone, by Hutchinson's estimator: the same seeded Rademacher vectors on every rank and in one
-    process."""
+    """The trace by Hutchinson's estimator (the same seeded Rademacher vectors on every rank and in one
+    process) and the per-layer sharpness."""
     return _curvature(batch, eigenvalues=False, trace=True, trace_method="hutchinson", trace_samples=6,
-                      preconditioned=False)
+                      preconditioned=False, layers=True)
 
 
 def _landscape(batch) -> dynascope.Landscape:
@@ -302,7 +302,7 @@ def test_fsdp2_curvature_records_the_global_batch_instead_of_stopping_training(s
     got = _rows(out / "fsdp" / "rank0", "hessian.")
     assert {la for _, m, la in ref if m == "hessian.trace_estimator"} == {"hutchinson"}
     # Adam: the preconditioned sharpness too, from the optimizer's sharded second moments (from step 2 on)
-    assert {m for _, m, _ in ref} >= {"hessian.eig", "hessian.precond_eig"}
+    assert {m for _, m, _ in ref} >= {"hessian.eig", "hessian.precond_eig", "hessian.trace", "hessian.layer_eig"}
     _assert_close(ref, got, rtol=1e-5)
     assert reports[0]["fsdp_warnings"] == reports[1]["fsdp_warnings"] == []
 
