@@ -219,6 +219,20 @@ def test_the_engines_agree(case):
     assert set(runs["loop"].methods.values()) == {"loop"}
 
 
+def test_a_parameter_selection_counts_only_those_parameters():
+    torch.manual_seed(14)
+    model = PreLN().double()
+    x, y = _token_data(torch.Generator().manual_seed(15))
+    sel = ["ff", "pos", "ln2.weight"]
+    part = per_example_gradients(model, lm_loss, (x, y), params=sel)
+    assert set(part.names) == {n for n, _ in model.named_parameters() if n.startswith(("ff.", "pos", "ln2.weight"))}
+    g = torch.stack([_flat_grads(lm_loss(model(x[i:i + 1]), y[i:i + 1]), [dict(model.named_parameters())[n]
+                                                                          for n in part.names])
+                     for i in range(len(x))])
+    torch.testing.assert_close(part.sq_norms, g.square().sum(1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(part.dots, g @ g.mean(0), rtol=1e-10, atol=1e-15)
+
+
 def test_sequence_inputs_use_the_gram_form_when_no_second_moment_is_asked():
     torch.manual_seed(6)
     model = PreLN().double()
@@ -390,3 +404,26 @@ def test_recorder_rows_equal_the_function_and_training_is_bit_identical(tmp_path
         h2, _ = data.load_artifact("gradtest.hist2d", s)
         np.testing.assert_array_equal(h2["counts"], refs[s].hist2d.counts)
         assert h2["counts"].sum() == 12 * sum(p.numel() for p in model.parameters())
+
+
+def test_report_figures_draw_the_recorded_values(tmp_path):
+    from dynascope.reports.figures.gradient_tests import gradient_histogram_figure, gradient_tests_figure
+
+    _train(tmp_path / "run", [dynascope.GradientTests(every=2, batch=HELD, loss_fn=F.cross_entropy, tic=False,
+                                                      hist2d=False)], steps=5)
+    run = dynascope.load_run(tmp_path / "run")
+    fig = gradient_tests_figure([run])
+    for ax, metric in zip(fig.axes, ("gradtest.norm_test", "gradtest.inner_test", "gradtest.ortho_test",
+                                     "gradtest.gsnr")):
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), run.scalars(metric)["value"].to_numpy())
+    hist = gradient_histogram_figure([run])
+    arrays, _ = run.load_artifact("gradtest.hist1d", 4)
+    (stairs,) = hist.axes[0].patches
+    np.testing.assert_allclose(stairs.get_data().values, arrays["counts"] / arrays["counts"].sum())
+    store_empty = tmp_path / "empty"
+    from dynascope.store import RunStore
+
+    st = RunStore(store_empty)
+    st.write_scalars([(0, "loss", "", 1.0)])
+    st.close()
+    assert gradient_tests_figure([dynascope.load_run(store_empty)]) is None

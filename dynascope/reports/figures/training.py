@@ -34,7 +34,7 @@ from ._panels import Decoration, LayerFigure, register_layers
 
 _PROBE_PREFIXES = ("act.", "grad.", "update.", "weight.", "lr.", "scale_invariant", "hessian.", "landscape.", "event.",
                    "plasticity.", "bn.")
-_PROBE_PREFIXES += ("calibration.", "gns.", "collapse.", "scores.")  # the scheduled recorders
+_PROBE_PREFIXES += ("calibration.", "gns.", "collapse.", "scores.", "gradtest.")  # the scheduled recorders
 
 
 def _user_scalars(run: RunData) -> list[str]:
