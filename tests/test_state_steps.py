@@ -136,3 +136,93 @@ def test_the_sentinels_update_norms_without_a_copy(tmp_path, make):
         for name, r in zip(("0", "2"), row):
             got = float(un[(un["step"] == step) & (un["layer"] == name)]["value"].iloc[0])
             assert got == pytest.approx(r, rel=1e-4)
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.conv = nn.Conv1d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, tok: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.emb(tok).transpose(1, 2)).relu()
+        return self.head(h.mean(2))
+
+
+def _probe_values(tmp_path, name, make, monkeypatch, chunk, from_state=True):
+    import dynascope
+    import dynascope.probes._groups as groups_mod
+    import dynascope.probes.gradients as grad_mod
+    import dynascope.probes.optimizer as opt_mod
+
+    for mod in (steps_mod, groups_mod, grad_mod, opt_mod):
+        monkeypatch.setattr(mod, "CHUNK_ELEMENTS", chunk)
+    if not from_state:
+        monkeypatch.setattr(opt_mod, "supports_state_steps", lambda o: False)
+    torch.manual_seed(0)
+    model = _Mixed()
+    opt = make(model.parameters())
+    tok, y = torch.randint(0, 50, (12, 7)), torch.randint(0, 5, (12,))
+    with dynascope.probe(model, opt, tmp_path / name, every=1, probes=("gradients", "updates"), sentinel=False) as run:
+        for _ in range(3):
+            loss = torch.nn.functional.cross_entropy(model(tok), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss)
+    monkeypatch.undo()
+    data = dynascope.load_run(tmp_path / name)
+    out = {}
+    for metric in ("weight.norm", "update.relative", "update.angle", "update.angle_row", "grad.weight_cos",
+                   "grad.weight_cos_rowmax", "grad.norm"):
+        out.update({(r.step, metric, r.layer): r.value for r in data.scalars(metric).itertuples()})
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+], ids=["adamw", "sgd-nesterov"])
+def test_probes_in_row_blocks_equal_whole_tensors_and_the_copy(tmp_path, monkeypatch, make):
+    """A weight larger than CHUNK_ELEMENTS is read a block of rows at a time (the embedding's 50 x 16 with a
+    chunk of 64 elements: blocks of 4 rows) and weights of one shape a few at a time: the update and gradient
+    metrics equal those of whole tensors, and those of the copy of w_t."""
+    whole = _probe_values(tmp_path, "whole", make, monkeypatch, 1 << 22)
+    blocks = _probe_values(tmp_path, "blocks", make, monkeypatch, 64)
+    copy = _probe_values(tmp_path, "copy", make, monkeypatch, 1 << 22, from_state=False)
+    assert whole.keys() == blocks.keys() == copy.keys() and len(whole) > 30
+    assert any(k[1] == "update.angle_row" and k[2] == "emb.weight" for k in whole)
+    for k, v in whole.items():
+        assert blocks[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+        tol = 1e-3 if k[1].startswith("update.angle") else 1e-4  # small angles: the copy's rounding shows
+        assert copy[k] == pytest.approx(v, rel=tol, abs=1e-7), k
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_a_zero_initialised_weight_stays_zero_before_its_first_step(tmp_path, kind):
+    """w_t solved from w_{t+1} and the step carries the step's rounding: entries at that level are zero, so a
+    zero-initialised weight has weight.norm 0 and no angle at its first step, as with a copy of w_t."""
+    import dynascope
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    nn.init.zeros_(model[2].weight)
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1) if kind == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    with dynascope.probe(model, opt, tmp_path / "r", every=1, probes=("updates",), sentinel=False) as run:
+        for _ in range(2):
+            loss = ((model(x) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss)
+    data = dynascope.load_run(tmp_path / "r")
+    wn = data.scalars("weight.norm")
+    first = wn[(wn["step"] == 0) & (wn["layer"] == "2.weight")]["value"].iloc[0]
+    assert first == 0.0
+    ang = data.scalars("update.angle")
+    at0 = ang[(ang["step"] == 0) & (ang["layer"] == "2.weight")]["value"]
+    assert len(at0) == 1 and at0.isna().all()
+    assert ang[(ang["step"] == 1) & (ang["layer"] == "2.weight")]["value"].iloc[0] > 0

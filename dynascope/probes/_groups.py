@@ -15,7 +15,7 @@ import torch
 
 #: elements of temporaries per chunk when per-parameter work is stacked or computed a few tensors at a time
 #: (gradient cosines, steps from the optimizer's state): the transient memory stays small next to the model
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 __all__ = ["CHUNK_ELEMENTS", "ShapeGroups", "rowdot", "stacked_weights", "ParamLayout", "rows_whole", "is_sharded",
            "local_tensor", "row_view_shape"]

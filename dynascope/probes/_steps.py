@@ -40,11 +40,35 @@ __all__ = ["supports_state_steps", "steps_from_state", "steps_and_weights_from_s
 ROUNDING = 2.0 ** -20
 
 
-def _pair(w1: torch.Tensor, w_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(D, w_t) from w_{t+1} and a solved w_t, entries of w_t at the rounding level of the step set to zero."""
-    d = w1.sub(w_t)
-    w_t.masked_fill_(w_t.abs() <= d.abs().mul_(ROUNDING), 0.0)
-    return w1.sub(w_t), w_t
+def _pairs(w1s: list[torch.Tensor], w_ts: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(D, w_t) from w_{t+1} and solved w_t, entries of w_t at the rounding level of the step set to zero
+    (|w_t| <= ROUNDING |D|): multi-tensor operations, ``w_ts`` changed in place."""
+    r = torch._foreach_sub(w1s, w_ts)
+    torch._foreach_abs_(r)
+    torch._foreach_mul_(r, ROUNDING)  # ROUNDING |D|
+    keep = torch._foreach_abs(w_ts)
+    torch._foreach_sub_(keep, r)
+    del r
+    torch._foreach_sign_(keep)
+    torch._foreach_clamp_min_(keep, 0.0)  # 1 where |w_t| > ROUNDING |D|, else 0 (NaN stays NaN)
+    torch._foreach_mul_(w_ts, keep)
+    del keep
+    return list(zip(torch._foreach_sub(w1s, w_ts), w_ts))
+
+
+def _adam_scalars(ts: Sequence[Any], lr: float | torch.Tensor, beta1: float, beta2: float, device: torch.device,
+                  dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per parameter, sqrt(1 - beta2^t) and lr / (1 - beta1^t) as 0-dim tensors of ``dtype`` on ``device``,
+    computed where the step counts live (no value is read on the host: architecture invariant 3) and moved
+    without blocking."""
+    t = torch.stack([x.detach().reshape(()).to(torch.float64) if isinstance(x, torch.Tensor)
+                     else torch.tensor(float(x), dtype=torch.float64) for x in ts])
+    if isinstance(lr, torch.Tensor) and lr.device != t.device:
+        t = t.to(lr.device)
+    vec = torch.stack([(1.0 - beta2 ** t).sqrt(), lr / (1.0 - beta1 ** t)]).to(dtype)
+    if vec.device != device:
+        vec = (vec.pin_memory() if device.type == "cuda" else vec).to(device, non_blocking=True)
+    return list(vec[0].unbind()), list(vec[1].unbind())
 
 
 def supports_state_steps(optimizer: torch.optim.Optimizer | None) -> bool:
@@ -69,57 +93,69 @@ def steps_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
     return None if got is None else [d for d, _ in got]
 
 
+def _part(x: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
+    """Elements ``span`` of ``x`` flattened (a view of a contiguous tensor), or ``x`` itself."""
+    return x if span is None else x.reshape(-1)[span[0]:span[1]]
+
+
 @torch.no_grad()
 def steps_and_weights_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
-                                 params: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+                                 params: Sequence[torch.Tensor], span: tuple[int, int] | None = None
+                                 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """(D, w_t) of each parameter, as :func:`steps_from_state`: w_t solved from the step where the formula
-    needs it (exact where w_t was: a zero bias stays zero), else w_{t+1} - D."""
+    needs it (exact where w_t was: a zero bias stays zero), else w_{t+1} - D. ``span``: only the elements
+    ``span[0]:span[1]`` of each parameter flattened (a large parameter a slice at a time: the temporaries
+    are a few times the slice)."""
+    if not params:
+        return []
     lr = group["lr"]  # a float, or a 0-dim tensor used as it is
     wd = float(group.get("weight_decay", 0.0) or 0.0)
     state = optimizer.state
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    sts = [state.get(p) or {} for p in params]
+    w1s = [_part(p.detach(), span) for p in params]
     if type(optimizer) is torch.optim.SGD:
         mu = float(group.get("momentum", 0.0) or 0.0)
         nesterov = bool(group.get("nesterov", False))
         sign = -1.0 if group.get("maximize", False) else 1.0
-        for p in params:
-            buf = state.get(p, {}).get("momentum_buffer") if mu else None
-            if mu and buf is None:
+        bufs = [st.get("momentum_buffer") for st in sts] if mu else []
+        if mu and any(b is None for b in bufs):
+            return None
+        if mu and not nesterov:  # D = -lr b: w_t = w_{t+1} + lr b
+            w_ts = torch._foreach_mul([_part(b, span) for b in bufs], lr)
+        else:
+            if any(p.grad is None for p in params):
                 return None
-            if buf is not None and not nesterov:
-                out.append(_pair(p.detach(), p.detach().add(buf.mul(lr))))
-                continue
-            if p.grad is None:
-                return None
-            g = p.grad.to(p.dtype)
-            rhs = g.mul(sign)
-            if nesterov and buf is not None:
-                rhs.add_(buf, alpha=mu)
-            w_t = p.detach().add(rhs.mul_(lr))
-            if wd:
-                w_t.div_(1.0 - lr * wd)
-            out.append(_pair(p.detach(), w_t))
-        return out
+            w_ts = torch._foreach_mul([_part(p.grad, span).to(p.dtype) for p in params], sign)
+            if nesterov:
+                torch._foreach_add_(w_ts, [_part(b, span) for b in bufs], alpha=mu)
+            torch._foreach_mul_(w_ts, lr)
+        torch._foreach_add_(w_ts, w1s)  # w_{t+1} + lr (s g + [Nesterov] mu b)
+        if wd and not (mu and not nesterov):
+            torch._foreach_div_(w_ts, 1.0 - lr * wd)
+        return _pairs(w1s, w_ts)
+    if any(not st for st in sts):
+        return None
     beta1, beta2 = (float(b) for b in group["betas"])
     eps = float(group["eps"])
     amsgrad = bool(group.get("amsgrad", False))
     decoupled = _decoupled(optimizer, group) and wd != 0.0
-    for p in params:
-        st = state.get(p, {})
-        m, v, t = st.get("exp_avg"), st.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq"), st.get("step")
-        if m is None or v is None or t is None:
-            return None
-        # the step count: a float, or a (CPU or device) tensor kept on its device
-        t = t.to(m.device, torch.float64) if isinstance(t, torch.Tensor) else float(t)
-        bc1 = 1.0 - beta1 ** t
-        bc2_sqrt = (1.0 - beta2 ** t) ** 0.5
-        denom = v.sqrt().div_(bc2_sqrt).add_(eps)
-        u = m.div(denom).mul_(lr / bc1)  # what the optimizer subtracted
-        if decoupled:
-            out.append(_pair(p.detach(), p.detach().add(u).div_(1.0 - lr * wd)))
-        else:
-            out.append(_pair(p.detach(), p.detach().add(u)))
-    return out
+    ms = [st.get("exp_avg") for st in sts]
+    vs = [st.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq") for st in sts]
+    ts = [st.get("step") for st in sts]
+    if any(x is None for x in ms) or any(x is None for x in vs) or any(x is None for x in ts):
+        return None
+    bc2s, steps = _adam_scalars(ts, lr, beta1, beta2, w1s[0].device, ms[0].dtype)
+    # the optimizer's own order: u = (lr / bc1) m / (sqrt(v) / bc2 + eps), what it subtracted
+    u = torch._foreach_sqrt([_part(v, span) for v in vs])
+    torch._foreach_div_(u, bc2s)
+    torch._foreach_add_(u, eps)
+    torch._foreach_reciprocal_(u)
+    torch._foreach_mul_(u, [_part(m, span) for m in ms])
+    torch._foreach_mul_(u, steps)
+    torch._foreach_add_(u, w1s)  # w_{t+1} + u
+    if decoupled:  # AdamW: w_{t+1} = w_t (1 - lr wd) - u
+        torch._foreach_div_(u, 1.0 - lr * wd)
+    return _pairs(w1s, u)
 
 
 def _chunks(params: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -191,16 +227,7 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
         ts = [st.get("step") for st in sts]
         if any(x is None for x in ms) or any(x is None for x in vs) or any(x is None for x in ts):
             return None
-        # per-parameter bias corrections as 0-dim tensors computed where the step counts live (no value is
-        # read on the host: architecture invariant 3), moved to the parameters' device without blocking
-        t = torch.stack([x.detach().reshape(()).to(torch.float64) if isinstance(x, torch.Tensor)
-                         else torch.tensor(float(x), dtype=torch.float64) for x in ts])
-        if isinstance(lr, torch.Tensor) and lr.device != t.device:
-            t = t.to(lr.device)
-        vec = torch.stack([(1.0 - beta2 ** t).sqrt(), lr / (1.0 - beta1 ** t)]).to(ms[0].dtype)
-        if vec.device != device:
-            vec = (vec.pin_memory() if device.type == "cuda" else vec).to(device, non_blocking=True)
-        bc2s, step = list(vec[0].unbind()), list(vec[1].unbind())
+        bc2s, step = _adam_scalars(ts, lr, beta1, beta2, device, ms[0].dtype)
         for ks in _chunks(params):
             # the optimizer's own order: u = (lr / bc1) m / (sqrt(v) / bc2 + eps)
             den = torch._foreach_sqrt([vs[k] for k in ks])
@@ -246,21 +273,23 @@ def optimizer_update_norms(ctx: ProbeContext, optimizer: torch.optim.Optimizer, 
     return out
 
 
-def optimizer_steps(ctx: ProbeContext, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
-                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def optimizer_steps(ctx: ProbeContext, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                    span: tuple[int, int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(D, w_t) of each of ``params`` after ``optimizer`` stepped, whatever param groups they are in (one
     :func:`steps_and_weights_from_state` call per group); D = 0 for a parameter ``optimizer`` does not own (it
-    was not stepped). LookupError when the state lacks an entry the step writes."""
+    was not stepped). ``span``: elements of each parameter flattened, as there. LookupError when the state
+    lacks an entry the step writes."""
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(params)
     by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
     for k, p in enumerate(params):
         g = ctx.group_of(p) if ctx.optimizer_of(p) is optimizer else None
         if g is None:
-            out[k] = (torch.zeros_like(p), p.detach())
+            w = _part(p.detach(), span)
+            out[k] = (torch.zeros_like(w), w)
         else:
             by_group.setdefault(id(g), (g, []))[1].append(k)
     for g, ks in by_group.values():
-        pairs = steps_and_weights_from_state(optimizer, g, [params[k] for k in ks])
+        pairs = steps_and_weights_from_state(optimizer, g, [params[k] for k in ks], span)
         if pairs is None:
             raise LookupError("the optimizer's state lacks an entry its step writes")
         for k, pair in zip(ks, pairs):

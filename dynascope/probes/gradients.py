@@ -46,6 +46,16 @@ ADAMP_DELTA = 0.1
 COS_EPS = 1e-8
 
 
+def _dots(g: torch.Tensor, w: torch.Tensor, r: int, c: int, a: int, b: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row products <g,w>, <g,g>, <w,w> of rows a:b of the (r, c) row views, each (1, b - a)."""
+    g = g.detach().reshape(r, c)[a:b][None]
+    w = w.detach().reshape(r, c)[a:b][None]
+    if g.dtype not in (torch.float32, torch.float64):
+        g, w = g.float(), w.float()
+    return rowdot(g, w), rowdot(g, g), rowdot(w, w)
+
+
 class GradientProbe(Probe):
     name = "gradients"
 
@@ -138,11 +148,17 @@ class GradientProbe(Probe):
             per = max(1, CHUNK_ELEMENTS // max(r * c, 1))
             for k in range(0, len(members), per):
                 part = members[k:k + per]
-                g = torch.stack([local_g[j].detach().reshape(r, c) for j in part])
-                w = torch.stack([local_w[j].detach().reshape(r, c) for j in part])
-                if g.dtype not in (torch.float32, torch.float64):
-                    g, w = g.float(), w.float()
-                gw, gg, ww = rowdot(g, w), rowdot(g, g), rowdot(w, w)
+                if r * c > CHUNK_ELEMENTS and r > 1:  # one large weight: views of blocks of its rows, no copy
+                    gw, gg, ww = torch.cat([torch.stack(_dots(local_g[part[0]], local_w[part[0]], r, c, a,
+                                                              min(r, a + max(1, CHUNK_ELEMENTS // c))))
+                                            for a in range(0, r, max(1, CHUNK_ELEMENTS // c))], dim=2).unbind(0)
+                else:
+                    g = torch.stack([local_g[j].detach().reshape(r, c) for j in part])
+                    w = torch.stack([local_w[j].detach().reshape(r, c) for j in part])
+                    if g.dtype not in (torch.float32, torch.float64):
+                        g, w = g.float(), w.float()
+                    gw, gg, ww = rowdot(g, w), rowdot(g, g), rowdot(w, w)
+                    del g, w
                 dots.append(torch.stack([gw.sum(1), gg.sum(1), ww.sum(1)], dim=1))
                 if gw.shape[1]:
                     row_cos = gw / (gg.sqrt().clamp_min(COS_EPS) * ww.sqrt().clamp_min(COS_EPS))

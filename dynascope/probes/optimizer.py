@@ -134,20 +134,33 @@ class UpdateProbe(Probe):
 
     def _state_sums(self, optimizer: torch.optim.Optimizer, plan: dict[str, Any]) -> torch.Tensor:
         """Per weight, in shape-group order: <w_t,w_t>, <w_t,D>, <D,D>, the sum and count of row angles, with
-        D from the optimizer's state and w_t = w_{t+1} - D, a chunk of at most CHUNK_ELEMENTS elements of each
-        shape group at a time (no copy of the model)."""
+        D from the optimizer's state and w_t = w_{t+1} - D, a chunk of at most CHUNK_ELEMENTS elements at a
+        time: several weights of a shape group stacked, or rows of one weight larger than that (no copy of
+        the model; the temporaries are a few chunks)."""
         groups: ShapeGroups = plan["groups"]
         ps = [self.tracked[i][1] for i in plan["idx"]]
         parts = []
         for members, (r, c) in zip(groups.groups, groups.row_shapes):
+            if r * c > CHUNK_ELEMENTS and r > 1:  # a large weight: row blocks of it, the row products joined
+                rows = max(1, CHUNK_ELEMENTS // max(c, 1))
+                for j in members:
+                    dots = []
+                    for a in range(0, r, rows):
+                        b = min(r, a + rows)
+                        ((d, w),) = optimizer_steps(self.ctx, optimizer, [ps[j]], span=(a * c, b * c))
+                        d, w = _float(d.view(1, b - a, c)), _float(w.view(1, b - a, c))
+                        dots.append(torch.stack([rowdot(w, w), rowdot(w, d), rowdot(d, d)]))
+                        del d, w
+                    aa, ad, dd = torch.cat(dots, dim=2).unbind(0)
+                    parts.append(_row_sums(aa, ad, dd))
+                continue
             per = max(1, CHUNK_ELEMENTS // max(r * c, 1))
             for k in range(0, len(members), per):
                 chunk = [ps[j] for j in members[k:k + per]]
                 pairs = optimizer_steps(self.ctx, optimizer, chunk)
-                d = torch.stack([x.reshape(r, c) for x, _ in pairs])
-                a = torch.stack([w.reshape(r, c) for _, w in pairs])  # w_t
-                if d.dtype not in (torch.float32, torch.float64):
-                    d, a = d.float(), a.float()
+                d = _float(torch.stack([x.reshape(r, c) for x, _ in pairs]))
+                a = _float(torch.stack([w.reshape(r, c) for _, w in pairs]))  # w_t
+                del pairs
                 aa, ad, dd = rowdot(a, a), rowdot(a, d), rowdot(d, d)
                 parts.append(_row_sums(aa, ad, dd))
         return torch.cat(parts)
@@ -267,6 +280,10 @@ class UpdateProbe(Probe):
         self._before.clear()
         self._parts = []
         self._finish_cache.clear()
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _row_sums(aa: torch.Tensor, ad: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
