@@ -66,9 +66,14 @@ def _landscape(batch) -> dynascope.Landscape:
                                trajectory_resolution=5)
 
 
+def _noise_scale(batch) -> dynascope.NoiseScale:
+    """Micro-batches of 8 // 8 = 1 example: each shard (3, 5) is a multiple, so the global batch's split."""
+    return dynascope.NoiseScale(every=2, batch=batch, loss_fn=F.cross_entropy, micro_batches=8)
+
+
 def _ddp_diagnostics(batch) -> list:
     return [_curvature(batch, k=2, trace=True, layers=True, spectrum=True, spectrum_iter=12),
-            *_forward_diagnostics(batch), _landscape(batch)]
+            *_forward_diagnostics(batch), _landscape(batch), _noise_scale(batch)]
 
 
 def _four_rank_diagnostics(batch) -> list:
@@ -250,6 +255,15 @@ def test_ddp_curvature_equals_one_process_on_the_global_batch(spawned, tmp_path)
         np.testing.assert_allclose(have["weights"], want["weights"], rtol=1e-4, atol=1e-7)
     assert not (out / "ddp" / "rank1").exists()
     assert reports[0]["ddp_warnings"] == reports[1]["ddp_warnings"] == []
+
+
+def test_ddp_noise_scale_equals_one_process_on_the_global_batch(spawned, tmp_path):
+    out, _ = spawned
+    ref = _single(tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                  lambda p: [_noise_scale(p)], prefix="gns.")
+    assert {m for _, m, _ in ref} >= {"gns.grad_sq", "gns.trace_cov", "gns.simple_stderr", "gns.batch_size"}
+    assert ref[(0, "gns.batch_size", "")] == GLOBAL
+    _assert_close(ref, _rows(out / "ddp" / "rank0", "gns."), rtol=1e-6)
 
 
 def test_ddp_landscape_equals_one_process_on_the_global_batch(spawned, tmp_path):

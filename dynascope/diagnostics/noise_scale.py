@@ -50,6 +50,7 @@ from torch import nn
 
 from ..core.checks import check_mode, set_mode
 from ..core.guard import preserved_state, rng_state, set_rng_state
+from . import _dist
 from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, trainable_named_parameters
 
 __all__ = ["gradient_noise_scale", "NoiseScaleResult", "noise_scale_from_norms", "KEEP_BYTES"]
@@ -156,6 +157,15 @@ def gradient_noise_scale(
     ``KEEP_BYTES``); the standard errors need ``micro_batches >= 3`` (NaN
     otherwise). The model, its gradients, buffers, modes and the RNG are
     restored.
+
+    Under torch.distributed (DDP) each rank passes its shard of the batch: the
+    micro-batch size is ``N // micro_batches`` of the global count ``N``, each
+    rank cuts its shard into micro-batches of that size (its remainder left
+    out), the full-batch gradient is the mean over every rank's micro-batches
+    (one all_reduce of the summed gradients) and the per-micro-batch norms and
+    inner products are gathered: one process on the global batch whenever every
+    shard is a multiple of the micro-batch size. FSDP2 is not supported yet
+    (a clear error on every rank).
     """
     if not callable(loss_fn):
         raise TypeError(f"gradient_noise_scale: loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -168,14 +178,24 @@ def gradient_noise_scale(
                          f"{len(pairs)} pairs")
     inputs, targets = pairs[0]
     n = batch_size(inputs)
-    b = n // micro_batches
+    distributed = _dist.active()
+    if distributed:
+        if any(getattr(p, "placements", None) is not None for p in model.parameters()):
+            raise NotImplementedError("gradient_noise_scale under FSDP2 (sharded DTensor parameters) is not "
+                                      "supported yet; it supports DDP")
+        model = _dist.unwrap(model)  # DDP: autograd.grad through the module itself, not the wrapper's reducer
+        n_all = int(_dist.reduce_sum(lambda: torch.tensor([float(n)], dtype=torch.float64))[0])
+    else:
+        n_all = n
+    b = n_all // micro_batches
     if b < 1:
-        raise ValueError(f"gradient_noise_scale: a batch of {n} examples cannot be split into {micro_batches} "
+        raise ValueError(f"gradient_noise_scale: a batch of {n_all} examples cannot be split into {micro_batches} "
                          "micro-batches")
+    k = n // b  # this rank's micro-batches (all of them in one process)
     fwd = forward or default_forward
     named = trainable_named_parameters(model, params)
     ps = [p for _, p in named]
-    keep = micro_batches * sum(p.numel() * p.element_size() for p in ps) <= KEEP_BYTES
+    keep = k * sum(p.numel() * p.element_size() for p in ps) <= KEEP_BYTES
 
     def micro_grads(i: int) -> list[torch.Tensor | None]:
         x = _take(inputs, i * b, (i + 1) * b)
@@ -189,7 +209,7 @@ def gradient_noise_scale(
         set_mode(model, mode)
         total = [torch.zeros_like(p, dtype=torch.float64) for p in ps]
         norms, kept, rngs = [], [], []
-        for i in range(micro_batches):
+        for i in range(k):
             rngs.append(rng_state())
             grads = micro_grads(i)
             norms.append(_sq_norm(grads))
@@ -198,9 +218,14 @@ def gradient_noise_scale(
                     t.add_(g.to(torch.float64))
             if keep:
                 kept.append(grads)
-        mean = [t / micro_batches for t in total]
+        k_all = k
+        if distributed:  # the mean over every rank's micro-batches: one all_reduce of the summed gradients
+            flat = _dist.reduce_sum(lambda: torch.cat([t.reshape(-1) for t in total]))
+            total = [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in total]), total)]
+            k_all = int(_dist.reduce_sum(lambda: torch.tensor([float(k)], dtype=torch.float64))[0])
+        mean = [t / k_all for t in total]
         dots = []
-        for i in range(micro_batches):
+        for i in range(k):
             if keep:
                 grads = kept[i]
             else:  # recompute with the same random state (dropout) rather than hold k gradients
@@ -209,7 +234,9 @@ def gradient_noise_scale(
             dots.append(_dot(grads, mean))
         del kept
         big = _sq_norm(mean)
-        host = torch.stack([torch.stack(norms), torch.stack(dots)]).cpu().numpy()
+        stacked = torch.stack([torch.stack(norms), torch.stack(dots)]) if k else torch.zeros(2, 0, dtype=torch.float64)
+        (rows,) = _dist.gather_rows(stacked.T.contiguous())  # torch.distributed: every rank's, in rank order
+        host = rows.T.cpu().numpy()
     return noise_scale_from_norms(host[0], float(big), b, host[1])
 
 

@@ -14,8 +14,11 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
+
 from ..core.checks import check_mode, positive_int
 from ..diagnostics._batch import Forward, LossFn, batch_size
+from ..diagnostics._dist import active, reduce_sum
 from ..diagnostics.noise_scale import gradient_noise_scale
 from ._eval import DeviceBatch
 from .scheduled import Scheduled, ScheduledContext
@@ -59,9 +62,10 @@ class NoiseScale(Scheduled):
             raise ValueError(f"NoiseScale: give one (inputs, targets) batch to split into micro-batches, got "
                              f"{len(self.batch.pairs)} pairs")
         n = _size(self.batch.pairs[0][0])
-        if n // micro_batches < 1:
+        if n // micro_batches < 1 and not active():  # torch.distributed: checked on the global batch at the run
             raise ValueError(f"NoiseScale: a batch of {n} examples cannot be split into {micro_batches} micro-batches")
         self.batch_size = n if batch_size is None else positive_int("batch_size", batch_size, owner="NoiseScale")
+        self._own_size = batch_size is None  # the batch's size: under torch.distributed the global batch's
         self.loss_fn = loss_fn
         self.micro_batches = micro_batches
         self.params = params
@@ -71,13 +75,16 @@ class NoiseScale(Scheduled):
     def run(self, ctx: ScheduledContext) -> None:
         res = gradient_noise_scale(ctx.model, self.loss_fn, self.batch.on(ctx.model)[0], self.micro_batches,
                                    params=self.params, forward=self.forward, mode=self.mode)
+        size = float(self.batch_size)
+        if self._own_size and active():  # each rank holds its shard: the global batch's size
+            size = float(reduce_sum(lambda: torch.tensor([size], dtype=torch.float64))[0])
         # B_simple is undefined where the |G|^2 estimate is not positive, the standard errors with 2
         # micro-batches: such rows are left out rather than recorded as NaN (which would read as a divergence)
         for metric, value in (("gns.simple", res.b_simple), ("gns.grad_sq", res.grad_sq),
                               ("gns.trace_cov", res.trace_cov), ("gns.simple_stderr", res.b_simple_stderr),
                               ("gns.grad_sq_stderr", res.grad_sq_stderr),
                               ("gns.trace_cov_stderr", res.trace_cov_stderr),
-                              ("gns.batch_size", float(self.batch_size))):
+                              ("gns.batch_size", size)):
             if math.isfinite(value):
                 ctx.log(metric, value)
 
