@@ -74,7 +74,8 @@ def runs(tmp_path_factory) -> list[dynascope.RunData]:
         probes=("activations", "gradients", "updates", "batchnorm", "distance", "spectral"),
         scheduled=[dynascope.Calibration(every=10, batch=batch),
                    dynascope.NoiseScale(every=10, batch=batch, loss_fn=ce, micro_batches=4),
-                   dynascope.Collapse(every=10, batch=batch), dynascope.BNGap(every=10, batch=batch, loss_fn=ce)],
+                   dynascope.Collapse(every=10, batch=batch), dynascope.BNGap(every=10, batch=batch, loss_fn=ce),
+                   dynascope.GradientTests(every=10, batch=batch, loss_fn=ce, tic=False, hist2d=False)],
     ))
     line = _train(d / "line", steps=6, extra=dict(
         landscape=dynascope.Landscape(at="end", batch=batch, loss_fn=ce, resolution=5, dims=1, trajectory=False,
