@@ -42,7 +42,7 @@ from torch import nn
 from ..core.names import is_wrapped
 
 __all__ = ["Agreement", "RanksFailed", "active", "attempt", "checkpoint", "full", "gather_rows", "plain_forward",
-           "reduce_sum", "unwrap", "world_size"]
+           "reduce_sum", "refuse_sharded", "unwrap", "world_size"]
 
 T = TypeVar("T")
 
@@ -195,6 +195,14 @@ def full(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, DTensor):
         return t.detach().full_tensor()
     return t.detach()
+
+
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """NotImplementedError naming ``what`` when ``model`` has FSDP2-sharded (DTensor) parameters: the same on
+    every rank, so the diagnostic fails on every rank together (recorded as ``diagnostic.failed``)."""
+    if any(getattr(p, "placements", None) is not None for p in model.parameters()):
+        raise NotImplementedError(f"{what} under FSDP2 (sharded DTensor parameters) is not supported yet; it "
+                                  "supports DDP and one process")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -180,9 +180,7 @@ def gradient_noise_scale(
     n = batch_size(inputs)
     distributed = _dist.active()
     if distributed:
-        if any(getattr(p, "placements", None) is not None for p in model.parameters()):
-            raise NotImplementedError("gradient_noise_scale under FSDP2 (sharded DTensor parameters) is not "
-                                      "supported yet; it supports DDP")
+        _dist.refuse_sharded(model, "gradient_noise_scale")
         model = _dist.unwrap(model)  # DDP: autograd.grad through the module itself, not the wrapper's reducer
         n_all = int(_dist.reduce_sum(lambda: torch.tensor([float(n)], dtype=torch.float64))[0])
     else:
