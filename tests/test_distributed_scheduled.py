@@ -381,3 +381,9 @@ def test_one_process_agreement_is_the_plain_call():
         pass
     err = KeyError("x")
     assert a.finish(None) is None and a.finish(err) is err
+    x, y = torch.ones(3, 2), torch.arange(3)
+    gx, gy = _dist.gather_rows(x, y)
+    assert gx is x and gy is y
+    m = _mlp()
+    _dist.refuse_sharded(m, "x")  # plain parameters: nothing to refuse
+    assert _dist.unwrap(m) is m

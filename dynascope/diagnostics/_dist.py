@@ -164,7 +164,8 @@ def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     The bytes moved are the global batch's rows: a probe batch is small."""
     if not active():
         return tensors
-    checkpoint()
+    rows = {int(t.shape[0]) for t in tensors}
+    checkpoint(ValueError(f"gather_rows: tensors of {sorted(rows)} rows") if len(rows) > 1 else None)
     d = torch.distributed
     world = d.get_world_size()
     dev = _device()
@@ -175,8 +176,6 @@ def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     longest = max(sizes)
     out = []
     for t in tensors:
-        if t.shape[0] != int(n.item()):
-            raise ValueError(f"gather_rows: tensors of {t.shape[0]} and {int(n.item())} rows")
         padded = t.new_zeros((longest, *t.shape[1:]), device=dev)
         padded[: t.shape[0]] = t.to(dev)
         parts = [torch.empty_like(padded) for _ in range(world)]
