@@ -96,8 +96,8 @@ def test_batched_products_equal_the_loop_and_the_fallback_counts_products():
     H = dense_hessian(model, x, y)
     op = HessianOperator(model, CE, (x, y))
     X = torch.randn(op.n, 7, dtype=DT)
-    batched = op.matmat(X, chunk=4)
-    assert op.n_hvp == 7 and op._batched
+    batched = op.matmat(X, chunk=4)  # under 8 columns: batched without timing it against the loop
+    assert op.n_hvp == 7 and op._batched is None
     np.testing.assert_allclose(batched.numpy(), H @ X.numpy(), rtol=1e-9, atol=1e-12)
     loop = torch.stack([op.matvec(X[:, j]) for j in range(7)], 1)
     np.testing.assert_allclose(batched.numpy(), loop.numpy(), rtol=1e-10, atol=1e-13)
@@ -107,8 +107,19 @@ def test_batched_products_equal_the_loop_and_the_fallback_counts_products():
 
     op._matmat_batched = refuse  # a model vmap cannot batch: one product per column, same values
     again = op.matmat(X, chunk=4)
-    assert not op._batched and op.n_hvp == 7 + 7 + 7
+    assert op._batched is False and op.n_hvp == 7 + 7 + 7
     np.testing.assert_allclose(again.numpy(), loop.numpy(), rtol=1e-12, atol=1e-14)
+    # from 8 columns the first call times 2 columns each way and keeps the faster: same values either way
+    fresh = HessianOperator(model, CE, (x, y))
+    Y = torch.randn(fresh.n, 12, dtype=DT)
+    got = fresh.matmat(Y, chunk=4)
+    assert fresh._batched in (True, False) and fresh.n_hvp == 12
+    np.testing.assert_allclose(got.numpy(), H @ Y.numpy(), rtol=1e-9, atol=1e-12)
+    fresh._matmat_batched = refuse
+    probe = HessianOperator(model, CE, (x, y))
+    probe._matmat_batched = refuse  # refused while being timed: the loop for those columns and after
+    np.testing.assert_allclose(probe.matmat(Y).numpy(), H @ Y.numpy(), rtol=1e-9, atol=1e-12)
+    assert probe._batched is False and probe.n_hvp == 12
 
 
 # --------------------------------------------------------------------------- Hutch++
