@@ -4,8 +4,8 @@ forward + backward pass of the same model on the same batch.
 Models: an MLP (64-64-10, 4,810 parameters) and a small CNN (two 3x3 convolutions, 8 and 16 channels,
 and a linear head on 8x8 inputs, 3,818 parameters), batch 128, 2 threads, float32. Per repeat every
 variant runs once, interleaved (plain, variant 1, variant 2, ..., plain, ...), each timed as the mean of
-``--calls`` calls; the table gives the median over ``--repeats`` repeats of the time per call divided by
-the plain pass's median. Variants:
+``--calls`` calls (``full``: one call); the table gives the median over ``--repeats`` repeats of the time
+per call divided by the plain pass's median. Variants:
 
 * ``norms (hooks)``: ``per_example_gradients(second_moment=False)``: ``|g_i|^2`` and ``<g_i, gbar>`` from
   module hooks (what the norm, inner-product and orthogonality tests need);
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-full", action="store_true", help="leave out the variant with TIC (seconds per call)")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.calls = 3, 1
@@ -86,15 +87,18 @@ def main() -> None:
           f"repeats, {args.calls} calls each")
     for name, (model, batch) in models().items():
         fns = variants(model, batch)
+        if args.skip_full:
+            del fns["full"]
         for fn in fns.values():  # warm-up (vmap, autograd caches)
             fn()
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(args.repeats):
             for k, fn in fns.items():
+                calls = 1 if k == "full" else args.calls  # seconds per call: one is enough to time it
                 t0 = time.perf_counter()
-                for _ in range(args.calls):
+                for _ in range(calls):
                     fn()
-                times[k].append((time.perf_counter() - t0) / args.calls)
+                times[k].append((time.perf_counter() - t0) / calls)
         base = statistics.median(times["plain fwd+bwd"])
         n_params = sum(p.numel() for p in model.parameters())
         print(f"\n{name} ({n_params} parameters): plain forward+backward {1e3 * base:.2f} ms")
