@@ -56,18 +56,28 @@ def _pairs(w1s: list[torch.Tensor], w_ts: list[torch.Tensor]) -> list[tuple[torc
     return list(zip(torch._foreach_sub(w1s, w_ts), w_ts))
 
 
-def _adam_scalars(ts: Sequence[Any], lr: float | torch.Tensor, beta1: float, beta2: float, device: torch.device,
-                  dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per parameter, sqrt(1 - beta2^t) and lr / (1 - beta1^t) as 0-dim tensors of ``dtype`` on ``device``,
-    computed where the step counts live (no value is read on the host: architecture invariant 3) and moved
-    without blocking."""
-    t = torch.stack([x.detach().reshape(()).to(torch.float64) if isinstance(x, torch.Tensor)
-                     else torch.tensor(float(x), dtype=torch.float64) for x in ts])
+def _adam_vectors(ts: Sequence[Any], lr: float | torch.Tensor, beta1: float, beta2: float, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(2, n): per parameter, sqrt(1 - beta2^t) and lr / (1 - beta1^t), of ``dtype`` on ``device``, computed
+    where the step counts live (no value is read on the host: architecture invariant 3) and moved without
+    blocking."""
+    if all(isinstance(x, torch.Tensor) and x.dim() == 0 for x in ts) and len({x.device for x in ts}) == 1:
+        t = torch.stack(list(ts)).to(torch.float64)
+    else:
+        t = torch.stack([x.detach().reshape(()).to(torch.float64) if isinstance(x, torch.Tensor)
+                         else torch.tensor(float(x), dtype=torch.float64) for x in ts])
     if isinstance(lr, torch.Tensor) and lr.device != t.device:
         t = t.to(lr.device)
     vec = torch.stack([(1.0 - beta2 ** t).sqrt(), lr / (1.0 - beta1 ** t)]).to(dtype)
     if vec.device != device:
         vec = (vec.pin_memory() if device.type == "cuda" else vec).to(device, non_blocking=True)
+    return vec
+
+
+def _adam_scalars(ts: Sequence[Any], lr: float | torch.Tensor, beta1: float, beta2: float, device: torch.device,
+                  dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`_adam_vectors` as two lists of 0-dim tensors (multi-tensor operations' scalars)."""
+    vec = _adam_vectors(ts, lr, beta1, beta2, device, dtype)
     return list(vec[0].unbind()), list(vec[1].unbind())
 
 
@@ -172,6 +182,39 @@ def _chunks(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return out
 
 
+def _shape_chunks(params: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``params`` grouped by (shape, dtype, device), each group cut into chunks of at most
+    CHUNK_ELEMENTS elements (at least one parameter)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, p in enumerate(params):
+        groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(k)
+    out: list[list[int]] = []
+    for ks in groups.values():
+        per = max(1, CHUNK_ELEMENTS // max(params[ks[0]].numel(), 1))
+        out += [ks[i:i + per] for i in range(0, len(ks), per)]
+    return out
+
+
+_INDEX: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _index(order: list[int], device: torch.device, inverse: bool = False) -> torch.Tensor:
+    """``order`` (or its inverse permutation) as a long tensor on ``device``, built once (a list copied to a
+    device at every call would synchronise)."""
+    key = (device, inverse, tuple(order))
+    hit = _INDEX.get(key)
+    if hit is None:
+        idx = order
+        if inverse:
+            idx = [0] * len(order)
+            for pos, k in enumerate(order):
+                idx[k] = pos
+        if len(_INDEX) > 64:
+            _INDEX.clear()
+        hit = _INDEX[key] = torch.tensor(idx, dtype=torch.long, device=device)
+    return hit
+
+
 def _as_dtype(ts: list[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.dtype == q.dtype else t.to(q.dtype) for t, q in zip(ts, like)]
 
@@ -227,23 +270,34 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
         ts = [st.get("step") for st in sts]
         if any(x is None for x in ms) or any(x is None for x in vs) or any(x is None for x in ts):
             return None
-        bc2s, step = _adam_scalars(ts, lr, beta1, beta2, device, ms[0].dtype)
-        for ks in _chunks(params):
+        vec = _adam_vectors(ts, lr, beta1, beta2, device, ms[0].dtype)
+        order: list[int] = []
+        for ks in _shape_chunks(params):
+            # the weights of one shape stacked (a few copies of at most CHUNK_ELEMENTS elements): a dozen tensor
+            # operations per shape, not per parameter (on the CPU a multi-tensor operation is a loop over them)
+            bshape = (len(ks),) + (1,) * params[ks[0]].dim()
+            u = torch.stack([vs[k] for k in ks])
             # the optimizer's own order: u = (lr / bc1) m / (sqrt(v) / bc2 + eps)
-            den = torch._foreach_sqrt([vs[k] for k in ks])
-            torch._foreach_div_(den, [bc2s[k] for k in ks])
-            torch._foreach_add_(den, eps)
-            torch._foreach_reciprocal_(den)
-            torch._foreach_mul_(den, [ms[k] for k in ks])
-            torch._foreach_mul_(den, [step[k] for k in ks])
+            bc2, step = vec[:, _index(ks, device)] if len(ks) < len(params) else vec
+            u.sqrt_().div_(bc2.view(bshape)).add_(eps).reciprocal_()
+            u.mul_(torch.stack([ms[k] for k in ks])).mul_(step.view(bshape))
             if decoupled:  # AdamW: D = -(u + lr wd w_{t+1}) / (1 - lr wd)
+                w = torch.stack([params[k].detach() for k in ks])
                 if isinstance(lr, torch.Tensor):
-                    torch._foreach_addcmul_(den, [params[k].detach() for k in ks], [lr * wd] * len(ks))
+                    u.addcmul_(w, lr * wd)
                 else:
-                    torch._foreach_add_(den, [params[k].detach() for k in ks], alpha=lr * wd)
-            norms += torch._foreach_norm(den)
-            del den
+                    u.add_(w, alpha=lr * wd)
+                del w
+            norms.append(torch.linalg.vector_norm(u.reshape(len(ks), -1), dim=1))
+            order += ks
+            del u
         scale = 1.0 / (1.0 - lr * wd) if decoupled else 1.0
+        out = torch.cat([n.float() for n in norms])
+        if order != sorted(order):
+            out = out[_index(order, out.device, inverse=True)]
+        if isinstance(scale, torch.Tensor):
+            return out.mul_(scale.abs().to(out.dtype))
+        return out.mul_(abs(scale))
     out = torch.stack([n.float() for n in norms])
     if isinstance(scale, torch.Tensor):
         return out.mul_(scale.abs().to(out.dtype))
@@ -256,20 +310,31 @@ def optimizer_update_norms(ctx: ProbeContext, optimizer: torch.optim.Optimizer, 
     param groups they are in (one :func:`update_norms_from_state` per group); 0 for a parameter ``optimizer``
     does not own. LookupError when the state lacks an entry the step writes."""
     device = params[0].device if params else torch.device("cpu")
-    out = torch.zeros(len(params), dtype=torch.float32, device=device)
-    by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
-    for k, p in enumerate(params):
-        if ctx.optimizer_of(p) is optimizer:
-            g = ctx.group_of(p)
-            if g is not None:
-                by_group.setdefault(id(g), (g, []))[1].append(k)
-    for g, ks in by_group.values():
-        got = update_norms_from_state(optimizer, g, [params[k] for k in ks])
+    # the parameters of each param group: computed once per (optimizer, list of parameters) and kept in the
+    # per-run context (a caller passes the same list at every step)
+    key = ("update_norm_groups", id(optimizer), id(params), len(params))
+    hit = ctx.persistent.get(key)
+    if hit is None or hit[0] is not params or any(len(g["params"]) != n for g, _, _, n in hit[1]):
+        by_group: dict[int, tuple[dict[str, Any], list[int]]] = {}
+        for k, p in enumerate(params):
+            if ctx.optimizer_of(p) is optimizer:
+                g = ctx.group_of(p)
+                if g is not None:
+                    by_group.setdefault(id(g), (g, []))[1].append(k)
+        hit = ctx.persistent[key] = (params, [(g, [params[k] for k in ks], _index(ks, device), len(g["params"]))
+                                              for g, ks in by_group.values()])
+    parts = hit[1]
+    if len(parts) == 1 and len(parts[0][1]) == len(params):  # one group holding them all, in order
+        got = update_norms_from_state(optimizer, parts[0][0], parts[0][1])
         if got is None:
             raise LookupError("the optimizer's state lacks an entry its step writes")
-        if len(ks) == len(params):
-            return got.to(out.device)
-        out.index_copy_(0, torch.tensor(ks, dtype=torch.long, device=device), got.to(out.device))
+        return got.to(device)
+    out = torch.zeros(len(params), dtype=torch.float32, device=device)
+    for g, ps, index, _ in parts:
+        got = update_norms_from_state(optimizer, g, ps)
+        if got is None:
+            raise LookupError("the optimizer's state lacks an entry its step writes")
+        out.index_copy_(0, index, got.to(device))
     return out
 
 

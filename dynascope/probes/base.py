@@ -168,6 +168,8 @@ class ProbeContext:
     rank: int = 0
     world: int = 1
     cache: dict[Any, Any] = field(default_factory=dict)
+    #: tables shared by the probes for the whole run (layouts of parameters per optimizer group)
+    persistent: dict[Any, Any] = field(default_factory=dict)
     run_dir: str | None = None  # where the run is written (a probe may keep a file of its own there)
     resumed: bool = False  # the run continues an earlier one in run_dir
     writer: bool = True  # this process writes the run (rank 0)
