@@ -39,7 +39,7 @@ from ..probes.scheduled import Scheduled, ScheduledRunner
 from ..probes.sentinel import Sentinel
 from ..store import ResilientWriter, RunStore, now_iso
 from .clipping import ClipWatch
-from .distributed import RankReducer, is_active, rank, world_size
+from .distributed import RankReducer, is_active, is_sharded, rank, world_size
 from .snapshot import Snapshotter
 
 __all__ = ["Session", "probe", "PROBES"]
@@ -170,8 +170,9 @@ class Session:
         runners = [ScheduledRunner(s, on_diagnostic_error) for s in self.scheduled]  # checks each one's type
         if not isinstance(sentinel, (bool, Sentinel)):
             raise TypeError(f"sentinel must be True, False or a dynascope.Sentinel, got {type(sentinel).__name__}")
-        # the sentinel's events change the recording schedule, which ranks must share: off under torch.distributed
-        self.sentinel: Sentinel | None = None if sentinel is False or is_active() else (
+        # under torch.distributed the sentinel's row is all-reduced (every rank holds the same row and detects
+        # the same events at the same step): the recording schedule its bursts change stays shared
+        self.sentinel: Sentinel | None = None if sentinel is False else (
             sentinel if isinstance(sentinel, Sentinel) else Sentinel())
         # every instrument in one list, called through one protocol (dynascope.probes.base): the probes on
         # recording steps, the sentinel and the scheduled diagnostics' runners at every step
@@ -183,11 +184,14 @@ class Session:
             if sentinel is False:
                 raise ValueError("snapshot_every needs the sentinel (a snapshot is written on the sentinel's events); "
                                  "drop sentinel=False or snapshot_every")
-            self.snapshotter = Snapshotter(snapshot_every)  # checks the value under torch.distributed too
-            if self.sentinel is None:
+            self.snapshotter = Snapshotter(snapshot_every)  # checks the value on every rank
+            if is_active() and any(is_sharded(p) for p in model.parameters()):
                 self.snapshotter = None
-                warnings.warn("dynascope: snapshot_every is ignored under torch.distributed (the sentinel, whose "
-                              "events write the snapshot, is off there)", RuntimeWarning, stacklevel=2)
+                warnings.warn("dynascope: snapshot_every is off under FSDP2 (sharded parameters: a snapshot would "
+                              "need every rank's shards); the sentinel and its events are on", RuntimeWarning,
+                              stacklevel=2)
+            elif rank() != 0:
+                self.snapshotter = None  # DDP: the state is replicated; rank 0 keeps and writes it
         self.writer = rank() == 0
         # under torch.distributed: combines the ranks' statistics at each flush (dynascope.capture.distributed)
         self.reducer: RankReducer | None = RankReducer() if is_active() else None

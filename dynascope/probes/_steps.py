@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ._groups import CHUNK_ELEMENTS
+from ._groups import CHUNK_ELEMENTS, is_sharded, local_tensor
 from .base import ProbeContext
 
 __all__ = ["supports_state_steps", "steps_from_state", "steps_and_weights_from_state", "optimizer_steps",
@@ -230,11 +230,17 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
     constant number of Python calls per chunk. Nothing is read on the host."""
     if not params:
         return torch.zeros(0)
-    device = params[0].device
     lr = group["lr"]  # a float, or a 0-dim tensor used as it is
     wd = float(group.get("weight_decay", 0.0) or 0.0)
     state = optimizer.state
     sts = [state.get(p) or {} for p in params]
+    given = params
+    if any(is_sharded(p) for p in params):
+        # FSDP2: the norms of this rank's shards (parameters, gradients, state), never a DTensor operation
+        # (its reductions are collectives); the caller sums their squares across ranks
+        params = [local_tensor(p) for p in params]
+        sts = [{k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()} for st in sts]
+    device = params[0].device
     norms: list[torch.Tensor] = []
     if type(optimizer) is torch.optim.SGD:
         mu = float(group.get("momentum", 0.0) or 0.0)
@@ -244,7 +250,7 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
             return None
         if mu and not nesterov:  # D = -lr b: the momentum buffers' norms, no temporary
             return torch.stack([n.float() for n in torch._foreach_norm(bufs)]).mul_(abs(lr))
-        grads = [p.grad for p in params]
+        grads = [None if p.grad is None else local_tensor(p.grad) for p in given]
         if any(g is None for g in grads):
             return None
         sign = -1.0 if group.get("maximize", False) else 1.0

@@ -32,6 +32,16 @@ episode: an event within ``burst`` steps of the last one of its kind belongs to 
 ``burst`` steps of any event is left out) record it, with a mark ``event.warning`` holding what
 drifted (:func:`dynascope.analysis.forensics.run_events` reads them back). In normal operation the sentinel
 writes ``update.norm`` per module at the recording steps only, so the store does not grow per step.
+
+Under ``torch.distributed`` (DDP, FSDP2) every rank holds the same row: each rank adds its part of the squared
+norms (a replicated DDP parameter on rank 0 only, an FSDP2 shard on its own rank: local tensors, never a
+DTensor operation) and its loss divided by the world size, and one asynchronous ``all_reduce(SUM)`` of that
+row of ``2 + 2 x modules`` float32 numbers runs per step; the square roots are taken after the sum. The row is
+waited for one step later and read ``lag`` steps later (1 on the CPU, 2 on CUDA, where it is copied to the
+host at step s + 1 and read at s + 2): every rank reads the same rows, bit for bit, at the same step, detects
+the same events and asks for the same burst, so the recording schedule stays shared (the burst starts
+``lag`` steps after the event's step, one step later than in one process on the CPU). The ``update.norm``
+of a recording step goes to the flush's reduction as this rank's squared sums.
 """
 
 from __future__ import annotations
@@ -58,8 +68,9 @@ from ..core.robust import (
     SPIKE_WINDOW,
     spike_threshold,
 )
+from ._groups import ParamLayout, local_tensor
 from ._steps import optimizer_update_norms, supports_state_steps
-from .base import Collected, Probe, ProbeContext, StepOutcome
+from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
 
@@ -151,6 +162,25 @@ class Sentinel(Probe):
         bins = [0] * n + [1 + j for j in mod_idx] + ([1 + m + j for j in mod_idx] if self.updates else [])
         self._gather = torch.tensor(gather, dtype=torch.long, device=device)
         self._bins = torch.tensor(bins, dtype=torch.long, device=device)
+        # under torch.distributed each rank adds its part of every squared norm: a replicated (DDP) parameter on
+        # rank 0 only, a sharded (FSDP2) one's local shard on every rank; the row is all-reduced before the sqrt
+        self.distributed = ctx.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        layout = ParamLayout([p for _, p in self.params], ctx.rank)
+        self._sharded = layout.any_sharded
+        self._weight: torch.Tensor | None = None
+        if self.distributed and not all(layout.contributes):
+            self._weight = torch.tensor([1.0 if layout.contributes[i % n] else 0.0 for i in gather],
+                                        dtype=torch.float32, device=device)
+        backend = str(torch.distributed.get_backend()).lower() if self.distributed else ""
+        self._coll_device = (torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend
+                             and device.type != "cuda" else device if "nccl" in backend else torch.device("cpu"))
+        self._send = [torch.zeros(2 + 2 * m, dtype=torch.float32, device=self._coll_device)
+                      for _ in range(_HOST_SLOTS)] if self.distributed else []
+        # rows are read a fixed number of steps late under torch.distributed, so that every rank reads (and
+        # detects events in) the same rows at the same step: 1 on the CPU, 2 on CUDA (the row is reduced and
+        # copied to the host at step s + 1 and read at s + 2, without waiting on the current step's work)
+        self.lag = 2 if device.type == "cuda" else 1
+        self.collective_bytes = (2 + 2 * m) * 4 if self.distributed else 0  # payload of the per-step all_reduce
         self._acc = torch.zeros(1 + 2 * m, dtype=torch.float32, device=device)
         self.width = 2 + 2 * m  # loss, global grad norm, module grad norms, module update norms
         self.ring = torch.full((self.window, self.width), float("nan"), dtype=torch.float32, device=device)
@@ -168,6 +198,7 @@ class Sentinel(Probe):
         self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
         self._host_np = [h.numpy() for h in self._host]  # views: read without a torch call per step
         self._pending: deque[tuple[int, np.ndarray, Any, bool]] = deque()
+        self._inflight: deque[list[Any]] = deque()  # torch.distributed: [step, send buffer, work, has_loss, ready]
         self._losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self._gnorms: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self._start_loss = math.nan
@@ -224,8 +255,8 @@ class Sentinel(Probe):
                     if len(self._snap) > 8:
                         self._snap.clear()
                     ps = [self.params[i][1] for i in idx]
-                    hit = self._snap[key] = (ps, [torch.empty_like(p) for p in ps], index)
-                torch._foreach_copy_(hit[1], hit[0])
+                    hit = self._snap[key] = (ps, [torch.empty_like(local_tensor(p)) for p in ps], index)
+                torch._foreach_copy_(hit[1], self._local(hit[0]))
                 self._last_snap[id(optimizer)] = hit
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -238,12 +269,17 @@ class Sentinel(Probe):
             return
         ps, snap, index = hit
         with torch.no_grad():
-            torch._foreach_sub_(snap, ps)  # w_t - w_{t+1}
+            torch._foreach_sub_(snap, self._local(ps))  # w_t - w_{t+1} (this rank's shards under FSDP2)
             norms = torch._foreach_norm(snap)
             if len(norms) == len(self._un) and all(t.dtype == torch.float32 for t in norms):
                 torch.stack(norms, out=self._un)  # one optimizer stepping every parameter: stacked in place
             else:
                 self._un.index_copy_(0, index, torch.stack([t.float() for t in norms]))
+
+    def _local(self, ps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's shards of ``ps`` under FSDP2 (no DTensor operation, whose reductions are collectives),
+        else ``ps``."""
+        return [local_tensor(p) for p in ps] if self._sharded else ps
 
     def _state_update_norms(self, optimizer: torch.optim.Optimizer, idx: list[int], index: torch.Tensor) -> None:
         """||w_{t+1} - w_t|| of the parameters ``optimizer`` stepped, from its state
@@ -282,6 +318,8 @@ class Sentinel(Probe):
     def step_events(self, step: int, loss: Any) -> list[SentinelEvent]:
         """Write this step's row into the ring buffer and detect events from the values of earlier
         steps that have reached the host. Returns the new events."""
+        if self.distributed:
+            return self._fresh(self._distributed_events(step, loss))
         with torch.no_grad():
             row = self.ring[step % self.window]
             if isinstance(loss, torch.Tensor):
@@ -309,16 +347,78 @@ class Sentinel(Probe):
             if e is not None and not e.query():
                 break
             self._pending.popleft()
-            new += self._detect(s, float(buf[0]) if has_loss else None, float(buf[1]))
-            new += self._jumps(s, buf)
-            if self._drift is not None:
-                row = buf.astype(np.float64)
-                if not has_loss:
-                    row[0] = np.nan
-                d = self._drift.update(s, row)
-                if d is not None:
-                    new.append(SentinelEvent(s, "warning", d.statistic, d.threshold,
-                                             {"signals": d.signals, "modules": d.modules}))
+            new += self._read(s, buf, has_loss)
+        return self._fresh(new)
+
+    def _read(self, s: int, buf: np.ndarray, has_loss: bool) -> list[SentinelEvent]:
+        """The events of step ``s``'s row ``buf`` (on the host)."""
+        new = self._detect(s, float(buf[0]) if has_loss else None, float(buf[1]))
+        new += self._jumps(s, buf)
+        if self._drift is not None:
+            row = buf.astype(np.float64)
+            if not has_loss:
+                row[0] = np.nan
+            d = self._drift.update(s, row)
+            if d is not None:
+                new.append(SentinelEvent(s, "warning", d.statistic, d.threshold,
+                                         {"signals": d.signals, "modules": d.modules}))
+        return new
+
+    def _distributed_events(self, step: int, loss: Any) -> list[SentinelEvent]:
+        """Under torch.distributed: this rank's part of the step's row (squared norms: a replicated parameter
+        counted on rank 0 only, a shard's on its rank; the loss divided by the world size) goes into an
+        asynchronous all_reduce(SUM); a row is waited for ``lag`` - 1 steps later (its square roots written
+        into the ring buffer and copied to the host), read ``lag`` steps later. Every rank reads the same
+        rows (bit for bit: an all-reduce hands every rank the same sums) at the same step, so every rank
+        detects the same events and asks for the same burst."""
+        dist = torch.distributed
+        m = len(self.modules)
+        with torch.no_grad():
+            sq = self._nrm[self._gather].square_()
+            if self._weight is not None:
+                sq.mul_(self._weight)
+            self._acc.zero_().index_add_(0, self._bins, sq)  # this rank's squared sums (read by collect)
+            self._nrm.zero_()
+            slot = step % _HOST_SLOTS
+            send = self._send[slot]
+            if isinstance(loss, torch.Tensor):
+                send[0].copy_(loss.detach().reshape(()))
+            else:
+                send[0].fill_(0.0 if loss is None else float(loss))
+            send[0].div_(self.ctx.world)
+            send[1:1 + len(self._acc)].copy_(self._acc)
+            work = dist.all_reduce(send, op=dist.ReduceOp.SUM, async_op=True)
+        self._steps.append(step)
+        self._inflight.append([step, send, work, loss is not None, None])
+        cuda = self.device.type == "cuda"
+        for entry in self._inflight:  # rows launched at least a step ago: wait, square roots, to the host
+            s, sent, w, _, ready = entry
+            if s > step - 1:
+                break
+            if ready is None:
+                w.wait()
+                with torch.no_grad():
+                    row = self.ring[s % self.window]
+                    row[0].copy_(sent[0])
+                    torch.sqrt(sent[1:1 + 1 + 2 * m], out=row[1:])
+                    host = self._host[s % _HOST_SLOTS]
+                    if cuda:
+                        host.copy_(row, non_blocking=True)
+                        entry[4] = torch.cuda.Event()
+                        entry[4].record()
+                    else:
+                        host.copy_(row)
+                        entry[4] = True
+        new: list[SentinelEvent] = []
+        while self._inflight and self._inflight[0][0] <= step - self.lag:
+            s, _, _, has_loss, ready = self._inflight.popleft()
+            if ready is not True:
+                ready.synchronize()  # recorded a step ago: its work is done on the device
+            new += self._read(s, self._host_np[s % _HOST_SLOTS], has_loss)
+        return new
+
+    def _fresh(self, new: list[SentinelEvent]) -> list[SentinelEvent]:
+        """The events that open a new episode."""
         # one episode per kind: an event within `burst` steps of the last one of its kind is part of it;
         # a warning within `burst` steps of any event says nothing new
         fresh = []
@@ -415,8 +515,20 @@ class Sentinel(Probe):
         if not self.updates or not self.modules or not self.ctx.optimizers:  # no optimizer: no update to measure
             return None
         m = len(self.modules)
-        return Collected([("update.norm", name) for name in self.modules],
-                         values=self.ring[step % self.window, 2 + m:].clone())
+        keys = [("update.norm", name) for name in self.modules]
+        if self.distributed:  # this rank's squared sums (the ring's row is reduced later): summed at the flush
+            return Collected(keys, stats={"sq": Stat("sum", self._acc[1 + m:].clone())},
+                             finish=lambda r: r["sq"].sqrt())
+        return Collected(keys, values=self.ring[step % self.window, 2 + m:].clone())
+
+    def close(self) -> None:
+        """Wait for the collectives still in flight (before the process group can go)."""
+        while getattr(self, "_inflight", None):
+            work = self._inflight.popleft()[2]
+            try:
+                work.wait()
+            except Exception:  # noqa: BLE001 - a process group already gone: nothing to wait for
+                pass
 
     @staticmethod
     def event_marks(events: Sequence[SentinelEvent]) -> list[tuple[int, str, Any]]:

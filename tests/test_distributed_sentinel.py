@@ -1,0 +1,205 @@
+"""The sentinel under torch.distributed (issue 21, item 1): 2 gloo ranks, DDP (SGD with momentum) and FSDP2
+(Adam; uneven parameter shards 4 + 3 and 2 + 1 rows; RMSprop for the copy-based update norms), each rank on
+its half of every global batch of 8. Every rank holds the same sentinel row at every step (bit for bit), equal
+to one process on the global batch (loss, grad.global_norm, grad.norm and update.norm per module, to 1e-6
+relative). A one-layer fault (layer 2's weight times 50 at step FAULT) gives the same events at the same step on
+both ranks and in one process, the same burst on both ranks (one process's, ``lag`` steps later: the reduced row
+is read a step late) and the same forensics ranking. Training is bit-identical with and without dynascope on
+each rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _spawn import spawn_reports
+from torch import nn
+
+import dynascope
+from dynascope.analysis.forensics import forensics
+
+WORLD = 2
+GLOBAL = 8
+STEPS = 30
+FAULT = 25  # layer 2's weight x 50 before this step's forward pass
+EVERY = 10
+BURST = 3
+SHORT = 6  # steps of the RMSprop run (the copy-based update norms)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)  # float64: the ranks' and one process's training agree to ~1e-15 (float32: 1e-6 by the
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()  # fault), the rows are float32
+
+
+def _batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (GLOBAL,), generator=g))
+            for _ in range(steps)]
+
+
+def _fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo: int, hi: int,
+           steps: int = STEPS, fault: bool = True) -> dict:
+    """``steps`` steps on examples [lo, hi) of each global batch, layer 2's weight x 50 before step FAULT; with
+    dynascope when ``run_dir``: the sentinel's rows (ring buffer, as read), events, the recording steps."""
+    out: dict = {"recorded": []}
+    run = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if run_dir is not None:
+            run = dynascope.probe(model, opt, run_dir, every=EVERY, flush_every=4, probes=("gradients", "updates"),
+                                  sentinel=dynascope.Sentinel(burst=BURST, announce=False))
+            run.start()
+        for step, (x, y) in enumerate(_batches(steps)):
+            if fault and step == FAULT:
+                with torch.no_grad():
+                    model.get_submodule("2" if not hasattr(model, "module") else "module.2").weight.mul_(50.0)
+            if run is not None and run.recording:
+                out["recorded"].append(step)
+            loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if run is not None:
+                run.step(loss=loss.detach())
+        if run is not None:
+            s = run.sentinel
+            out["ring"] = s.ring.cpu().double().tolist()
+            out["modules"] = s.modules
+            out["lag"] = s.lag if s.distributed else 0
+            out["bytes"] = s.collective_bytes
+            out["fallback"] = len(s._no_state)  # optimizers whose step did not follow from their state
+            out["events"] = [[e.step, e.kind, (e.detail or {}).get("modules")] for e in s.events]
+            run.close()
+    out["params"] = [(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).reshape(-1).tolist()
+                     for p in model.parameters()]
+    return out
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    report: dict = {}
+    per = GLOBAL // WORLD
+    lo, hi = rank * per, (rank + 1) * per
+    try:
+        m = nn.parallel.DistributedDataParallel(_mlp())
+        report["ddp"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                               os.path.join(out, "ddp", f"rank{rank}"), lo, hi)
+        m = nn.parallel.DistributedDataParallel(_mlp())
+        report["ddp_plain"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), None, lo, hi)
+        m = _fsdp(_mlp())
+        report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
+                                os.path.join(out, "fsdp", f"rank{rank}"), lo, hi)
+        report["fsdp_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
+        m = _fsdp(_mlp())
+        report["fsdp_plain"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01), None, lo, hi)
+        m = _fsdp(_mlp())  # an optimizer without a closed-form step: update norms from a copy of the shards
+        report["fsdp_copy"] = _train(m, torch.optim.RMSprop(m.parameters(), lr=0.01),
+                                     os.path.join(out, "fsdp_copy", f"rank{rank}"), lo, hi, SHORT, fault=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = _fsdp(_mlp())
+            dynascope.probe(m, None, os.path.join(out, "fsdp_snap", f"rank{rank}"), snapshot_every=2)
+        report["fsdp_snapshot_warnings"] = [str(w.message) for w in caught if "snapshot_every" in str(w.message)]
+    finally:
+        Path(out, f"report{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    return spawn_reports(_worker, WORLD, lambda: tmp_path_factory.mktemp("dist_sentinel"), timeout=150)
+
+
+def _single(run_dir: Path, make_opt, steps: int = STEPS, fault: bool = True) -> dict:
+    m = _mlp()
+    return _train(m, make_opt(m), str(run_dir), 0, GLOBAL, steps, fault)
+
+
+def _compare_rows(ref: dict, got: dict, read: int) -> None:
+    """The sentinel's rows of steps [0, read): the same on both ranks (bit for bit), equal to one process."""
+    a = np.asarray(ref["ring"])[:read]
+    for r in got:
+        assert r["modules"] == ref["modules"] == ["0", "2"]
+    b0, b1 = (np.asarray(r["ring"])[:read] for r in got)
+    assert np.isfinite(a).all() and np.isfinite(b0).all()
+    np.testing.assert_array_equal(b0, b1)
+    np.testing.assert_allclose(b0, a, rtol=1e-6, atol=0)
+    # the row's columns: loss, global gradient norm, grad.norm of "0" and "2", update.norm of "0" and "2"
+    assert a.shape[1] == 6 and (a[:, 2:] > 0).all()
+    assert ref["fallback"] == got[0]["fallback"] == got[1]["fallback"] == 0
+    print(f"{read} steps x 6 columns: max relative difference {np.max(np.abs(b0 - a) / np.abs(a)):.1e}")
+
+
+def _check(out: Path, reports: list[dict], kind: str, tmp_path: Path, make_opt) -> None:
+    ref = _single(tmp_path / "single", make_opt)
+    got = [r[kind] for r in reports]
+    lag = got[0]["lag"]
+    assert lag == 1 and got[1]["lag"] == 1
+    _compare_rows(ref, got, STEPS - lag)  # the last row is still in flight at the end
+    # the fault's events: the same steps, kinds and modules on both ranks and in one process
+    assert ref["events"] and any(e[0] == FAULT for e in ref["events"]), ref["events"]
+    assert got[0]["events"] == got[1]["events"] == ref["events"]
+    # the burst: the same recording steps on both ranks; one process's, `lag` steps later (the row is read late)
+    first = min(e[0] for e in ref["events"])
+    assert got[0]["recorded"] == got[1]["recorded"]
+    want = sorted({s for s in range(STEPS) if s % EVERY == 0} | set(range(first + 1, first + 1 + BURST)))
+    assert ref["recorded"] == want
+    assert got[0]["recorded"] == sorted({s for s in range(STEPS) if s % EVERY == 0}
+                                        | set(range(first + 1 + lag, first + 1 + lag + BURST)))
+    # forensics of the event: the same ranking (module, metric, first step) from rank 0's run and one process's
+    a = forensics(tmp_path / "single", first)
+    b = forensics(out / kind / "rank0", first)
+    assert len(a), a  # (layer 2's larger weight moves layer 0's gradient most: ranked first)
+    assert list(zip(a["module"], a["metric"], a["first_step"])) == list(zip(b["module"], b["metric"], b["first_step"]))
+    np.testing.assert_allclose(b["ratio"].to_numpy(float), a["ratio"].to_numpy(float), rtol=1e-5)
+    assert not (out / kind / "rank1").exists()
+
+
+def test_ddp_sentinel_rows_events_burst_and_forensics_equal_one_process(spawned, tmp_path):
+    out, reports = spawned
+    _check(out, reports, "ddp", tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_fsdp2_sentinel_rows_events_burst_and_forensics_equal_one_process(spawned, tmp_path):
+    out, reports = spawned
+    assert reports[0]["fsdp_rows"] == [4, 4, 2, 2] and reports[1]["fsdp_rows"] == [3, 3, 1, 1]
+    _check(out, reports, "fsdp", tmp_path, lambda m: torch.optim.Adam(m.parameters(), lr=0.01))
+
+
+def test_fsdp2_sentinel_update_norms_from_copies_of_the_shards(spawned, tmp_path):
+    _, reports = spawned
+    ref = _single(tmp_path, lambda m: torch.optim.RMSprop(m.parameters(), lr=0.01), SHORT, fault=False)
+    _compare_rows(ref, [r["fsdp_copy"] for r in reports], SHORT - 1)
+
+
+def test_the_collective_moves_one_row_and_fsdp2_snapshots_say_they_are_off(spawned):
+    _, reports = spawned
+    for r in reports:
+        assert r["ddp"]["bytes"] == r["fsdp"]["bytes"] == 6 * 4  # loss, global norm, 2 + 2 module norms, float32
+        assert len(r["fsdp_snapshot_warnings"]) == 1 and "FSDP2" in r["fsdp_snapshot_warnings"][0]
+
+
+def test_training_is_bit_identical_with_and_without_dynascope_on_each_rank(spawned):
+    _, reports = spawned
+    for r in reports:
+        assert r["ddp"]["params"] == r["ddp_plain"]["params"]
+        assert r["fsdp"]["params"] == r["fsdp_plain"]["params"]
