@@ -22,7 +22,7 @@ keeps a copy for those.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -195,6 +195,32 @@ def _shape_chunks(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return out
 
 
+def _pieces(params: Sequence[torch.Tensor]) -> Iterator[tuple[list[int], tuple[int, int] | None]]:
+    """What is computed at once: parameters of one shape (:func:`_shape_chunks`), or slices of CHUNK_ELEMENTS
+    elements (``span``) of a parameter larger than that."""
+    for ks in _shape_chunks(params):
+        n = params[ks[0]].numel()
+        if len(ks) == 1 and n > CHUNK_ELEMENTS:
+            for a in range(0, n, CHUNK_ELEMENTS):
+                yield ks, (a, min(n, a + CHUNK_ELEMENTS))
+        else:
+            yield ks, None
+
+
+def _rows(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors of one shape as one (k, ...) tensor: a view of a single one, else a stacked copy."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
+def _accumulate(acc: torch.Tensor, ks: list[int], x: torch.Tensor, device: torch.device) -> None:
+    """acc[ks] += the squared norm of each row of ``x`` (k, ...)."""
+    sq = torch.linalg.vector_norm(x.reshape(len(ks), -1), dim=1, dtype=torch.float32).square_()
+    if len(ks) == len(acc):
+        acc.add_(sq)
+    else:
+        acc.index_add_(0, _index(ks, device), sq)
+
+
 _INDEX: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
@@ -241,7 +267,6 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
         params = [local_tensor(p) for p in params]
         sts = [{k: local_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()} for st in sts]
     device = params[0].device
-    norms: list[torch.Tensor] = []
     if type(optimizer) is torch.optim.SGD:
         mu = float(group.get("momentum", 0.0) or 0.0)
         nesterov = bool(group.get("nesterov", False))
@@ -254,14 +279,14 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
         if any(g is None for g in grads):
             return None
         sign = -1.0 if group.get("maximize", False) else 1.0
-        for ks in _chunks(params):
-            ps = [params[k].detach() for k in ks]
-            e = torch._foreach_mul(_as_dtype([grads[k] for k in ks], ps), sign)  # s g
+        acc = torch.zeros(len(params), dtype=torch.float32, device=device)
+        for ks, span in _pieces(params):
+            e = _rows([_part(grads[k], span) for k in ks]).to(params[ks[0]].dtype).mul(sign)  # s g (a new tensor)
             if nesterov:
-                torch._foreach_add_(e, [bufs[k] for k in ks], alpha=mu)
+                e.add_(_rows([_part(bufs[k], span) for k in ks]), alpha=mu)
             if wd:
-                torch._foreach_add_(e, ps, alpha=wd)
-            norms += torch._foreach_norm(e)
+                e.add_(_rows([_part(params[k].detach(), span) for k in ks]), alpha=wd)
+            _accumulate(acc, ks, e, device)
             del e
         scale = lr / (1.0 - lr * wd) if wd else lr
     else:
@@ -277,34 +302,28 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
         if any(x is None for x in ms) or any(x is None for x in vs) or any(x is None for x in ts):
             return None
         vec = _adam_vectors(ts, lr, beta1, beta2, device, ms[0].dtype)
-        order: list[int] = []
-        for ks in _shape_chunks(params):
-            # the weights of one shape stacked (a few copies of at most CHUNK_ELEMENTS elements): a dozen tensor
-            # operations per shape, not per parameter (on the CPU a multi-tensor operation is a loop over them)
-            bshape = (len(ks),) + (1,) * params[ks[0]].dim()
-            u = torch.stack([vs[k] for k in ks])
-            # the optimizer's own order: u = (lr / bc1) m / (sqrt(v) / bc2 + eps)
+        acc = torch.zeros(len(params), dtype=torch.float32, device=device)
+        for ks, span in _pieces(params):
+            # the weights of one shape stacked (a few copies of at most CHUNK_ELEMENTS elements), a large weight
+            # a slice at a time: a dozen tensor operations per shape, not per parameter (on the CPU a
+            # multi-tensor operation is a loop over the parameters); the temporaries stay in the cache
+            bshape = (len(ks),) + (1,) * (1 if span is not None or len(ks) == 1 else params[ks[0]].dim())
             bc2, step = vec[:, _index(ks, device)] if len(ks) < len(params) else vec
-            u.sqrt_().div_(bc2.view(bshape)).add_(eps).reciprocal_()
-            u.mul_(torch.stack([ms[k] for k in ks])).mul_(step.view(bshape))
+            # the optimizer's own order: u = (lr / bc1) m / (sqrt(v) / bc2 + eps)
+            u = _rows([_part(vs[k], span) for k in ks]).sqrt()
+            u.div_(bc2.view(bshape)).add_(eps).reciprocal_()
+            u.mul_(_rows([_part(ms[k], span) for k in ks])).mul_(step.view(bshape))
             if decoupled:  # AdamW: D = -(u + lr wd w_{t+1}) / (1 - lr wd)
-                w = torch.stack([params[k].detach() for k in ks])
+                w = _rows([_part(params[k].detach(), span) for k in ks])
                 if isinstance(lr, torch.Tensor):
                     u.addcmul_(w, lr * wd)
                 else:
                     u.add_(w, alpha=lr * wd)
                 del w
-            norms.append(torch.linalg.vector_norm(u.reshape(len(ks), -1), dim=1))
-            order += ks
+            _accumulate(acc, ks, u, device)
             del u
         scale = 1.0 / (1.0 - lr * wd) if decoupled else 1.0
-        out = torch.cat([n.float() for n in norms])
-        if order != sorted(order):
-            out = out[_index(order, out.device, inverse=True)]
-        if isinstance(scale, torch.Tensor):
-            return out.mul_(scale.abs().to(out.dtype))
-        return out.mul_(abs(scale))
-    out = torch.stack([n.float() for n in norms])
+    out = acc.sqrt_()
     if isinstance(scale, torch.Tensor):
         return out.mul_(scale.abs().to(out.dtype))
     return out.mul_(abs(scale))
