@@ -32,6 +32,7 @@ FAULT = 25  # layer 2's weight x 50 before this step's forward pass
 EVERY = 10
 BURST = 3
 SHORT = 6  # steps of the RMSprop run (the copy-based update norms)
+SNAPSHOT_EVERY = 4  # DDP: rank 0 keeps the replicated state of every 4th step and writes it on the fault's event
 
 
 def _mlp() -> nn.Module:
@@ -56,7 +57,7 @@ def _fsdp(model: nn.Module) -> nn.Module:
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo: int, hi: int,
-           steps: int = STEPS, fault: bool = True) -> dict:
+           steps: int = STEPS, fault: bool = True, snapshot_every: int | None = None, start: int = 0) -> dict:
     """``steps`` steps on examples [lo, hi) of each global batch, layer 2's weight x 50 before step FAULT; with
     dynascope when ``run_dir``: the sentinel's rows (ring buffer, as read), events, the recording steps."""
     out: dict = {"recorded": []}
@@ -65,9 +66,12 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo
         warnings.simplefilter("ignore")
         if run_dir is not None:
             run = dynascope.probe(model, opt, run_dir, every=EVERY, flush_every=4, probes=("gradients", "updates"),
-                                  sentinel=dynascope.Sentinel(burst=BURST, announce=False))
+                                  sentinel=dynascope.Sentinel(burst=BURST, announce=False),
+                                  snapshot_every=snapshot_every)
             run.start()
         for step, (x, y) in enumerate(_batches(steps)):
+            if step < start:  # a replay from a snapshot of step `start`
+                continue
             if fault and step == FAULT:
                 with torch.no_grad():
                     model.get_submodule("2" if not hasattr(model, "module") else "module.2").weight.mul_(50.0)
@@ -102,7 +106,14 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         m = nn.parallel.DistributedDataParallel(_mlp())
         report["ddp"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-                               os.path.join(out, "ddp", f"rank{rank}"), lo, hi)
+                               os.path.join(out, "ddp", f"rank{rank}"), lo, hi, snapshot_every=SNAPSHOT_EVERY)
+        # the snapshot rank 0 wrote on the fault's event, restored on every rank: the steps from it replay bit for bit
+        dist.barrier()
+        snap = dynascope.load_snapshot(os.path.join(out, "ddp", "rank0"))
+        m = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        report["snapshot_step"] = snap.restore(m, opt)
+        report["replay"] = _train(m, opt, None, lo, hi, start=report["snapshot_step"])
         m = nn.parallel.DistributedDataParallel(_mlp())
         report["ddp_plain"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), None, lo, hi)
         m = _fsdp(_mlp())
@@ -196,6 +207,16 @@ def test_the_collective_moves_one_row_and_fsdp2_snapshots_say_they_are_off(spawn
     for r in reports:
         assert r["ddp"]["bytes"] == r["fsdp"]["bytes"] == 6 * 4  # loss, global norm, 2 + 2 module norms, float32
         assert len(r["fsdp_snapshot_warnings"]) == 1 and "FSDP2" in r["fsdp_snapshot_warnings"][0]
+
+
+def test_ddp_snapshot_written_by_rank_0_replays_bit_for_bit_on_every_rank(spawned):
+    out, reports = spawned
+    table = dynascope.snapshots(out / "ddp" / "rank0")
+    taken = FAULT // SNAPSHOT_EVERY * SNAPSHOT_EVERY  # the newest snapshot before the event (step 24)
+    assert taken < FAULT and list(table["step"]) == [taken] and list(table["event_step"]) == [FAULT]
+    for r in reports:  # the replay runs steps 24..29, the fault at 25 included
+        assert r["snapshot_step"] == taken
+        assert r["replay"]["params"] == r["ddp"]["params"] == r["ddp_plain"]["params"]
 
 
 def test_training_is_bit_identical_with_and_without_dynascope_on_each_rank(spawned):
