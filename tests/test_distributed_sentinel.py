@@ -57,7 +57,8 @@ def _fsdp(model: nn.Module) -> nn.Module:
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo: int, hi: int,
-           steps: int = STEPS, fault: bool = True, snapshot_every: int | None = None, start: int = 0) -> dict:
+           steps: int = STEPS, fault: bool = True, snapshot_every: int | None = None, start: int = 0,
+           lag: int | None = None) -> dict:
     """``steps`` steps on examples [lo, hi) of each global batch, layer 2's weight x 50 before step FAULT; with
     dynascope when ``run_dir``: the sentinel's rows (ring buffer, as read), events, the recording steps."""
     out: dict = {"recorded": []}
@@ -69,6 +70,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo
                                   sentinel=dynascope.Sentinel(burst=BURST, announce=False),
                                   snapshot_every=snapshot_every)
             run.start()
+            if lag is not None:  # CUDA's lag (2) on the CPU: the row waited for at s + 1, read at s + 2
+                run.sentinel.lag = lag
         for step, (x, y) in enumerate(_batches(steps)):
             if step < start:  # a replay from a snapshot of step `start`
                 continue
@@ -97,6 +100,26 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo
     return out
 
 
+def _worker4(rank: int, port: int, out: str) -> None:
+    """4 ranks, 2 examples each: DDP, and FSDP2 with shards of 2, 2, 2, 1 rows (7) and 1, 1, 1, 0 (3: rank 3
+    holds an empty shard of layer 2)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+    torch.set_num_threads(1)
+    report: dict = {}
+    lo, hi = 2 * rank, 2 * rank + 2
+    try:
+        m = nn.parallel.DistributedDataParallel(_mlp())
+        report["ddp"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                               os.path.join(out, "ddp", f"rank{rank}"), lo, hi)
+        m = _fsdp(_mlp())
+        report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
+                                os.path.join(out, "fsdp", f"rank{rank}"), lo, hi)
+        report["fsdp_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
+    finally:
+        Path(out, f"report{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -116,6 +139,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         report["replay"] = _train(m, opt, None, lo, hi, start=report["snapshot_step"])
         m = nn.parallel.DistributedDataParallel(_mlp())
         report["ddp_plain"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), None, lo, hi)
+        m = nn.parallel.DistributedDataParallel(_mlp())
+        report["ddp_lag2"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                    os.path.join(out, "ddp_lag2", f"rank{rank}"), lo, hi, lag=2)
         m = _fsdp(_mlp())
         report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
                                 os.path.join(out, "fsdp", f"rank{rank}"), lo, hi)
@@ -145,14 +171,15 @@ def _single(run_dir: Path, make_opt, steps: int = STEPS, fault: bool = True) -> 
     return _train(m, make_opt(m), str(run_dir), 0, GLOBAL, steps, fault)
 
 
-def _compare_rows(ref: dict, got: dict, read: int) -> None:
-    """The sentinel's rows of steps [0, read): the same on both ranks (bit for bit), equal to one process."""
+def _compare_rows(ref: dict, got: list[dict], read: int) -> None:
+    """The sentinel's rows of steps [0, read): the same on every rank (bit for bit), equal to one process."""
     a = np.asarray(ref["ring"])[:read]
     for r in got:
         assert r["modules"] == ref["modules"] == ["0", "2"]
-    b0, b1 = (np.asarray(r["ring"])[:read] for r in got)
+    b0, *others = (np.asarray(r["ring"])[:read] for r in got)
     assert np.isfinite(a).all() and np.isfinite(b0).all()
-    np.testing.assert_array_equal(b0, b1)
+    for b in others:
+        np.testing.assert_array_equal(b0, b)
     np.testing.assert_allclose(b0, a, rtol=1e-6, atol=0)
     # the row's columns: loss, global gradient norm, grad.norm of "0" and "2", update.norm of "0" and "2"
     assert a.shape[1] == 6 and (a[:, 2:] > 0).all()
@@ -160,22 +187,21 @@ def _compare_rows(ref: dict, got: dict, read: int) -> None:
     print(f"{read} steps x 6 columns: max relative difference {np.max(np.abs(b0 - a) / np.abs(a)):.1e}")
 
 
-def _check(out: Path, reports: list[dict], kind: str, tmp_path: Path, make_opt) -> None:
+def _check(out: Path, reports: list[dict], kind: str, tmp_path: Path, make_opt, lag: int = 1) -> None:
     ref = _single(tmp_path / "single", make_opt)
     got = [r[kind] for r in reports]
-    lag = got[0]["lag"]
-    assert lag == 1 and got[1]["lag"] == 1
-    _compare_rows(ref, got, STEPS - lag)  # the last row is still in flight at the end
-    # the fault's events: the same steps, kinds and modules on both ranks and in one process
+    assert all(g["lag"] == lag for g in got)
+    _compare_rows(ref, got, STEPS - lag)  # the last rows are still in flight at the end
+    # the fault's events: the same steps, kinds and modules on every rank and in one process
     assert ref["events"] and any(e[0] == FAULT for e in ref["events"]), ref["events"]
-    assert got[0]["events"] == got[1]["events"] == ref["events"]
-    # the burst: the same recording steps on both ranks; one process's, `lag` steps later (the row is read late)
+    assert all(g["events"] == ref["events"] for g in got), [g["events"] for g in got]
+    # the burst: the same recording steps on every rank; one process's, `lag` steps later (the row is read late)
     first = min(e[0] for e in ref["events"])
-    assert got[0]["recorded"] == got[1]["recorded"]
+    assert all(g["recorded"] == got[0]["recorded"] for g in got)
     want = sorted({s for s in range(STEPS) if s % EVERY == 0} | set(range(first + 1, first + 1 + BURST)))
     assert ref["recorded"] == want
     assert got[0]["recorded"] == sorted({s for s in range(STEPS) if s % EVERY == 0}
-                                        | set(range(first + 1 + lag, first + 1 + lag + BURST)))
+                                        | set(range(first + 1 + lag, min(STEPS, first + 1 + lag + BURST))))
     # forensics of the event: the same ranking (module, metric, first step) from rank 0's run and one process's
     a = forensics(tmp_path / "single", first)
     b = forensics(out / kind / "rank0", first)
@@ -188,6 +214,23 @@ def _check(out: Path, reports: list[dict], kind: str, tmp_path: Path, make_opt) 
 def test_ddp_sentinel_rows_events_burst_and_forensics_equal_one_process(spawned, tmp_path):
     out, reports = spawned
     _check(out, reports, "ddp", tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_ddp_sentinel_read_two_steps_late_as_on_cuda(spawned, tmp_path):
+    """CUDA's lag (the reduced row copied to the host at s + 1, read at s + 2), run on the CPU: the same rows
+    and events, the burst a step later still."""
+    out, reports = spawned
+    _check(out, reports, "ddp_lag2", tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+           lag=2)
+
+
+@pytest.mark.slow
+def test_four_ranks_ddp_and_fsdp2_with_an_empty_shard(tmp_path_factory, tmp_path):
+    """4 gloo processes (slow: ~40 s on 2 cores): rows, events, burst and forensics as one process."""
+    out, reports = spawn_reports(_worker4, 4, lambda: tmp_path_factory.mktemp("dist_sentinel4"), timeout=150)
+    assert [r["fsdp_rows"] for r in reports] == [[2, 2, 1, 1], [2, 2, 1, 1], [2, 2, 1, 1], [1, 1, 0, 0]]
+    _check(out, reports, "ddp", tmp_path / "ddp", lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    _check(out, reports, "fsdp", tmp_path / "fsdp", lambda m: torch.optim.Adam(m.parameters(), lr=0.01))
 
 
 def test_fsdp2_sentinel_rows_events_burst_and_forensics_equal_one_process(spawned, tmp_path):
