@@ -36,6 +36,7 @@ handled as :mod:`~dynascope.diagnostics.per_example` says (``notes``).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -144,8 +145,9 @@ def _sqrt(x: float) -> float:
 def hessian_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, params: list[nn.Parameter],
                      forward: Forward, memory_bytes: int = MEMORY_BYTES) -> torch.Tensor:
     """The exact diagonal of the Hessian of the mean loss (flat, over ``params`` in order): ``(H e_j)_j`` for
-    every unit vector ``e_j``, a batch of unit vectors per double backward pass (``is_grads_batched``; one at
-    a time where an operation has no batching rule). On the model as it is (the caller guards it); attention
+    every unit vector ``e_j``, a batch of unit vectors per double backward pass (``is_grads_batched``) or one
+    at a time, whichever the first two chunks time faster (one at a time where an operation has no batching
+    rule). On the model as it is (the caller guards it); attention
     through ``scaled_dot_product_attention`` uses its math kernel (the fused CPU kernels have no double
     backward)."""
     with sdpa_kernel(SDPBackend.MATH):
@@ -193,16 +195,26 @@ def _hessian_diagonal(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: A
             flat = torch.stack(rows)
         return flat[torch.arange(m, device=device), cols]
 
-    batched = True
+    # the batched double backward (vmap) is faster on some models and several times slower on others (e.g.
+    # pooling layers): the first two chunks time both ways and the faster one does the rest
+    batched: bool | None = None
+    spent: dict[bool, float] = {}
     for s in range(0, total, k):
         e = min(total, s + k)
-        if batched:
+        way = batched if batched is not None else (True not in spent)
+        t0 = time.perf_counter()
+        if way:
             try:
                 diag[s:e] = hvp_rows(s, e, True)
-                continue
-            except RuntimeError:
-                batched = False  # an operation without a batching rule: one product at a time
-        diag[s:e] = hvp_rows(s, e, False)
+            except RuntimeError:  # an operation without a batching rule: one product at a time
+                batched, way = False, False
+                diag[s:e] = hvp_rows(s, e, False)
+        else:
+            diag[s:e] = hvp_rows(s, e, False)
+        if batched is None:
+            spent[way] = (time.perf_counter() - t0) / (e - s)
+            if len(spent) == 2:
+                batched = spent[True] <= spent[False]
     return diag
 
 
