@@ -214,7 +214,10 @@ def _rows(ts: list[torch.Tensor]) -> torch.Tensor:
 
 def _accumulate(acc: torch.Tensor, ks: list[int], x: torch.Tensor, device: torch.device) -> None:
     """acc[ks] += the squared norm of each row of ``x`` (k, ...)."""
-    sq = torch.linalg.vector_norm(x.reshape(len(ks), -1), dim=1, dtype=torch.float32).square_()
+    # float32 accumulation for half/bfloat16/float32; a float64 model's norms in float64 (a float32 dtype= on a
+    # float64 input raises: the sentinel fell back to copies and lost step 0's update norms)
+    wide = None if x.dtype == torch.float64 else torch.float32
+    sq = torch.linalg.vector_norm(x.reshape(len(ks), -1), dim=1, dtype=wide).float().square_()
     if len(ks) == len(acc):
         acc.add_(sq)
     else:
