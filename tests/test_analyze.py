@@ -369,8 +369,8 @@ def test_analyze_records_what_a_live_run_records(workdir: Path) -> None:
     assert set(got) == set(want)
     assert {m for m, _ in got} == {
         "hessian.eig", "hessian.eig_converged", "hessian.trace", "hessian.trace_stderr", "hessian.trace_estimator",
-        "hessian.n_hvp", "landscape.center_loss", "plasticity.dead", "plasticity.dormant", "plasticity.erank", "plasticity.srank",
-        "weight.magnitude"}
+        "hessian.n_hvp", "landscape.center_loss", "plasticity.dead", "plasticity.dormant", "plasticity.erank",
+        "plasticity.srank", "weight.magnitude"}
     for key, v in want.items():
         assert got[key] == pytest.approx(v, rel=1e-6, abs=1e-9), key
     assert list(offline.scalars("weight.magnitude")["step"].unique()) == [step]  # recorded once, not twice
