@@ -32,7 +32,8 @@ FAULT = 25  # layer 2's weight x 50 before this step's forward pass
 EVERY = 10
 BURST = 3
 SHORT = 6  # steps of the RMSprop run (the copy-based update norms)
-SNAPSHOT_EVERY = 4  # DDP: rank 0 keeps the replicated state of every 4th step and writes it on the fault's event
+SNAPSHOT_EVERY = 4  # the state of every 4th step kept (DDP: rank 0's; FSDP2: every rank's shards), written on the
+# fault's event
 
 
 def _mlp() -> nn.Module:
@@ -144,18 +145,20 @@ def _worker(rank: int, port: int, out: str) -> None:
                                     os.path.join(out, "ddp_lag2", f"rank{rank}"), lo, hi, lag=2)
         m = _fsdp(_mlp())
         report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
-                                os.path.join(out, "fsdp", f"rank{rank}"), lo, hi)
+                                os.path.join(out, "fsdp", f"rank{rank}"), lo, hi, snapshot_every=SNAPSHOT_EVERY)
         report["fsdp_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
+        # FSDP2: every rank's shards gathered on rank 0 into one file; each rank restores its own
+        dist.barrier()
+        snap = dynascope.load_snapshot(os.path.join(out, "fsdp", "rank0"))
+        m = _fsdp(_mlp())
+        opt = torch.optim.Adam(m.parameters(), lr=0.01)
+        report["fsdp_snapshot_step"] = snap.restore(m, opt)
+        report["fsdp_replay"] = _train(m, opt, None, lo, hi, start=report["fsdp_snapshot_step"])
         m = _fsdp(_mlp())
         report["fsdp_plain"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01), None, lo, hi)
         m = _fsdp(_mlp())  # an optimizer without a closed-form step: update norms from a copy of the shards
         report["fsdp_copy"] = _train(m, torch.optim.RMSprop(m.parameters(), lr=0.01),
                                      os.path.join(out, "fsdp_copy", f"rank{rank}"), lo, hi, SHORT, fault=False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            m = _fsdp(_mlp())
-            dynascope.probe(m, None, os.path.join(out, "fsdp_snap", f"rank{rank}"), snapshot_every=2)
-        report["fsdp_snapshot_warnings"] = [str(w.message) for w in caught if "snapshot_every" in str(w.message)]
     finally:
         Path(out, f"report{rank}.json").write_text(json.dumps(report))
         dist.destroy_process_group()
@@ -245,11 +248,10 @@ def test_fsdp2_sentinel_update_norms_from_copies_of_the_shards(spawned, tmp_path
     _compare_rows(ref, [r["fsdp_copy"] for r in reports], SHORT - 1)
 
 
-def test_the_collective_moves_one_row_and_fsdp2_snapshots_say_they_are_off(spawned):
+def test_the_collective_moves_one_row(spawned):
     _, reports = spawned
     for r in reports:
         assert r["ddp"]["bytes"] == r["fsdp"]["bytes"] == 6 * 4  # loss, global norm, 2 + 2 module norms, float32
-        assert len(r["fsdp_snapshot_warnings"]) == 1 and "FSDP2" in r["fsdp_snapshot_warnings"][0]
 
 
 def test_ddp_snapshot_written_by_rank_0_replays_bit_for_bit_on_every_rank(spawned):
@@ -260,6 +262,21 @@ def test_ddp_snapshot_written_by_rank_0_replays_bit_for_bit_on_every_rank(spawne
     for r in reports:  # the replay runs steps 24..29, the fault at 25 included
         assert r["snapshot_step"] == taken
         assert r["replay"]["params"] == r["ddp"]["params"] == r["ddp_plain"]["params"]
+
+
+def test_fsdp2_snapshot_of_every_rank_shards_replays_bit_for_bit(spawned):
+    out, reports = spawned
+    table = dynascope.snapshots(out / "fsdp" / "rank0")
+    taken = FAULT // SNAPSHOT_EVERY * SNAPSHOT_EVERY
+    assert list(table["step"]) == [taken] and list(table["event_step"]) == [FAULT]
+    snap = dynascope.load_snapshot(out / "fsdp" / "rank0")
+    assert [[tuple(t.shape) for t in sh["model"].values()] for sh in snap.shards] == [
+        [(4, 5), (4,), (2, 7), (2,)], [(3, 5), (3,), (1, 7), (1,)]]  # each rank's own shards
+    for r in reports:
+        assert r["fsdp_snapshot_step"] == taken
+        assert r["fsdp_replay"]["params"] == r["fsdp"]["params"] == r["fsdp_plain"]["params"]
+    with pytest.raises(ValueError, match="same world size"):
+        snap.restore(_mlp())
 
 
 def test_training_is_bit_identical_with_and_without_dynascope_on_each_rank(spawned):

@@ -40,7 +40,7 @@ from ..probes.sentinel import Sentinel
 from ..store import ResilientWriter, RunStore, now_iso
 from .clipping import ClipWatch
 from .distributed import RankReducer, is_active, is_sharded, rank, world_size
-from .snapshot import Snapshotter
+from .snapshot import ShardedSnapshotter, Snapshotter
 
 __all__ = ["Session", "probe", "PROBES"]
 
@@ -186,10 +186,8 @@ class Session:
                                  "drop sentinel=False or snapshot_every")
             self.snapshotter = Snapshotter(snapshot_every)  # checks the value on every rank
             if is_active() and any(is_sharded(p) for p in model.parameters()):
-                self.snapshotter = None
-                warnings.warn("dynascope: snapshot_every is off under FSDP2 (sharded parameters: a snapshot would "
-                              "need every rank's shards); the sentinel and its events are on", RuntimeWarning,
-                              stacklevel=2)
+                # FSDP2: every rank keeps its shards; on an event rank 0 gathers and writes them
+                self.snapshotter = ShardedSnapshotter(snapshot_every)
             elif rank() != 0:
                 self.snapshotter = None  # DDP: the state is replicated; rank 0 keeps and writes it
         self.writer = rank() == 0

@@ -32,7 +32,8 @@ import torch
 
 from ..core.errors import describe
 
-__all__ = ["Snapshot", "Snapshotter", "load_snapshot", "snapshots", "rng_state", "set_rng_state"]
+__all__ = ["Snapshot", "Snapshotter", "ShardedSnapshotter", "load_snapshot", "snapshots", "rng_state",
+           "set_rng_state"]
 
 ARTIFACT = "snapshot"
 FORMAT = 1
@@ -99,15 +100,21 @@ class Snapshot:
     optimizers: list[dict[str, Any]]
     rng: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: FSDP2: every rank's ``{"model", "optimizers", "rng"}`` of its local shards, in rank order (the fields
+    #: above are then empty); :meth:`restore` on rank r puts back rank r's
+    shards: list[dict[str, Any]] | None = None
 
     @property
     def nbytes(self) -> int:
         """Host memory the snapshot holds."""
-        return _nbytes(self.model) + _nbytes(self.optimizers) + _nbytes(self.rng)
+        return _nbytes(self.model) + _nbytes(self.optimizers) + _nbytes(self.rng) + _nbytes(self.shards or [])
 
     def payload(self) -> dict[str, Any]:
-        return {"format": FORMAT, "step": self.step, "model": self.model, "optimizers": self.optimizers,
-                "rng": self.rng, "meta": self.meta}
+        out = {"format": FORMAT, "step": self.step, "model": self.model, "optimizers": self.optimizers,
+               "rng": self.rng, "meta": self.meta}
+        if self.shards is not None:
+            out["shards"] = self.shards
+        return out
 
     def restore(self, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
@@ -117,6 +124,8 @@ class Snapshot:
         replay first."""
         opts = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) \
             else list(optimizer)
+        if self.shards is not None:
+            return self._restore_shards(model, opts, rng)
         if opts and len(opts) != len(self.optimizers):
             raise ValueError(f"the snapshot holds {len(self.optimizers)} optimizer state(s), "
                              f"got {len(opts)} optimizer(s)")
@@ -126,6 +135,54 @@ class Snapshot:
         if rng:
             set_rng_state(self.rng)
         return self.step
+
+    def _restore_shards(self, model: torch.nn.Module, opts: list[torch.optim.Optimizer], rng: bool) -> int:
+        """FSDP2: this rank's local shards put back into the model's and the optimizers' DTensors (the same
+        world size and sharding as when it was taken)."""
+        dist = torch.distributed
+        assert self.shards is not None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world != len(self.shards):
+            raise ValueError(f"the snapshot holds the shards of {len(self.shards)} ranks; restore it under the same "
+                             f"world size (this one has {world})")
+        mine = self.shards[dist.get_rank()]
+        if opts and len(opts) != len(mine["optimizers"]):
+            raise ValueError(f"the snapshot holds {len(mine['optimizers'])} optimizer state(s), got {len(opts)} "
+                             "optimizer(s)")
+        current = model.state_dict()
+        model.load_state_dict({k: _as_like(v, current.get(k)) for k, v in mine["model"].items()})
+        for opt, state in zip(opts, mine["optimizers"]):
+            params = [p for g in opt.param_groups for p in g["params"]]
+            st = {int(i): {k: _as_like(v, params[int(i)]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                           for k, v in entry.items()} for i, entry in state["state"].items()}
+            opt.load_state_dict({"state": st, "param_groups": state["param_groups"]})
+        if rng:
+            set_rng_state(mine["rng"])
+        return self.step
+
+
+def _local_host(obj: Any) -> Any:
+    """A host copy of ``obj`` with every DTensor replaced by a copy of this rank's local shard."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _local_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_local_host(v) for v in obj)
+    return obj
+
+
+def _as_like(local: torch.Tensor, like: Any) -> torch.Tensor:
+    """``local`` as a shard of a DTensor placed like ``like`` (a DTensor of the same global shape), else as it
+    is."""
+    if like is None or not hasattr(like, "device_mesh"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
 
 
 class Snapshotter:
@@ -172,6 +229,42 @@ class Snapshotter:
         return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
 
 
+class ShardedSnapshotter(Snapshotter):
+    """FSDP2: every rank keeps the host copies of its local shards (model, optimizer state; DTensors as their
+    local tensors) and its random generators' states, the last two snapshot steps. On an event (every rank sees
+    it at the same step: the sentinel's row is shared) the shards are gathered on rank 0 (one
+    ``gather_object``), which writes them into one file, in rank order. A failure on one rank (to take or to
+    gather) is brought to a checkpoint: every rank turns snapshots off together."""
+
+    def take(self, step: int, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        from ..diagnostics._dist import attempt
+
+        def local() -> Snapshot:
+            with torch.no_grad():
+                return Snapshot(step, {}, [], {}, shards=[{
+                    "model": _local_host(model.state_dict()),
+                    "optimizers": [_local_host(o.state_dict()) for o in optimizers], "rng": rng_state()}])
+
+        self.kept.append((attempt(local), None))
+
+    def write(self, store: Any, reason: str, event_step: int) -> Path | None:
+        dist = torch.distributed
+        hit = next((s for s, _ in reversed(self.kept) if s.step <= event_step), None)
+        if hit is None or hit.step in self._written:  # the same on every rank
+            return None
+        self._written.add(hit.step)
+        assert hit.shards is not None
+        mine = hit.shards[0]
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0)  # every rank holds its shards: none fails before it
+        if gathered is None or store is None:
+            return None
+        snap = Snapshot(hit.step, {}, [], {}, shards=gathered)
+        snap.meta = {"event": reason, "event_step": int(event_step), "nbytes": snap.nbytes, "world": len(gathered)}
+        payload = snap.payload()
+        return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
+
+
 def snapshots(run: str | os.PathLike[str] | Any) -> Any:
     """The snapshots a run wrote: a DataFrame with columns step, event, event_step, nbytes, file."""
     import pandas as pd
@@ -210,4 +303,5 @@ def load_snapshot(run: str | os.PathLike[str] | Any, step: int | None = None, *,
         raise ValueError(f"{file}: not a readable dynascope snapshot ({describe(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{file}: not a dynascope snapshot (format {FORMAT})")
-    return Snapshot(int(obj["step"]), obj["model"], list(obj["optimizers"]), obj["rng"], dict(obj.get("meta", {})))
+    return Snapshot(int(obj["step"]), obj["model"], list(obj["optimizers"]), obj["rng"], dict(obj.get("meta", {})),
+                    shards=obj.get("shards"))
