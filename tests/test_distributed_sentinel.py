@@ -41,6 +41,11 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()  # fault), the rows are float32
 
 
+def _dropout_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Dropout(0.3)).double()
+
+
 def _batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(GLOBAL, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (GLOBAL,), generator=g))
@@ -138,6 +143,17 @@ def _worker(rank: int, port: int, out: str) -> None:
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
         report["snapshot_step"] = snap.restore(m, opt)
         report["replay"] = _train(m, opt, None, lo, hi, start=report["snapshot_step"])
+        # dropout drawn from a generator seeded per rank: each rank's generator state comes back with the snapshot
+        m = nn.parallel.DistributedDataParallel(_dropout_mlp())
+        torch.manual_seed(100 + rank)
+        report["dropout"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                   os.path.join(out, "dropout", f"rank{rank}"), lo, hi, snapshot_every=SNAPSHOT_EVERY)
+        dist.barrier()
+        snap = dynascope.load_snapshot(os.path.join(out, "dropout", "rank0"))
+        m = nn.parallel.DistributedDataParallel(_dropout_mlp())
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(12345)  # another state: the restore must put back this rank's
+        report["dropout_replay"] = _train(m, opt, None, lo, hi, start=snap.restore(m, opt))
         m = nn.parallel.DistributedDataParallel(_mlp())
         report["ddp_plain"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), None, lo, hi)
         m = nn.parallel.DistributedDataParallel(_mlp())
@@ -262,6 +278,10 @@ def test_ddp_snapshot_written_by_rank_0_replays_bit_for_bit_on_every_rank(spawne
     for r in reports:  # the replay runs steps 24..29, the fault at 25 included
         assert r["snapshot_step"] == taken
         assert r["replay"]["params"] == r["ddp"]["params"] == r["ddp_plain"]["params"]
+        # with dropout seeded per rank: every rank's generator state restored (rank 0's on rank 1 would differ)
+        assert r["dropout_replay"]["params"] == r["dropout"]["params"]
+    assert reports[0]["dropout"]["events"] and list(dynascope.snapshots(out / "dropout" / "rank0")["step"]) == [taken]
+    assert len(dynascope.load_snapshot(out / "dropout" / "rank0").rngs) == WORLD
 
 
 def test_fsdp2_snapshot_of_every_rank_shards_replays_bit_for_bit(spawned):

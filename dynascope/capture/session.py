@@ -40,7 +40,7 @@ from ..probes.sentinel import Sentinel
 from ..store import ResilientWriter, RunStore, now_iso
 from .clipping import ClipWatch
 from .distributed import RankReducer, is_active, is_sharded, rank, world_size
-from .snapshot import ShardedSnapshotter, Snapshotter
+from .snapshot import ReplicatedSnapshotter, ShardedSnapshotter, Snapshotter
 
 __all__ = ["Session", "probe", "PROBES"]
 
@@ -188,8 +188,8 @@ class Session:
             if is_active() and any(is_sharded(p) for p in model.parameters()):
                 # FSDP2: every rank keeps its shards; on an event rank 0 gathers and writes them
                 self.snapshotter = ShardedSnapshotter(snapshot_every)
-            elif rank() != 0:
-                self.snapshotter = None  # DDP: the state is replicated; rank 0 keeps and writes it
+            elif is_active():  # DDP: the state is replicated: rank 0 keeps it, every rank its generators' states
+                self.snapshotter = ReplicatedSnapshotter(snapshot_every)
         self.writer = rank() == 0
         # under torch.distributed: combines the ranks' statistics at each flush (dynascope.capture.distributed)
         self.reducer: RankReducer | None = RankReducer() if is_active() else None

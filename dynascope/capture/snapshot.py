@@ -32,8 +32,8 @@ import torch
 
 from ..core.errors import describe
 
-__all__ = ["Snapshot", "Snapshotter", "ShardedSnapshotter", "load_snapshot", "snapshots", "rng_state",
-           "set_rng_state"]
+__all__ = ["Snapshot", "Snapshotter", "ShardedSnapshotter", "ReplicatedSnapshotter", "load_snapshot", "snapshots",
+           "rng_state", "set_rng_state"]
 
 ARTIFACT = "snapshot"
 FORMAT = 1
@@ -103,6 +103,9 @@ class Snapshot:
     #: FSDP2: every rank's ``{"model", "optimizers", "rng"}`` of its local shards, in rank order (the fields
     #: above are then empty); :meth:`restore` on rank r puts back rank r's
     shards: list[dict[str, Any]] | None = None
+    #: DDP: every rank's random generators' states, in rank order (the model and optimizer state are rank 0's,
+    #: replicated); :meth:`restore` on rank r puts back rank r's
+    rngs: list[dict[str, Any]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -114,6 +117,8 @@ class Snapshot:
                "rng": self.rng, "meta": self.meta}
         if self.shards is not None:
             out["shards"] = self.shards
+        if self.rngs is not None:
+            out["rngs"] = self.rngs
         return out
 
     def restore(self, model: torch.nn.Module,
@@ -133,8 +138,17 @@ class Snapshot:
         for opt, state in zip(opts, self.optimizers):
             opt.load_state_dict(state)
         if rng:
-            set_rng_state(self.rng)
+            set_rng_state(self._rank_rng())
         return self.step
+
+    def _rank_rng(self) -> dict[str, Any]:
+        """DDP: this rank's generators' states when the snapshot holds every rank's (same world size), else
+        ``rng``."""
+        dist = torch.distributed
+        if self.rngs is not None and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() == len(self.rngs):
+            return self.rngs[dist.get_rank()]
+        return self.rng
 
     def _restore_shards(self, model: torch.nn.Module, opts: list[torch.optim.Optimizer], rng: bool) -> int:
         """FSDP2: this rank's local shards put back into the model's and the optimizers' DTensors (the same
@@ -265,6 +279,37 @@ class ShardedSnapshotter(Snapshotter):
         return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
 
 
+class ReplicatedSnapshotter(Snapshotter):
+    """DDP: rank 0 keeps the replicated model and optimizer state, every rank its random generators' states
+    (a rank's dropout masks and augmentations are its own). On an event (seen at the same step on every rank)
+    the ranks' generator states are gathered on rank 0, which writes them with the state. A failure to take a
+    snapshot on one rank is brought to a checkpoint: every rank turns snapshots off together."""
+
+    def take(self, step: int, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        from ..diagnostics._dist import attempt
+
+        def local() -> None:
+            if torch.distributed.get_rank() == 0:
+                super(ReplicatedSnapshotter, self).take(step, model, optimizers)
+            else:
+                self.kept.append((Snapshot(step, {}, [], rng_state()), None))
+
+        attempt(local)
+
+    def write(self, store: Any, reason: str, event_step: int) -> Path | None:
+        dist = torch.distributed
+        hit = next((s for s, _ in reversed(self.kept) if s.step <= event_step), None)
+        if hit is None or hit.step in self._written:  # the same on every rank
+            return None
+        rngs: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(hit.rng, rngs, dst=0)
+        if rngs is None:
+            self._written.add(hit.step)
+            return None
+        hit.rngs = rngs
+        return super().write(store, reason, event_step)
+
+
 def snapshots(run: str | os.PathLike[str] | Any) -> Any:
     """The snapshots a run wrote: a DataFrame with columns step, event, event_step, nbytes, file."""
     import pandas as pd
@@ -304,4 +349,4 @@ def load_snapshot(run: str | os.PathLike[str] | Any, step: int | None = None, *,
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{file}: not a dynascope snapshot (format {FORMAT})")
     return Snapshot(int(obj["step"]), obj["model"], list(obj["optimizers"]), obj["rng"], dict(obj.get("meta", {})),
-                    shards=obj.get("shards"))
+                    shards=obj.get("shards"), rngs=obj.get("rngs"))
