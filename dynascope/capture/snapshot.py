@@ -15,6 +15,11 @@ The files hold only tensors, numbers, strings, lists and dicts: :func:`load_snap
 optimizers; the training loop then replays steps ``snapshot.step, snapshot.step + 1, ...`` (with the
 same batches: the data pipeline's position is the loop's own state) under a new probe with
 ``every=1``.
+
+Under torch.distributed every rank takes its part at the same steps and rank 0 writes one file on an
+event (every rank sees it at the same step): DDP (:class:`ReplicatedSnapshotter`) rank 0's replicated state
+and every rank's generator states; FSDP2 (:class:`ShardedSnapshotter`) every rank's local shards and
+generators. :meth:`Snapshot.restore` on rank r puts back rank r's part.
 """
 
 from __future__ import annotations
