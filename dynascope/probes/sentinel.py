@@ -171,9 +171,9 @@ class Sentinel(Probe):
         if self.distributed and not all(layout.contributes):
             self._weight = torch.tensor([1.0 if layout.contributes[i % n] else 0.0 for i in gather],
                                         dtype=torch.float32, device=device)
-        backend = str(torch.distributed.get_backend()).lower() if self.distributed else ""
-        self._coll_device = (torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend
-                             and device.type != "cuda" else device if "nccl" in backend else torch.device("cpu"))
+        self._coll_device = torch.device("cpu")  # gloo reduces on the host, NCCL on the GPU
+        if self.distributed and "nccl" in str(torch.distributed.get_backend()).lower():
+            self._coll_device = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
         self._send = [torch.zeros(2 + 2 * m, dtype=torch.float32, device=self._coll_device)
                       for _ in range(_HOST_SLOTS)] if self.distributed else []
         # rows are read a fixed number of steps late under torch.distributed, so that every rank reads (and
