@@ -5,7 +5,8 @@ flushing only at the first step; ``torch.distributed.all_reduce`` is wrapped to 
 bytes each rank passes to collectives during the steps after it, so what is counted is the sentinel's row alone
 (one all_reduce of ``2 + 2 x modules`` float32 numbers per step), measured, not computed from the formula. With
 an all-reduce the payload per rank is the row whatever the world size; the bytes each rank sends and receives
-on the wire depend on the backend's algorithm (ring: about 2 x payload).
+on the wire depend on the backend's algorithm (ring: about 2 x payload). The step times (sentinel on, then off,
+the same session otherwise) are rough: processes share the machine's cores.
 
 Usage::
 
@@ -51,9 +52,9 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
         return plain(tensor, *args, **kwargs)
 
     dist.all_reduce = counting  # type: ignore[assignment]
-    report = {}
+    report: dict = {}
     try:
-        for kind in ("ddp", "fsdp2"):
+        for kind, sentinel in (("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True)):
             if kind == "ddp":
                 model = nn.parallel.DistributedDataParallel(_model())
             else:
@@ -66,8 +67,8 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
                 fully_shard(model)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             g = torch.Generator().manual_seed(rank)
-            with dynascope.probe(model, opt, os.path.join(out, kind, f"rank{rank}"), every=10 ** 9,
-                                 flush_every=10 ** 9) as run:
+            with dynascope.probe(model, opt, os.path.join(out, f"{kind}{sentinel}", f"rank{rank}"), every=10 ** 9,
+                                 flush_every=10 ** 9, sentinel=sentinel) as run:
                 t0 = 0.0
                 for step in range(steps + 1):
                     if step == 1:  # after the recording (and flushing) first step: the sentinel alone
@@ -83,8 +84,11 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
                 elapsed = time.perf_counter() - t0
                 row = run.sentinel.width if run.sentinel is not None else 0
             # DDP's own gradient all-reduce goes through its reducer (not dist.all_reduce): not counted
-            report[kind] = {"calls": counted["calls"] / steps, "bytes": counted["bytes"] / steps, "row": row,
-                            "step_ms": 1e3 * elapsed / steps}
+            if sentinel:
+                report[kind] = {"calls": counted["calls"] / steps, "bytes": counted["bytes"] / steps, "row": row,
+                                "step_ms": 1e3 * elapsed / steps}
+            else:
+                report[f"{kind}_off"] = 1e3 * elapsed / steps
         Path(out, f"r{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
@@ -103,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}; gloo on the CPU; {args.steps} steps counted per run")
     print(f"{'world':>6s} {'run':>6s} {'row (numbers)':>14s} {'all_reduce calls/step':>22s} "
-          f"{'payload bytes/rank/step':>24s} {'ms/step (loaded machine)':>25s}")
+          f"{'payload bytes/rank/step':>24s} {'ms/step, sentinel on / off':>27s}")
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as out:
             for attempt in range(3):  # torch 2.13's gloo can abort a worker at teardown: retry
@@ -120,7 +124,9 @@ def main() -> None:
         for kind in ("ddp", "fsdp2"):
             r = got[0][kind]
             assert all(g[kind]["bytes"] == r["bytes"] for g in got), got
-            print(f"{world:6d} {kind:>6s} {r['row']:14d} {r['calls']:22.2f} {r['bytes']:24,.0f} {r['step_ms']:25.1f}")
+            off = got[0][f"{kind}_off"]
+            print(f"{world:6d} {kind:>6s} {r['row']:14d} {r['calls']:22.2f} {r['bytes']:24,.0f} "
+                  f"{r['step_ms']:14.1f} / {off:.1f}")
 
 
 if __name__ == "__main__":
