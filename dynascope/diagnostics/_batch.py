@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "take_examples",
     "Forward",
     "LossFn",
     "as_pairs",
@@ -110,6 +111,17 @@ def as_pairs(batch: Any) -> list[tuple[Any, Any]]:
     if not pairs:
         raise ValueError("batch is an empty iterable: at least one (inputs, targets) pair is needed")
     return pairs
+
+
+def take_examples(obj: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of a batch (tensors sliced on dim 0, nested in mappings, tuples, lists)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[start:stop] if obj.ndim > 0 else obj
+    if isinstance(obj, Mapping):
+        return {k: take_examples(v, start, stop) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(take_examples(v, start, stop) for v in obj)
+    return obj
 
 
 def batch_size(inputs: Any) -> int:

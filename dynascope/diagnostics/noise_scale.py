@@ -40,7 +40,7 @@ ratio is undefined and ``b_simple`` is NaN.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,7 +51,7 @@ from torch import nn
 from ..core.checks import check_mode, set_mode
 from ..core.guard import preserved_state, rng_state, set_rng_state
 from . import _dist
-from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, trainable_named_parameters
+from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, take_examples, trainable_named_parameters
 
 __all__ = ["gradient_noise_scale", "NoiseScaleResult", "noise_scale_from_norms", "KEEP_BYTES"]
 
@@ -121,17 +121,6 @@ def noise_scale_from_norms(micro_sq: np.ndarray | Iterable[float], big_sq: float
                             int(k * b_small), k, float(n_i.mean()), float(big_sq))
 
 
-def _take(obj: Any, start: int, stop: int) -> Any:
-    """Examples ``start:stop`` of a batch (tensors sliced on dim 0, nested in mappings, tuples, lists)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[start:stop] if obj.ndim > 0 else obj
-    if isinstance(obj, Mapping):
-        return {k: _take(v, start, stop) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_take(v, start, stop) for v in obj)
-    return obj
-
-
 def gradient_noise_scale(
     model: nn.Module,
     loss_fn: LossFn,
@@ -196,8 +185,8 @@ def gradient_noise_scale(
     keep = k * sum(p.numel() * p.element_size() for p in ps) <= KEEP_BYTES
 
     def micro_grads(i: int) -> list[torch.Tensor | None]:
-        x = _take(inputs, i * b, (i + 1) * b)
-        y = _take(targets, i * b, (i + 1) * b)
+        x = take_examples(inputs, i * b, (i + 1) * b)
+        y = take_examples(targets, i * b, (i + 1) * b)
         loss = loss_fn(fwd(model, x), y)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("gradient_noise_scale: loss_fn must return a scalar tensor (the mean loss)")

@@ -62,7 +62,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..core.checks import check_mode, one_of, set_mode
 from ..core.guard import preserved_state, rng_state, set_rng_state
-from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, trainable_named_parameters
+from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, take_examples, trainable_named_parameters
 
 __all__ = ["PerExampleGrads", "HistSpec", "per_example_gradients", "MEMORY_BYTES"]
 
@@ -369,14 +369,6 @@ def _close(rebuilt: torch.Tensor, gbar: torch.Tensor, scale: float) -> bool:
 # the engine
 
 
-def _take(obj: Any, start: int, stop: int) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj[start:stop] if obj.ndim > 0 else obj
-    if isinstance(obj, Mapping):
-        return {k: _take(v, start, stop) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_take(v, start, stop) for v in obj)
-    return obj
 
 
 def _unsqueeze(obj: Any) -> Any:
@@ -562,7 +554,7 @@ def _from_func(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any,
     for s in range(0, n, step):
         with warnings.catch_warnings():  # vmap's fallback for ops without a batching rule (attention on CPU)
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            gs = per_fn(chosen, _take(inputs, s, s + step), _take(targets, s, s + step))
+            gs = per_fn(chosen, take_examples(inputs, s, s + step), take_examples(targets, s, s + step))
         for i in rest:
             g = gs[named[i][0]].detach()
             acc.sq += _rows(g.square())
@@ -590,7 +582,8 @@ def _loop(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, ps: list
     start = rng_state()
 
     def each(i: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        lt = _scalar_loss(loss_fn(forward(model, _take(inputs, i, i + 1)), _take(targets, i, i + 1)), owner)
+        x_i, y_i = take_examples(inputs, i, i + 1), take_examples(targets, i, i + 1)
+        lt = _scalar_loss(loss_fn(forward(model, x_i), y_i), owner)
         gs = torch.autograd.grad(lt, ps, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(ps, gs)], lt.detach()
 

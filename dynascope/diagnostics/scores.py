@@ -30,9 +30,8 @@ from torch import nn
 
 from ..core.checks import check_mode, set_mode
 from ..core.guard import preserved_state
-from ._batch import Forward, LossFn, as_pairs, default_forward
+from ._batch import Forward, LossFn, as_pairs, default_forward, take_examples
 from ._batch import batch_size as _n_examples
-from .noise_scale import _take
 
 __all__ = ["example_scores", "ExampleScores", "SCORE_KINDS", "QUANTILES"]
 
@@ -77,7 +76,7 @@ def _chunks(data: Any, size: int) -> Iterable[tuple[Any, Any]]:
     for inputs, targets in as_pairs(data) if not _is_lazy(data) else data:
         n = _n_examples(inputs)
         for i in range(0, n, size):
-            yield _take(inputs, i, min(i + size, n)), _take(targets, i, min(i + size, n))
+            yield take_examples(inputs, i, min(i + size, n)), take_examples(targets, i, min(i + size, n))
 
 
 def _is_lazy(data: Any) -> bool:
