@@ -108,11 +108,12 @@ def test_a_missing_state_returns_none():
     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     lambda ps: torch.optim.RMSprop(ps, lr=1e-3),  # not covered: the sentinel keeps its copy
 ], ids=["adamw", "sgd-nesterov", "rmsprop"])
-def test_the_sentinels_update_norms_without_a_copy(tmp_path, make):
+def test_the_sentinels_update_norms_without_a_copy(tmp_path, make, monkeypatch):
     import copy
 
     import dynascope
 
+    monkeypatch.setattr(dynascope.Sentinel, "COPY_MAX_ELEMENTS", 0)  # the state formula for any size
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))
     opt = make(model.parameters())
@@ -226,3 +227,25 @@ def test_a_zero_initialised_weight_stays_zero_before_its_first_step(tmp_path, ki
     at0 = ang[(ang["step"] == 0) & (ang["layer"] == "2.weight")]["value"]
     assert len(at0) == 1 and at0.isna().all()
     assert ang[(ang["step"] == 1) & (ang["layer"] == "2.weight")]["value"].iloc[0] > 0
+
+
+def test_the_sentinel_copies_small_models_and_reads_large_ones_from_state(tmp_path, monkeypatch):
+    """Below COPY_MAX_ELEMENTS weights the copy (3 passes) is the sentinel's way, above it the state."""
+    import dynascope
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))  # 515 weights
+    x, y = torch.randn(8, 12), torch.randn(8, 3)
+    copies = {}
+    for limit in (515, 514):
+        monkeypatch.setattr(dynascope.Sentinel, "COPY_MAX_ELEMENTS", limit)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with dynascope.probe(model, opt, tmp_path / f"r{limit}", every=1, probes=()) as run:
+            for _ in range(2):
+                loss = ((model(x) - y) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                run.step(loss=loss)
+            copies[limit] = len(run.sentinel._snap)
+    assert copies == {515: 1, 514: 0}
