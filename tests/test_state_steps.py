@@ -159,8 +159,8 @@ def _probe_values(tmp_path, name, make, monkeypatch, chunk, from_state=True):
 
     for mod in (steps_mod, groups_mod, grad_mod, opt_mod):
         monkeypatch.setattr(mod, "CHUNK_ELEMENTS", chunk)
-    if not from_state:
-        monkeypatch.setattr(opt_mod, "supports_state_steps", lambda o: False)
+    # the state formula for any size, or the copy for any size
+    monkeypatch.setattr(opt_mod.UpdateProbe, "COPY_MAX_ELEMENTS", 0 if from_state else 1 << 40)
     torch.manual_seed(0)
     model = _Mixed()
     opt = make(model.parameters())
@@ -201,11 +201,13 @@ def test_probes_in_row_blocks_equal_whole_tensors_and_the_copy(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_a_zero_initialised_weight_stays_zero_before_its_first_step(tmp_path, kind):
+def test_a_zero_initialised_weight_stays_zero_before_its_first_step(tmp_path, kind, monkeypatch):
     """w_t solved from w_{t+1} and the step carries the step's rounding: entries at that level are zero, so a
     zero-initialised weight has weight.norm 0 and no angle at its first step, as with a copy of w_t."""
     import dynascope
+    from dynascope.probes.optimizer import UpdateProbe
 
+    monkeypatch.setattr(UpdateProbe, "COPY_MAX_ELEMENTS", 0)  # the state formula, whatever the size
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     nn.init.zeros_(model[2].weight)
@@ -230,17 +232,20 @@ def test_a_zero_initialised_weight_stays_zero_before_its_first_step(tmp_path, ki
 
 
 def test_the_sentinel_copies_small_models_and_reads_large_ones_from_state(tmp_path, monkeypatch):
-    """Below COPY_MAX_ELEMENTS weights the copy (3 passes) is the sentinel's way, above it the state."""
+    """Below COPY_MAX_ELEMENTS weights the copy (3 passes) is the sentinel's and the update probe's way, above
+    it the state."""
     import dynascope
+    from dynascope.probes.optimizer import UpdateProbe
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))  # 515 weights
     x, y = torch.randn(8, 12), torch.randn(8, 3)
-    copies = {}
+    copies, probe_state = {}, {}
     for limit in (515, 514):
         monkeypatch.setattr(dynascope.Sentinel, "COPY_MAX_ELEMENTS", limit)
+        monkeypatch.setattr(UpdateProbe, "COPY_MAX_ELEMENTS", limit)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        with dynascope.probe(model, opt, tmp_path / f"r{limit}", every=1, probes=()) as run:
+        with dynascope.probe(model, opt, tmp_path / f"r{limit}", every=1, probes=("updates",)) as run:
             for _ in range(2):
                 loss = ((model(x) - y) ** 2).mean()
                 opt.zero_grad()
@@ -248,4 +253,6 @@ def test_the_sentinel_copies_small_models_and_reads_large_ones_from_state(tmp_pa
                 opt.step()
                 run.step(loss=loss)
             copies[limit] = len(run.sentinel._snap)
+            probe_state[limit] = run.probes[0]._from_state(opt)
     assert copies == {515: 1, 514: 0}
+    assert probe_state == {515: False, 514: True}

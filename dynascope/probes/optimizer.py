@@ -36,7 +36,7 @@ import torch
 
 from ..core.coverage import CoverageRow
 from ._groups import CHUNK_ELEMENTS, ParamLayout, ShapeGroups, rowdot, stacked_weights
-from ._steps import optimizer_steps, supports_state_steps
+from ._steps import COPY_MAX_ELEMENTS, optimizer_steps, worth_reading_state
 from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
 
 __all__ = ["UpdateProbe", "LearningRates", "group_names", "is_adam_family", "lr_rule"]
@@ -72,6 +72,8 @@ def _lr_value(group: dict[str, Any]) -> float:
 
 class UpdateProbe(Probe):
     name = "updates"
+    #: see :data:`dynascope.probes._steps.COPY_MAX_ELEMENTS`
+    COPY_MAX_ELEMENTS = COPY_MAX_ELEMENTS
 
     def __init__(self, all_params: bool = False) -> None:
         self.all_params = all_params
@@ -86,6 +88,7 @@ class UpdateProbe(Probe):
         self._finish_cache: dict[tuple[int, ...], Any] = {}
         self._lrs = {}
         self._no_state: set[int] = set()  # optimizers whose state did not give their step: copied instead
+        self._sizes: dict[int, bool] = {}  # optimizer -> its step is read from its state
 
     def _plan(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The tracked weights ``optimizer`` owns, their shape groups (group order)
@@ -111,8 +114,14 @@ class UpdateProbe(Probe):
         return plan
 
     def _from_state(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether this optimizer's step is read from its state after the step (no copy of w_t)."""
-        return supports_state_steps(optimizer) and not self.layout.any_sharded and id(optimizer) not in self._no_state
+        """Whether this optimizer's step is read from its state after the step (no copy of w_t): SGD, Adam,
+        AdamW with more than COPY_MAX_ELEMENTS weights (below, the copy is cheaper and small)."""
+        if id(optimizer) in self._no_state or self.layout.any_sharded:
+            return False
+        hit = self._sizes.get(id(optimizer))
+        if hit is None:
+            hit = self._sizes[id(optimizer)] = worth_reading_state(optimizer, self.COPY_MAX_ELEMENTS)
+        return hit
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Snapshot w_t of the weights ``optimizer`` owns (one stacked copy per shape), unless its step is read

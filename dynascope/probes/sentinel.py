@@ -68,7 +68,7 @@ from ..core.robust import (
     spike_threshold,
 )
 from ._groups import ParamLayout, local_tensor
-from ._steps import optimizer_update_norms, supports_state_steps
+from ._steps import COPY_MAX_ELEMENTS, optimizer_update_norms, worth_reading_state
 from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
@@ -129,7 +129,7 @@ class Sentinel(Probe):
     every_step = True
     #: weights up to this many elements (per optimizer) are copied to measure the update (16 MB in float32);
     #: above, SGD/Adam/AdamW's step is read from the optimizer's state
-    COPY_MAX_ELEMENTS = 1 << 22
+    COPY_MAX_ELEMENTS = COPY_MAX_ELEMENTS
 
     def __init__(self, window: int = 64, burst: int = 20, updates: bool = True, drift: bool = True,
                  announce: bool = True) -> None:
@@ -220,13 +220,10 @@ class Sentinel(Probe):
 
     def _large(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer``'s weights hold more than COPY_MAX_ELEMENTS elements: then the step is read from
-        its state (no copy); below, a copy is the cheaper way (copy, subtract, norm: 3 passes where the state
-        formula takes about 10; measured on the CPU, 40-block model, sentinel alone: 1.16x against 1.28x) and
-        its memory is at most 4 * COPY_MAX_ELEMENTS bytes."""
+        its state (no copy); below, a copy is the cheaper way (:data:`dynascope.probes._steps.COPY_MAX_ELEMENTS`)."""
         hit = self._sizes.get(id(optimizer))
         if hit is None:
-            hit = self._sizes[id(optimizer)] = sum(p.numel() for g in optimizer.param_groups for p in g["params"]
-                                                   if p.requires_grad) > self.COPY_MAX_ELEMENTS
+            hit = self._sizes[id(optimizer)] = worth_reading_state(optimizer, self.COPY_MAX_ELEMENTS)
         return hit
 
     def _index(self, idx: list[int]) -> torch.Tensor:
@@ -258,7 +255,7 @@ class Sentinel(Probe):
                 self._gn.copy_(norms)
             else:
                 self._gn.index_copy_(0, index, norms.to(self._gn.device))
-            if self.updates and optimizer is not None and supports_state_steps(optimizer) \
+            if self.updates and optimizer is not None \
                     and id(optimizer) not in self._no_state and self._large(optimizer):
                 # the step follows from the optimizer's state after it: no copy of the weights
                 self._last_state[id(optimizer)] = (idx, index)
