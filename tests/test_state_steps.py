@@ -37,7 +37,10 @@ CASES = [
 @pytest.mark.parametrize("chunk", [1 << 22, 100], ids=["one-chunk", "chunks-of-100"])
 @pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{'-'.join(kw)}" for k, kw in CASES])
 def test_step_from_state_equals_the_copy(kind, kw, chunk, monkeypatch):
-    monkeypatch.setattr(steps_mod, "CHUNK_ELEMENTS", chunk)  # several parameters per chunk, and one per chunk
+    import dynascope.probes._groups as groups_mod
+
+    for mod in (steps_mod, groups_mod):  # several parameters per chunk, and slices of one
+        monkeypatch.setattr(mod, "CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]

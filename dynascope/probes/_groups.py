@@ -17,8 +17,21 @@ import torch
 #: (gradient cosines, steps from the optimizer's state): the transient memory stays small next to the model
 CHUNK_ELEMENTS = 1 << 20
 
-__all__ = ["CHUNK_ELEMENTS", "ShapeGroups", "rowdot", "stacked_weights", "ParamLayout", "rows_whole", "is_sharded",
-           "local_tensor", "row_view_shape"]
+__all__ = ["CHUNK_ELEMENTS", "shape_chunks", "ShapeGroups", "rowdot", "stacked_weights", "ParamLayout", "rows_whole",
+           "is_sharded", "local_tensor", "row_view_shape"]
+
+
+def shape_chunks(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (shape, dtype, device), each group cut into chunks of at most
+    CHUNK_ELEMENTS elements (at least one tensor): what is stacked and computed at once."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(k)
+    out: list[list[int]] = []
+    for ks in groups.values():
+        per = max(1, CHUNK_ELEMENTS // max(tensors[ks[0]].numel(), 1))
+        out += [ks[i:i + per] for i in range(0, len(ks), per)]
+    return out
 
 
 def row_view_shape(shape: torch.Size) -> tuple[int, int]:

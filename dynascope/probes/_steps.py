@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ._groups import CHUNK_ELEMENTS, is_sharded, local_tensor
+from ._groups import CHUNK_ELEMENTS, is_sharded, local_tensor, shape_chunks
 from .base import ProbeContext
 
 __all__ = ["COPY_MAX_ELEMENTS", "worth_reading_state", "supports_state_steps", "steps_from_state",
@@ -200,23 +200,10 @@ def _chunks(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return out
 
 
-def _shape_chunks(params: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``params`` grouped by (shape, dtype, device), each group cut into chunks of at most
-    CHUNK_ELEMENTS elements (at least one parameter)."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for k, p in enumerate(params):
-        groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(k)
-    out: list[list[int]] = []
-    for ks in groups.values():
-        per = max(1, CHUNK_ELEMENTS // max(params[ks[0]].numel(), 1))
-        out += [ks[i:i + per] for i in range(0, len(ks), per)]
-    return out
-
-
 def _pieces(params: Sequence[torch.Tensor]) -> Iterator[tuple[list[int], tuple[int, int] | None]]:
     """What is computed at once: parameters of one shape (:func:`_shape_chunks`), or slices of CHUNK_ELEMENTS
     elements (``span``) of a parameter larger than that."""
-    for ks in _shape_chunks(params):
+    for ks in shape_chunks(params):
         n = params[ks[0]].numel()
         if len(ks) == 1 and n > CHUNK_ELEMENTS:
             for a in range(0, n, CHUNK_ELEMENTS):

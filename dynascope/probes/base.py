@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..core.coverage import CoverageRow
-from ._groups import CHUNK_ELEMENTS, local_tensor
+from ._groups import local_tensor, shape_chunks
 
 __all__ = ["Probe", "Collected", "Row", "Stat", "ProbeContext", "StepOutcome", "REDUCTIONS", "gradient_norms"]
 
@@ -176,13 +176,7 @@ def norm_plan(tensors: Sequence[torch.Tensor]) -> Any:
     on several devices (the multi-tensor path then)."""
     if not tensors or len({t.device for t in tensors}) > 1:
         return None
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for k, t in enumerate(tensors):
-        groups.setdefault((tuple(t.shape), t.dtype), []).append(k)
-    chunks: list[list[int]] = []
-    for ks in groups.values():
-        per = max(1, CHUNK_ELEMENTS // max(tensors[ks[0]].numel(), 1))
-        chunks += [ks[i:i + per] for i in range(0, len(ks), per)]
+    chunks = shape_chunks(tensors)
     order = [k for ks in chunks for k in ks]
     inverse = None
     if order != list(range(len(order))):
