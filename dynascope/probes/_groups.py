@@ -17,8 +17,8 @@ import torch
 #: (gradient cosines, steps from the optimizer's state): the transient memory stays small next to the model
 CHUNK_ELEMENTS = 1 << 20
 
-__all__ = ["CHUNK_ELEMENTS", "shape_chunks", "ShapeGroups", "rowdot", "stacked_weights", "ParamLayout", "rows_whole",
-           "is_sharded", "local_tensor", "row_view_shape"]
+__all__ = ["CHUNK_ELEMENTS", "shape_chunks", "index_tensor", "ShapeGroups", "rowdot", "stacked_weights", "ParamLayout",
+           "rows_whole", "is_sharded", "local_tensor", "row_view_shape"]
 
 
 def shape_chunks(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -32,6 +32,26 @@ def shape_chunks(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
         per = max(1, CHUNK_ELEMENTS // max(tensors[ks[0]].numel(), 1))
         out += [ks[i:i + per] for i in range(0, len(ks), per)]
     return out
+
+
+_INDEX: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def index_tensor(order: Sequence[int], device: torch.device, inverse: bool = False) -> torch.Tensor:
+    """``order`` (or its inverse permutation) as a long tensor on ``device``, built once and kept (indexing
+    with a Python list copies it to the device from pageable memory at every call: a host synchronisation on
+    CUDA). The same tensor object comes back for the same arguments while it is kept."""
+    key = (device, inverse, tuple(order))
+    hit = _INDEX.get(key)
+    if hit is None:
+        idx = list(order)
+        if inverse:
+            for pos, k in enumerate(order):
+                idx[k] = pos
+        if len(_INDEX) > 64:
+            _INDEX.clear()
+        hit = _INDEX[key] = torch.tensor(idx, dtype=torch.long, device=device)
+    return hit
 
 
 def row_view_shape(shape: torch.Size) -> tuple[int, int]:

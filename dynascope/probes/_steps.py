@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from ._groups import CHUNK_ELEMENTS, is_sharded, local_tensor, shape_chunks
+from ._groups import CHUNK_ELEMENTS, index_tensor, is_sharded, local_tensor, shape_chunks
 from .base import ProbeContext
 
-__all__ = ["COPY_MAX_ELEMENTS", "worth_reading_state", "supports_state_steps", "steps_from_state",
+__all__ = ["COPY_MAX_ELEMENTS", "worth_reading_state", "reads_state", "supports_state_steps", "steps_from_state",
            "steps_and_weights_from_state", "optimizer_steps",
            "update_norms_from_state", "optimizer_update_norms"]
 
@@ -97,6 +97,15 @@ def worth_reading_state(optimizer: torch.optim.Optimizer, limit: int | None = No
         return False
     limit = COPY_MAX_ELEMENTS if limit is None else limit
     return sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad) > limit
+
+
+def reads_state(ctx: ProbeContext, optimizer: torch.optim.Optimizer, limit: int | None = None) -> bool:
+    """:func:`worth_reading_state`, decided once per optimizer and limit in the run's context."""
+    key = ("reads_state", id(optimizer), limit)
+    hit = ctx.persistent.get(key)
+    if hit is None:
+        hit = ctx.persistent[key] = worth_reading_state(optimizer, limit)
+    return hit
 
 
 def supports_state_steps(optimizer: torch.optim.Optimizer | None) -> bool:
@@ -186,22 +195,8 @@ def steps_and_weights_from_state(optimizer: torch.optim.Optimizer, group: dict[s
     return _pairs(w1s, u)
 
 
-def _chunks(params: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Consecutive index chunks of ``params`` of at most CHUNK_ELEMENTS elements (at least one parameter)."""
-    out: list[list[int]] = []
-    size = 0
-    for k, p in enumerate(params):
-        n = p.numel()
-        if not out or size + n > CHUNK_ELEMENTS:
-            out.append([])
-            size = 0
-        out[-1].append(k)
-        size += n
-    return out
-
-
 def _pieces(params: Sequence[torch.Tensor]) -> Iterator[tuple[list[int], tuple[int, int] | None]]:
-    """What is computed at once: parameters of one shape (:func:`_shape_chunks`), or slices of CHUNK_ELEMENTS
+    """What is computed at once: parameters of one shape (:func:`shape_chunks`), or slices of CHUNK_ELEMENTS
     elements (``span``) of a parameter larger than that."""
     for ks in shape_chunks(params):
         n = params[ks[0]].numel()
@@ -226,31 +221,7 @@ def _accumulate(acc: torch.Tensor, ks: list[int], x: torch.Tensor, device: torch
     if len(ks) == len(acc):
         acc.add_(sq)
     else:
-        acc.index_add_(0, _index(ks, device), sq)
-
-
-_INDEX: dict[tuple[Any, ...], torch.Tensor] = {}
-
-
-def _index(order: list[int], device: torch.device, inverse: bool = False) -> torch.Tensor:
-    """``order`` (or its inverse permutation) as a long tensor on ``device``, built once (a list copied to a
-    device at every call would synchronise)."""
-    key = (device, inverse, tuple(order))
-    hit = _INDEX.get(key)
-    if hit is None:
-        idx = order
-        if inverse:
-            idx = [0] * len(order)
-            for pos, k in enumerate(order):
-                idx[k] = pos
-        if len(_INDEX) > 64:
-            _INDEX.clear()
-        hit = _INDEX[key] = torch.tensor(idx, dtype=torch.long, device=device)
-    return hit
-
-
-def _as_dtype(ts: list[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [t if t.dtype == q.dtype else t.to(q.dtype) for t, q in zip(ts, like)]
+        acc.index_add_(0, index_tensor(ks, device), sq)
 
 
 @torch.no_grad()
@@ -259,9 +230,10 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
     """||w_{t+1} - w_t|| of each of ``params`` (all in ``group``, all stepped just now) from the optimizer's
     state, as a float32 vector on their device; None when this optimizer or state is not covered. The step in
     closed form (module docstring): D = -lr b (SGD with momentum), D = -lr (s g + mu b [Nesterov] + wd w_{t+1})
-    / (1 - lr wd) (SGD otherwise), D = -(u + lr wd w_{t+1}) / (1 - lr wd) (AdamW; Adam: -u); multi-tensor
-    operations over chunks of at most CHUNK_ELEMENTS elements of temporaries (SGD with momentum: none), a
-    constant number of Python calls per chunk. Nothing is read on the host."""
+    / (1 - lr wd) (SGD otherwise), D = -(u + lr wd w_{t+1}) / (1 - lr wd) (AdamW; Adam: -u); the weights of
+    one shape stacked, a large one a slice at a time (:func:`_pieces`): temporaries of at most CHUNK_ELEMENTS
+    elements (SGD with momentum: none), a constant number of tensor calls per piece. Nothing is read on the
+    host."""
     if not params:
         return torch.zeros(0)
     lr = group["lr"]  # a float, or a 0-dim tensor used as it is
@@ -316,7 +288,7 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
             # a slice at a time: a dozen tensor operations per shape, not per parameter (on the CPU a
             # multi-tensor operation is a loop over the parameters); the temporaries stay in the cache
             bshape = (len(ks),) + (1,) * (1 if span is not None or len(ks) == 1 else params[ks[0]].dim())
-            bc2, step = vec[:, _index(ks, device)] if len(ks) < len(params) else vec
+            bc2, step = vec[:, index_tensor(ks, device)] if len(ks) < len(params) else vec
             # the optimizer's own order: u = (lr / bc1) m / (sqrt(v) / bc2 + eps)
             u = _rows([_part(vs[k], span) for k in ks]).sqrt()
             u.div_(bc2.view(bshape)).add_(eps).reciprocal_()
@@ -354,7 +326,7 @@ def optimizer_update_norms(ctx: ProbeContext, optimizer: torch.optim.Optimizer, 
                 g = ctx.group_of(p)
                 if g is not None:
                     by_group.setdefault(id(g), (g, []))[1].append(k)
-        hit = ctx.persistent[key] = (params, [(g, [params[k] for k in ks], _index(ks, device), len(g["params"]))
+        hit = ctx.persistent[key] = (params, [(g, [params[k] for k in ks], index_tensor(ks, device), len(g["params"]))
                                               for g, ks in by_group.values()])
     parts = hit[1]
     if len(parts) == 1 and len(parts[0][1]) == len(params):  # one group holding them all, in order

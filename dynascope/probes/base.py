@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..core.coverage import CoverageRow
-from ._groups import local_tensor, shape_chunks
+from ._groups import index_tensor, local_tensor, shape_chunks
 
 __all__ = ["Probe", "Collected", "Row", "Stat", "ProbeContext", "StepOutcome", "REDUCTIONS", "gradient_norms"]
 
@@ -178,13 +178,8 @@ def norm_plan(tensors: Sequence[torch.Tensor]) -> Any:
         return None
     chunks = shape_chunks(tensors)
     order = [k for ks in chunks for k in ks]
-    inverse = None
-    if order != list(range(len(order))):
-        inv = [0] * len(order)
-        for pos, k in enumerate(order):
-            inv[k] = pos
-        inverse = torch.tensor(inv, dtype=torch.long, device=tensors[0].device)
-    return chunks, inverse
+    in_order = order == list(range(len(order)))
+    return chunks, None if in_order else index_tensor(order, tensors[0].device, inverse=True)
 
 
 @dataclass

@@ -36,7 +36,7 @@ import torch
 
 from ..core.coverage import CoverageRow
 from ._groups import CHUNK_ELEMENTS, ParamLayout, ShapeGroups, rowdot, stacked_weights
-from ._steps import COPY_MAX_ELEMENTS, optimizer_steps, worth_reading_state
+from ._steps import COPY_MAX_ELEMENTS, optimizer_steps, reads_state
 from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
 
 __all__ = ["UpdateProbe", "LearningRates", "group_names", "is_adam_family", "lr_rule"]
@@ -88,7 +88,6 @@ class UpdateProbe(Probe):
         self._finish_cache: dict[tuple[int, ...], Any] = {}
         self._lrs = {}
         self._no_state: set[int] = set()  # optimizers whose state did not give their step: copied instead
-        self._sizes: dict[int, bool] = {}  # optimizer -> its step is read from its state
 
     def _plan(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The tracked weights ``optimizer`` owns, their shape groups (group order)
@@ -118,10 +117,7 @@ class UpdateProbe(Probe):
         AdamW with more than COPY_MAX_ELEMENTS weights (below, the copy is cheaper and small)."""
         if id(optimizer) in self._no_state or self.layout.any_sharded:
             return False
-        hit = self._sizes.get(id(optimizer))
-        if hit is None:
-            hit = self._sizes[id(optimizer)] = worth_reading_state(optimizer, self.COPY_MAX_ELEMENTS)
-        return hit
+        return reads_state(self.ctx, optimizer, self.COPY_MAX_ELEMENTS)
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Snapshot w_t of the weights ``optimizer`` owns (one stacked copy per shape), unless its step is read

@@ -67,8 +67,8 @@ from ..core.robust import (
     SPIKE_WINDOW,
     spike_threshold,
 )
-from ._groups import ParamLayout, local_tensor
-from ._steps import COPY_MAX_ELEMENTS, optimizer_update_norms, worth_reading_state
+from ._groups import ParamLayout, index_tensor, local_tensor
+from ._steps import COPY_MAX_ELEMENTS, optimizer_update_norms, reads_state
 from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
 
 __all__ = ["Sentinel", "SentinelEvent"]
@@ -188,14 +188,12 @@ class Sentinel(Probe):
         self.ring = torch.full((self.window, self.width), float("nan"), dtype=torch.float32, device=device)
         self._nrm = torch.zeros(2 * n, dtype=torch.float32, device=device)  # per-parameter norms: gradients, updates
         self._gn, self._un = self._nrm[:n], self._nrm[n:]
-        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         # (optimizer, the subset stepped or None for all it owns) -> (parameters, their copies, device indices)
         self._snap: dict[tuple[int, tuple[int, ...] | None], tuple[list[torch.Tensor], list[torch.Tensor],
                                                                      torch.Tensor]] = {}
         self._last_snap: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
         self._last_state: dict[int, tuple[list[int], torch.Tensor]] = {}
         self._no_state: set[int] = set()  # optimizers whose state did not give their step: copied instead
-        self._sizes: dict[int, bool] = {}  # optimizer -> its weights are above COPY_MAX_ELEMENTS
         self._state_params: dict[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         pinned = device.type == "cuda"
         self._host = [torch.empty(self.width, dtype=torch.float32, pin_memory=pinned) for _ in range(_HOST_SLOTS)]
@@ -218,25 +216,6 @@ class Sentinel(Probe):
         self._mod_start = np.full(2 * m, np.nan)
         self._mod_seen = np.zeros(2 * m, dtype=np.int64)
 
-    def _large(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether ``optimizer``'s weights hold more than COPY_MAX_ELEMENTS elements: then the step is read from
-        its state (no copy); below, a copy is the cheaper way (:data:`dynascope.probes._steps.COPY_MAX_ELEMENTS`)."""
-        hit = self._sizes.get(id(optimizer))
-        if hit is None:
-            hit = self._sizes[id(optimizer)] = worth_reading_state(optimizer, self.COPY_MAX_ELEMENTS)
-        return hit
-
-    def _index(self, idx: list[int]) -> torch.Tensor:
-        """``idx`` as a device tensor, built once (indexing with a Python list copies it to the device
-        from pageable memory at every call: a host synchronisation on CUDA)."""
-        key = tuple(idx)
-        hit = self._index_cache.get(key)
-        if hit is None:
-            if len(self._index_cache) > 16:
-                self._index_cache.clear()
-            hit = self._index_cache[key] = torch.tensor(idx, dtype=torch.long, device=self.device)
-        return hit
-
     # -- every step ------------------------------------------------------------------------------
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         present, norms = self.ctx.grad_norms(optimizer)  # shared with the gradient probe
@@ -249,14 +228,15 @@ class Sentinel(Probe):
             norms = norms[keep]
             if not idx:
                 return
-        index = self._index(idx)
+        index = index_tensor(idx, self.device)
         with torch.no_grad():
             if len(idx) == len(self.params):  # every parameter, in order (present is in parameter order)
                 self._gn.copy_(norms)
             else:
                 self._gn.index_copy_(0, index, norms.to(self._gn.device))
             if self.updates and optimizer is not None \
-                    and id(optimizer) not in self._no_state and self._large(optimizer):
+                    and id(optimizer) not in self._no_state \
+                    and reads_state(self.ctx, optimizer, self.COPY_MAX_ELEMENTS):
                 # the step follows from the optimizer's state after it: no copy of the weights
                 self._last_state[id(optimizer)] = (idx, index)
             elif self.updates and optimizer is not None:
