@@ -20,8 +20,10 @@ so the reduction over N, H, W is over dims (0, 2, 3) in NCHW).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ from torch import nn
 from ..core.coverage import CoverageRow
 from ..core.names import ModuleFilter, select_modules
 from ..core.outputs import first_tensor
+from ._fused import FUSED_MODES, FusedStatistics
 from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]
@@ -131,6 +134,25 @@ def _absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(hi, -lo)
 
 
+def _eager_statistics(x: torch.Tensor, cdim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel (ddof=0) variance and mean, max |x| and the non-zero count of one output, op by op
+    (the path before an output's layout is compiled, and where it is not: see ``_fused``)."""
+    if x.dtype in _HALF:
+        x = x.float()
+    if cdim >= 0:
+        dims = tuple(d for d in range(x.ndim) if d != cdim)
+        numel = x.numel()
+        if numel <= _SMALL_NUMEL or x.device.type != "cpu":
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+        elif numel <= _SHIFTED_MIN_NUMEL:
+            var, mean = _float64_var_mean(x, dims)
+        else:
+            var, mean = shifted_var_mean(x, dims)
+    else:  # a 1-D output: a single "example", each entry a channel
+        mean, var = x, torch.zeros_like(x)
+    return var, mean, _absmax(x), _count_nonzero(x)
+
+
 class _State:
     """Sufficient statistics of one module's outputs in one step. The hook
     stores raw reductions: per-channel mean and (ddof=0) variance, max |x| and
@@ -157,12 +179,23 @@ class _State:
 
 
 class ActivationProbe(Probe):
-    """Forward hooks on the selected modules, attached only on recording steps."""
+    """Forward hooks on the selected modules, attached only on recording steps.
+
+    ``fused`` (default: the environment variable ``DYNASCOPE_FUSED``, else ``"auto"``): ``"auto"`` computes
+    an output's statistics op by op until that output layout's eager cost reaches the time a compile takes,
+    then from one compiled kernel per layout (one read of the output; ``probes/_fused.py``); ``"on"`` compiles
+    every layout when first seen; ``"off"`` never compiles. The coverage report says which layouts were fused
+    and why any stayed eager."""
 
     name = "activations"
 
-    def __init__(self, modules: ModuleFilter = None) -> None:
+    def __init__(self, modules: ModuleFilter = None, fused: str | None = None) -> None:
         self.filter = modules
+        if fused is None:
+            fused = os.environ.get("DYNASCOPE_FUSED", "auto")
+            if fused not in FUSED_MODES:
+                raise ValueError(f"DYNASCOPE_FUSED must be one of {', '.join(FUSED_MODES)}, got {fused!r}")
+        self.fused = FusedStatistics(fused)
         self._handles: list[Any] = []
         self._states: dict[str, _State] = {}
         self._order: list[str] = []
@@ -195,7 +228,8 @@ class ActivationProbe(Probe):
     def _make_hook(self, name: str, module: nn.Module):  # noqa: ANN202
         states = self._states
         order = self._order
-        dims_of: dict[int, tuple[int, ...]] = {}  # output ndim -> reduced dims, resolved once per module
+        cdim_of: dict[int, int] = {}  # output ndim -> channel dimension (-1: a 1-D output), resolved once per module
+        fused = self.fused
 
         skipped = self._skipped
         probe = self
@@ -214,24 +248,19 @@ class ActivationProbe(Probe):
                 skipped.setdefault(name, "its output is empty")
                 return
             x = x.detach()  # no graph: cheaper than entering torch.no_grad() per call
-            if x.dtype in _HALF:
-                x = x.float()
-            dims = dims_of.get(x.ndim)
-            if dims is None:
-                cdim = channel_dim(module, x)
-                dims = dims_of[x.ndim] = tuple(d for d in range(x.ndim) if d != cdim)
-            if dims:
-                if numel <= _SMALL_NUMEL or x.device.type != "cpu":
-                    var, mean = torch.var_mean(x, dim=dims, correction=0)
-                elif numel <= _SHIFTED_MIN_NUMEL:
-                    var, mean = _float64_var_mean(x, dims)
-                else:
-                    var, mean = shifted_var_mean(x, dims)
-            else:  # a 1-D output: a single "example", each entry a channel
-                mean, var = x, torch.zeros_like(x)
+            cd = cdim_of.get(x.ndim)
+            if cd is None:
+                cd = cdim_of[x.ndim] = channel_dim(module, x) if x.ndim > 1 else -1
+            entry = fused.kernel(x, cd) if cd >= 0 and not torch.compiler.is_compiling() else None
+            out = fused.run(entry, x, cd) if entry is not None else None
+            if out is not None:
+                var, mean, absmax, nnz = out
+            else:
+                t0 = perf_counter() if entry is not None else 0.0
+                var, mean, absmax, nnz = _eager_statistics(x, cd)
+                if entry is not None:
+                    entry[1].spent += perf_counter() - t0
             n = float(numel // max(mean.numel(), 1))
-            absmax = _absmax(x)
-            nnz = _count_nonzero(x)
             old = states.get(name)
             if old is None or old.mean.shape != mean.shape:
                 if old is None:
@@ -329,6 +358,8 @@ class ActivationProbe(Probe):
                                            "that does not call module hooks)" if blind else
                                            "not called in the forward pass of any recording step")
                 rows.append(CoverageRow("module", name, False, reason, self.name))
+        if self.modules:
+            rows.append(CoverageRow("metric", "act.*", True, f"statistics: {self.fused.describe()}", self.name))
         return rows
 
     def close(self) -> None:
