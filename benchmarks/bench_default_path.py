@@ -11,6 +11,11 @@ steps and repeats).
 Memory: peak resident memory of the ~50M transformer, each setting in its own process (benchmarks/bench_memory.py).
 
     python benchmarks/bench_default_path.py [--repeats 7] [--steps 20] [--only deep] [--no-memory] [--threads 2]
+                                            [--fused warm|cold|off]
+
+Activation statistics (``--fused``): ``warm`` (default) compiles every output layout's kernel before the timed
+blocks (the steady state of a long run, where ``fused="auto"`` has compiled them; the compile seconds are
+printed), ``cold`` leaves ``auto`` to itself (a benchmark this short stays eager), ``off`` never compiles.
 
 Targets (CPU, 2 threads, quiet machine): defaults <= 1.03x / 1.03x / 1.05x, sentinel alone <= 1.01x / 1.01x /
 1.02x, every=1 <= 1.15x / 1.20x / 1.50x (CNN / transformer / deep narrow); peak memory at the defaults <= 1.03x
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_overhead as B  # noqa: E402
 
 import dynascope  # noqa: E402
+from dynascope.probes.activations import ActivationProbe  # noqa: E402
 
 SETTINGS: dict[str, dict] = {
     "defaults": {},
@@ -95,10 +101,18 @@ def models() -> dict[str, Callable[[], tuple]]:
             "~50M transformer": big}
 
 
-def measure(factory: Callable[[], tuple], steps: int, repeats: int, workdir: Path) -> dict[str, float]:
+def measure(factory: Callable[[], tuple], steps: int, repeats: int, workdir: Path,
+            warm: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model, opt, batch, loss_fn = factory()
     B.train_steps(model, opt, batch, loss_fn, 3)  # warm-up
+    compile_s = 0.0
+    if warm:  # every layout's kernel into the process-wide cache, where the timed runs' "auto" finds them
+        probe = ActivationProbe(fused="on")
+        with dynascope.probe(model, opt, workdir / "warm", every=1, probes=(probe,), sentinel=False) as run:
+            B.train_steps(model, opt, batch, loss_fn, 1, run)
+        compile_s = probe.fused.compile_seconds
+        shutil.rmtree(workdir / "warm", ignore_errors=True)
     times: dict[str, list[float]] = {"bare": [], **{k: [] for k in SETTINGS}}
     opened: set[str] = set()
     order = list(SETTINGS)
@@ -110,7 +124,7 @@ def measure(factory: Callable[[], tuple], steps: int, repeats: int, workdir: Pat
                                  resume=key in opened, **kw) as run:
                 opened.add(key)
                 times[key].append(B.train_steps(model, opt, batch, loss_fn, steps, run))
-    out = {"bare_ms": 1e3 * statistics.median(times["bare"]) / steps}
+    out = {"bare_ms": 1e3 * statistics.median(times["bare"]) / steps, "compile_s": compile_s}
     for key in SETTINGS:
         out[key] = statistics.median([a / b for a, b in zip(times[key], times["bare"])])
     return out
@@ -124,11 +138,15 @@ def main() -> None:
     ap.add_argument("--only", default="", help="substring of one model name")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
     ap.add_argument("--memory-repeats", type=int, default=1)
+    ap.add_argument("--fused", choices=("warm", "cold", "off"), default="warm",
+                    help="activation statistics: kernels compiled before timing, left to auto, or never")
     args = ap.parse_args()
+    if args.fused == "off":
+        os.environ["DYNASCOPE_FUSED"] = "off"
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; AdamW; ratio = median over {args.repeats} interleaved repeats of probed / "
-          f"bare block time ({args.steps} steps a block)", flush=True)
+          f"bare block time ({args.steps} steps a block); activation kernels: {args.fused}", flush=True)
     print(f"| model | bare ms/step | {' | '.join(SETTINGS)} | targets |")
     print("|---|---|" + "---|" * len(SETTINGS) + "---|")
     tmp = Path(tempfile.mkdtemp(prefix="dynascope-default-path-"))
@@ -139,10 +157,10 @@ def main() -> None:
             big = name.startswith("~50M")
             t0 = time.perf_counter()
             r = measure(factory, 4 if big else args.steps, max(3, args.repeats // 2) if big else args.repeats,
-                        tmp / name.replace(" ", "_").replace("/", "").replace("+", ""))
+                        tmp / name.replace(" ", "_").replace("/", "").replace("+", ""), warm=args.fused == "warm")
             target = " / ".join(f"<= {t:.2f}x" for t in TARGETS[name]) if name in TARGETS else "-"
             print(f"| {name} | {r['bare_ms']:.1f} | " + " | ".join(f"{r[k]:.3f}x" for k in SETTINGS)
-                  + f" | {target} |  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                  + f" | {target} |  ({time.perf_counter() - t0:.0f} s; {r['compile_s']:.1f} s compiling)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not args.no_memory and (not args.only or args.only in "~50M transformer"):
