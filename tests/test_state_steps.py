@@ -259,3 +259,41 @@ def test_the_sentinel_copies_small_models_and_reads_large_ones_from_state(tmp_pa
             probe_state[limit] = run.probes[0]._from_state(opt)
     assert copies == {515: 1, 514: 0}
     assert probe_state == {515: False, 514: True}
+
+
+FUSED_CASES = [("adam", dict(lr=1e-2, weight_decay=0.1)),
+               ("adamw", dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-6)),
+               ("adamw", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+               ("adamw", dict(lr=torch.tensor(1e-2), weight_decay=0.1))]
+
+
+@pytest.mark.parametrize("kind,kw", FUSED_CASES, ids=[f"{k}-{'-'.join(kw)}" for k, kw in FUSED_CASES])
+def test_compiled_update_norms_equal_the_copy_and_the_eager_formula(kind, kw):
+    """The sentinel's compiled kernels (dynascope.probes._fused.adam_update_sq_norms, one read of m, v, w):
+    1e-4 of the copy, 1e-5 of the eager formula, whatever the param groups' learning rates (a tensor too)."""
+    from dynascope.probes._fused import FusedKernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    opt = cls([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": kw["lr"] * 0.5}], **kw)
+    kernels = FusedKernels("on")
+    x, y = torch.randn(64, 12), torch.randn(64, 3)
+    for step in range(3):
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        before = {id(p): p.detach().double().clone() for p in model.parameters()}
+        opt.step()
+        for group in opt.param_groups:
+            got = update_norms_from_state(opt, group, group["params"], kernels)
+            eager = update_norms_from_state(opt, group, group["params"])
+            refs = torch.stack([(p.detach().double() - before[id(p)]).norm() for p in group["params"]])
+            torch.testing.assert_close(got.double(), refs, rtol=1e-4, atol=0)
+            torch.testing.assert_close(got, eager, rtol=1e-5, atol=0)
+    assert kernels.compiled == 2 and not kernels.failures, kernels.describe()  # one per param group
+    again = FusedKernels("auto")  # a later run in the same process: every layout compiled, nothing to wait for
+    for group in opt.param_groups:
+        torch.testing.assert_close(update_norms_from_state(opt, group, group["params"], again),
+                                   update_norms_from_state(opt, group, group["params"]), rtol=1e-5, atol=0)
+    assert again.compiled == 2 and again.compile_seconds < 0.5

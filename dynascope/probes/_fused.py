@@ -19,13 +19,14 @@ never stopped by it.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["FusedStatistics", "output_statistics", "FUSED_MODES"]
+__all__ = ["FusedKernels", "FusedStatistics", "output_statistics", "adam_update_sq_norms", "FUSED_MODES"]
 
 FUSED_MODES = ("auto", "on", "off")
 FIRST_BUDGET_S = 2.0  # eager seconds a layout may cost before the first compile (which also imports inductor)
@@ -61,16 +62,73 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
-def _compile(x: torch.Tensor, cdim: int) -> Callable[[torch.Tensor], Any]:
-    """A kernel of :func:`output_statistics` for ``x``'s exact layout (inductor checks sizes and strides of
-    every call's input)."""
+def compile_for(fn: Callable[..., Any], *like: torch.Tensor) -> Callable[..., Any]:
+    """``fn`` compiled by inductor for inputs of exactly the layouts of ``like`` (inductor checks sizes and
+    strides of every call's inputs): traced with ``make_fx`` on fake tensors, then ``compile_fx``."""
     from torch._inductor.compile_fx import compile_fx
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    example = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        graph = make_fx(lambda t: output_statistics(t, cdim), tracing_mode="fake")(example)
-        return compile_fx(graph, [example])
+    examples = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in like]
+    with torch.no_grad(), torch.autocast(like[0].device.type, enabled=False):
+        graph = make_fx(fn, tracing_mode="fake")(*examples)
+        return compile_fx(graph, examples)
+
+
+def _compile(x: torch.Tensor, cdim: int) -> Callable[[torch.Tensor], Any]:
+    """A kernel of :func:`output_statistics` for ``x``'s exact layout."""
+    return compile_for(lambda t: output_statistics(t, cdim), x)
+
+
+def adam_update_sq_norm(v: torch.Tensor, m: torch.Tensor, w: torch.Tensor, c: torch.Tensor, eps: float,
+                        wd: float) -> torch.Tensor:
+    """||u + lr wd w||^2 (float64, 0-dim) with u = (lr / bc1) m / (sqrt(v) / bc2 + eps), the step Adam took
+    (``wd`` = 0) or AdamW's before its division by 1 - lr wd (``dynascope.probes._steps``); ``c`` holds
+    (bc2, lr / bc1, lr). The step in the state's precision (float32: the optimizer's own arithmetic; a
+    float64 square root costs 3x more on the CPU), its squares summed in float64. Written for the compiler:
+    one read of v, m and w once fused."""
+    dt = torch.promote_types(v.dtype, torch.float32)
+    c = c.to(dt)
+    u = m.to(dt) * c[1] / (v.to(dt).sqrt() / c[0] + eps)
+    if wd:
+        u = u + (c[2] * wd) * w.to(dt)
+    u = u.to(torch.float64)
+    return (u * u).sum()
+
+
+def adam_update_sq_norms(kernels: FusedKernels, group_key: tuple, vs: list[torch.Tensor], ms: list[torch.Tensor],
+                         ws: list[torch.Tensor], c: torch.Tensor, eps: float, wd: float) -> torch.Tensor | None:
+    """Squared norms (float64, one per parameter) of the steps of Adam/AdamW from one compiled kernel per
+    parameter layout (``c``: (3, n), column k for parameter k), or None when the caller should compute them
+    eagerly (and add the seconds to the group's ``spent``): the group ``group_key`` (ids: never shared
+    across runs) waits for its budget as one layout."""
+    lay = kernels.layout(group_key, shared=False)
+    if lay is None:
+        return None
+
+    def keys() -> list[tuple]:
+        return [("adam", v.shape, v.stride(), m.stride(), w.stride(), v.dtype, m.dtype, w.dtype, v.device,
+                 c[:, k].stride(), c.dtype, eps, wd) for k, (v, m, w) in enumerate(zip(vs, ms, ws))]
+
+    if lay.kernel is None and lay.spent < kernels.budget and all(k in _KERNELS for k in keys()):
+        lay.spent = kernels.budget  # an earlier run of this process compiled every layout: nothing to pay
+
+    def build() -> Callable[..., Any]:
+        per: list[Callable[..., Any]] = []
+        for k, (key, v, m, w) in enumerate(zip(keys(), vs, ms, ws)):
+            kern = _KERNELS.get(key)
+            if kern is None:
+                kern = compile_for(lambda a, b, x, y: adam_update_sq_norm(a, b, x, y, eps, wd), v, m, w, c[:, k])
+                if len(_KERNELS) < 8 * MAX_KERNELS:
+                    _KERNELS[key] = kern
+            per.append(kern)
+
+        def run(vs_: list[torch.Tensor], ms_: list[torch.Tensor], ws_: list[torch.Tensor],
+                c_: torch.Tensor) -> torch.Tensor:
+            return torch.stack([f(v, m, w, c_[:, k]) for k, (f, v, m, w) in enumerate(zip(per, vs_, ms_, ws_))])
+
+        return run
+
+    return kernels.call(group_key, lay, build, vs, ms, ws, c, shared=False)
 
 
 _KERNELS: dict[tuple, Callable[[torch.Tensor], Any]] = {}  # process-wide: a later run reuses what an earlier compiled
@@ -85,8 +143,18 @@ class _Layout:
         self.failed = ""  # why this layout stays eager
 
 
-class FusedStatistics:
-    """Compiled statistics kernels of one probe, one per output layout (see the module docstring).
+def resolve_mode(fused: str | None) -> str:
+    """``fused`` as given, else the environment variable ``DYNASCOPE_FUSED``, else ``"auto"``."""
+    if fused is not None:
+        return fused
+    mode = os.environ.get("DYNASCOPE_FUSED", "auto")
+    if mode not in FUSED_MODES:
+        raise ValueError(f"DYNASCOPE_FUSED must be one of {', '.join(FUSED_MODES)}, got {mode!r}")
+    return mode
+
+
+class FusedKernels:
+    """Compiled kernels of one instrument, one per layout key, compiled by ski rental (module docstring).
 
     ``mode``: ``"auto"`` compiles a layout once its eager cost reaches a compile's; ``"on"`` compiles every
     layout when first seen (tests, long runs); ``"off"`` never compiles."""
@@ -101,57 +169,81 @@ class FusedStatistics:
         self.compile_seconds = 0.0
         self.failures: list[str] = []
 
-    def kernel(self, x: torch.Tensor, cdim: int) -> tuple[tuple, _Layout] | None:
-        """The layout entry of ``x`` when statistics may be fused or timed for it; None on the eager path
-        for good (mode off, a tensor subclass, a layout that failed)."""
-        if self.mode == "off" or type(x) is not torch.Tensor:
+    def layout(self, key: tuple, shared: bool = True) -> _Layout | None:
+        """The entry of ``key`` (created on first sight; with ``shared`` a kernel an earlier run of this process
+        compiled for the key is used at once); None on the eager path for good (mode off, a failed layout, too
+        many layouts)."""
+        if self.mode == "off":
             return None
-        key = (x.shape, x.stride(), x.dtype, x.device, cdim)
         lay = self.layouts.get(key)
         if lay is None:
             if len(self.layouts) >= 4 * MAX_KERNELS:
                 return None
             lay = self.layouts[key] = _Layout()
-            lay.kernel = _KERNELS.get(key)  # compiled by an earlier run of this process: no budget to spend
+            lay.kernel = _KERNELS.get(key) if shared else None
             if lay.kernel is not None:
                 self.compiled += 1
-        return (key, lay) if not lay.failed else None
+        return None if lay.failed else lay
 
-    def run(self, entry: tuple[tuple, _Layout], x: torch.Tensor, cdim: int):  # noqa: ANN201
-        """Statistics from the layout's kernel, compiling it first when the budget is spent; None when
-        the caller should compute them eagerly (and add their seconds to the layout's ``spent``)."""
-        key, lay = entry
+    def call(self, key: tuple, lay: _Layout, build: Callable[[], Callable[..., Any]], *args: Any,
+             shared: bool = True) -> Any:
+        """The layout's kernel applied to ``args``, built first by ``build()`` when the layout's eager seconds
+        (``lay.spent``, added by the caller) have reached the budget; None when the caller should compute
+        eagerly (before that, inside a traced region, or after a failure)."""
         if lay.kernel is None:
             if lay.spent < self.budget or self.compiled >= MAX_KERNELS or torch.compiler.is_compiling():
                 return None
             t0 = time.perf_counter()
             try:
-                lay.kernel = _compile(x, cdim)
+                lay.kernel = build()
             except Exception as e:  # noqa: BLE001 - any failure: this layout stays eager, training goes on
                 lay.failed = "compile failed: " + _one_line(e)
                 self.failures.append(lay.failed)
                 return None
             dt = time.perf_counter() - t0
-            if len(_KERNELS) < 8 * MAX_KERNELS:
+            if shared and len(_KERNELS) < 8 * MAX_KERNELS:
                 _KERNELS[key] = lay.kernel
             self.compiled += 1
             self.compile_seconds += dt
             if self.mode == "auto":
                 self.budget = max(MIN_BUDGET_S, dt)
         try:
-            return lay.kernel(x)
+            return lay.kernel(*args)
         except Exception as e:  # noqa: BLE001
             lay.kernel = None
             lay.failed = "kernel failed: " + _one_line(e)
             self.failures.append(lay.failed)
             return None
 
+    what = "layout(s) fused into one compiled kernel each"
+
     def describe(self) -> str:
         """One line for the coverage report."""
         if self.mode == "off":
-            return "eager (fused statistics off)"
-        text = (f"{self.compiled} output layout(s) fused into one compiled kernel each "
-                f"({self.compile_seconds:.1f} s compiling)" if self.compiled else "eager (no layout compiled yet)")
+            return "eager (fused kernels off)"
+        text = (f"{self.compiled} {self.what} ({self.compile_seconds:.1f} s compiling)" if self.compiled
+                else "eager (no layout compiled yet)")
         if self.failures:
             text += f"; {len(self.failures)} layout(s) kept eager: {self.failures[0]}"
         return text
+
+
+class FusedStatistics(FusedKernels):
+    """The activation probe's kernels: one per output layout (shape, strides, dtype, device, channel dim)."""
+
+    what = "output layout(s) fused into one compiled kernel each"
+
+    def kernel(self, x: torch.Tensor, cdim: int) -> tuple[tuple, _Layout] | None:
+        """The layout entry of ``x`` when statistics may be fused or timed for it; None on the eager path
+        for good (mode off, a tensor subclass, a layout that failed)."""
+        if self.mode == "off" or type(x) is not torch.Tensor:
+            return None
+        key = (x.shape, x.stride(), x.dtype, x.device, cdim)
+        lay = self.layout(key)
+        return None if lay is None else (key, lay)
+
+    def run(self, entry: tuple[tuple, _Layout], x: torch.Tensor, cdim: int):  # noqa: ANN201
+        """Statistics from the layout's kernel, compiling it first when the budget is spent; None when
+        the caller should compute them eagerly (and add their seconds to the layout's ``spent``)."""
+        key, lay = entry
+        return self.call(key, lay, lambda: _compile(x, cdim), x)

@@ -23,10 +23,12 @@ keeps a copy for those.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from time import perf_counter
 from typing import Any
 
 import torch
 
+from ._fused import FusedKernels, adam_update_sq_norms
 from ._groups import CHUNK_ELEMENTS, index_tensor, is_sharded, local_tensor, shape_chunks
 from .base import ProbeContext
 
@@ -58,10 +60,10 @@ def _pairs(w1s: list[torch.Tensor], w_ts: list[torch.Tensor]) -> list[tuple[torc
 
 
 def _adam_vectors(ts: Sequence[Any], lr: float | torch.Tensor, beta1: float, beta2: float, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, with_lr: bool = False) -> torch.Tensor:
     """(2, n): per parameter, sqrt(1 - beta2^t) and lr / (1 - beta1^t), of ``dtype`` on ``device``, computed
     where the step counts live (no value is read on the host: architecture invariant 3) and moved without
-    blocking."""
+    blocking; ``with_lr``: (3, n), lr itself in the third row."""
     if all(isinstance(x, torch.Tensor) and x.dim() == 0 for x in ts) and len({x.device for x in ts}) == 1:
         t = torch.stack(list(ts)).to(torch.float64)
     else:
@@ -69,7 +71,10 @@ def _adam_vectors(ts: Sequence[Any], lr: float | torch.Tensor, beta1: float, bet
                          else torch.tensor(float(x), dtype=torch.float64) for x in ts])
     if isinstance(lr, torch.Tensor) and lr.device != t.device:
         t = t.to(lr.device)
-    vec = torch.stack([(1.0 - beta2 ** t).sqrt(), lr / (1.0 - beta1 ** t)]).to(dtype)
+    rows = [(1.0 - beta2 ** t).sqrt(), lr / (1.0 - beta1 ** t)]
+    if with_lr:
+        rows.append(torch.ones_like(t) * lr)
+    vec = torch.stack(rows).to(dtype)
     if vec.device != device:
         vec = (vec.pin_memory() if device.type == "cuda" else vec).to(device, non_blocking=True)
     return vec
@@ -226,14 +231,16 @@ def _accumulate(acc: torch.Tensor, ks: list[int], x: torch.Tensor, device: torch
 
 @torch.no_grad()
 def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
-                            params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+                            params: Sequence[torch.Tensor], fused: FusedKernels | None = None
+                            ) -> torch.Tensor | None:
     """||w_{t+1} - w_t|| of each of ``params`` (all in ``group``, all stepped just now) from the optimizer's
     state, as a float32 vector on their device; None when this optimizer or state is not covered. The step in
     closed form (module docstring): D = -lr b (SGD with momentum), D = -lr (s g + mu b [Nesterov] + wd w_{t+1})
     / (1 - lr wd) (SGD otherwise), D = -(u + lr wd w_{t+1}) / (1 - lr wd) (AdamW; Adam: -u); the weights of
     one shape stacked, a large one a slice at a time (:func:`_pieces`): temporaries of at most CHUNK_ELEMENTS
     elements (SGD with momentum: none), a constant number of tensor calls per piece. Nothing is read on the
-    host."""
+    host. ``fused``: Adam/AdamW's norms from one compiled kernel per parameter layout once that pays
+    (:func:`dynascope.probes._fused.adam_update_sq_norms`: one read of m, v and w, no temporary)."""
     if not params:
         return torch.zeros(0)
     lr = group["lr"]  # a float, or a 0-dim tensor used as it is
@@ -281,7 +288,18 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
         ts = [st.get("step") for st in sts]
         if any(x is None for x in ms) or any(x is None for x in vs) or any(x is None for x in ts):
             return None
-        vec = _adam_vectors(ts, lr, beta1, beta2, device, ms[0].dtype)
+        plain = fused is not None and params is given and all(type(x) is torch.Tensor for x in (*ms, *vs))
+        if plain:
+            vec = _adam_vectors(ts, lr, beta1, beta2, device, ms[0].dtype, with_lr=True)
+            gkey = ("adam", id(optimizer), id(group), len(params))
+            sq = adam_update_sq_norms(fused, gkey, vs, ms, [p.detach() for p in params], vec, eps,
+                                      wd if decoupled else 0.0)
+            if sq is not None:
+                return _scaled_norms(sq.to(torch.float32), 1.0 / (1.0 - lr * wd) if decoupled else 1.0)
+            t0 = perf_counter()
+            vec = vec[:2]
+        else:
+            vec = _adam_vectors(ts, lr, beta1, beta2, device, ms[0].dtype)
         acc = torch.zeros(len(params), dtype=torch.float32, device=device)
         for ks, span in _pieces(params):
             # the weights of one shape stacked (a few copies of at most CHUNK_ELEMENTS elements), a large weight
@@ -303,17 +321,26 @@ def update_norms_from_state(optimizer: torch.optim.Optimizer, group: dict[str, A
             _accumulate(acc, ks, u, device)
             del u
         scale = 1.0 / (1.0 - lr * wd) if decoupled else 1.0
-    out = acc.sqrt_()
+        if plain:
+            lay = fused.layouts.get(gkey)
+            if lay is not None:
+                lay.spent += perf_counter() - t0
+    return _scaled_norms(acc, scale)
+
+
+def _scaled_norms(sq: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """|scale| sqrt(sq), in place."""
+    out = sq.sqrt_()
     if isinstance(scale, torch.Tensor):
         return out.mul_(scale.abs().to(out.dtype))
     return out.mul_(abs(scale))
 
 
-def optimizer_update_norms(ctx: ProbeContext, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
-                           ) -> torch.Tensor:
+def optimizer_update_norms(ctx: ProbeContext, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                           fused: FusedKernels | None = None) -> torch.Tensor:
     """||w_{t+1} - w_t|| of each of ``params`` after ``optimizer`` stepped (float32, their device), whatever
     param groups they are in (one :func:`update_norms_from_state` per group); 0 for a parameter ``optimizer``
-    does not own. LookupError when the state lacks an entry the step writes."""
+    does not own. LookupError when the state lacks an entry the step writes. ``fused``: as there."""
     device = params[0].device if params else torch.device("cpu")
     # the parameters of each param group: computed once per (optimizer, list of parameters) and kept in the
     # per-run context (a caller passes the same list at every step)
@@ -330,13 +357,13 @@ def optimizer_update_norms(ctx: ProbeContext, optimizer: torch.optim.Optimizer, 
                                               for g, ks in by_group.values()])
     parts = hit[1]
     if len(parts) == 1 and len(parts[0][1]) == len(params):  # one group holding them all, in order
-        got = update_norms_from_state(optimizer, parts[0][0], parts[0][1])
+        got = update_norms_from_state(optimizer, parts[0][0], parts[0][1], fused)
         if got is None:
             raise LookupError("the optimizer's state lacks an entry its step writes")
         return got.to(device)
     out = torch.zeros(len(params), dtype=torch.float32, device=device)
     for g, ps, index, _ in parts:
-        got = update_norms_from_state(optimizer, g, ps)
+        got = update_norms_from_state(optimizer, g, ps, fused)
         if got is None:
             raise LookupError("the optimizer's state lacks an entry its step writes")
         out.index_copy_(0, index, got.to(device))

@@ -20,7 +20,6 @@ so the reduction over N, H, W is over dims (0, 2, 3) in NCHW).
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping
 from time import perf_counter
@@ -32,7 +31,7 @@ from torch import nn
 from ..core.coverage import CoverageRow
 from ..core.names import ModuleFilter, select_modules
 from ..core.outputs import first_tensor
-from ._fused import FUSED_MODES, FusedStatistics
+from ._fused import FusedStatistics, resolve_mode
 from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]
@@ -191,11 +190,7 @@ class ActivationProbe(Probe):
 
     def __init__(self, modules: ModuleFilter = None, fused: str | None = None) -> None:
         self.filter = modules
-        if fused is None:
-            fused = os.environ.get("DYNASCOPE_FUSED", "auto")
-            if fused not in FUSED_MODES:
-                raise ValueError(f"DYNASCOPE_FUSED must be one of {', '.join(FUSED_MODES)}, got {fused!r}")
-        self.fused = FusedStatistics(fused)
+        self.fused = FusedStatistics(resolve_mode(fused))
         self._handles: list[Any] = []
         self._states: dict[str, _State] = {}
         self._order: list[str] = []

@@ -67,6 +67,7 @@ from ..core.robust import (
     SPIKE_WINDOW,
     spike_threshold,
 )
+from ._fused import FusedKernels, resolve_mode
 from ._groups import ParamLayout, index_tensor, local_tensor
 from ._steps import COPY_MAX_ELEMENTS, optimizer_update_norms, reads_state
 from .base import Collected, Probe, ProbeContext, Stat, StepOutcome
@@ -115,11 +116,14 @@ class Sentinel(Probe):
 
     ``window``: steps kept in the ring buffer (written at full resolution on an
     event); ``burst``: steps recorded with every probe after an event;
-    ``updates``: also the per-module update norm (costs a copy of the trainable
-    weights per step and their memory); ``drift``: the early warning, a CUSUM drift
+    ``updates``: also the per-module update norm (a copy of the trainable weights below
+    ``COPY_MAX_ELEMENTS``, other optimizers than SGD/Adam/AdamW at any size; above it SGD, Adam and
+    AdamW's step is read from their state); ``drift``: the early warning, a CUSUM drift
     detector on the loss and the norms (:mod:`dynascope.core.drift`) that raises a
     ``warning`` event; ``announce``: print one line on stderr for each event as it is found (module,
-    metric, ratio, step).
+    metric, ratio, step); ``fused`` (default: ``DYNASCOPE_FUSED``, else ``"auto"``): Adam/AdamW's update
+    norms from their state by one compiled kernel per parameter layout once their eager cost reaches a
+    compile's (``"on"``: at once, ``"off"``: never; see :mod:`dynascope.probes._fused`).
 
     An instrument like the probes (:class:`dynascope.Probe`) that the session calls at every step; it
     reads the step's gradient norms from the per-step context (:meth:`ProbeContext.grad_norms`), the
@@ -132,13 +136,14 @@ class Sentinel(Probe):
     COPY_MAX_ELEMENTS = COPY_MAX_ELEMENTS
 
     def __init__(self, window: int = 64, burst: int = 20, updates: bool = True, drift: bool = True,
-                 announce: bool = True) -> None:
+                 announce: bool = True, fused: str | None = None) -> None:
         if not isinstance(window, int) or window < 2:
             raise ValueError(f"Sentinel: window must be an integer >= 2, got {window!r}")
         if not isinstance(burst, int) or burst < 0:
             raise ValueError(f"Sentinel: burst must be an integer >= 0, got {burst!r}")
         self.window, self.burst, self.updates, self.drift = window, burst, updates, drift
         self.announce = bool(announce)
+        self.fused = FusedKernels(resolve_mode(fused))  # Adam/AdamW update norms from the state: compiled kernels
 
     # -- set-up --------------------------------------------------------------------------------
     def setup(self, ctx: ProbeContext) -> None:
@@ -282,7 +287,7 @@ class Sentinel(Probe):
             ps = self._state_params[key] = (index, [self.params[i][1] for i in idx])
         with torch.no_grad():
             try:
-                norms = optimizer_update_norms(self.ctx, optimizer, ps[1])
+                norms = optimizer_update_norms(self.ctx, optimizer, ps[1], self.fused)
             except Exception as exc:  # noqa: BLE001 - probing never stops training: copy from the next step on
                 self._no_state.add(id(optimizer))
                 warnings.warn(f"dynascope: the sentinel could not read {type(optimizer).__name__}'s step from its "
