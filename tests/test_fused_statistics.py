@@ -222,3 +222,32 @@ def test_environment_sets_the_default_mode(monkeypatch):
     monkeypatch.setenv("DYNASCOPE_FUSED", "maybe")
     with pytest.raises(ValueError, match="DYNASCOPE_FUSED must be one of auto, on, off, got 'maybe'"):
         ActivationProbe()
+
+
+def test_batchnorm_probe_with_compiled_kernels_records_the_eager_values(tmp_path, fresh_kernels):
+    from dynascope.probes.batchnorm import BatchNormProbe
+
+    def run(run_dir, mode):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        probe = BatchNormProbe(fused=mode)
+        g = torch.Generator().manual_seed(0)
+        with dynascope.probe(model, opt, run_dir, every=1, probes=(probe,), sentinel=False) as r:
+            for _ in range(3):
+                loss = model(torch.randn(8, 3, 6, 6, generator=g) * 3 + 2).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                r.step(loss=loss)
+        return probe, [b.clone() for b in model.buffers()]
+
+    on, bufs_on = run(tmp_path / "on", "on")
+    _, bufs_off = run(tmp_path / "off", "off")
+    assert on.fused.compiled == 1 and not on.fused.failures
+    assert all(torch.equal(a, b) for a, b in zip(bufs_on, bufs_off))  # the running statistics untouched
+    a, b = dynascope.load_run(tmp_path / "on"), dynascope.load_run(tmp_path / "off")
+    for metric in ("bn.mean_shift", "bn.var_ratio"):
+        x, y = a.pivot(metric), b.pivot(metric)
+        assert x.shape == y.shape == (3, 1)
+        torch.testing.assert_close(torch.tensor(x.to_numpy()), torch.tensor(y.to_numpy()), rtol=1e-5, atol=1e-7)

@@ -43,6 +43,7 @@ Nothing is copied to the host before the flush (one transfer per flush).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -138,6 +139,9 @@ class StepOutcome:
     events: list[Any] = field(default_factory=list)
     burst_until: int = -1
     messages: list[str] = field(default_factory=list)  # one line each, printed on stderr as they happen
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 def gradient_norms(grads: Sequence[torch.Tensor], plan: Any = None) -> torch.Tensor:
@@ -243,10 +247,23 @@ class ProbeContext:
         hit = self.cache.get(key)
         if hit is None:
             owned = self.owned_by(optimizer, self.param_names)
-            present = tuple(i for i in owned if self.param_names[i][1].grad is not None)
+            okey = ("owned_params", id(optimizer))
+            known = self.persistent.get(okey)
+            if known is None or known[0] is not owned:  # kept per run: no per-parameter lookups per step
+                ps = [self.param_names[i][1] for i in owned]
+                known = self.persistent[okey] = (owned, tuple(owned), ps,
+                                                 any(callable(getattr(p, "to_local", None)) for p in ps))
+            _, every, ps, dtensors = known
+            grads = list(map(_GRAD, ps))  # one C-level loop
+            if any(g is None for g in grads):
+                present = tuple(i for i, g in zip(every, grads) if g is not None)
+                grads = [g for g in grads if g is not None]
+            else:
+                present = every
             norms = None
             if present:
-                grads = [local_tensor(self.param_names[i][1].grad) for i in present]
+                if dtensors:  # DTensor parameters (FSDP2, tensor parallel): this rank's pieces
+                    grads = [local_tensor(g) for g in grads]
                 plan_key = ("norm_plan", id(optimizer), present)  # a parameter's gradient keeps its shape
                 if plan_key not in self.persistent:
                     self.persistent[plan_key] = norm_plan(grads)

@@ -26,14 +26,16 @@ normalises its own batch (for SyncBatchNorm, rank 0's share of the global
 batch is an estimate of the global statistics).
 
 Cost on a recording step: one per-channel mean/variance of each BatchNorm
-input (on the CPU by shifted float32 sums, as the activation probe does:
-``torch.var_mean`` is ~7x slower there) and a copy of 2 x C running
-statistics per call; nothing on other steps.
+input (as the activation probe computes it: one compiled kernel per input
+layout once that pays, ``probes/_fused.py``, ``BatchNormProbe(fused=...)``;
+before, on the CPU, shifted float32 sums: ``torch.var_mean`` is ~7x slower
+there) and a copy of 2 x C running statistics per call; nothing on other steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -43,6 +45,7 @@ from ..core.coverage import CoverageRow
 from ..core.names import select_modules
 from ..diagnostics._batch import Forward, LossFn, _is_pair
 from ..diagnostics.batchnorm import channel_terms, train_eval_gap
+from ._fused import FusedStatistics, resolve_mode
 from .activations import shifted_var_mean
 from .base import Collected, Probe
 from .scheduled import Scheduled, ScheduledContext
@@ -67,11 +70,13 @@ def _channel_var_mean(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Ten
 
 
 class BatchNormProbe(Probe):
-    """Forward pre-hooks on the BatchNorm modules, attached only on recording steps."""
+    """Forward pre-hooks on the BatchNorm modules, attached only on recording steps. ``fused``: as
+    :class:`dynascope.probes.activations.ActivationProbe`'s (default ``DYNASCOPE_FUSED``, else ``"auto"``)."""
 
     name = "batchnorm"
 
-    def __init__(self) -> None:
+    def __init__(self, fused: str | None = None) -> None:
+        self.fused = FusedStatistics(resolve_mode(fused))  # the per-channel moments of each input: one kernel
         self._handles: list[Any] = []
         # module index -> list of (mu, var, stacked running stats) of this step's train-mode calls
         self._calls: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -105,6 +110,7 @@ class BatchNormProbe(Probe):
 
     def _make_hook(self, index: int):  # noqa: ANN202
         calls = self._calls
+        fused = self.fused
 
         def hook(mod: nn.Module, inputs: Any) -> None:
             if not mod.training or not inputs:
@@ -113,10 +119,15 @@ class BatchNormProbe(Probe):
             if type(x) is not torch.Tensor or x.ndim < 2 or x.numel() == 0 or not x.is_floating_point():
                 return
             x = x.detach()
-            if x.dtype in _HALF:
-                x = x.float()
-            dims = (0, *range(2, x.ndim))
-            var, mu = _channel_var_mean(x, dims)
+            entry = fused.kernel(x, 1) if not torch.compiler.is_compiling() else None
+            out = fused.run(entry, x, 1) if entry is not None else None
+            if out is not None:  # one compiled read of the input (probes/_fused.py)
+                var, mu = out[0], out[1]
+            else:
+                t0 = perf_counter() if entry is not None else 0.0
+                var, mu = _channel_var_mean(x.float() if x.dtype in _HALF else x, (0, *range(2, x.ndim)))
+                if entry is not None:
+                    entry[1].spent += perf_counter() - t0
             # copied now: the forward that follows updates the running statistics in place
             running = torch.stack([mod.running_mean.detach(), mod.running_var.detach()])  # type: ignore[list-item]
             calls.setdefault(index, []).append((mu, var, running))
