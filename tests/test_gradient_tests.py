@@ -427,3 +427,51 @@ def test_report_figures_draw_the_recorded_values(tmp_path):
     st.write_scalars([(0, "loss", "", 1.0)])
     st.close()
     assert gradient_tests_figure([dynascope.load_run(store_empty)]) is None
+
+
+def test_gradient_tests_on_the_steps_own_batch(tmp_path):
+    """batch="step": each due step's minibatch (run.step(loss, batch=...)), measured at the weights after the
+    step; equal to gradient_tests on that batch and those weights; a due step without a batch is recorded as
+    failed and training goes on, bit-identical."""
+    def train(run_dir, scheduled):
+        torch.manual_seed(0)
+        model = _mlp().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(3)
+        batches = [(torch.randn(10, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
+                   for _ in range(4)]
+        want = {}
+        ctx = dynascope.probe(model, opt, run_dir, scheduled=scheduled, sentinel=False) if scheduled else None
+        run = ctx.__enter__() if ctx else None
+        try:
+            for step, (x, y) in enumerate(batches):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if run is None:
+                    want[step] = gradient_tests(model, F.cross_entropy, (x, y), lr=0.1, hist1d=False, hist2d=False)
+                elif step == 3:
+                    run.step(loss)  # no batch
+                else:
+                    run.step(loss, batch=(x, y))
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+        return model, want
+
+    base, want = train(None, None)
+    with pytest.warns(RuntimeWarning, match="batch='step'"):
+        model, _ = train(tmp_path / "r", [dynascope.GradientTests(every=1, batch="step", loss_fn=F.cross_entropy)])
+    assert all(torch.equal(p, q) for p, q in zip(base.parameters(), model.parameters()))
+    data = dynascope.load_run(tmp_path / "r")
+    for metric, attr in (("gradtest.gsnr", "gsnr"), ("gradtest.norm_test", "norm_test"),
+                         ("gradtest.cabs", "cabs"), ("gradtest.eb", "eb_criterion")):
+        got = data.scalars(metric)
+        assert list(got["step"]) == [0, 1, 2]
+        for s, v in zip(got["step"], got["value"]):
+            assert v == pytest.approx(getattr(want[s], attr), rel=1e-6), (metric, s)
+    failed = data.scalars("diagnostic.failed")
+    assert list(failed["step"]) == [3] and list(failed["layer"]) == ["GradientTests"]
+    with pytest.raises(ValueError, match="batch must be \\(inputs, targets\\) or 'step', got 'steps'"):
+        dynascope.GradientTests(every=1, batch="steps", loss_fn=F.cross_entropy)

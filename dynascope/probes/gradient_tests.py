@@ -18,11 +18,11 @@ from typing import Any, Literal
 import torch
 
 from ..core.checks import check_mode, one_of
-from ..diagnostics._batch import Forward, LossFn
+from ..diagnostics._batch import Forward, LossFn, as_pairs
 from ..diagnostics.gradient_tests import gradient_tests
 from ..diagnostics.per_example import MEMORY_BYTES
 from ._eval import DeviceBatch
-from .scheduled import Scheduled, ScheduledContext
+from .scheduled import Scheduled, ScheduledContext, step_batch
 
 __all__ = ["GradientTests"]
 
@@ -37,6 +37,10 @@ def _single_lr(opt: torch.optim.Optimizer | None) -> float | None:
 class GradientTests(Scheduled):
     """Cockpit's gradient tests, GSNR, CABS, EB criterion, TIC and gradient histograms every ``every`` steps
     on ``batch`` (one ``(inputs, targets)`` pair), with ``loss_fn(outputs, targets)`` the mean training loss.
+    ``batch="step"``: each due step's own minibatch, as handed to ``run.step(loss, batch=(inputs, targets))``
+    (Cockpit's setting: the quantities of the batch the step trained on; measured at the weights after the
+    step, since ``run.step`` follows ``optimizer.step()``); a due step without a batch records
+    ``diagnostic.failed`` and training goes on.
 
     ``lr``: the learning rate for CABS (default: the first optimizer's, when all its parameter groups share
     one; CABS is left out otherwise). ``mode`` (default "eval"), ``batchnorm``, ``params``, ``forward``,
@@ -71,9 +75,15 @@ class GradientTests(Scheduled):
         one_of("batchnorm", batchnorm, ("eval", "loop"), "GradientTests")
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)):
             raise ValueError(f"GradientTests: lr must be a finite number or None, got {lr!r}")
-        self.batch = DeviceBatch(batch, "GradientTests")
-        if len(self.batch.pairs) != 1:
-            raise ValueError(f"GradientTests: give one (inputs, targets) batch, got {len(self.batch.pairs)} pairs")
+        if isinstance(batch, str):
+            if batch != "step":
+                raise ValueError(f"GradientTests: batch must be (inputs, targets) or 'step', got {batch!r}")
+            self.batch: DeviceBatch | None = None  # each due step's own, from run.step(loss, batch=...)
+        else:
+            self.batch = DeviceBatch(batch, "GradientTests")
+            if len(self.batch.pairs) != 1:
+                raise ValueError(f"GradientTests: give one (inputs, targets) batch, got {len(self.batch.pairs)} "
+                                 "pairs")
         self.loss_fn = loss_fn
         self.lr = lr
         self.params = params
@@ -89,7 +99,15 @@ class GradientTests(Scheduled):
 
     def run(self, ctx: ScheduledContext) -> None:
         lr = self.lr if self.lr is not None else _single_lr(ctx.optimizer)
-        res = gradient_tests(ctx.model, self.loss_fn, self.batch.on(ctx.model)[0], lr=lr, params=self.params,
+        if self.batch is None:
+            pairs = as_pairs(step_batch(self, "step", ctx))
+            if len(pairs) != 1:
+                raise ValueError(f"GradientTests(batch='step') at step {ctx.step}: the step gave {len(pairs)} "
+                                 "(inputs, targets) pairs; give one")
+            pair = pairs[0]
+        else:
+            pair = self.batch.on(ctx.model)[0]
+        res = gradient_tests(ctx.model, self.loss_fn, pair, lr=lr, params=self.params,
                              forward=self.forward, mode=self.mode, batchnorm=self.batchnorm, hist1d=self.hist1d,
                              hist2d=self.hist2d, tic=self.tic, tic_max_params=self.tic_max_params,
                              memory_bytes=self.memory_bytes)
