@@ -154,20 +154,20 @@ def test_auto_compiles_a_layout_once_its_eager_cost_reaches_a_compile(monkeypatc
 
 
 def test_a_failing_compile_or_kernel_keeps_the_layout_eager_and_loses_nothing(tmp_path, monkeypatch, fresh_kernels):
-    def broken(x, cdim):
+    def broken(*args):
         raise RuntimeError("no C++ compiler\nsecond line")
 
-    monkeypatch.setattr(fused, "_compile", broken)
+    monkeypatch.setattr(fused, "compile_for", broken)  # the per-output and the batched kernels
     _, probe = train(tmp_path / "a", "on", steps=2)
     assert probe.fused.compiled == 0 and probe.fused.failures
     assert "compile failed: RuntimeError: no C++ compiler" in probe.fused.describe()
     data = dynascope.load_run(tmp_path / "a")
     assert data.pivot("act.var").notna().all().all() and data.pivot("act.var").shape == (2, 4)
 
-    def bad_kernel(x):
+    def bad_kernel(*args):
         raise AssertionError("expected size 8==9")
 
-    monkeypatch.setattr(fused, "_compile", lambda x, cdim: bad_kernel)
+    monkeypatch.setattr(fused, "compile_for", lambda *args: bad_kernel)
     _, probe = train(tmp_path / "b", "on", steps=2)
     assert "kernel failed: AssertionError" in probe.fused.describe()
     assert dynascope.load_run(tmp_path / "b").pivot("act.var").notna().all().all()
@@ -251,3 +251,63 @@ def test_batchnorm_probe_with_compiled_kernels_records_the_eager_values(tmp_path
         x, y = a.pivot(metric), b.pivot(metric)
         assert x.shape == y.shape == (3, 1)
         torch.testing.assert_close(torch.tensor(x.to_numpy()), torch.tensor(y.to_numpy()), rtol=1e-5, atol=1e-7)
+
+
+class Reuse(nn.Module):
+    """Small outputs of one layout, many per step: a module called three times (Chan's merge of deferred
+    rows), a BatchNorm whose output an in-place residual add and an in-place ReLU change after its hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.heads = nn.ModuleList(nn.Linear(6, 6) for _ in range(5))
+        self.out = nn.Linear(6, 3)  # another layout: a block of its own, kept whole
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(self.lin(self.lin(x) * 0.5 + 3.0))  # three calls, different scales
+        z = self.bn(h)
+        z += h  # in place on the BatchNorm's output, after its hook
+        z = self.relu(z)  # in place again
+        return self.out(sum(head(z) for head in self.heads))
+
+
+@pytest.mark.parametrize("max_bytes", [64 << 20, 2000], ids=["deferred", "buffer-full"])
+def test_deferred_outputs_are_measured_as_returned_and_equal_the_eager_path(tmp_path, monkeypatch, fresh_kernels,
+                                                                             max_bytes):
+    monkeypatch.setattr(fused, "DEFER_MAX_BYTES", max_bytes)  # 2000 bytes: 4 rows of 384, then full
+
+    def run(run_dir, mode):
+        torch.manual_seed(0)
+        model = Reuse()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        probe = ActivationProbe(fused=mode)
+        g = torch.Generator().manual_seed(0)
+        with dynascope.probe(model, opt, run_dir, every=1, probes=(probe,), sentinel=False) as r:
+            for _ in range(3):
+                loss = model(torch.randn(16, 6, generator=g)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                r.step(loss=loss)
+            rows = [b.data.shape[0] for b in probe.fused.batches.values() if b.data is not None]
+        assert not probe.fused.batches  # released at the end of the run
+        return probe, rows, [p.detach().clone() for p in model.parameters()]
+
+    on, rows, params_on = run(tmp_path / "on", "on")
+    _, _, params_off = run(tmp_path / "off", "off")
+    assert all(torch.equal(a, b) for a, b in zip(params_on, params_off))
+    if max_bytes > 2000:
+        assert rows == [16, 4]  # 3 + 1 + 1 + 5 rows a step: grown 4 -> 8 -> 16; out: 4
+        assert on.fused.compiled == 2 and not on.fused.failures
+    else:
+        assert rows == [4]  # full: the other outputs (and the other layout) reduced in their hooks
+        assert on.fused.compiled == 3  # the batched kernels and the per-output one
+    a, b = dynascope.load_run(tmp_path / "on"), dynascope.load_run(tmp_path / "off")
+    for metric in ("act.mean", "act.var", "act.channel_sq_mean", "act.absmax", "act.zero_frac"):
+        x, y = a.pivot(metric), b.pivot(metric)
+        assert x.shape == y.shape == (3, 9) and list(x.columns) == list(y.columns)
+        torch.testing.assert_close(torch.tensor(x.to_numpy()), torch.tensor(y.to_numpy()), rtol=1e-5, atol=1e-6)
+    # the BatchNorm's output as it returned it: no zero (the in-place add and ReLU came after its hook)
+    assert (a.pivot("act.zero_frac")["bn"] == 0).all() and (a.pivot("act.zero_frac")["relu"] > 0).all()

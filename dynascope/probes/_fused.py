@@ -22,15 +22,19 @@ import math
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
-__all__ = ["FusedKernels", "FusedStatistics", "output_statistics", "adam_update_sq_norms", "FUSED_MODES"]
+__all__ = ["FusedKernels", "FusedStatistics", "output_statistics", "batched_statistics", "adam_update_sq_norms",
+           "FUSED_MODES"]
 
 FUSED_MODES = ("auto", "on", "off")
 FIRST_BUDGET_S = 2.0  # eager seconds a layout may cost before the first compile (which also imports inductor)
 MIN_BUDGET_S = 0.25  # later layouts: the last compile's measured time, at least this
+DEFER_MAX_ELEMENTS = 1 << 16  # outputs up to this size are copied into a per-layout buffer and reduced batched
+DEFER_MAX_BYTES = 64 << 20  # the buffers of one probe at most
 MAX_KERNELS = 32  # layouts compiled per probe at most (a run with ever-changing shapes stays eager beyond)
 
 
@@ -57,6 +61,27 @@ def output_statistics(x: torch.Tensor, cdim: int) -> tuple[torch.Tensor, torch.T
     return var.to(torch.float32), mean.to(torch.float32), absmax, nnz
 
 
+def batched_statistics(xb: torch.Tensor, cdim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    """:func:`output_statistics` of each of ``xb``'s rows (``xb[g]`` an output, channel dimension ``cdim`` of
+    the output): per-row, per-channel variance and mean (G, C), max |x| (G,) and non-zero count (G,)."""
+    shape = xb.shape
+    g = shape[0]
+    a = math.prod(shape[1:cdim + 1])
+    c = shape[cdim + 1]
+    b = math.prod(shape[cdim + 2:])
+    x4 = xb.reshape(g, a, c, b)
+    k = x4[:, 0:1, :, 0:1].to(torch.float64)
+    y = x4.to(torch.float64) - k
+    n = a * b
+    m = y.sum((1, 3)) / n
+    var = (y * y).sum((1, 3)) / n - m * m
+    mean = m + k.reshape(g, c)
+    absmax = x4.abs().amax((1, 2, 3)).to(torch.float32)
+    nnz = (x4 != 0).sum((1, 2, 3))
+    return var.to(torch.float32), mean.to(torch.float32), absmax, nnz
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
@@ -77,6 +102,11 @@ def compile_for(fn: Callable[..., Any], *like: torch.Tensor) -> Callable[..., An
 def _compile(x: torch.Tensor, cdim: int) -> Callable[[torch.Tensor], Any]:
     """A kernel of :func:`output_statistics` for ``x``'s exact layout."""
     return compile_for(lambda t: output_statistics(t, cdim), x)
+
+
+def _compile_batched(data: torch.Tensor, cdim: int) -> Callable[[torch.Tensor], Any]:
+    """A kernel of :func:`batched_statistics` for ``data``'s exact layout."""
+    return compile_for(lambda t: batched_statistics(t, cdim), data)
 
 
 def adam_update_sq_norm(v: torch.Tensor, m: torch.Tensor, w: torch.Tensor, c: torch.Tensor, eps: float,
@@ -231,10 +261,95 @@ class FusedKernels:
         return text
 
 
+class _Batch:
+    """Copies of a step's small outputs of one layout, stacked as they come (one row each), reduced at the end
+    of the step by one batched kernel."""
+
+    __slots__ = ("data", "count", "names", "cdim", "failed")
+
+    def __init__(self, cdim: int) -> None:
+        self.data: torch.Tensor | None = None
+        self.count = 0
+        self.names: list[str] = []
+        self.cdim = cdim
+        self.failed = False
+
+
 class FusedStatistics(FusedKernels):
-    """The activation probe's kernels: one per output layout (shape, strides, dtype, device, channel dim)."""
+    """The activation probe's kernels: one per output layout (shape, strides, dtype, device, channel dim).
+
+    A hot layout (its eager cost has reached a compile's) of a small output (at most DEFER_MAX_ELEMENTS
+    entries) is not reduced in the hook: the hook copies the output into a row of a per-layout buffer
+    (:meth:`defer`, one small copy), and :meth:`drain` reduces every row of the step with one batched kernel
+    per layout (:func:`batched_statistics`). The copy is taken at the hook, so an output changed in place later
+    in the forward (``ReLU(inplace=True)``, ``out += identity``) is measured as the module returned it. Larger
+    outputs get one kernel per call (:meth:`run`)."""
 
     what = "output layout(s) fused into one compiled kernel each"
+
+    def __init__(self, mode: str = "auto") -> None:
+        super().__init__(mode)
+        self.batches: dict[tuple, _Batch] = {}
+        self.buffer_bytes = 0
+
+    def hot(self, lay: _Layout) -> bool:
+        """Whether statistics of this layout are worth compiling (its kernel exists or its budget is spent)."""
+        return lay.kernel is not None or (lay.spent >= self.budget and self.compiled < MAX_KERNELS)
+
+    def defer(self, key: tuple, x: torch.Tensor, name: str) -> bool:
+        """Copy ``x`` into the next row of its layout's buffer (False: not deferred, reduce it now)."""
+        b = self.batches.get(key)
+        if b is None:
+            b = self.batches[key] = _Batch(key[4])
+        if b.failed:
+            return False
+        data = b.data
+        if data is None or b.count == data.shape[0]:
+            rows = 4 if data is None else 2 * data.shape[0]
+            nbytes = rows * x.numel() * x.element_size()
+            old = 0 if data is None else data.numel() * data.element_size()
+            if self.buffer_bytes - old + nbytes > DEFER_MAX_BYTES:
+                return False
+            grown = torch.empty((rows, *x.shape), dtype=x.dtype, device=x.device)
+            if data is not None:
+                grown[:b.count].copy_(data[:b.count])
+            b.data = data = grown
+            self.buffer_bytes += nbytes - old
+        data[b.count].copy_(x)
+        b.names.append(name)
+        b.count += 1
+        return True
+
+    def drain(self) -> list[tuple[list[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], int]]:
+        """Per layout with deferred outputs this step: the module names of its rows (in call order), their
+        statistics as tensors with one row each (variance and mean (G, C), max |x| and non-zero count (G,)),
+        and the entries of one output; the buffers are kept for the next step."""
+        out: list[tuple[list[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], int]] = []
+        for b in self.batches.values():
+            if not b.count:
+                continue
+            data, cdim, count = b.data, b.cdim, b.count
+            assert data is not None
+            key = ("batch", tuple(data.shape), data.dtype, data.device, cdim)
+            lay = self.layout(key)
+            got = None
+            if lay is not None:
+                lay.spent = max(lay.spent, self.budget)  # a hot layout: compiled at once
+                got = self.call(key, lay, partial(_compile_batched, data, cdim), data)
+            if got is None:  # the stale rows past ``count`` are not read
+                b.failed = True  # from the next call on, this layout is reduced in the hook
+                got = batched_statistics(data[:count], cdim)
+            elif count < data.shape[0]:
+                got = tuple(t[:count] for t in got)
+            out.append((b.names, got, data[0].numel()))
+            b.count = 0
+            b.names = []
+        return out
+
+    def reset(self) -> None:
+        """Forget what the step deferred (a step that ends without collecting) and release the buffers."""
+        self.batches.clear()
+        self.buffer_bytes = 0
 
     def kernel(self, x: torch.Tensor, cdim: int) -> tuple[tuple, _Layout] | None:
         """The layout entry of ``x`` when statistics may be fused or timed for it; None on the eager path

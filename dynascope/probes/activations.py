@@ -21,6 +21,7 @@ so the reduction over N, H, W is over dims (0, 2, 3) in NCHW).
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from time import perf_counter
 from typing import Any
@@ -31,7 +32,7 @@ from torch import nn
 from ..core.coverage import CoverageRow
 from ..core.names import ModuleFilter, select_modules
 from ..core.outputs import first_tensor
-from ._fused import FusedStatistics, resolve_mode
+from ._fused import DEFER_MAX_ELEMENTS, FusedStatistics, resolve_mode
 from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["ActivationProbe", "channel_dim", "ACT_METRICS"]
@@ -152,6 +153,18 @@ def _eager_statistics(x: torch.Tensor, cdim: int) -> tuple[torch.Tensor, torch.T
     return var, mean, _absmax(x), _count_nonzero(x)
 
 
+def _keep(states: dict[str, _State], name: str, var: torch.Tensor, mean: torch.Tensor, absmax: torch.Tensor,
+          nnz: torch.Tensor, numel: int) -> None:
+    """Add one call's statistics to the module's state of the step (Chan's merge; a call with another number
+    of channels replaces it)."""
+    n = float(numel // max(mean.numel(), 1))
+    old = states.get(name)
+    if old is None or old.mean.shape != mean.shape:
+        states[name] = _State(n, mean, var, absmax, nnz, numel)
+    else:
+        old.merge(n, mean, var, absmax, nnz, numel)
+
+
 class _State:
     """Sufficient statistics of one module's outputs in one step. The hook
     stores raw reductions: per-channel mean and (ddof=0) variance, max |x| and
@@ -193,7 +206,8 @@ class ActivationProbe(Probe):
         self.fused = FusedStatistics(resolve_mode(fused))
         self._handles: list[Any] = []
         self._states: dict[str, _State] = {}
-        self._order: list[str] = []
+        self._order: list[str] = []  # the step's modules in the order of their first call
+        self._step_names: set[str] = set()
         self._layouts: dict[Any, dict[str, Any]] = {}
         self._seen: set[str] = set()
         self._skipped: dict[str, str] = {}
@@ -223,6 +237,7 @@ class ActivationProbe(Probe):
     def _make_hook(self, name: str, module: nn.Module):  # noqa: ANN202
         states = self._states
         order = self._order
+        step_names = self._step_names
         cdim_of: dict[int, int] = {}  # output ndim -> channel dimension (-1: a 1-D output), resolved once per module
         fused = self.fused
 
@@ -246,7 +261,13 @@ class ActivationProbe(Probe):
             cd = cdim_of.get(x.ndim)
             if cd is None:
                 cd = cdim_of[x.ndim] = channel_dim(module, x) if x.ndim > 1 else -1
+            if name not in step_names:  # first call of this module in the step: its place in the rows
+                step_names.add(name)
+                order.append(name)
             entry = fused.kernel(x, cd) if cd >= 0 and not torch.compiler.is_compiling() else None
+            if entry is not None and numel <= DEFER_MAX_ELEMENTS and fused.hot(entry[1]) \
+                    and fused.defer(entry[0], x, name):
+                return  # a copy in its layout's buffer, reduced with the others at the end of the step
             out = fused.run(entry, x, cd) if entry is not None else None
             if out is not None:
                 var, mean, absmax, nnz = out
@@ -255,20 +276,16 @@ class ActivationProbe(Probe):
                 var, mean, absmax, nnz = _eager_statistics(x, cd)
                 if entry is not None:
                     entry[1].spent += perf_counter() - t0
-            n = float(numel // max(mean.numel(), 1))
-            old = states.get(name)
-            if old is None or old.mean.shape != mean.shape:
-                if old is None:
-                    order.append(name)
-                states[name] = _State(n, mean, var, absmax, nnz, numel)
-            else:
-                old.merge(n, mean, var, absmax, nnz, numel)
+            _keep(states, name, var, mean, absmax, nnz, numel)
 
         return hook
 
     def collect(self, step: int) -> Collected | None:
         self._collected = True
-        if not self._states:
+        with torch.no_grad():
+            blocks = self._blocks()
+        self._step_names.clear()
+        if not self._states and not blocks:
             if not self._warned_empty and not self._skipped and self.modules:
                 self._warned_empty = True
                 warnings.warn(f"dynascope: no module output was seen during recording step {step}, so it has no "
@@ -277,29 +294,53 @@ class ActivationProbe(Probe):
                               "or a torch.compile graph traced without them). The coverage report lists the "
                               "modules never seen as not recorded. Warned once.", RuntimeWarning, stacklevel=3)
             return None
-        names = [n for n in self._order if n in self._states]
-        states = [self._states[n] for n in names]
-        self._seen.update(names)
+        singles = [n for n in self._order if n in self._states]
+        states = [self._states[n] for n in singles]
         self._states.clear()  # in place: the armed hooks hold this dict
         self._order.clear()
+        # the rows: each batched block as it is (one row per module), then the modules reduced in their hooks
+        names = [n for b in blocks for n in b[0]] + singles
+        self._seen.update(names)
         with torch.no_grad():
-            device = states[0].mean.device
+            device = (blocks[0][1][1] if blocks else states[0].mean).device
             # float64 over the (few) channel values: act.var = mean var_c + mean mu_c^2 - (mean mu_c)^2
             # cancels in float32 when |mean| >> std (e.g. 0.3477 instead of 0.3445 at mean 200)
             acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-            sizes = tuple(s.mean.numel() for s in states)
-            counts = tuple(s.n for s in states)
+            sizes = tuple(size for b in blocks for size in (b[1][1].shape[1],) * len(b[0])) \
+                + tuple(s.mean.numel() for s in states)
+            counts = tuple(n for b in blocks for n in (float(b[2] // b[1][1].shape[1]),) * len(b[0])) \
+                + tuple(s.n for s in states)
             lay = self._layout(sizes, counts, device, acc)
-            mus = torch.cat([s.mean.reshape(-1) for s in states]).to(acc)
-            vars_ = torch.cat([s.var.reshape(-1) for s in states]).to(acc).clamp_min_(0)
+            mus = torch.cat([b[1][1].reshape(-1) for b in blocks] + [s.mean.reshape(-1) for s in states]).to(acc)
+            vars_ = torch.cat([b[1][0].reshape(-1) for b in blocks]
+                              + [s.var.reshape(-1) for s in states]).to(acc).clamp_min_(0)
             moments = torch.stack([lay["n"], mus, vars_ * lay["n"]], dim=1)
-            absmax = torch.stack([s.absmax for s in states]).to(acc)
-            nnz = torch.stack([s.nnz.to(acc) for s in states])
+            absmax = torch.cat([b[1][2].to(acc) for b in blocks]
+                               + ([torch.stack([s.absmax for s in states]).to(acc)] if states else []))
+            nnz = torch.cat([b[1][3].to(acc) for b in blocks]
+                            + ([torch.stack([s.nnz.to(acc) for s in states])] if states else []))
             zeros = torch.stack([lay["numel"] - nnz, lay["numel"]], dim=1)
         stats = {"moments": Stat("moments", moments), "absmax": Stat("max", absmax),
                  "zeros": Stat("sum", zeros)}
         keys = [(m, n) for n in names for m in ACT_METRICS]
         return Collected(keys, stats=stats, finish=lay["finish"])
+
+    def _blocks(self) -> list[tuple[list[str], tuple[torch.Tensor, ...], int]]:
+        """The step's deferred outputs (:meth:`FusedStatistics.drain`) as whole blocks where each of their
+        modules was called once in the step (one row each, nothing to merge); the rows of a module called
+        several times, or also reduced in its hook, are merged into its state (Chan) one by one."""
+        drained = self.fused.drain()
+        states = self._states
+        calls = Counter(n for names, _, _ in drained for n in names)
+        blocks = []
+        for names, stats, numel in drained:
+            if all(calls[n] == 1 and n not in states for n in names):
+                blocks.append((names, stats, numel))
+                continue
+            rows = [t.unbind(0) for t in stats]
+            for i, name in enumerate(names):
+                _keep(states, name, rows[0][i], rows[1][i], rows[2][i], rows[3][i], numel)
+        return blocks
 
     def _layout(self, sizes: tuple[int, ...], counts: tuple[float, ...], device: torch.device,
                 acc: torch.dtype) -> dict[str, Any]:
@@ -361,3 +402,5 @@ class ActivationProbe(Probe):
         self.disarm()
         self._states.clear()
         self._order.clear()
+        self._step_names.clear()
+        self.fused.reset()
