@@ -58,6 +58,7 @@ def test_output_statistics_of_a_strided_output_and_nan():
 @pytest.fixture()
 def fresh_kernels(monkeypatch):
     monkeypatch.setattr(fused, "_KERNELS", {})
+    monkeypatch.setattr(fused, "_HOT", set())
 
 
 KERNEL_CASES = {"rows": ((64, 40), 1, torch.float32), "nchw": ((4, 8, 5, 5), 1, torch.float32),
@@ -147,7 +148,10 @@ def test_auto_compiles_a_layout_once_its_eager_cost_reaches_a_compile(monkeypatc
     entry[1].spent += 0.002
     assert stats.run(entry, x, 1) is not None and stats.compiled == 1
     assert stats.budget >= fused.MIN_BUDGET_S  # the next layout waits for the measured compile time
+    assert stats.hot(entry)
     again = fused.FusedStatistics("auto")  # a later run of the same process: the kernel is there at once
+    assert again.hot(again.kernel(x, 1))  # and small outputs of the layout go to the batched kernels at once
+    assert not again.hot(again.kernel(torch.randn(5, 7), 1))
     assert again.run(again.kernel(x, 1), x, 1) is not None and again.compiled == 1
     off = fused.FusedStatistics("off")
     assert off.kernel(x, 1) is None and off.describe().startswith("eager")

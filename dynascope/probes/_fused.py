@@ -162,6 +162,7 @@ def adam_update_sq_norms(kernels: FusedKernels, group_key: tuple, vs: list[torch
 
 
 _KERNELS: dict[tuple, Callable[[torch.Tensor], Any]] = {}  # process-wide: a later run reuses what an earlier compiled
+_HOT: set[tuple] = set()  # output layouts found worth compiling in this process
 
 
 class _Layout:
@@ -292,9 +293,16 @@ class FusedStatistics(FusedKernels):
         self.batches: dict[tuple, _Batch] = {}
         self.buffer_bytes = 0
 
-    def hot(self, lay: _Layout) -> bool:
-        """Whether statistics of this layout are worth compiling (its kernel exists or its budget is spent)."""
-        return lay.kernel is not None or (lay.spent >= self.budget and self.compiled < MAX_KERNELS)
+    def hot(self, entry: tuple[tuple, _Layout]) -> bool:
+        """Whether statistics of this layout are worth compiling: its kernel exists, its budget is spent, or
+        an earlier run of this process found it so (its kernels are compiled)."""
+        key, lay = entry
+        if lay.kernel is not None or key in _HOT:
+            return True
+        if lay.spent >= self.budget and self.compiled < MAX_KERNELS:
+            _HOT.add(key)
+            return True
+        return False
 
     def defer(self, key: tuple, x: torch.Tensor, name: str) -> bool:
         """Copy ``x`` into the next row of its layout's buffer (False: not deferred, reduce it now)."""

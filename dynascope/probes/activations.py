@@ -265,7 +265,7 @@ class ActivationProbe(Probe):
                 step_names.add(name)
                 order.append(name)
             entry = fused.kernel(x, cd) if cd >= 0 and not torch.compiler.is_compiling() else None
-            if entry is not None and numel <= DEFER_MAX_ELEMENTS and fused.hot(entry[1]) \
+            if entry is not None and numel <= DEFER_MAX_ELEMENTS and fused.hot(entry) \
                     and fused.defer(entry[0], x, name):
                 return  # a copy in its layout's buffer, reduced with the others at the end of the step
             out = fused.run(entry, x, cd) if entry is not None else None
