@@ -59,6 +59,7 @@ _LAZY: dict[str, str] = {
     "Calibration": "dynascope.probes.calibration",
     "NoiseScale": "dynascope.probes.noise_scale",
     "GradientTests": "dynascope.probes.gradient_tests",
+    "Alpha": "dynascope.probes.alpha",
     "gradient_tests": "dynascope.diagnostics.gradient_tests",
     "per_example_gradients": "dynascope.diagnostics.per_example",
     "Collapse": "dynascope.probes.collapse",

@@ -315,6 +315,7 @@ class Session:
                 self._check_resumed_model(meta)
                 last = self.store.last_step()
                 self.step_index = 0 if last is None else last + 1
+                self.ctx.step = self.step_index
                 meta["start_time"] = self.store.meta.get("start_time", now_iso())
                 meta["resumed_at"] = [*self.store.meta.get("resumed_at", []), self.step_index]
             else:
@@ -520,6 +521,7 @@ class Session:
         for inst in active:
             inst.after_step(s)
         self.step_index = s + 1
+        self.ctx.step = self.step_index
         if self.snapshotter is not None and self.snapshotter.due(self.step_index):
             self._snapshot(lambda keeper: keeper.take(self.step_index, self.model, self.optimizers))
         self._set_recording(self._records(self.step_index))

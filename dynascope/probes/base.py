@@ -223,6 +223,8 @@ class ProbeContext:
     write_artifact: Callable[[str, int, dict[str, Any], dict[str, Any]], None] | None = None
     #: the current step's batch as given to ``run.step(loss, batch=...)`` (None when not given)
     step_batch: Any = None
+    #: the index of the step in progress (set by the session)
+    step: int = 0
 
     def __post_init__(self) -> None:
         self._group_of: dict[int, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}

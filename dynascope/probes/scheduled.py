@@ -47,6 +47,8 @@ class ScheduledContext:
     #: the step's own batch, from ``run.step(loss, batch=(inputs, targets))`` (None when not given): what a
     #: diagnostic built with ``batch="step"`` measures on (:func:`step_batch`)
     batch: Any = None
+    #: writes a row at another step than ``step`` (step, metric, value, layer); None: at ``step``
+    log_at_fn: Callable[[int, str, float, str], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.optimizers and self.optimizer is not None:
@@ -54,6 +56,13 @@ class ScheduledContext:
 
     def log(self, metric: str, value: float, layer: str = "") -> None:
         self.log_fn(metric, float(value), layer)
+
+    def log_at(self, step: int, metric: str, value: float, layer: str = "") -> None:
+        """A row at ``step`` (an earlier step a diagnostic completes now, e.g. ``step.alpha``)."""
+        if self.log_at_fn is None:
+            self.log(metric, value, layer)
+        else:
+            self.log_at_fn(step, metric, float(value), layer)
 
     def save_artifact(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> None:
         self.artifact_fn(name, arrays, meta or {})
@@ -142,6 +151,13 @@ class ScheduledRunner(Probe):
     def collect(self, step: int) -> Collected | None:
         return None
 
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """A diagnostic that observes the weights before the step (e.g. :class:`dynascope.Alpha`) copies them
+        now, before the step's first optimizer step."""
+        hook = getattr(self.diagnostic, "before_optimizer_step", None)
+        if hook is not None:
+            hook(self.ctx.model, self.ctx.step)
+
     def runs_model(self, step: int) -> bool:
         return self.diagnostic.due(step)
 
@@ -166,8 +182,12 @@ class ScheduledRunner(Probe):
             if write_artifact is not None:
                 write_artifact(name, step, arrays, meta)
 
+        def log_at_fn(at: int, metric: str, value: float, layer: str) -> None:
+            if log_row is not None:
+                log_row(at, metric, layer, value)
+
         sctx = ScheduledContext(ctx.model, ctx.optimizer, step, final, log_fn, artifact_fn,
-                                optimizers=list(ctx.optimizers), batch=ctx.step_batch)
+                                optimizers=list(ctx.optimizers), batch=ctx.step_batch, log_at_fn=log_at_fn)
         # under torch.distributed every rank agrees on the outcome (diagnostics/_dist.py): a diagnostic that
         # fails on one rank fails on every rank, at the same collective, and no rank waits in one alone
         error: Exception | None = None
