@@ -146,3 +146,19 @@ def test_bad_arguments_are_one_line_errors():
         dynascope.Alpha(every=1)
     with pytest.raises(ValueError, match="chunk must be a positive integer"):
         dynascope.Alpha(every=1, loss_fn=F.mse_loss, chunk=0)
+
+
+def test_the_report_draws_the_alpha_figure(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(8)]
+    _train(tmp_path / "r", 0.5, 8, [dynascope.Alpha(every=1, loss_fn=F.cross_entropy)],
+           model_fn=lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)), batches=batches)
+    from dynascope.reports.figures.alpha import alpha_figure
+
+    data = dynascope.load_run(tmp_path / "r")
+    got = data.scalars("step.alpha")
+    assert len(got) == 7
+    fig = alpha_figure([data])
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), got["value"].to_numpy())
+    dynascope.report(tmp_path / "r", tmp_path / "report.html", figures=["step_alpha"], progress=False)
+    assert "Normalised step length alpha" in (tmp_path / "report.html").read_text()
