@@ -279,7 +279,7 @@ def test_compiled_update_norms_equal_the_copy_and_the_eager_formula(kind, kw):
     opt = cls([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": kw["lr"] * 0.5}], **kw)
     kernels = FusedKernels("on")
     x, y = torch.randn(64, 12), torch.randn(64, 3)
-    for step in range(3):
+    for _ in range(3):
         loss = ((model(x) - y) ** 2).mean()
         opt.zero_grad()
         loss.backward()
