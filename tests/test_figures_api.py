@@ -50,7 +50,7 @@ def _train(run_dir: Path, *, steps: int, extra: dict, ckpt_dir: Path | None = No
             opt.zero_grad()
             loss.backward()
             opt.step()
-            run.step(loss=loss)
+            run.step(loss=loss, batch=(x[idx], y[idx]))  # the step's own batch: Alpha reads it
             if ckpt_dir is not None and step % 10 == 9:
                 torch.save({"step": step + 1, "model": model.state_dict()}, ckpt_dir / f"step_{step + 1}.pt")
     return run_dir
@@ -75,7 +75,8 @@ def runs(tmp_path_factory) -> list[dynascope.RunData]:
         scheduled=[dynascope.Calibration(every=10, batch=batch),
                    dynascope.NoiseScale(every=10, batch=batch, loss_fn=ce, micro_batches=4),
                    dynascope.Collapse(every=10, batch=batch), dynascope.BNGap(every=10, batch=batch, loss_fn=ce),
-                   dynascope.GradientTests(every=10, batch=batch, loss_fn=ce, tic=False, hist2d=False)],
+                   dynascope.GradientTests(every=10, batch=batch, loss_fn=ce, tic=False, hist2d=False),
+                   dynascope.Alpha(every=10, loss_fn=ce)],
     ))
     line = _train(d / "line", steps=6, extra=dict(
         landscape=dynascope.Landscape(at="end", batch=batch, loss_fn=ce, resolution=5, dims=1, trajectory=False,
