@@ -8,12 +8,17 @@
    dynascope (CUDA events, interleaved repeats, medians) on a BatchNorm CNN
    and a Pre-LN transformer, at every=1 and every=10.
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py [--fused warm|cold|off] [--baseline REV] [--repeats 5]
+
+``--fused warm`` (default) compiles the activation / BatchNorm statistics and the sentinel's update-norm kernels
+(Triton, through inductor) in a warm-up run before anything is counted or timed: a long run's steady state
+(``fused="auto"`` finds them); ``cold`` leaves ``auto`` to itself; ``off`` keeps every statistic eager.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -119,15 +124,27 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="also time dynascope at this git revision, interleaved (before/after)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--fused", choices=("warm", "cold", "off"), default="warm")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
-    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
+    if args.fused == "off":
+        os.environ["DYNASCOPE_FUSED"] = "off"
+    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}; compiled statistics: {args.fused}")
     variants = {"": dynascope}
     if args.baseline:
         from bench_overhead import load_baseline
 
         variants = {"before ": load_baseline(args.baseline, Path(tempfile.mkdtemp())), "": dynascope}
     for kind in ("cnn", "transformer"):
+        if args.fused == "warm":
+            from dynascope.probes.activations import ActivationProbe
+            from dynascope.probes.batchnorm import BatchNormProbe
+
+            t0 = time.perf_counter()
+            timed_steps(kind, 1, 3, probes=(ActivationProbe(fused="on"), "gradients", "updates",
+                                            BatchNormProbe(fused="on")),
+                        sentinel=dynascope.Sentinel(announce=False, fused="on"))
+            print(f"{kind}: kernels compiled in {time.perf_counter() - t0:.1f} s (warm-up run)")
         counts: list[int] = []
         timed_steps(kind, None, 20, counts)
         timed_steps(kind, 1, 20, counts)
