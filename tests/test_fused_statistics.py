@@ -315,3 +315,32 @@ def test_deferred_outputs_are_measured_as_returned_and_equal_the_eager_path(tmp_
         torch.testing.assert_close(torch.tensor(x.to_numpy()), torch.tensor(y.to_numpy()), rtol=1e-5, atol=1e-6)
     # the BatchNorm's output as it returned it: no zero (the in-place add and ReLU came after its hook)
     assert (a.pivot("act.zero_frac")["bn"] == 0).all() and (a.pivot("act.zero_frac")["relu"] > 0).all()
+
+
+def test_an_inference_mode_forward_in_a_recording_step(tmp_path, fresh_kernels):
+    """An evaluation forward under torch.inference_mode (its outputs are inference tensors) in the same step as
+    the training forward: the buffers stay normal tensors, nothing raises, the values equal the eager path's."""
+
+    def run(run_dir, mode):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        with dynascope.probe(model, opt, run_dir, every=1, probes=(ActivationProbe(fused=mode),),
+                             sentinel=False) as r:
+            for _ in range(3):
+                with torch.inference_mode():
+                    model(torch.randn(5, 4, generator=g))
+                loss = model(torch.randn(5, 4, generator=g)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                r.step(loss=loss)
+
+    run(tmp_path / "on", "on")
+    run(tmp_path / "off", "off")
+    a, b = dynascope.load_run(tmp_path / "on"), dynascope.load_run(tmp_path / "off")
+    for metric in ("act.mean", "act.var", "act.absmax", "act.zero_frac"):
+        x, y = a.pivot(metric), b.pivot(metric)
+        assert x.shape == y.shape == (3, 3)
+        torch.testing.assert_close(torch.tensor(x.to_numpy()), torch.tensor(y.to_numpy()), rtol=1e-5, atol=1e-6)

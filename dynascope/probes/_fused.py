@@ -100,8 +100,9 @@ def compile_for(fn: Callable[..., Any], *like: torch.Tensor) -> Callable[..., An
     from torch._inductor.compile_fx import compile_fx
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    examples = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in like]
-    with torch.no_grad(), torch.autocast(like[0].device.type, enabled=False):
+    with torch.inference_mode(False):
+        examples = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in like]
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(like[0].device.type, enabled=False):
         graph = make_fx(fn, tracing_mode="fake")(*examples)
         return compile_fx(graph, examples)
 
@@ -325,12 +326,16 @@ class FusedStatistics(FusedKernels):
             old = 0 if data is None else data.numel() * data.element_size()
             if self.buffer_bytes - old + nbytes > DEFER_MAX_BYTES:
                 return False
-            grown = torch.empty((rows, *x.shape), dtype=x.dtype, device=x.device)
-            if data is not None:
-                grown[:b.count].copy_(data[:b.count])
+            with torch.inference_mode(False):  # a normal tensor even when created in an inference-mode forward
+                grown = torch.empty((rows, *x.shape), dtype=x.dtype, device=x.device)
+                if data is not None:
+                    grown[:b.count].copy_(data[:b.count])
             b.data = data = grown
             self.buffer_bytes += nbytes - old
-        data[b.count].copy_(x)
+        try:
+            data[b.count].copy_(x)
+        except RuntimeError:  # whatever the context refuses: this output reduced in its hook instead
+            return False
         b.names.append(name)
         b.count += 1
         return True
