@@ -162,3 +162,25 @@ def test_the_report_draws_the_alpha_figure(tmp_path):
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), got["value"].to_numpy())
     dynascope.report(tmp_path / "r", tmp_path / "report.html", figures=["step_alpha"], progress=False)
     assert "Normalised step length alpha" in (tmp_path / "report.html").read_text()
+
+
+def test_a_direction_over_some_parameters_and_unknown_names(tmp_path):
+    """params= restricts the direction (and t) to those parameters; a name the model lacks is a one-line error
+    recorded as a failed diagnostic, training goes on."""
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+
+    def mlp():
+        return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    _, weights = _train(tmp_path / "r", 0.3, 3, [dynascope.Alpha(at=[0], loss_fn=F.cross_entropy,
+                                                                   params=["2.weight", "2.bias"])],
+                        model_fn=mlp, batches=batches)
+    t = dynascope.load_run(tmp_path / "r").scalars("step.alpha_t")["value"].iloc[0]
+    d = [weights[1][n] - weights[0][n] for n in ("2.weight", "2.bias")]
+    assert t == pytest.approx(math.sqrt(sum(float((v.double() ** 2).sum()) for v in d)), rel=1e-6)
+    with pytest.warns(RuntimeWarning, match="params names no trainable parameter"):
+        _train(tmp_path / "bad", 0.3, 2, [dynascope.Alpha(at=[0], loss_fn=F.cross_entropy, params=["nope"])],
+               model_fn=mlp, batches=batches)
+    failed = dynascope.load_run(tmp_path / "bad").scalars("diagnostic.failed")
+    assert list(failed["step"]) == [0, 1] and set(failed["layer"]) == {"Alpha"}  # the start and its end point

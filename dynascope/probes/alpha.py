@@ -50,6 +50,7 @@ class Alpha(Scheduled):
         self.loss_fn, self.mode, self.params, self.forward, self.chunk = loss_fn, mode, params, forward, chunk
         self._before: dict[int, dict[str, torch.Tensor]] = {}  # step -> weights before its optimizer step
         self._start: tuple[int, dict[str, torch.Tensor], float, LineObservation] | None = None
+        self._error: Exception | None = None  # raised in the pre-step hook, reported by run()
 
     def _is_start(self, step: int) -> bool:
         return super().due(step)
@@ -62,18 +63,29 @@ class Alpha(Scheduled):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if self.params is not None:
             keep = set(self.params)
+            unknown = keep - {n for n, _ in named}
+            if unknown:
+                raise ValueError(f"Alpha: params names no trainable parameter of the model: {sorted(unknown)[:5]} "
+                                 f"(trainable: {[n for n, _ in named][:5]}...)")
             named = [(n, p) for n, p in named if n in keep]
         return named
 
     def before_optimizer_step(self, model: nn.Module, step: int) -> None:
-        """Copy the weights before the step's first optimizer step, on the steps that observe."""
+        """Copy the weights before the step's first optimizer step, on the steps that observe (an error is kept
+        for :meth:`run`, which the runner records as a failed diagnostic: never raised into the training step)."""
         if self.due(step) and step not in self._before:
-            self._before = {step: {n: p.detach().clone() for n, p in self._named(model)}}
+            try:
+                self._before = {step: {n: p.detach().clone() for n, p in self._named(model)}}
+            except Exception as exc:  # noqa: BLE001 - reported by run() at this step
+                self._before, self._error = {}, exc
 
     def run(self, ctx: ScheduledContext) -> None:
         if ctx.final:
             return
         step = ctx.step
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
         weights = self._before.pop(step, None)
         start, self._start = self._start, None
         if weights is None:

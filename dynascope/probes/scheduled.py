@@ -155,8 +155,17 @@ class ScheduledRunner(Probe):
         """A diagnostic that observes the weights before the step (e.g. :class:`dynascope.Alpha`) copies them
         now, before the step's first optimizer step."""
         hook = getattr(self.diagnostic, "before_optimizer_step", None)
-        if hook is not None:
+        if hook is None:
+            return
+        try:
             hook(self.ctx.model, self.ctx.step)
+        except Exception as exc:  # noqa: BLE001 - inside the optimizer's pre-hook: never stop training
+            if self.on_error == "raise":
+                raise
+            if self.ctx.log_row is not None:
+                self.ctx.log_row(self.ctx.step, "diagnostic.failed", self.name, 1.0)
+            warnings.warn(f"dynascope: {self.name} failed before the optimizer step of step {self.ctx.step} "
+                          f"({describe(exc)}); training goes on", RuntimeWarning, stacklevel=3)
 
     def runs_model(self, step: int) -> bool:
         return self.diagnostic.due(step)
