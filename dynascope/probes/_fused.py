@@ -47,31 +47,20 @@ MAX_KERNELS = 32  # layouts compiled per probe at most (a run with ever-changing
 
 def output_statistics(x: torch.Tensor, cdim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel (ddof=0) variance and mean over every dimension but ``cdim``, max |x| and the number of
-    non-zero entries (NaN counts as non-zero), as float32, float32, float32 and int64 tensors.
-
-    Sums are float64 over the data shifted by its first sample per channel K_c: var = E[(x-K)^2] - E[x-K]^2
-    does not cancel at |mean| >> std. Written for the compiler (one read of ``x`` once fused); eager, it is the
+    non-zero entries (NaN counts as non-zero), as float32, float32, float32 and int64 tensors: the one-row case
+    of :func:`batched_statistics`. Written for the compiler (one read of ``x`` once fused); eager, it is the
     reference the compiled kernels are tested against."""
-    shape = x.shape
-    a = math.prod(shape[:cdim])
-    c = shape[cdim]
-    b = math.prod(shape[cdim + 1:])
-    x3 = x.reshape(a, c, b)
-    k = x3[0:1, :, 0:1].to(torch.float64)
-    y = x3.to(torch.float64) - k
-    n = a * b
-    m = y.sum((0, 2)) / n
-    var = (y * y).sum((0, 2)) / n - m * m
-    mean = m + k.reshape(c)
-    absmax = x3.abs().amax().to(torch.float32)
-    nnz = (x3 != 0).sum()
-    return var.to(torch.float32), mean.to(torch.float32), absmax, nnz
+    var, mean, absmax, nnz = batched_statistics(x.unsqueeze(0), cdim)
+    return var[0], mean[0], absmax[0], nnz[0]
 
 
 def batched_statistics(xb: torch.Tensor, cdim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                              torch.Tensor]:
     """:func:`output_statistics` of each of ``xb``'s rows (``xb[g]`` an output, channel dimension ``cdim`` of
-    the output): per-row, per-channel variance and mean (G, C), max |x| (G,) and non-zero count (G,)."""
+    the output): per-row, per-channel variance and mean (G, C), max |x| (G,) and non-zero count (G,).
+
+    Sums are float64 over the data shifted by each row's first sample per channel K_c:
+    var = E[(x-K)^2] - E[x-K]^2 does not cancel at |mean| >> std."""
     shape = xb.shape
     g = shape[0]
     a = math.prod(shape[1:cdim + 1])
@@ -107,14 +96,10 @@ def compile_for(fn: Callable[..., Any], *like: torch.Tensor) -> Callable[..., An
         return compile_fx(graph, examples)
 
 
-def _compile(x: torch.Tensor, cdim: int) -> Callable[[torch.Tensor], Any]:
-    """A kernel of :func:`output_statistics` for ``x``'s exact layout."""
-    return compile_for(lambda t: output_statistics(t, cdim), x)
-
-
-def _compile_batched(data: torch.Tensor, cdim: int) -> Callable[[torch.Tensor], Any]:
-    """A kernel of :func:`batched_statistics` for ``data``'s exact layout."""
-    return compile_for(lambda t: batched_statistics(t, cdim), data)
+def _compile_statistics(fn: Callable[[torch.Tensor, int], Any], x: torch.Tensor, cdim: int
+                        ) -> Callable[[torch.Tensor], Any]:
+    """A kernel of ``fn`` (:func:`output_statistics` or :func:`batched_statistics`) for ``x``'s exact layout."""
+    return compile_for(lambda t: fn(t, cdim), x)
 
 
 def adam_update_sq_norm(v: torch.Tensor, m: torch.Tensor, w: torch.Tensor, c: torch.Tensor, eps: float,
@@ -355,7 +340,7 @@ class FusedStatistics(FusedKernels):
             got = None
             if lay is not None:
                 lay.spent = max(lay.spent, self.budget)  # a hot layout: compiled at once
-                got = self.call(key, lay, partial(_compile_batched, data, cdim), data)
+                got = self.call(key, lay, partial(_compile_statistics, batched_statistics, data, cdim), data)
             if got is None:  # the stale rows past ``count`` are not read
                 b.failed = True  # from the next call on, this layout is reduced in the hook
                 got = batched_statistics(data[:count], cdim)
@@ -384,4 +369,4 @@ class FusedStatistics(FusedKernels):
         """Statistics from the layout's kernel, compiling it first when the budget is spent; None when
         the caller should compute them eagerly (and add their seconds to the layout's ``spent``)."""
         key, lay = entry
-        return self.call(key, lay, lambda: _compile(x, cdim), x)
+        return self.call(key, lay, partial(_compile_statistics, output_statistics, x, cdim), x)
