@@ -358,8 +358,9 @@ class FusedStatistics(FusedKernels):
 
     def kernel(self, x: torch.Tensor, cdim: int) -> tuple[tuple, _Layout] | None:
         """The layout entry of ``x`` when statistics may be fused or timed for it; None on the eager path
-        for good (mode off, a tensor subclass, a layout that failed)."""
-        if self.mode == "off" or type(x) is not torch.Tensor:
+        (mode off, a tensor subclass, a layout that failed, a hook Dynamo is tracing: its graph keeps the eager
+        operations)."""
+        if self.mode == "off" or type(x) is not torch.Tensor or torch.compiler.is_compiling():
             return None
         key = (x.shape, x.stride(), x.dtype, x.device, cdim)
         lay = self.layout(key)
@@ -370,3 +371,17 @@ class FusedStatistics(FusedKernels):
         the caller should compute them eagerly (and add their seconds to the layout's ``spent``)."""
         key, lay = entry
         return self.call(key, lay, partial(_compile_statistics, output_statistics, x, cdim), x)
+
+    def statistics(self, entry: tuple[tuple, _Layout] | None, x: torch.Tensor, cdim: int,
+                   eager: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """The layout's kernel's (variance, mean, max |x|, non-zero count) of ``x``, or ``eager()``'s (variance
+        and mean first) where there is no kernel yet, its seconds added to the layout's budget."""
+        out = self.run(entry, x, cdim) if entry is not None else None
+        if out is not None:
+            return out
+        if entry is None:
+            return eager()
+        t0 = time.perf_counter()
+        out = eager()
+        entry[1].spent += time.perf_counter() - t0
+        return out

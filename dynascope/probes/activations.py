@@ -23,7 +23,6 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from time import perf_counter
 from typing import Any
 
 import torch
@@ -266,18 +265,11 @@ class ActivationProbe(Probe):
             if name not in step_names:  # first call of this module in the step: its place in the rows
                 step_names.add(name)
                 order.append(name)
-            entry = fused.kernel(x, cd) if cd >= 0 and not torch.compiler.is_compiling() else None
+            entry = fused.kernel(x, cd) if cd >= 0 else None
             if entry is not None and numel <= DEFER_MAX_ELEMENTS and fused.hot(entry) \
                     and fused.defer(entry[0], x, name):
                 return  # a copy in its layout's buffer, reduced with the others at the end of the step
-            out = fused.run(entry, x, cd) if entry is not None else None
-            if out is not None:
-                var, mean, absmax, nnz = out
-            else:
-                t0 = perf_counter() if entry is not None else 0.0
-                var, mean, absmax, nnz = _eager_statistics(x, cd)
-                if entry is not None:
-                    entry[1].spent += perf_counter() - t0
+            var, mean, absmax, nnz = fused.statistics(entry, x, cd, lambda: _eager_statistics(x, cd))
             _keep(states, name, var, mean, absmax, nnz, numel)
 
         return hook

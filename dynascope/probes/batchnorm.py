@@ -35,7 +35,6 @@ there) and a copy of 2 x C running statistics per call; nothing on other steps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from time import perf_counter
 from typing import Any
 
 import torch
@@ -119,15 +118,9 @@ class BatchNormProbe(Probe):
             if type(x) is not torch.Tensor or x.ndim < 2 or x.numel() == 0 or not x.is_floating_point():
                 return
             x = x.detach()
-            entry = fused.kernel(x, 1) if not torch.compiler.is_compiling() else None
-            out = fused.run(entry, x, 1) if entry is not None else None
-            if out is not None:  # one compiled read of the input (probes/_fused.py)
-                var, mu = out[0], out[1]
-            else:
-                t0 = perf_counter() if entry is not None else 0.0
-                var, mu = _channel_var_mean(x.float() if x.dtype in _HALF else x, (0, *range(2, x.ndim)))
-                if entry is not None:
-                    entry[1].spent += perf_counter() - t0
+            dims = (0, *range(2, x.ndim))
+            var, mu = fused.statistics(fused.kernel(x, 1), x, 1,  # one compiled read of the input (_fused)
+                                       lambda: _channel_var_mean(x.float() if x.dtype in _HALF else x, dims))[:2]
             # copied now: the forward that follows updates the running statistics in place
             running = torch.stack([mod.running_mean.detach(), mod.running_var.detach()])  # type: ignore[list-item]
             calls.setdefault(index, []).append((mu, var, running))
