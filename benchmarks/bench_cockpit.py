@@ -119,6 +119,18 @@ COCKPIT_TESTS = {"gsnr": "MeanGSNR", "norm_test": "NormTest", "inner_test": "Inn
                  "cabs": "CABS", "eb_criterion": "EarlyStopping", "tic_diag": "TICDiag", "tic_trace": "TICTrace"}
 
 
+def _cockpit_step(cp: Any, model: nn.Module, loss_fn: nn.Module, per_example: nn.Module,
+                  opt: torch.optim.Optimizer, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One SGD step inside Cockpit's context (its quantities computed in the backward pass)."""
+    opt.zero_grad()
+    out = model(x)
+    loss = loss_fn(out, y)
+    losses = per_example(out, y)
+    with cp(step, info={"batch_size": B, "individual_losses": losses, "loss": loss, "optimizer": opt}):
+        loss.backward(create_graph=cp.create_graph(step))
+    opt.step()
+
+
 def values(name: str, steps: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     torch.manual_seed(seed)
     plain = MODELS[name]().to(dtype)
@@ -170,14 +182,7 @@ def values(name: str, steps: int, seed: int = 0, dtype: torch.dtype = torch.floa
         rows["hutch_se"].append(hu.stderr)
         if have_tests:
             rows["tests"].append(dynascope.gradient_tests(ref, ce, (x, y), lr=LR, hist2d=False))
-        # Cockpit's step on the same weights and batch
-        opt.zero_grad()
-        out = model(x)
-        loss = loss_fn(out, y)
-        losses = per_example(out, y)
-        with cp(step, info={"batch_size": B, "individual_losses": losses, "loss": loss, "optimizer": opt}):
-            loss.backward(create_graph=cp.create_graph(step))
-        opt.step()
+        _cockpit_step(cp, model, loss_fn, per_example, opt, step, x, y)  # on the same weights and batch
     got = cp.get_output()
     return {"rows": rows, "cockpit": got, "n": n_params(plain), "steps": steps, "have_tests": have_tests}
 
@@ -267,13 +272,7 @@ def _cost_block(kind: str, name: str, data: list[tuple[torch.Tensor, torch.Tenso
         cp = cockpit.Cockpit(model.parameters(), quantities=configuration("economy", schedules.linear(every)))
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(data):
-            opt.zero_grad()
-            out = model(x)
-            loss = loss_fn(out, y)
-            losses = per_example(out, y)
-            with cp(step, info={"batch_size": B, "individual_losses": losses, "loss": loss, "optimizer": opt}):
-                loss.backward(create_graph=cp.create_graph(step))
-            opt.step()
+            _cockpit_step(cp, model, loss_fn, per_example, opt, step, x, y)
         return (time.perf_counter() - t0) / len(data)
     opt = torch.optim.SGD(plain.parameters(), lr=LR)
     scheduled = []
