@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dynascope  # noqa: E402
 
 
-def _model() -> nn.Module:
+def small_model() -> nn.Module:
+    """The conv + LayerNorm model both distributed benchmarks train (bench_distributed_sentinel imports it)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
                          nn.Linear(16 * 8 * 8, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 10))
@@ -41,7 +42,7 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        model = nn.parallel.DistributedDataParallel(_model())
+        model = nn.parallel.DistributedDataParallel(small_model())
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         g = torch.Generator().manual_seed(rank)
         with dynascope.probe(model, opt, os.path.join(out, f"rank{rank}"), every=1, flush_every=steps) as run:
@@ -59,7 +60,7 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -77,7 +78,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             for attempt in range(3):  # gloo can abort a worker at teardown (see DEVELOPERS notes): retry
                 try:
-                    mp.spawn(_worker, args=(world, _free_port(), out, args.steps), nprocs=world, join=True)
+                    mp.spawn(_worker, args=(world, free_port(), out, args.steps), nprocs=world, join=True)
                     break
                 except Exception as exc:  # noqa: BLE001
                     if attempt == 2 or not all(Path(out, f"r{r}.json").exists() for r in range(world)):

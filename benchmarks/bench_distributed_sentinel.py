@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -29,14 +28,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_distributed_bytes import free_port, small_model  # noqa: E402
+
 import dynascope  # noqa: E402
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(16 * 8 * 8, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 10))
 
 
 def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
@@ -56,11 +52,11 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
     try:
         for kind, sentinel in (("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True)):
             if kind == "ddp":
-                model = nn.parallel.DistributedDataParallel(_model())
+                model = nn.parallel.DistributedDataParallel(small_model())
             else:
                 from torch.distributed.fsdp import fully_shard
 
-                model = _model()
+                model = small_model()
                 for layer in model:
                     if any(True for _ in layer.parameters()):
                         fully_shard(layer)
@@ -94,12 +90,6 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
@@ -112,7 +102,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             for attempt in range(3):  # torch 2.13's gloo can abort a worker at teardown: retry
                 try:
-                    mp.spawn(_worker, args=(world, _free_port(), out, args.steps), nprocs=world, join=True)
+                    mp.spawn(_worker, args=(world, free_port(), out, args.steps), nprocs=world, join=True)
                     break
                 except Exception as exc:  # noqa: BLE001
                     if all(Path(out, f"r{r}.json").exists() for r in range(world)):
