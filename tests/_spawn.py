@@ -17,6 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
+from torch import nn
+
+
+def fully_shard_linears(model: nn.Sequential) -> nn.Module:
+    """FSDP2 on each Linear layer of ``model`` and on the model itself (inside an initialised process group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
 
 
 def free_port() -> int:

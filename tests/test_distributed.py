@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _spawn import free_port
 from torch import nn
 
 import dynascope
@@ -177,12 +177,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     # the port is free when chosen but another process can take it before gloo binds it: one retry on a new
@@ -193,7 +187,7 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]
     for attempt in range(3):
         out = tmp_path_factory.mktemp("dist")
         try:
-            mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+            mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
             break
         except Exception as exc:  # noqa: BLE001 - torch raises ProcessRaisedException / ProcessExitedException
             if all((out / f"report{r}.json").exists() for r in range(WORLD)) and "Traceback" not in str(exc):

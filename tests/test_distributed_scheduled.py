@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _spawn import spawn_reports
+from _spawn import fully_shard_linears, spawn_reports
 from torch import nn
 
 import dynascope
@@ -120,16 +120,6 @@ def _local_params(model: nn.Module) -> list[list[float]]:
     return out
 
 
-def _fsdp(model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
 class FailsOnRankOne(dynascope.Scheduled):
     """Raises on rank 1 only, before any collective; rank 0 goes into a Hessian computation meanwhile."""
 
@@ -167,14 +157,14 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
         report["ddp_plain_params"] = _local_params(plain)
 
         # FSDP2 (Adam): the issue's call, which raised "mixed torch.Tensor and DTensor" and stopped training
-        m = _fsdp(_mlp())
+        m = fully_shard_linears(_mlp())
         report["fsdp_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
                                          os.path.join(out, "fsdp", f"rank{rank}"),
                                          [_curvature(probe, k=2), _hutchinson(probe), *_forward_diagnostics(probe),
                                           _landscape(probe), _noise_scale(probe)], lo, hi)
         report["fsdp_params"] = _local_params(m)
         report["fsdp_shard_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
-        plain = _fsdp(_mlp())
+        plain = fully_shard_linears(_mlp())
         _train(plain, torch.optim.Adam(plain.parameters(), lr=0.01), None, [], lo, hi)
         report["fsdp_plain_params"] = _local_params(plain)
 

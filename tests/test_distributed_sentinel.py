@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _spawn import spawn_reports
+from _spawn import fully_shard_linears, spawn_reports
 from torch import nn
 
 import dynascope
@@ -53,16 +53,6 @@ def _batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(GLOBAL, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (GLOBAL,), generator=g))
             for _ in range(steps)]
-
-
-def _fsdp(model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo: int, hi: int,
@@ -120,7 +110,7 @@ def _worker4(rank: int, port: int, out: str) -> None:
         m = nn.parallel.DistributedDataParallel(_mlp())
         report["ddp"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
                                os.path.join(out, "ddp", f"rank{rank}"), lo, hi)
-        m = _fsdp(_mlp())
+        m = fully_shard_linears(_mlp())
         report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
                                 os.path.join(out, "fsdp", f"rank{rank}"), lo, hi)
         report["fsdp_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
@@ -162,20 +152,21 @@ def _worker(rank: int, port: int, out: str) -> None:
         m = nn.parallel.DistributedDataParallel(_mlp())
         report["ddp_lag2"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
                                     os.path.join(out, "ddp_lag2", f"rank{rank}"), lo, hi, lag=2)
-        m = _fsdp(_mlp())
+        m = fully_shard_linears(_mlp())
         report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
                                 os.path.join(out, "fsdp", f"rank{rank}"), lo, hi, snapshot_every=SNAPSHOT_EVERY)
         report["fsdp_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
         # FSDP2: every rank's shards gathered on rank 0 into one file; each rank restores its own
         dist.barrier()
         snap = dynascope.load_snapshot(os.path.join(out, "fsdp", "rank0"))
-        m = _fsdp(_mlp())
+        m = fully_shard_linears(_mlp())
         opt = torch.optim.Adam(m.parameters(), lr=0.01)
         report["fsdp_snapshot_step"] = snap.restore(m, opt)
         report["fsdp_replay"] = _train(m, opt, None, lo, hi, start=report["fsdp_snapshot_step"])
-        m = _fsdp(_mlp())
+        m = fully_shard_linears(_mlp())
         report["fsdp_plain"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01), None, lo, hi)
-        m = _fsdp(_mlp())  # an optimizer without a closed-form step: update norms from a copy of the shards
+        # an optimizer without a closed-form step: update norms from a copy of the shards
+        m = fully_shard_linears(_mlp())
         report["fsdp_copy"] = _train(m, torch.optim.RMSprop(m.parameters(), lr=0.01),
                                      os.path.join(out, "fsdp_copy", f"rank{rank}"), lo, hi, SHORT, fault=False)
     finally:
