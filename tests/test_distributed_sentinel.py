@@ -3,8 +3,9 @@
 its half of every global batch of 8. Every rank holds the same sentinel row at every step (bit for bit), equal
 to one process on the global batch (loss, grad.global_norm, grad.norm and update.norm per module, to 1e-6
 relative). A one-layer fault (layer 2's weight times 50 at step FAULT) gives the same events at the same step on
-both ranks and in one process, the same burst on both ranks (one process's, ``lag`` steps later: the reduced row
-is read a step late) and the same forensics ranking. Training is bit-identical with and without dynascope on
+both ranks and in one process, the same burst on both ranks and in one process (the reduced row is read at its
+own step on the CPU; with CUDA's lag of 1, emulated on the CPU, the burst starts a step later) and the same
+forensics ranking. Training is bit-identical with and without dynascope on
 each rank."""
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo
                                   sentinel=dynascope.Sentinel(burst=BURST, announce=False),
                                   snapshot_every=snapshot_every)
             run.start()
-            if lag is not None:  # CUDA's lag (2) on the CPU: the row waited for at s + 1, read at s + 2
+            if lag is not None:  # CUDA's lag (1) on the CPU: the row of step s read at s + 1
                 run.sentinel.lag = lag
         for step, (x, y) in enumerate(_batches(steps)):
             if step < start:  # a replay from a snapshot of step `start`
@@ -150,8 +151,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         m = nn.parallel.DistributedDataParallel(_mlp())
         report["ddp_plain"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), None, lo, hi)
         m = nn.parallel.DistributedDataParallel(_mlp())
-        report["ddp_lag2"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-                                    os.path.join(out, "ddp_lag2", f"rank{rank}"), lo, hi, lag=2)
+        report["ddp_lag1"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                    os.path.join(out, "ddp_lag1", f"rank{rank}"), lo, hi, lag=1)
         m = fully_shard_linears(_mlp())
         report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
                                 os.path.join(out, "fsdp", f"rank{rank}"), lo, hi, snapshot_every=SNAPSHOT_EVERY)
@@ -200,15 +201,15 @@ def _compare_rows(ref: dict, got: list[dict], read: int) -> None:
     print(f"{read} steps x 6 columns: max relative difference {np.max(np.abs(b0 - a) / np.abs(a)):.1e}")
 
 
-def _check(out: Path, reports: list[dict], kind: str, tmp_path: Path, make_opt, lag: int = 1) -> None:
+def _check(out: Path, reports: list[dict], kind: str, tmp_path: Path, make_opt, lag: int = 0) -> None:
     ref = _single(tmp_path / "single", make_opt)
     got = [r[kind] for r in reports]
     assert all(g["lag"] == lag for g in got)
-    _compare_rows(ref, got, STEPS - lag)  # the last rows are still in flight at the end
+    _compare_rows(ref, got, STEPS - lag)  # with a lag, the last rows are still in flight at the end
     # the fault's events: the same steps, kinds and modules on every rank and in one process
     assert ref["events"] and any(e[0] == FAULT for e in ref["events"]), ref["events"]
     assert all(g["events"] == ref["events"] for g in got), [g["events"] for g in got]
-    # the burst: the same recording steps on every rank; one process's, `lag` steps later (the row is read late)
+    # the burst: the same recording steps on every rank; one process's (with a lag: `lag` steps later)
     first = min(e[0] for e in ref["events"])
     assert all(g["recorded"] == got[0]["recorded"] for g in got)
     want = sorted({s for s in range(STEPS) if s % EVERY == 0} | set(range(first + 1, first + 1 + BURST)))
@@ -229,12 +230,12 @@ def test_ddp_sentinel_rows_events_burst_and_forensics_equal_one_process(spawned,
     _check(out, reports, "ddp", tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
 
 
-def test_ddp_sentinel_read_two_steps_late_as_on_cuda(spawned, tmp_path):
-    """CUDA's lag (the reduced row copied to the host at s + 1, read at s + 2), run on the CPU: the same rows
-    and events, the burst a step later still."""
+def test_ddp_sentinel_read_a_step_late_as_on_cuda(spawned, tmp_path):
+    """CUDA's lag (the reduced row copied to the host at s, read at s + 1), run on the CPU: the same rows
+    and events, the burst a step later."""
     out, reports = spawned
-    _check(out, reports, "ddp_lag2", tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-           lag=2)
+    _check(out, reports, "ddp_lag1", tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+           lag=1)
 
 
 @pytest.mark.slow

@@ -36,11 +36,13 @@ Under ``torch.distributed`` (DDP, FSDP2) every rank holds the same row: each ran
 norms (a replicated DDP parameter on rank 0 only, an FSDP2 shard on its own rank: local tensors, never a
 DTensor operation) and its loss divided by the world size, and one asynchronous ``all_reduce(SUM)`` of that
 row of ``2 + 2 x modules`` float32 numbers runs per step; the square roots are taken after the sum. The row is
-waited for one step later and read ``lag`` steps later (1 on the CPU, 2 on CUDA, where it is copied to the
-host at step s + 1 and read at s + 2): every rank reads the same rows, bit for bit, at the same step, detects
-the same events and asks for the same burst, so the recording schedule stays shared (the burst starts
-``lag`` steps after the event's step, one step later than in one process on the CPU). The ``update.norm``
-of a recording step goes to the flush's reduction as this rank's squared sums.
+read ``lag`` steps after its step: 0 on the CPU (gloo reduces on the host; waiting for the small row at its own
+step is what one process does when it reads its row), 1 on CUDA (NCCL's reduction, the square roots and the
+copy to pinned host memory are queued at step s, the host reads the row at s + 1 once its event has passed).
+Every rank reads the same rows, bit for bit, at the same step, detects the same events and asks for the same
+burst, so the recording schedule stays shared; on the CPU the event's step, the burst and the forensics are
+one process's. The ``update.norm`` of a recording step goes to the flush's reduction as this rank's squared
+sums.
 """
 
 from __future__ import annotations
@@ -184,9 +186,11 @@ class Sentinel(Probe):
         self._send = [torch.zeros(2 + 2 * m, dtype=torch.float32, device=self._coll_device)
                       for _ in range(_HOST_SLOTS)] if self.distributed else []
         # rows are read a fixed number of steps late under torch.distributed, so that every rank reads (and
-        # detects events in) the same rows at the same step: 1 on the CPU, 2 on CUDA (the row is reduced and
-        # copied to the host at step s + 1 and read at s + 2, without waiting on the current step's work)
-        self.lag = 2 if device.type == "cuda" else 1
+        # detects events in) the same rows at the same step: 0 on the CPU (gloo reduces on the host: the row is
+        # waited for and read at its own step, as one process reads it), 1 on CUDA (the reduction and the copy
+        # to the host are queued on the device at step s and read at s + 1, without waiting on the current
+        # step's work)
+        self.lag = 1 if device.type == "cuda" or self._coll_device.type == "cuda" else 0
         self.collective_bytes = (2 + 2 * m) * 4 if self.distributed else 0  # payload of the per-step all_reduce
         self._acc = torch.zeros(1 + 2 * m, dtype=torch.float32, device=device)
         self.width = 2 + 2 * m  # loss, global grad norm, module grad norms, module update norms
@@ -364,8 +368,8 @@ class Sentinel(Probe):
     def _distributed_events(self, step: int, loss: Any) -> list[SentinelEvent]:
         """Under torch.distributed: this rank's part of the step's row (squared norms: a replicated parameter
         counted on rank 0 only, a shard's on its rank; the loss divided by the world size) goes into an
-        asynchronous all_reduce(SUM); a row is waited for ``lag`` - 1 steps later (its square roots written
-        into the ring buffer and copied to the host), read ``lag`` steps later. Every rank reads the same
+        asynchronous all_reduce(SUM); a row is waited for ``max(lag - 1, 0)`` steps later (its square roots
+        written into the ring buffer and copied to the host), read ``lag`` steps later. Every rank reads the same
         rows (bit for bit: an all-reduce hands every rank the same sums) at the same step, so every rank
         detects the same events and asks for the same burst."""
         dist = torch.distributed
@@ -388,9 +392,10 @@ class Sentinel(Probe):
         self._steps.append(step)
         self._inflight.append([step, send, work, loss is not None, None])
         cuda = self.device.type == "cuda"
-        for entry in self._inflight:  # rows launched at least a step ago: wait, square roots, to the host
+        wait_until = step - max(self.lag - 1, 0)  # lag 0 and 1: this step's row; lag 2: the previous step's
+        for entry in self._inflight:  # wait (NCCL: the stream waits, not the host), square roots, to the host
             s, sent, w, _, ready = entry
-            if s > step - 1:
+            if s > wait_until:
                 break
             if ready is None:
                 w.wait()
