@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -41,8 +42,8 @@ from torch import nn
 
 from ..core.names import is_wrapped
 
-__all__ = ["Agreement", "RanksFailed", "active", "attempt", "checkpoint", "full", "gather_rows", "plain_forward",
-           "reduce_sum", "refuse_sharded", "unwrap", "world_size"]
+__all__ = ["Agreement", "RanksFailed", "active", "attempt", "checkpoint", "full", "gather_rows", "gathered",
+           "on_gathered", "plain_forward", "reduce_sum", "refuse_sharded", "unwrap", "world_size"]
 
 T = TypeVar("T")
 
@@ -246,3 +247,61 @@ def plain_forward(model: nn.Module) -> Iterator[None]:
         for hooks, before in saved:
             hooks.clear()
             hooks.update(before)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as one process holds it, for the duration of a diagnostic: under FSDP2 every sharded
+    parameter (a ``DTensor``) is swapped on its module for a plain ``nn.Parameter`` holding the whole tensor
+    (``full_tensor()``, an all-gather per parameter in module order, the same on every rank; a parameter
+    shared by several modules gathered once) and FSDP2's forward hooks are taken off (:func:`plain_forward`),
+    so the diagnostic's own code (in-place moves of the weights, ``state_dict()``, ``torch.autograd.grad``)
+    runs unchanged on replicated tensors. On exit the sharded parameters are put back, also when the body
+    raises; what the body wrote into the plain copies is dropped (training's shards are never touched).
+    Without sharded parameters: ``model`` as it is, nothing swapped. Memory: one unsharded copy of the
+    parameters per rank while the body runs.
+
+    FSDP2 keeps its own record of whether a module is sharded (not the module's attribute), so its
+    state-dict hooks leave the plain copies in place; gradients never reach FSDP2's reduce-scatter (its
+    backward hooks are registered by the forward hooks that are off)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        yield model
+        return
+    swaps: list[tuple[nn.Module, str, nn.Parameter]] = []
+    copies: dict[int, nn.Parameter] = {}
+    try:
+        for m in model.modules():
+            for name, p in list(m._parameters.items()):
+                if isinstance(p, DTensor):
+                    plain = copies.get(id(p))
+                    if plain is None:
+                        plain = copies[id(p)] = nn.Parameter(p.detach().full_tensor(),
+                                                             requires_grad=p.requires_grad)
+                    swaps.append((m, name, p))
+                    m._parameters[name] = plain
+        if not swaps:
+            yield model
+            return
+        with plain_forward(model):
+            yield model
+    finally:
+        for m, name, p in reversed(swaps):
+            m._parameters[name] = p
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def on_gathered(fn: F) -> F:
+    """``fn(model, ...)`` run inside :func:`gathered` (``model``, its first argument, with FSDP2's sharded
+    parameters whole and plain for the call): a public diagnostic function written for plain tensors works
+    under FSDP2 unchanged."""
+
+    @functools.wraps(fn)
+    def call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with gathered(model):
+            return fn(model, *args, **kwargs)
+
+    return call  # type: ignore[return-value]

@@ -153,8 +153,9 @@ def gradient_noise_scale(
     out), the full-batch gradient is the mean over every rank's micro-batches
     (one all_reduce of the summed gradients) and the per-micro-batch norms and
     inner products are gathered: one process on the global batch whenever every
-    shard is a multiple of the micro-batch size. FSDP2 is not supported yet
-    (a clear error on every rank).
+    shard is a multiple of the micro-batch size. Under FSDP2 the sharded
+    parameters are gathered for the call (one unsharded copy per rank while it
+    runs), then the same.
     """
     if not callable(loss_fn):
         raise TypeError(f"gradient_noise_scale: loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -169,7 +170,6 @@ def gradient_noise_scale(
     n = batch_size(inputs)
     distributed = _dist.active()
     if distributed:
-        _dist.refuse_sharded(model, "gradient_noise_scale")
         model = _dist.unwrap(model)  # DDP: autograd.grad through the module itself, not the wrapper's reducer
         n_all = int(_dist.reduce_sum(lambda: torch.tensor([float(n)], dtype=torch.float64))[0])
     else:
@@ -179,7 +179,14 @@ def gradient_noise_scale(
         raise ValueError(f"gradient_noise_scale: a batch of {n_all} examples cannot be split into {micro_batches} "
                          "micro-batches")
     k = n // b  # this rank's micro-batches (all of them in one process)
-    fwd = forward or default_forward
+    with _dist.gathered(model):  # FSDP2: the whole parameters, plain, for the duration (diagnostics/_dist.py)
+        return _noise_scale(model, loss_fn, inputs, targets, b, k, params, forward or default_forward, mode,
+                            distributed)
+
+
+def _noise_scale(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, b: int, k: int, params: Any,
+                 fwd: Forward, mode: str, distributed: bool) -> NoiseScaleResult:
+    """gradient_noise_scale's work on this rank's ``k`` micro-batches of ``b`` examples."""
     named = trainable_named_parameters(model, params)
     ps = [p for _, p in named]
     keep = k * sum(p.numel() * p.element_size() for p in ps) <= KEEP_BYTES

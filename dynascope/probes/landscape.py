@@ -28,7 +28,7 @@ import torch
 
 from ..core.checks import one_of
 from ..diagnostics._batch import Forward, LossFn
-from ..diagnostics._dist import refuse_sharded
+from ..diagnostics._dist import gathered
 from ..diagnostics.landscape import interpolate, loss_landscape, trajectory_plane
 from .scheduled import Scheduled, ScheduledContext
 
@@ -142,7 +142,11 @@ class Landscape(Scheduled):
         ctx.log("landscape.interpolation_barrier", curve.barrier)
 
     def run(self, ctx: ScheduledContext) -> None:
-        refuse_sharded(ctx.model, "Landscape")  # DDP: the global batch (diagnostics/_dist.py); FSDP2: not yet
+        # torch.distributed: the global batch (diagnostics/_dist.py); FSDP2: on the whole parameters, gathered
+        with gathered(ctx.model):
+            self._run(ctx)
+
+    def _run(self, ctx: ScheduledContext) -> None:
         if self._snapshot_due(ctx.step) and not ctx.final:
             prev = self.snapshots[-1] if self.snapshots else None
             self._snapshot(ctx)
@@ -166,7 +170,10 @@ class Landscape(Scheduled):
     def on_close(self, ctx: ScheduledContext) -> None:
         if self.keep_checkpoints == 0 or not (self.trajectory or self.interpolation is True):
             return
-        refuse_sharded(ctx.model, "Landscape")
+        with gathered(ctx.model):
+            self._close(ctx)
+
+    def _close(self, ctx: ScheduledContext) -> None:
         # The final weights always end the trajectory.
         state = {k: v.detach().to("cpu", copy=True) for k, v in ctx.model.state_dict().items()}
         snaps = [s for s in self.snapshots if s[0] != ctx.step] + [(ctx.step, state)]

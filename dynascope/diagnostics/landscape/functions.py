@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...core.guard import preserved_state
+from .. import _dist
 from .._batch import (
     Forward,
     LossFn,
@@ -48,6 +49,7 @@ def _axis(span: float, resolution: int) -> np.ndarray:
     return a
 
 
+@_dist.on_gathered  # FSDP2: the whole parameters, plain, for the call
 def loss_landscape(
     model: nn.Module,
     loss_fn: LossFn,
@@ -255,6 +257,7 @@ def _check_states(model: nn.Module, states: Sequence[Mapping[str, Any]], names: 
         raise ValueError("state dicts do not match the model: " + "; ".join(problems[:6]) + more)
 
 
+@_dist.on_gathered  # FSDP2: the whole parameters, plain, for the call
 def interpolate(
     model: nn.Module,
     state_a: Mapping[str, torch.Tensor],
@@ -324,6 +327,7 @@ def interpolate(
                                extra=extras)
 
 
+@_dist.on_gathered  # FSDP2: the whole parameters, plain, for the call
 def trajectory_plane(
     model: nn.Module,
     states: Sequence[Mapping[str, torch.Tensor]],
