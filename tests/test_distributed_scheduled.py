@@ -1,9 +1,9 @@
-"""Scheduled diagnostics under torch.distributed measure the global batch: each of 2 gloo ranks passes its
-shard of the probe batch (3 and 5 examples: uneven), and the curvature, landscape, noise scale, calibration, collapse and plasticity rows equal one
-process on the 8 examples (DDP, and FSDP2 with uneven parameter shards: 7 rows as 4 + 3, 3 rows as 2 + 1). A diagnostic that
-fails on one rank only fails on every rank together (inside a collective and before any), is recorded as
-``diagnostic.failed`` and training finishes. Training is bit-identical with and without dynascope on each
-rank."""
+"""Scheduled diagnostics under torch.distributed measure the global batch: each of 2 gloo ranks passes its shard of
+the probe batch (3 and 5 examples: uneven), and the curvature, landscape, noise scale, calibration, collapse and
+plasticity rows equal one process on the 8 examples (DDP, and FSDP2 with uneven parameter shards: 7 rows as 4 +
+3, 3 rows as 2 + 1). A diagnostic that fails on one rank only fails on every rank together (inside a collective
+and before any), is recorded as ``diagnostic.failed`` and training finishes. Training is bit-identical with and
+without dynascope on each rank."""
 
 from __future__ import annotations
 
@@ -377,5 +377,6 @@ def test_one_process_agreement_is_the_plain_call():
     gx, gy = _dist.gather_rows(x, y)
     assert gx is x and gy is y
     m = _mlp()
-    _dist.refuse_sharded(m, "x")  # plain parameters: nothing to refuse
+    with _dist.gathered(m) as same:  # plain parameters: nothing to gather or swap
+        assert same is m and [p is q for p, q in zip(m.parameters(), _mlp().parameters())] == [False] * 4
     assert _dist.unwrap(m) is m

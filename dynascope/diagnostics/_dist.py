@@ -6,9 +6,10 @@ Each rank passes ITS shard of the batch; the result is what one process computes
 
 * **Parameters**: DDP replicates them; under FSDP2 each sharded parameter (a ``DTensor``) is gathered
   once per operator (:func:`full`, ``DTensor.full_tensor()``), so every rank holds the same parameter
-  vector and the same directions. Lanczos, Hutchinson and SLQ then run unchanged and identically on every
-  rank: their random vectors come from generators seeded with the same seed, their dot products and norms
-  are of replicated vectors.
+  vector and the same directions. The landscape and the noise scale run on the model with its sharded
+  parameters swapped for whole plain copies for the call (:func:`gathered`). Lanczos, Hutchinson and SLQ
+  then run unchanged and identically on every rank: their random vectors come from generators seeded with
+  the same seed, their dot products and norms are of replicated vectors.
 * **Hessian-vector products**: each rank computes the product of ITS shard's loss, weighted by
   ``n_rank / N`` (``N``: the global number of samples, one all_reduce when the operator is built), and
   :func:`reduce_sum` adds them across ranks: ``sum_r (n_r / N) H_r v = H v`` of the global mean loss,
@@ -43,7 +44,7 @@ from torch import nn
 from ..core.names import is_wrapped
 
 __all__ = ["Agreement", "RanksFailed", "active", "attempt", "checkpoint", "full", "gather_rows", "gathered",
-           "on_gathered", "plain_forward", "reduce_sum", "refuse_sharded", "unwrap", "world_size"]
+           "on_gathered", "plain_forward", "reduce_sum", "unwrap", "world_size"]
 
 T = TypeVar("T")
 
@@ -195,14 +196,6 @@ def full(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, DTensor):
         return t.detach().full_tensor()
     return t.detach()
-
-
-def refuse_sharded(model: nn.Module, what: str) -> None:
-    """NotImplementedError naming ``what`` when ``model`` has FSDP2-sharded (DTensor) parameters: the same on
-    every rank, so the diagnostic fails on every rank together (recorded as ``diagnostic.failed``)."""
-    if any(getattr(p, "placements", None) is not None for p in model.parameters()):
-        raise NotImplementedError(f"{what} under FSDP2 (sharded DTensor parameters) is not supported yet; it "
-                                  "supports DDP and one process")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
