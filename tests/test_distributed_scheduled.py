@@ -120,6 +120,13 @@ def _local_params(model: nn.Module) -> list[list[float]]:
     return out
 
 
+def _direct_calls(model: nn.Module, probe) -> dict:
+    """The public functions called directly on a model (FSDP2: sharded): the noise scale and a 1D line."""
+    gns = dynascope.gradient_noise_scale(model, F.cross_entropy, probe, micro_batches=8)
+    line = dynascope.loss_landscape(model, F.cross_entropy, probe, dims=1, resolution=5, span=0.5, progress=False)
+    return {"b_simple": gns.b_simple, "grad_sq": gns.grad_sq, "line": line.losses.tolist()}
+
+
 class FailsOnRankOne(dynascope.Scheduled):
     """Raises on rank 1 only, before any collective; rank 0 goes into a Hessian computation meanwhile."""
 
@@ -164,6 +171,8 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
                                           _landscape(probe), _noise_scale(probe)], lo, hi)
         report["fsdp_params"] = _local_params(m)
         report["fsdp_shard_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
+        report["fsdp_direct"] = _direct_calls(m, probe)
+        assert _local_params(m) == report["fsdp_params"]  # the calls leave the shards as they were
         plain = fully_shard_linears(_mlp())
         _train(plain, torch.optim.Adam(plain.parameters(), lr=0.01), None, [], lo, hi)
         report["fsdp_plain_params"] = _local_params(plain)
@@ -259,6 +268,19 @@ def test_noise_scale_equals_one_process_on_the_global_batch(spawned, tmp_path, k
     assert {m for _, m, _ in ref} >= {"gns.grad_sq", "gns.trace_cov", "gns.simple_stderr", "gns.batch_size"}
     assert ref[(0, "gns.batch_size", "")] == GLOBAL
     _assert_close(ref, _rows(out / kind / "rank0", "gns."), rtol=1e-6)
+
+
+def test_fsdp2_direct_calls_of_noise_scale_and_landscape_equal_one_process(spawned):
+    """``gradient_noise_scale`` and ``loss_landscape`` called on the sharded model after training: one process's
+    values on the global probe batch at the trained weights (the one-process run trains the same steps)."""
+    _, reports = spawned
+    m = _mlp()
+    _train(m, OPTIMIZERS["fsdp"](m), None, [], 0, GLOBAL)
+    want = _direct_calls(m, _data()[1])
+    for r in reports:
+        got = r["fsdp_direct"]
+        np.testing.assert_allclose([got["b_simple"], got["grad_sq"]], [want["b_simple"], want["grad_sq"]], rtol=1e-5)
+        np.testing.assert_allclose(got["line"], want["line"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
