@@ -58,7 +58,7 @@ def _batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo: int, hi: int,
            steps: int = STEPS, fault: bool = True, snapshot_every: int | None = None, start: int = 0,
-           lag: int | None = None) -> dict:
+           lag: int | None = None, shard_dir: str | None = None) -> dict:
     """``steps`` steps on examples [lo, hi) of each global batch, layer 2's weight x 50 before step FAULT; with
     dynascope when ``run_dir``: the sentinel's rows (ring buffer, as read), events, the recording steps."""
     out: dict = {"recorded": []}
@@ -72,6 +72,8 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, lo
             run.start()
             if lag is not None:  # CUDA's lag (1) on the CPU: the row of step s read at s + 1
                 run.sentinel.lag = lag
+            if shard_dir is not None:  # where this rank writes its FSDP2 snapshot shard
+                run.snapshotter.directory = shard_dir
         for step, (x, y) in enumerate(_batches(steps)):
             if step < start:  # a replay from a snapshot of step `start`
                 continue
@@ -154,8 +156,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         report["ddp_lag1"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
                                     os.path.join(out, "ddp_lag1", f"rank{rank}"), lo, hi, lag=1)
         m = fully_shard_linears(_mlp())
-        report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
-                                os.path.join(out, "fsdp", f"rank{rank}"), lo, hi, snapshot_every=SNAPSHOT_EVERY)
+        report["fsdp"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),  # shards: into rank 0's run directory
+                                os.path.join(out, "fsdp", f"rank{rank}"), lo, hi, snapshot_every=SNAPSHOT_EVERY,
+                                shard_dir=os.path.join(out, "fsdp", "rank0"))
         report["fsdp_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
         # FSDP2: every rank's shards gathered on rank 0 into one file; each rank restores its own
         dist.barrier()
@@ -166,6 +169,18 @@ def _worker(rank: int, port: int, out: str) -> None:
         report["fsdp_replay"] = _train(m, opt, None, lo, hi, start=report["fsdp_snapshot_step"])
         m = fully_shard_linears(_mlp())
         report["fsdp_plain"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01), None, lo, hi)
+        # rank 1 cannot write into the run directory (as on another machine without a shared file system):
+        # every rank's shards gathered on rank 0 into one file instead; it replays the same way
+        m = fully_shard_linears(_mlp())
+        report["gathered"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
+                                    os.path.join(out, "gathered", f"rank{rank}"), lo, hi,
+                                    snapshot_every=SNAPSHOT_EVERY,
+                                    shard_dir=os.path.join(out, "not-here") if rank == 1 else None)
+        dist.barrier()
+        snap = dynascope.load_snapshot(os.path.join(out, "gathered", "rank0"))
+        m = fully_shard_linears(_mlp())
+        opt = torch.optim.Adam(m.parameters(), lr=0.01)
+        report["gathered_replay"] = _train(m, opt, None, lo, hi, start=snap.restore(m, opt))
         # an optimizer without a closed-form step: update norms from a copy of the shards
         m = fully_shard_linears(_mlp())
         report["fsdp_copy"] = _train(m, torch.optim.RMSprop(m.parameters(), lr=0.01),
@@ -285,13 +300,48 @@ def test_fsdp2_snapshot_of_every_rank_shards_replays_bit_for_bit(spawned):
     taken = FAULT // SNAPSHOT_EVERY * SNAPSHOT_EVERY
     assert list(table["step"]) == [taken] and list(table["event_step"]) == [FAULT]
     snap = dynascope.load_snapshot(out / "fsdp" / "rank0")
-    assert [[tuple(t.shape) for t in sh["model"].values()] for sh in snap.shards] == [
+    # a manifest naming one file per rank, each written by its rank: no rank held another's shards
+    assert snap.shards is None and snap.shard_files == [f"snapshot-{taken}.rank{r}.pt" for r in range(WORLD)]
+    assert snap.meta["layout"] == "files"
+    assert [[tuple(t.shape) for t in snap._shard_file(r)["model"].values()] for r in range(WORLD)] == [
         [(4, 5), (4,), (2, 7), (2,)], [(3, 5), (3,), (1, 7), (1,)]]  # each rank's own shards
+    assert snap.meta["nbytes"] == sum(int(np.prod(t.shape)) * t.element_size() for r in range(WORLD)
+                                      for part in (snap._shard_file(r)["model"], snap._shard_file(r)["optimizers"])
+                                      for t in _tensors(part)) + WORLD * _rng_bytes()
     for r in reports:
         assert r["fsdp_snapshot_step"] == taken
         assert r["fsdp_replay"]["params"] == r["fsdp"]["params"] == r["fsdp_plain"]["params"]
     with pytest.raises(ValueError, match="same world size"):
         snap.restore(_mlp())
+    (out / "fsdp" / "rank0" / "artifacts" / snap.shard_files[1]).write_bytes(b"not a snapshot")
+    with pytest.raises(ValueError, match="rank 1's snapshot shard is not readable"):
+        snap._shard_file(1)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _rng_bytes() -> int:
+    from dynascope.capture.snapshot import _nbytes, rng_state
+    return _nbytes(rng_state())
+
+
+def test_fsdp2_snapshot_gathered_on_rank_0_where_a_rank_cannot_write_its_shard(spawned):
+    out, reports = spawned
+    taken = FAULT // SNAPSHOT_EVERY * SNAPSHOT_EVERY
+    snap = dynascope.load_snapshot(out / "gathered" / "rank0")
+    assert snap.shard_files is None and len(snap.shards) == WORLD and snap.step == taken
+    assert snap.meta["layout"] == "gathered"
+    assert not list((out / "gathered" / "rank0" / "artifacts").glob("*.rank*.pt"))  # rank 0's own removed
+    for r in reports:
+        assert r["gathered_replay"]["params"] == r["gathered"]["params"] == r["fsdp_plain"]["params"]
 
 
 def test_training_is_bit_identical_with_and_without_dynascope_on_each_rank(spawned):

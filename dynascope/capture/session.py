@@ -186,7 +186,7 @@ class Session:
                                  "drop sentinel=False or snapshot_every")
             self.snapshotter = Snapshotter(snapshot_every)  # checks the value on every rank
             if is_active() and any(is_sharded(p) for p in model.parameters()):
-                # FSDP2: every rank keeps its shards; on an event rank 0 gathers and writes them
+                # FSDP2: every rank keeps its shards; on an event each rank writes its own, rank 0 a manifest
                 self.snapshotter = ShardedSnapshotter(snapshot_every)
             elif is_active():  # DDP: the state is replicated: rank 0 keeps it, every rank its generators' states
                 self.snapshotter = ReplicatedSnapshotter(snapshot_every)
@@ -205,6 +205,8 @@ class Session:
                 f"a {type(run_dir).__name__} whose path is {type(os.fspath(run_dir)).__name__}"
             raise TypeError(f"run_dir must be a str or os.PathLike, got {got}")
         self.run_dir = os.fspath(run_dir)
+        if isinstance(self.snapshotter, ShardedSnapshotter):  # FSDP2: each rank writes its shards there
+            self.snapshotter.directory = self.run_dir
         self._mode = "resume" if resume else "overwrite" if overwrite else "new"
         self._name = name
         self._seed = seed

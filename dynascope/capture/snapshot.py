@@ -16,10 +16,12 @@ optimizers; the training loop then replays steps ``snapshot.step, snapshot.step 
 same batches: the data pipeline's position is the loop's own state) under a new probe with
 ``every=1``.
 
-Under torch.distributed every rank takes its part at the same steps and rank 0 writes one file on an
-event (every rank sees it at the same step): DDP (:class:`ReplicatedSnapshotter`) rank 0's replicated state
-and every rank's generator states; FSDP2 (:class:`ShardedSnapshotter`) every rank's local shards and
-generators. :meth:`Snapshot.restore` on rank r puts back rank r's part.
+Under torch.distributed every rank takes its part at the same steps and writes it on an event (every rank
+sees it at the same step): DDP (:class:`ReplicatedSnapshotter`) rank 0 writes one file with its replicated
+state and every rank's generator states; FSDP2 (:class:`ShardedSnapshotter`) each rank writes a file of its
+local shards and generators, rank 0 a manifest naming them (or, where the ranks share no file system, rank 0
+writes every rank's part gathered into one file). :meth:`Snapshot.restore` on rank r puts back rank r's
+part (FSDP2: reading rank r's file only).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from ..core.errors import describe
+from ..store.schema import ARTIFACTS
 
 __all__ = ["Snapshot", "Snapshotter", "ShardedSnapshotter", "ReplicatedSnapshotter", "load_snapshot", "snapshots",
            "rng_state", "set_rng_state"]
@@ -111,6 +114,10 @@ class Snapshot:
     #: DDP: every rank's random generators' states, in rank order (the model and optimizer state are rank 0's,
     #: replicated); :meth:`restore` on rank r puts back rank r's
     rngs: list[dict[str, Any]] | None = None
+    #: FSDP2 written as one file per rank: the files' names in rank order (next to this manifest, in
+    #: ``directory``); :meth:`restore` on rank r reads rank r's file only
+    shard_files: list[str] | None = None
+    directory: Path | None = None
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +131,8 @@ class Snapshot:
             out["shards"] = self.shards
         if self.rngs is not None:
             out["rngs"] = self.rngs
+        if self.shard_files is not None:
+            out["shard_files"] = self.shard_files
         return out
 
     def restore(self, model: torch.nn.Module,
@@ -134,7 +143,7 @@ class Snapshot:
         replay first."""
         opts = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) \
             else list(optimizer)
-        if self.shards is not None:
+        if self.shards is not None or self.shard_files is not None:
             return self._restore_shards(model, opts, rng)
         if opts and len(opts) != len(self.optimizers):
             raise ValueError(f"the snapshot holds {len(self.optimizers)} optimizer state(s), "
@@ -159,12 +168,12 @@ class Snapshot:
         """FSDP2: this rank's local shards put back into the model's and the optimizers' DTensors (the same
         world size and sharding as when it was taken)."""
         dist = torch.distributed
-        assert self.shards is not None
+        ranks = len(self.shards if self.shards is not None else self.shard_files or [])
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world != len(self.shards):
-            raise ValueError(f"the snapshot holds the shards of {len(self.shards)} ranks; restore it under the same "
+        if world != ranks:
+            raise ValueError(f"the snapshot holds the shards of {ranks} ranks; restore it under the same "
                              f"world size (this one has {world})")
-        mine = self.shards[dist.get_rank()]
+        mine = self.shards[dist.get_rank()] if self.shards is not None else self._shard_file(dist.get_rank())
         if opts and len(opts) != len(mine["optimizers"]):
             raise ValueError(f"the snapshot holds {len(mine['optimizers'])} optimizer state(s), got {len(opts)} "
                              "optimizer(s)")
@@ -178,6 +187,21 @@ class Snapshot:
         if rng:
             set_rng_state(mine["rng"])
         return self.step
+
+
+    def _shard_file(self, rank: int) -> dict[str, Any]:
+        """Rank ``rank``'s part, read from its own file (``torch.load(weights_only=True)``)."""
+        assert self.shard_files is not None
+        file = (self.directory or Path(".")) / self.shard_files[rank]
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # missing (another machine's disk?) or damaged: one line naming it
+            raise ValueError(f"{file}: rank {rank}'s snapshot shard is not readable ({describe(exc)}); each rank "
+                             "reads its own file next to the snapshot's manifest") from None
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("step") != self.step \
+                or obj.get("rank") != rank:
+            raise ValueError(f"{file}: not rank {rank}'s shard of the snapshot of step {self.step}")
+        return obj
 
 
 def _local_host(obj: Any) -> Any:
@@ -251,9 +275,15 @@ class Snapshotter:
 class ShardedSnapshotter(Snapshotter):
     """FSDP2: every rank keeps the host copies of its local shards (model, optimizer state; DTensors as their
     local tensors) and its random generators' states, the last two snapshot steps. On an event (every rank sees
-    it at the same step: the sentinel's row is shared) the shards are gathered on rank 0 (one
-    ``gather_object``), which writes them into one file, in rank order. A failure on one rank (to take or to
-    gather) is brought to a checkpoint: every rank turns snapshots off together."""
+    it at the same step: the sentinel's row is shared) each rank writes its own part as
+    ``artifacts/snapshot-<step>.rank<r>.pt`` into the run directory (``directory``, set by the session on every
+    rank: a file system the ranks share), then, once every rank has written (one checkpoint), rank 0 writes the
+    manifest (the indexed ``snapshot`` artifact naming the files). No rank holds another's shards, writing or
+    restoring. Where a rank cannot write there (the run directory is on rank 0's machine only) the shards are
+    gathered on rank 0 instead (one ``gather_object``), which writes them into one file. A failure on one rank
+    to take a snapshot is brought to a checkpoint: every rank turns snapshots off together."""
+
+    directory: str | None = None
 
     def take(self, step: int, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         from ..diagnostics._dist import attempt
@@ -267,6 +297,8 @@ class ShardedSnapshotter(Snapshotter):
         self.kept.append((attempt(local), None))
 
     def write(self, store: Any, reason: str, event_step: int) -> Path | None:
+        from ..diagnostics._dist import RanksFailed, attempt, reduce_sum
+
         dist = torch.distributed
         hit = next((s for s, _ in reversed(self.kept) if s.step <= event_step), None)
         if hit is None or hit.step in self._written:  # the same on every rank
@@ -274,12 +306,34 @@ class ShardedSnapshotter(Snapshotter):
         self._written.add(hit.step)
         assert hit.shards is not None
         mine = hit.shards[0]
+        rank, world = dist.get_rank(), dist.get_world_size()
+        names = [f"{ARTIFACT}-{hit.step}.rank{r}.pt" for r in range(world)]
+        own = Path(self.directory or ".") / ARTIFACTS / names[rank]
+        try:
+            attempt(lambda: _save_atomic({"format": FORMAT, "step": hit.step, "rank": rank, "world": world, **mine},
+                                         own))
+        except RanksFailed:  # a rank could not write into the run directory: gathered on rank 0 instead
+            own.unlink(missing_ok=True)
+            return self._gather(store, reason, event_step, hit.step, mine)
+        nbytes = int(reduce_sum(lambda: torch.tensor([float(_nbytes(mine))], dtype=torch.float64))[0])
+        if store is None:
+            return None
+        snap = Snapshot(hit.step, {}, [], {}, shard_files=names)
+        snap.meta = {"event": reason, "event_step": int(event_step), "nbytes": nbytes, "world": world,
+                     "layout": "files"}
+        payload = snap.payload()
+        return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
+
+    def _gather(self, store: Any, reason: str, event_step: int, step: int, mine: dict[str, Any]) -> Path | None:
+        """Every rank's part gathered on rank 0 and written there into one file."""
+        dist = torch.distributed
         gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine, gathered, dst=0)  # every rank holds its shards: none fails before it
         if gathered is None or store is None:
             return None
-        snap = Snapshot(hit.step, {}, [], {}, shards=gathered)
-        snap.meta = {"event": reason, "event_step": int(event_step), "nbytes": snap.nbytes, "world": len(gathered)}
+        snap = Snapshot(step, {}, [], {}, shards=gathered)
+        snap.meta = {"event": reason, "event_step": int(event_step), "nbytes": snap.nbytes, "world": len(gathered),
+                     "layout": "gathered"}
         payload = snap.payload()
         return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
 
@@ -313,6 +367,18 @@ class ReplicatedSnapshotter(Snapshotter):
             return None
         hit.rngs = rngs
         return super().write(store, reason, event_step)
+
+
+def _save_atomic(obj: Any, target: Path) -> None:
+    """``torch.save(obj)`` into ``target`` through a temporary file (never a half-written file under its name).
+    The folder must exist: a rank never creates the run directory on its own machine."""
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def snapshots(run: str | os.PathLike[str] | Any) -> Any:
@@ -354,4 +420,5 @@ def load_snapshot(run: str | os.PathLike[str] | Any, step: int | None = None, *,
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{file}: not a dynascope snapshot (format {FORMAT})")
     return Snapshot(int(obj["step"]), obj["model"], list(obj["optimizers"]), obj["rng"], dict(obj.get("meta", {})),
-                    shards=obj.get("shards"), rngs=obj.get("rngs"))
+                    shards=obj.get("shards"), rngs=obj.get("rngs"), shard_files=obj.get("shard_files"),
+                    directory=file.parent)
