@@ -82,10 +82,14 @@ class _Evaluator:
         summed over the ranks (one all_reduce per point, after a checkpoint: ``diagnostics/_dist.py``)."""
         if not _dist.active():
             return self._local()
-        loss, metrics = _dist.attempt(self._local)
-        keys = sorted(metrics)
-        packed = torch.tensor([float(loss), *(metrics[k] for k in keys)], dtype=torch.float64, device=loss.device)
-        total = _dist.reduce_sum(lambda: packed)
+        keys: list[str] = []
+
+        def packed() -> torch.Tensor:  # this rank's weighted loss and metrics: one checkpoint, one all_reduce
+            loss, metrics = self._local()
+            keys.extend(sorted(metrics))
+            return torch.tensor([float(loss), *(metrics[k] for k in keys)], dtype=torch.float64, device=loss.device)
+
+        total = _dist.reduce_sum(packed)
         return total[0], {k: float(v) for k, v in zip(keys, total[1:].tolist())}
 
     def _local(self) -> tuple[torch.Tensor, dict[str, float]]:
@@ -157,6 +161,8 @@ def _evaluate_points_loop(
     mover: _Mover, ev: _Evaluator, points: np.ndarray, bar: Any
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     n = len(points)
+    if _dist.active():
+        return _evaluate_points_reduced(mover, ev, points, bar)
     device = mover.params[0].device
     out = torch.empty(n, dtype=torch.float64, device=device)
     extras: dict[str, np.ndarray] = {}
@@ -169,6 +175,31 @@ def _evaluate_points_loop(
                 extras.setdefault(name, np.full(n, np.nan))[k] = v
             bar.update(1)
     return out.cpu().numpy(), extras
+
+
+def _evaluate_points_reduced(
+    mover: _Mover, ev: _Evaluator, points: np.ndarray, bar: Any
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """torch.distributed: every point's loss (and metrics) of this rank's weighted shard, then ONE checkpoint and
+    one all_reduce of the ``points x (1 + metrics)`` table (not one per point: the points do not depend on each
+    other's values)."""
+    keys: list[str] = []
+
+    def local() -> torch.Tensor:
+        rows = []
+        with torch.no_grad():
+            for k in range(len(points)):
+                mover.set(points[k])
+                loss, metrics = ev._local()
+                if k == 0:
+                    keys.extend(sorted(metrics))
+                rows.append(torch.stack([loss.double().cpu(), *(torch.tensor(metrics[m], dtype=torch.float64)
+                                                                 for m in keys)]))
+                bar.update(1)
+        return torch.stack(rows)
+
+    total = _dist.reduce_sum(local).numpy()
+    return total[:, 0].copy(), {m: total[:, 1 + j].copy() for j, m in enumerate(keys)}
 
 
 def _evaluate_points_vmap(
