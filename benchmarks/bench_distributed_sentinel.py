@@ -50,7 +50,9 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
     dist.all_reduce = counting  # type: ignore[assignment]
     report: dict = {}
     try:
-        for kind, sentinel in (("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True)):
+        # lag: None = the default (0 on the CPU: the row is waited for at its own step), 1: read a step late
+        for kind, sentinel, lag in (("ddp", False, None), ("ddp", True, None), ("ddp", True, 1),
+                                    ("fsdp2", False, None), ("fsdp2", True, None), ("fsdp2", True, 1)):
             if kind == "ddp":
                 model = nn.parallel.DistributedDataParallel(small_model())
             else:
@@ -63,8 +65,10 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
                 fully_shard(model)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             g = torch.Generator().manual_seed(rank)
-            with dynascope.probe(model, opt, os.path.join(out, f"{kind}{sentinel}", f"rank{rank}"), every=10 ** 9,
+            with dynascope.probe(model, opt, os.path.join(out, f"{kind}{sentinel}{lag}", f"rank{rank}"), every=10 ** 9,
                                  flush_every=10 ** 9, sentinel=sentinel) as run:
+                if lag is not None and run.sentinel is not None:
+                    run.sentinel.lag = lag
                 t0 = 0.0
                 for step in range(steps + 1):
                     if step == 1:  # after the recording (and flushing) first step: the sentinel alone
@@ -80,7 +84,9 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
                 elapsed = time.perf_counter() - t0
                 row = run.sentinel.width if run.sentinel is not None else 0
             # DDP's own gradient all-reduce goes through its reducer (not dist.all_reduce): not counted
-            if sentinel:
+            if sentinel and lag is not None:
+                report[f"{kind}_lag{lag}"] = 1e3 * elapsed / steps
+            elif sentinel:
                 report[kind] = {"calls": counted["calls"] / steps, "bytes": counted["bytes"] / steps, "row": row,
                                 "step_ms": 1e3 * elapsed / steps}
             else:
@@ -97,7 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}; gloo on the CPU; {args.steps} steps counted per run")
     print(f"{'world':>6s} {'run':>6s} {'row (numbers)':>14s} {'all_reduce calls/step':>22s} "
-          f"{'payload bytes/rank/step':>24s} {'ms/step, sentinel on / off':>27s}")
+          f"{'payload bytes/rank/step':>24s} {'ms/step, sentinel on / off':>27s} {'on, read a step late':>21s}")
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as out:
             for attempt in range(3):  # torch 2.13's gloo can abort a worker at teardown: retry
@@ -116,7 +122,7 @@ def main() -> None:
             assert all(g[kind]["bytes"] == r["bytes"] for g in got), got
             off = got[0][f"{kind}_off"]
             print(f"{world:6d} {kind:>6s} {r['row']:14d} {r['calls']:22.2f} {r['bytes']:24,.0f} "
-                  f"{r['step_ms']:14.1f} / {off:.1f}")
+                  f"{r['step_ms']:14.1f} / {off:.1f} {got[0][f'{kind}_lag1']:21.1f}")
 
 
 if __name__ == "__main__":
