@@ -120,6 +120,24 @@ def _local_params(model: nn.Module) -> list[list[float]]:
     return out
 
 
+def _gathered_and_back(model: nn.Module) -> dict:
+    """Inside ``_dist.gathered`` the FSDP2 model holds whole plain parameters; on the way out (here: raising)
+    the sharded DTensors come back, the very objects the optimizer holds."""
+    from torch.distributed.tensor import DTensor
+
+    before = list(model.parameters())
+    inside = None
+    try:
+        with _dist.gathered(model):
+            inside = [(type(p) is nn.Parameter, tuple(p.shape)) for p in model.parameters()]
+            raise RuntimeError("planted")
+    except RuntimeError:
+        pass
+    after = list(model.parameters())
+    return {"inside": inside, "same": all(a is b for a, b in zip(before, after)) and len(before) == len(after),
+            "dtensors": all(isinstance(p, DTensor) for p in after)}
+
+
 def _direct_calls(model: nn.Module, probe) -> dict:
     """The public functions called directly on a model (FSDP2: sharded): the noise scale and a 1D line."""
     gns = dynascope.gradient_noise_scale(model, F.cross_entropy, probe, micro_batches=8)
@@ -172,6 +190,7 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
         report["fsdp_params"] = _local_params(m)
         report["fsdp_shard_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
         report["fsdp_direct"] = _direct_calls(m, probe)
+        report["gathered"] = _gathered_and_back(m)
         assert _local_params(m) == report["fsdp_params"]  # the calls leave the shards as they were
         plain = fully_shard_linears(_mlp())
         _train(plain, torch.optim.Adam(plain.parameters(), lr=0.01), None, [], lo, hi)
@@ -268,6 +287,13 @@ def test_noise_scale_equals_one_process_on_the_global_batch(spawned, tmp_path, k
     assert {m for _, m, _ in ref} >= {"gns.grad_sq", "gns.trace_cov", "gns.simple_stderr", "gns.batch_size"}
     assert ref[(0, "gns.batch_size", "")] == GLOBAL
     _assert_close(ref, _rows(out / kind / "rank0", "gns."), rtol=1e-6)
+
+
+def test_gathered_swaps_whole_plain_parameters_in_and_the_shards_back_out(spawned):
+    _, reports = spawned
+    for r in reports:
+        assert r["gathered"]["inside"] == [[True, [7, 5]], [True, [7]], [True, [3, 7]], [True, [3]]]
+        assert r["gathered"]["same"] and r["gathered"]["dtensors"]
 
 
 def test_fsdp2_direct_calls_of_noise_scale_and_landscape_equal_one_process(spawned):
