@@ -1,10 +1,11 @@
-"""An FSDP2 run on 2 ranks with the sentinel, an injected fault, its forensics and a curvature diagnostic.
+"""An FSDP2 run on 2 ranks with the sentinel, an injected fault, its forensics, curvature and noise scale.
 
 Each rank trains its half of every global batch on a model sharded with ``fully_shard``. At step ``--fault``
 the last layer's weight is multiplied by 50: every rank's sentinel holds the same row (the squared norms of
 the shards summed across ranks), so every rank sees the loss spike at the same step and records the same burst;
-rank 0 writes the event, the snapshot of the state before it (every rank's shards) and the Hessian's top
-eigenvalue of the global probe batch, then prints the events and the forensics ranking of the first one.
+each rank writes its shards of the snapshot before it, rank 0 the event, the Hessian's top eigenvalue and the
+gradient noise scale of the global probe batch; then it prints the events and the forensics ranking of the
+first one.
 
 Run with torchrun (NCCL on GPUs)::
 
@@ -53,10 +54,11 @@ def train(out: str, steps: int, fault: int) -> None:
     px, py = _batch(-1)
     part = slice(rank * len(px) // world, (rank + 1) * len(px) // world)
     # every rank passes its shard of the probe batch: the Hessian is the global batch's
-    curvature = dynascope.Curvature(every=20, batch=(px[part].to(device), py[part].to(device)),
-                                    loss_fn=F.cross_entropy, k=1, trace=False)
-    with dynascope.probe(model, opt, out, every=10, overwrite=True, curvature=curvature, snapshot_every=10,
-                         sentinel=dynascope.Sentinel(burst=5)) as run:
+    probe = (px[part].to(device), py[part].to(device))
+    curvature = dynascope.Curvature(every=20, batch=probe, loss_fn=F.cross_entropy, k=1, trace=False)
+    noise = dynascope.NoiseScale(every=20, batch=probe, loss_fn=F.cross_entropy, micro_batches=8)
+    with dynascope.probe(model, opt, out, every=10, overwrite=True, curvature=curvature, scheduled=[noise],
+                         snapshot_every=10, sentinel=dynascope.Sentinel(burst=5)) as run:
         for step in range(steps):
             if step == fault:
                 with torch.no_grad():
@@ -78,7 +80,10 @@ def train(out: str, steps: int, fault: int) -> None:
         print(forensics(out, first)[["module", "metric", "first_step", "ratio"]].head(5).to_string(index=False))
         eig = dynascope.load_run(out).scalars("hessian.eig")
         print(f"hessian.eig of the global probe batch: {eig[['step', 'value']].to_dict('records')}")
-        print(f"snapshots: {list(dynascope.snapshots(out)['step'])}")
+        gns = dynascope.load_run(out).scalars("gns.simple")
+        print(f"gns.simple of the global probe batch: {gns[['step', 'value']].to_dict('records')}")
+        print(f"snapshots: {list(dynascope.snapshots(out)['step'])}", flush=True)
+    dist.barrier()  # no rank leaves (and tears the process group down) before rank 0 has printed
 
 
 def _spawned(rank: int, world: int, port: int, out: str, steps: int, fault: int) -> None:

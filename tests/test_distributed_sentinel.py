@@ -374,5 +374,6 @@ def test_the_fsdp2_example_runs_with_an_event_its_forensics_and_the_curvature(tm
     run = dynascope.load_run(out)
     assert 30 in set(run_events(out)["step"])
     assert list(run.scalars("hessian.eig")["step"]) == [0, 20]
+    assert list(run.scalars("gns.simple")["step"]) == [0, 20] and "gns.simple of the global probe batch" in done.stdout
     assert list(dynascope.snapshots(out)["step"]) == [30]
 
