@@ -21,7 +21,7 @@ from _spawn import fully_shard_linears, spawn_reports
 from torch import nn
 
 import dynascope
-from dynascope.diagnostics import _dist
+from dynascope.diagnostics import _dist, lanczos
 from dynascope.diagnostics.hessian import hessian_eigenvalues
 
 WORLD = 2
@@ -181,15 +181,22 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
         _train(plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9), None, [], lo, hi)
         report["ddp_plain_params"] = _local_params(plain)
 
-        # FSDP2 (Adam): the issue's call, which raised "mixed torch.Tensor and DTensor" and stopped training
+        # FSDP2 (Adam): the issue's call, which raised "mixed torch.Tensor and DTensor" and stopped training;
+        # here every Lanczos basis is sharded by coordinates across the ranks (DDP above: the default for small
+        # models, every rank the whole basis)
+        lanczos.SHARD_BASIS_BYTES = 0
         m = fully_shard_linears(_mlp())
         report["fsdp_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
                                          os.path.join(out, "fsdp", f"rank{rank}"),
-                                         [_curvature(probe, k=2), _hutchinson(probe), *_forward_diagnostics(probe),
-                                          _landscape(probe), _noise_scale(probe)], lo, hi)
+                                         [_curvature(probe, k=2, spectrum=True, spectrum_iter=12), _hutchinson(probe),
+                                          *_forward_diagnostics(probe), _landscape(probe), _noise_scale(probe)],
+                                         lo, hi)
         report["fsdp_params"] = _local_params(m)
         report["fsdp_shard_rows"] = [int(p.to_local().shape[0]) for p in m.parameters()]
         report["fsdp_direct"] = _direct_calls(m, probe)
+        eig = hessian_eigenvalues(m, F.cross_entropy, probe, k=2, return_eigenvectors=True)
+        report["fsdp_eigenvectors"] = [[v[k].reshape(-1).tolist() for k in sorted(v)] for v in eig.eigenvectors]
+        lanczos.SHARD_BASIS_BYTES = 64 * 2**20
         report["gathered"] = _gathered_and_back(m)
         assert _local_params(m) == report["fsdp_params"]  # the calls leave the shards as they were
         plain = fully_shard_linears(_mlp())
@@ -296,6 +303,20 @@ def test_gathered_swaps_whole_plain_parameters_in_and_the_shards_back_out(spawne
         assert r["gathered"]["same"] and r["gathered"]["dtensors"]
 
 
+def test_fsdp2_eigenvectors_from_a_basis_sharded_across_ranks_equal_one_process(spawned):
+    """``hessian_eigenvalues(return_eigenvectors=True)`` with each rank holding half the Lanczos basis: the
+    eigenvectors (rebuilt from the ranks' parts) equal one process's up to sign."""
+    _, reports = spawned
+    m = _mlp()
+    _train(m, OPTIMIZERS["fsdp"](m), None, [], 0, GLOBAL)
+    eig = hessian_eigenvalues(m, F.cross_entropy, _data()[1], k=2, return_eigenvectors=True)
+    want = [np.concatenate([v[k].reshape(-1).numpy() for k in sorted(v)]) for v in eig.eigenvectors]
+    for r in reports:
+        got = [np.concatenate([np.asarray(t) for t in v]) for v in r["fsdp_eigenvectors"]]
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a * np.sign(a @ b), b, rtol=1e-4, atol=1e-5)
+
+
 def test_fsdp2_direct_calls_of_noise_scale_and_landscape_equal_one_process(spawned):
     """``gradient_noise_scale`` and ``loss_landscape`` called on the sharded model after training: one process's
     values on the global probe batch at the trained weights (the one-process run trains the same steps)."""
@@ -358,8 +379,12 @@ def test_fsdp2_curvature_records_the_global_batch_instead_of_stopping_training(s
     out, reports = spawned
     assert reports[0]["fsdp_shard_rows"] == [4, 4, 2, 2] and reports[1]["fsdp_shard_rows"] == [3, 3, 1, 1]
     ref = _single(tmp_path / "single", lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
-                  lambda probe: [_curvature(probe, k=2), _hutchinson(probe)])
+                  lambda probe: [_curvature(probe, k=2, spectrum=True, spectrum_iter=12), _hutchinson(probe)])
     got = _rows(out / "fsdp" / "rank0", "hessian.")
+    for step in (0, 2):  # the spectral density from a basis sharded across the ranks
+        want, _ = dynascope.load_run(tmp_path / "single").load_artifact("hessian.spectrum", step=step)
+        have, _ = dynascope.load_run(out / "fsdp" / "rank0").load_artifact("hessian.spectrum", step=step)
+        np.testing.assert_allclose(have["nodes"], want["nodes"], rtol=1e-5, atol=1e-7)
     assert {la for _, m, la in ref if m == "hessian.trace_estimator"} == {"hutchinson"}
     # Adam: the preconditioned sharpness too, from the optimizer's sharded second moments (from step 2 on)
     assert {m for _, m, _ in ref} >= {"hessian.eig", "hessian.precond_eig", "hessian.trace", "hessian.layer_eig"}

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..core.names import is_wrapped
 
-__all__ = ["Agreement", "RanksFailed", "active", "attempt", "checkpoint", "full", "gather_rows", "gathered",
+__all__ = ["Agreement", "RanksFailed", "Slice", "active", "attempt", "checkpoint", "full", "gather_rows", "gathered",
            "on_gathered", "plain_forward", "reduce_sum", "unwrap", "world_size"]
 
 T = TypeVar("T")
@@ -184,6 +184,45 @@ def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d.all_gather(parts, padded.contiguous())
         out.append(torch.cat([p[:k] for p, k in zip(parts, sizes)]).to(t.device))
     return tuple(out)
+
+
+class Slice:
+    """The coordinates ``[lo, hi)`` of a length-``n`` vector this rank holds of a basis sharded by coordinates:
+    all of them in one process (or when ``shard`` is False), else a ``1 / world`` part (``torch.chunk``'s
+    split; the last ranks may hold fewer or none). :meth:`coeffs` and :meth:`full` are the basis's two
+    reductions over coordinates, each after a checkpoint."""
+
+    def __init__(self, n: int, shard: bool = True) -> None:
+        self.n = int(n)
+        self.sharded = bool(shard) and active()
+        if self.sharded:
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+            self.size = -(-self.n // world)  # ceil
+            self.lo, self.hi = min(rank * self.size, self.n), min((rank + 1) * self.size, self.n)
+        else:
+            self.size, self.lo, self.hi = self.n, 0, self.n
+
+    def coeffs(self, basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``B @ v`` of the whole basis ``B`` (rows: basis vectors) and vector ``v``, from this rank's columns
+        ``basis`` and entries ``w``: partial products summed over ranks."""
+        if not self.sharded:
+            return basis @ w
+        return reduce_sum(lambda: basis @ w)
+
+    def full(self, part: torch.Tensor) -> torch.Tensor:
+        """The whole vector from every rank's ``part`` (its entries ``[lo, hi)``): one all_gather of parts padded
+        to the same length, after a checkpoint."""
+        if not self.sharded:
+            return part
+        checkpoint()
+        padded = part.new_zeros(self.size)
+        padded[: part.numel()] = part
+        parts = [torch.empty_like(padded) for _ in range(torch.distributed.get_world_size())]
+        dev = _device()
+        if padded.device != dev:
+            padded, parts = padded.to(dev), [p.to(dev) for p in parts]
+        torch.distributed.all_gather(parts, padded)
+        return torch.cat(parts)[: self.n].to(part.device)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,15 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from . import _dist
 from .hvp import HessianOperator
 
-__all__ = ["EigenResult"]
+__all__ = ["EigenResult", "SHARD_BASIS_BYTES"]
+
+#: under torch.distributed a Lanczos basis whose whole size (max_iter x n float64) would exceed this is held
+#: sharded by coordinates, each rank 1/world of it (one small all_reduce twice and one all_gather per iteration
+#: more; below it every rank holds the whole basis and the products are the only collectives)
+SHARD_BASIS_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -83,18 +89,35 @@ def _lanczos(
 ) -> dict[str, Any]:
     """Lanczos with full (twice) reorthogonalization in float64.
 
-    Returns alphas, betas, the basis Q (m x n), Ritz values/vectors of T and
-    the residual estimates |beta_m s_mi| of the wanted pairs.
+    Returns alphas, betas, the basis Q (m x n; under torch.distributed, when the whole basis would exceed
+    SHARD_BASIS_BYTES, this rank's columns ``space.lo:space.hi`` of it, ``space`` returned too), Ritz
+    values/vectors of T and the residual estimates |beta_m s_mi| of the wanted pairs.
+
+    The current vector ``q``, the previous one and the product ``w`` are whole on every rank (the products are
+    reduced across ranks: the same on every rank); a sharded basis is reorthogonalized by its coefficients
+    (partial dot products summed across ranks) and the vector rebuilt from the ranks' parts (one all_gather).
+    In one process the arithmetic is the unsharded one, operation for operation.
     """
     gen = torch.Generator(device=device).manual_seed(int(seed))
     m_max = min(int(max_iter), n)
+    space = _dist.Slice(n, shard=m_max * n * 8 > SHARD_BASIS_BYTES)
+    cols = space.hi - space.lo
     # the basis grows by doubling: a converging run stays far below max_iter
-    Q = torch.zeros(min(m_max, max(2 * k + 8, 16)), n, dtype=torch.float64, device=device)
+    Q = torch.zeros(min(m_max, max(2 * k + 8, 16)), cols, dtype=torch.float64, device=device)
+
+    def reorthogonalized(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``w`` minus its projection on the basis, twice (classical Gram-Schmidt)."""
+        part = w[space.lo:space.hi] if space.sharded else w
+        for _ in range(2):
+            part = part - basis.T @ space.coeffs(basis, part)
+        return space.full(part)
+
     if start is None:
         q = torch.randn(n, generator=gen, dtype=torch.float64, device=device)
     else:
         q = start.to(device=device, dtype=torch.float64).clone()
     q /= q.norm()
+    q_prev = q  # the previous basis vector, whole (used from the second iteration on)
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
@@ -107,19 +130,18 @@ def _lanczos(
     try:
         for j in range(m_max):
             if j == Q.shape[0]:
-                grown = torch.zeros(min(m_max, 2 * Q.shape[0]), n, dtype=torch.float64, device=device)
+                grown = torch.zeros(min(m_max, 2 * Q.shape[0]), cols, dtype=torch.float64, device=device)
                 grown[:j] = Q
                 Q = grown
-            Q[j] = q
+            Q[j] = q[space.lo:space.hi]
             w = matvec(q).to(torch.float64)
             alpha = float(torch.dot(w, q))
             alphas.append(alpha)
             w = w - alpha * q
             if j > 0:
-                w = w - betas[-1] * Q[j - 1]
+                w = w - betas[-1] * q_prev
             basis = Q[: j + 1]
-            for _ in range(2):
-                w = w - basis.T @ (basis @ w)
+            w = reorthogonalized(w, basis)
             beta = float(w.norm())
             scale = max(scale, abs(alpha) + beta + (betas[-1] if betas else 0.0))
             if bar is not None:
@@ -138,11 +160,10 @@ def _lanczos(
                 break
             if stop and m >= min_iter and len(idx) >= k and bool(np.all(conv)):
                 break
+            q_prev = q
             if breakdown:
                 # invariant subspace: continue with a fresh random direction
-                w = torch.randn(n, generator=gen, dtype=torch.float64, device=device)
-                for _ in range(2):
-                    w = w - basis.T @ (basis @ w)
+                w = reorthogonalized(torch.randn(n, generator=gen, dtype=torch.float64, device=device), basis)
                 q = w / w.norm()
                 betas.append(0.0)
             else:
@@ -152,6 +173,7 @@ def _lanczos(
         if bar is not None:
             bar.close()
     result["Q"] = Q[: result["m"]]
+    result["space"] = space
     return result
 
 
@@ -219,7 +241,9 @@ def _eigen_on_operator(
         vecs = None
         if return_eigenvectors:
             S = torch.from_numpy(r["S"][:, idx]).to(r["Q"])
-            vecs = (r["Q"].T @ S).T  # k x n
+            vecs = (r["Q"].T @ S).T  # k x n (a sharded basis: k x its columns, then each vector rebuilt)
+            if r["space"].sharded:
+                vecs = torch.stack([r["space"].full(v) for v in vecs])
     elif method == "eigsh":
         r = _eigsh(matvec, n, op.device, k=k, which=which, tol=tol, max_iter=max_iter, seed=seed)
         vals = r["vals"]
