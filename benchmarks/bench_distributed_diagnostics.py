@@ -5,7 +5,9 @@ shard of the probe batch, plus its reductions. This benchmark times the public f
 diagnostics call, on an MLP (64-256-256-10, ~85K parameters) and a global probe batch of ``--batch``
 examples:
 
-* ``hessian_eigenvalues(k=1)`` (Lanczos: one reduced Hessian-vector product per iteration),
+* ``hessian_eigenvalues(k=1)`` (Lanczos: one reduced Hessian-vector product per iteration), also with its
+  basis sharded across the ranks (``lanczos.SHARD_BASIS_BYTES = 0``: two small all_reduces and one all_gather
+  more per iteration, 1/world of the basis's memory per rank),
 * ``gradient_noise_scale(micro_batches=8)`` (one backward per micro-batch, one all_reduce of the summed
   gradients, the norms gathered),
 * ``loss_landscape(dims=1, resolution=9)`` (one forward and one all_reduce per point),
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_distributed_bytes import free_port  # noqa: E402
 
 import dynascope  # noqa: E402
-from dynascope.diagnostics import _dist  # noqa: E402
+from dynascope.diagnostics import _dist, lanczos  # noqa: E402
 from dynascope.diagnostics.hessian import hessian_eigenvalues  # noqa: E402
 
 
@@ -59,9 +61,19 @@ def probe_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+def sharded_basis(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with every Lanczos basis sharded across the ranks (``lanczos.SHARD_BASIS_BYTES = 0``)."""
+    def call() -> object:
+        with mock.patch.object(lanczos, "SHARD_BASIS_BYTES", 0):
+            return fn()
+    return call
+
+
 def calls(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Callable[[], object]]:
+    eig = lambda: hessian_eigenvalues(model, F.cross_entropy, batch, k=1)  # noqa: E731
     return {
-        "hessian_eigenvalues k=1": lambda: hessian_eigenvalues(model, F.cross_entropy, batch, k=1),
+        "hessian_eigenvalues k=1": eig,
+        "the same, basis sharded": sharded_basis(eig),
         "gradient_noise_scale": lambda: dynascope.gradient_noise_scale(model, F.cross_entropy, batch,
                                                                        micro_batches=8),
         "loss_landscape 1D x 9": lambda: dynascope.loss_landscape(model, F.cross_entropy, batch, dims=1,

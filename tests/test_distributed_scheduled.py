@@ -22,7 +22,7 @@ from torch import nn
 
 import dynascope
 from dynascope.diagnostics import _dist, lanczos
-from dynascope.diagnostics.hessian import hessian_eigenvalues
+from dynascope.diagnostics.hessian import hessian_eigenvalues, hessian_spectrum
 
 WORLD = 2
 STEPS = 4
@@ -120,6 +120,15 @@ def _local_params(model: nn.Module) -> list[list[float]]:
     return out
 
 
+N_PARAMS = 5 * 7 + 7 + 7 * 3 + 3
+
+
+def _spectrum_nodes(model: nn.Module, probe) -> list[float]:
+    """The Lanczos nodes of one SLQ run of 24 products (its basis grows from 16 to 32 rows on the way)."""
+    res = hessian_spectrum(model, F.cross_entropy, probe, n_runs=1, n_iter=24)
+    return res.nodes[0].tolist()
+
+
 def _gathered_and_back(model: nn.Module) -> dict:
     """Inside ``_dist.gathered`` the FSDP2 model holds whole plain parameters; on the way out (here: raising)
     the sharded DTensors come back, the very objects the optimizer holds."""
@@ -196,6 +205,9 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
         report["fsdp_direct"] = _direct_calls(m, probe)
         eig = hessian_eigenvalues(m, F.cross_entropy, probe, k=2, return_eigenvectors=True)
         report["fsdp_eigenvectors"] = [[v[k].reshape(-1).tolist() for k in sorted(v)] for v in eig.eigenvectors]
+        # a basis that outgrows the limit on the way (16 rows whole, then 32 rows sharded)
+        lanczos.SHARD_BASIS_BYTES = 16 * N_PARAMS * 8
+        report["fsdp_switch"] = _spectrum_nodes(m, probe)
         lanczos.SHARD_BASIS_BYTES = 64 * 2**20
         report["gathered"] = _gathered_and_back(m)
         assert _local_params(m) == report["fsdp_params"]  # the calls leave the shards as they were
@@ -315,6 +327,16 @@ def test_fsdp2_eigenvectors_from_a_basis_sharded_across_ranks_equal_one_process(
         got = [np.concatenate([np.asarray(t) for t in v]) for v in r["fsdp_eigenvectors"]]
         for a, b in zip(got, want):
             np.testing.assert_allclose(a * np.sign(a @ b), b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lanczos_basis_sharded_when_it_outgrows_the_limit_gives_one_process_nodes(spawned):
+    _, reports = spawned
+    m = _mlp()
+    assert sum(p.numel() for p in m.parameters()) == N_PARAMS
+    _train(m, OPTIMIZERS["fsdp"](m), None, [], 0, GLOBAL)
+    want = _spectrum_nodes(m, _data()[1])
+    for r in reports:
+        np.testing.assert_allclose(r["fsdp_switch"], want, rtol=1e-6, atol=1e-8)
 
 
 def test_fsdp2_direct_calls_of_noise_scale_and_landscape_equal_one_process(spawned):

@@ -29,9 +29,10 @@ from .hvp import HessianOperator
 
 __all__ = ["EigenResult", "SHARD_BASIS_BYTES"]
 
-#: under torch.distributed a Lanczos basis whose whole size (max_iter x n float64) would exceed this is held
-#: sharded by coordinates, each rank 1/world of it (one small all_reduce twice and one all_gather per iteration
-#: more; below it every rank holds the whole basis and the products are the only collectives)
+#: under torch.distributed a Lanczos basis whose whole size (its rows x n float64; it grows by doubling) would
+#: exceed this is held sharded by coordinates from then on, each rank 1/world of it (per iteration two small
+#: all_reduces and one all_gather of the vector more; below it every rank holds the whole basis and the
+#: products are the only collectives)
 SHARD_BASIS_BYTES = 64 * 2**20
 
 
@@ -89,7 +90,7 @@ def _lanczos(
 ) -> dict[str, Any]:
     """Lanczos with full (twice) reorthogonalization in float64.
 
-    Returns alphas, betas, the basis Q (m x n; under torch.distributed, when the whole basis would exceed
+    Returns alphas, betas, the basis Q (m x n; under torch.distributed, once the whole basis would exceed
     SHARD_BASIS_BYTES, this rank's columns ``space.lo:space.hi`` of it, ``space`` returned too), Ritz
     values/vectors of T and the residual estimates |beta_m s_mi| of the wanted pairs.
 
@@ -100,10 +101,11 @@ def _lanczos(
     """
     gen = torch.Generator(device=device).manual_seed(int(seed))
     m_max = min(int(max_iter), n)
-    space = _dist.Slice(n, shard=m_max * n * 8 > SHARD_BASIS_BYTES)
-    cols = space.hi - space.lo
-    # the basis grows by doubling: a converging run stays far below max_iter
-    Q = torch.zeros(min(m_max, max(2 * k + 8, 16)), cols, dtype=torch.float64, device=device)
+    # the basis grows by doubling: a converging run stays far below max_iter; it is sharded (under
+    # torch.distributed) from the growth that takes it above SHARD_BASIS_BYTES, on every rank at the same step
+    rows = min(m_max, max(2 * k + 8, 16))
+    space = _dist.Slice(n, shard=rows * n * 8 > SHARD_BASIS_BYTES)
+    Q = torch.zeros(rows, space.hi - space.lo, dtype=torch.float64, device=device)
 
     def reorthogonalized(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         """``w`` minus its projection on the basis, twice (classical Gram-Schmidt)."""
@@ -130,7 +132,11 @@ def _lanczos(
     try:
         for j in range(m_max):
             if j == Q.shape[0]:
-                grown = torch.zeros(min(m_max, 2 * Q.shape[0]), cols, dtype=torch.float64, device=device)
+                rows = min(m_max, 2 * Q.shape[0])
+                if not space.sharded and rows * n * 8 > SHARD_BASIS_BYTES:
+                    space = _dist.Slice(n)  # from now on this rank's columns only (one process: all of them)
+                    Q = Q[:, space.lo:space.hi]
+                grown = torch.zeros(rows, space.hi - space.lo, dtype=torch.float64, device=device)
                 grown[:j] = Q
                 Q = grown
             Q[j] = q[space.lo:space.hi]
