@@ -321,3 +321,26 @@ def test_a_learning_rate_jump_heads_the_table_above_larger_effects_before_a_nan(
     assert tab[["module", "metric"]].values.tolist()[:3] == [
         ["group0", "optim.lr"], ["big", "update.norm"], ["enc.a", "update.norm"]]
     assert tab["ratio"].iloc[0] == pytest.approx(100.0)
+
+
+def test_forensics_figure_spans_the_steps_a_short_run_has(tmp_path):
+    """A 40-step run recorded every 10 steps (dense around its event, as the sentinel writes it): the panels'
+    step axis covers the run's steps and the event, not the look-back of 160 steps before step 0 it lacks."""
+    from dynascope.reports.forensics_view import forensics_figure
+
+    store = RunStore(tmp_path / "short")
+    store.write_meta({"modules": ["a"], "parameters": ["a.weight"], "every": 10})
+    rng = np.random.default_rng(0)
+    loss = 1.0 + 0.02 * rng.standard_normal(40)
+    loss[31:] = 8.0
+    upd = 0.01 * np.exp(0.05 * rng.standard_normal(40))
+    upd[30:] *= 50.0
+    store.write_scalars([(s, "loss", "", float(v)) for s, v in enumerate(loss)]
+                        + [(s, "update.norm", "a", float(v)) for s, v in enumerate(upd)])
+    store.close()
+    run = load_run(tmp_path / "short")
+    table = run.forensics(31)
+    assert table["module"].tolist()[:1] == ["a"]
+    fig = forensics_figure(run, pd.Series({"step": 31, "kind": "loss_spike"}), table)
+    lo, hi = fig.axes[0].get_xlim()
+    assert 0 <= lo <= 1 and 38 <= hi <= 39, (lo, hi)

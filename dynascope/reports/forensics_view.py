@@ -103,6 +103,8 @@ def forensics_figure(run: RunData, event: pd.Series, table: pd.DataFrame, *, pan
     s, v, skip = _window_series(run, "loss", "", lo, hi, window)
     if len(s):
         _band_panel(axes[0], s, v, skip, step, "#000000", "loss", window)
+        # a short run: the axis spans the steps it has, not the look-back it lacks (the event stays inside)
+        lo, hi = max(lo, min(int(s.min()), step)), min(hi, max(int(s.max()), step))
     axes[0].set_title("loss", fontsize=9)
     for ax, mod in zip(axes[1:], mods):
         sub = table[table["module"] == mod]
