@@ -188,7 +188,6 @@ class Snapshot:
             set_rng_state(mine["rng"])
         return self.step
 
-
     def _shard_file(self, rank: int) -> dict[str, Any]:
         """Rank ``rank``'s part, read from its own file (``torch.load(weights_only=True)``)."""
         assert self.shard_files is not None

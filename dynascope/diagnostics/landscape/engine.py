@@ -193,12 +193,12 @@ def _evaluate_points_reduced(
                 loss, metrics = ev._local()
                 if k == 0:
                     keys.extend(sorted(metrics))
-                rows.append(torch.stack([loss.double().cpu(), *(torch.tensor(metrics[m], dtype=torch.float64)
-                                                                 for m in keys)]))
+                rows.append(torch.stack([loss.double(), *(torch.tensor(metrics[m], dtype=torch.float64,
+                                                                       device=loss.device) for m in keys)]))
                 bar.update(1)
         return torch.stack(rows)
 
-    total = _dist.reduce_sum(local).numpy()
+    total = _dist.reduce_sum(local).cpu().numpy()  # one transfer for the whole table
     return total[:, 0].copy(), {m: total[:, 1 + j].copy() for j, m in enumerate(keys)}
 
 
