@@ -129,6 +129,21 @@ def _spectrum_nodes(model: nn.Module, probe) -> list[float]:
     return res.nodes[0].tolist()
 
 
+class LineFailsOnRankOne(dynascope.Scheduled):
+    """Raises on rank 1 before any collective; rank 0 goes into ``loss_landscape``, whose first collectives
+    gather FSDP2's parameters."""
+
+    def __init__(self, batch) -> None:
+        super().__init__(every=2)
+        self.batch = batch
+
+    def run(self, ctx) -> None:
+        if dist.get_rank() == 1:
+            raise RuntimeError("planted failure on rank 1")
+        line = dynascope.loss_landscape(ctx.model, F.cross_entropy, self.batch, dims=1, resolution=3, progress=False)
+        ctx.log("custom.line", float(line.losses[1]))
+
+
 def _gathered_and_back(model: nn.Module) -> dict:
     """Inside ``_dist.gathered`` the FSDP2 model holds whole plain parameters; on the way out (here: raising)
     the sharded DTensors come back, the very objects the optimizer holds."""
@@ -221,6 +236,14 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
             if rank == 1:
                 raise RuntimeError("planted loss failure on rank 1")
             return F.cross_entropy(out_, y)
+
+        # FSDP2: rank 1 alone fails before the landscape gathers the parameters: rank 0, at the gather's
+        # checkpoint, fails with it instead of waiting in an all-gather
+        m = fully_shard_linears(_mlp())
+        report["fsdp_fail_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
+                                              os.path.join(out, "fsdp_fail", f"rank{rank}"),
+                                              [LineFailsOnRankOne(probe)], lo, hi)
+        report["fsdp_fail_params"] = _local_params(m)
 
         m = nn.parallel.DistributedDataParallel(_mlp())
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -455,6 +478,20 @@ def test_a_diagnostic_failing_on_one_rank_fails_on_every_rank_and_training_goes_
                   lambda probe: [_curvature(probe, k=1)])
     _assert_close({k: v for k, v in ref.items() if k[1] == "hessian.eig"},
                   {k: v for (k, v) in rows.items() if k[1] == "hessian.eig"}, rtol=1e-5)
+
+
+def test_fsdp2_a_rank_failing_before_the_parameter_gather_fails_every_rank(spawned):
+    out, reports = spawned
+    for r in reports:
+        assert len(r["fsdp_fail_warnings"]) == 2, r["fsdp_fail_warnings"]
+        assert all("LineFailsOnRankOne failed" in w for w in r["fsdp_fail_warnings"])
+        assert r["fsdp_fail_params"] == r["fsdp_plain_params"]  # training went on, unchanged
+    assert "planted failure on rank 1" in reports[1]["fsdp_fail_warnings"][0]
+    assert "failed on 1 of 2 ranks" in reports[0]["fsdp_fail_warnings"][0]
+    rows = _rows(out / "fsdp_fail" / "rank0")
+    assert {(s, la) for (s, m, la) in rows if m == "diagnostic.failed"} == {(0, "LineFailsOnRankOne"),
+                                                                            (2, "LineFailsOnRankOne")}
+    assert not any(m == "custom.line" for _, m, _ in rows)
 
 
 def test_one_process_agreement_is_the_plain_call():

@@ -303,16 +303,16 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
         return
     swaps: list[tuple[nn.Module, str, nn.Parameter]] = []
     copies: dict[int, nn.Parameter] = {}
+    sharded = [(m, name, p) for m in model.modules() for name, p in m._parameters.items() if isinstance(p, DTensor)]
+    if sharded and active():
+        checkpoint()  # the gathers are collectives: a rank that failed before them fails every rank here
     try:
-        for m in model.modules():
-            for name, p in list(m._parameters.items()):
-                if isinstance(p, DTensor):
-                    plain = copies.get(id(p))
-                    if plain is None:
-                        plain = copies[id(p)] = nn.Parameter(p.detach().full_tensor(),
-                                                             requires_grad=p.requires_grad)
-                    swaps.append((m, name, p))
-                    m._parameters[name] = plain
+        for m, name, p in sharded:
+            plain = copies.get(id(p))
+            if plain is None:
+                plain = copies[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+            swaps.append((m, name, p))
+            m._parameters[name] = plain
         if not swaps:
             yield model
             return
