@@ -30,9 +30,9 @@ GLOBAL = 8
 PROBE_CUT = 3  # rank 0 holds probe examples [0, 3), rank 1 [3, 8)
 
 
-def _mlp() -> nn.Module:
+def _mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
 
 
 def _data() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
@@ -71,6 +71,11 @@ def _noise_scale(batch) -> dynascope.NoiseScale:
     return dynascope.NoiseScale(every=2, batch=batch, loss_fn=F.cross_entropy, micro_batches=8)
 
 
+def _gradient_tests(batch) -> dynascope.GradientTests:
+    """Cockpit's per-example quantities (TIC from the exact Hessian diagonal) and both histograms."""
+    return dynascope.GradientTests(every=2, batch=batch, loss_fn=F.cross_entropy, lr=0.1)
+
+
 def _ddp_diagnostics(batch) -> list:
     return [_curvature(batch, k=2, trace=True, layers=True, spectrum=True, spectrum_iter=12),
             *_forward_diagnostics(batch), _landscape(batch), _noise_scale(batch)]
@@ -87,15 +92,15 @@ def _forward_diagnostics(batch) -> list:
             dynascope.Plasticity(every=2, batch=batch, layers=(nn.Tanh, nn.Linear))]
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, scheduled: list, lo: int, hi: int
-           ) -> list[str]:
+def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, scheduled: list, lo: int, hi: int,
+           dtype: torch.dtype = torch.float32) -> list[str]:
     """STEPS steps on examples [lo, hi) of each global batch (with dynascope when ``run_dir``); the warnings."""
     steps, _ = _data()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if run_dir is None:
             for x, y in steps:
-                loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi])
+                loss = F.cross_entropy(model(x[lo:hi].to(dtype)), y[lo:hi])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -103,7 +108,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, sc
             with dynascope.probe(model, opt, run_dir, every=1, sentinel=False, probes=("gradients",),
                                  scheduled=scheduled) as run:
                 for x, y in steps:
-                    loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi])
+                    loss = F.cross_entropy(model(x[lo:hi].to(dtype)), y[lo:hi])
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -237,6 +242,18 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
                 raise RuntimeError("planted loss failure on rank 1")
             return F.cross_entropy(out_, y)
 
+        # Cockpit's quantities in float64 (they divide by per-coordinate variances, where float32 rounding of the
+        # differently summed ranks shows at 1e-5): DDP and FSDP2
+        probe64 = (probe[0].double(), probe[1])
+        m = nn.parallel.DistributedDataParallel(_mlp(torch.float64))
+        report["gt_ddp_warnings"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                           os.path.join(out, "gt_ddp", f"rank{rank}"), [_gradient_tests(probe64)],
+                                           lo, hi, torch.float64)
+        m = fully_shard_linears(_mlp(torch.float64))
+        report["gt_fsdp_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
+                                            os.path.join(out, "gt_fsdp", f"rank{rank}"), [_gradient_tests(probe64)],
+                                            lo, hi, torch.float64)
+
         # FSDP2: rank 1 alone fails before the landscape gathers the parameters: rank 0, at the gather's
         # checkpoint, fails with it instead of waiting in an all-gather
         m = fully_shard_linears(_mlp())
@@ -271,11 +288,12 @@ def _rows(run_dir: Path, prefix: str = "") -> dict[tuple[int, str, str], float]:
             if m.startswith(prefix)}
 
 
-def _single(tmp_path: Path, make_opt, scheduled_of_probe, prefix: str = "hessian.") -> dict:
+def _single(tmp_path: Path, make_opt, scheduled_of_probe, prefix: str = "hessian.",
+            dtype: torch.dtype = torch.float32) -> dict:
     """One process on the global batches and the global probe batch."""
-    _, probe = _data()
-    m = _mlp()
-    _train(m, make_opt(m), str(tmp_path), scheduled_of_probe(probe), 0, GLOBAL)
+    _, (px, py) = _data()
+    m = _mlp(dtype)
+    _train(m, make_opt(m), str(tmp_path), scheduled_of_probe((px.to(dtype), py)), 0, GLOBAL, dtype)
     return _rows(tmp_path, prefix)
 
 
@@ -373,6 +391,27 @@ def test_fsdp2_direct_calls_of_noise_scale_and_landscape_equal_one_process(spawn
         got = r["fsdp_direct"]
         np.testing.assert_allclose([got["b_simple"], got["grad_sq"]], [want["b_simple"], want["grad_sq"]], rtol=1e-5)
         np.testing.assert_allclose(got["line"], want["line"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_gradient_tests_equal_one_process_on_the_global_batch(spawned, tmp_path, kind):
+    """GSNR, the norm, inner-product and orthogonality tests, CABS, EB, TIC and both histograms of the 8
+    examples, from ranks holding 3 and 5 of them: the per-example rows gathered, the dot products taken with
+    the global mean gradient, the second moments, Hessian diagonals and counts combined."""
+    out, reports = spawned
+    assert all(r[f"gt_{kind}_warnings"] == [] for r in reports)
+    ref = _single(tmp_path, OPTIMIZERS[kind], lambda p: [_gradient_tests(p)], prefix="gradtest.", dtype=torch.float64)
+    assert {m for _, m, _ in ref} >= {"gradtest.gsnr", "gradtest.norm_test", "gradtest.inner_test",
+                                      "gradtest.ortho_test", "gradtest.cabs", "gradtest.eb", "gradtest.tic_diag",
+                                      "gradtest.tic_trace"}
+    assert ref[(0, "gradtest.batch_size", "")] == GLOBAL
+    _assert_close(ref, _rows(out / f"gt_{kind}" / "rank0", "gradtest."), rtol=1e-6)
+    single, ranked = dynascope.load_run(tmp_path), dynascope.load_run(out / f"gt_{kind}" / "rank0")
+    for name in ("gradtest.hist1d", "gradtest.hist2d"):
+        for step in (0, 2):
+            want, _ = single.load_artifact(name, step=step)
+            have, _ = ranked.load_artifact(name, step=step)
+            np.testing.assert_array_equal(have["counts"], want["counts"])
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

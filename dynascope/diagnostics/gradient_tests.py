@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -47,7 +47,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..core.checks import check_mode, one_of, set_mode
 from ..core.guard import preserved_state
-from ._batch import Forward, LossFn, default_forward, trainable_named_parameters
+from . import _dist
+from ._batch import Forward, LossFn, batch_size, default_forward, trainable_named_parameters
 from .per_example import (
     MEMORY_BYTES,
     BatchNormFallback,
@@ -136,6 +137,44 @@ def tests_from_statistics(stats: PerExampleGrads, hdiag: torch.Tensor | None = N
             out["tic_diag"] = float((m2 / (h + TIC_EPS)).sum())
             out["tic_trace"] = float(m2.sum()) / (float(h.sum()) + TIC_EPS)
     return out
+
+
+class _Share:
+    """Under torch.distributed: this rank's ``n`` examples of the global batch of ``total`` (one all_reduce),
+    and the global statistics from every rank's (the per-example rows gathered in rank order, the means
+    weighted ``n / total`` and summed, the histogram counts summed), each through diagnostics/_dist.py's
+    checkpointed collectives. The per-example dot products are taken with the global mean gradient
+    (``mean``, the ``combine`` of :func:`~dynascope.diagnostics.per_example.compute_per_example`), so the
+    quantities are one process's on the concatenated batch."""
+
+    def __init__(self, n: int, owner: str) -> None:
+        self.n = self.total = int(n)
+        if _dist.active():
+            self.total = int(_dist.reduce_sum(lambda: torch.tensor([float(n)], dtype=torch.float64))[0])
+        if self.total < 2:
+            raise ValueError(f"{owner}: the per-example statistics need a batch of at least 2 examples, got "
+                             f"{self.total}")
+
+    def mean(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``sum_r (n_r / N) t_r`` of each tensor (every rank's, weighted by its share of the batch)."""
+        w = self.n / self.total
+        flat = _dist.reduce_sum(lambda: torch.cat([t.reshape(-1) * w for t in parts]))
+        return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in parts]), parts)]
+
+    def global_statistics(self, stats: PerExampleGrads) -> PerExampleGrads:
+        """``stats`` of this rank's examples (its dot products already with the global mean gradient, ``grad``
+        the global one) made the global batch's."""
+        rows = torch.stack([stats.sq_norms.to(torch.float64), stats.dots.to(torch.float64)], 1)
+        (rows,) = _dist.gather_rows(rows)
+        loss = float(self.mean([torch.tensor([stats.loss], dtype=torch.float64)])[0])
+        m2 = tuple(self.mean(list(stats.second_moment))) if stats.second_moment is not None else None
+        h1 = h2 = None
+        if stats.hist1d is not None:
+            h1 = (_dist.reduce_sum(lambda: stats.hist1d[0].clone()), stats.hist1d[1])  # type: ignore[index]
+        if stats.hist2d is not None:
+            h2 = (_dist.reduce_sum(lambda: stats.hist2d[0].clone()), *stats.hist2d[1:])  # type: ignore[index]
+        return replace(stats, batch_size=self.total, loss=loss, sq_norms=rows[:, 0], dots=rows[:, 1],
+                       second_moment=m2, hist1d=h1, hist2d=h2)  # type: ignore[arg-type]
 
 
 def _sqrt(x: float) -> float:
@@ -248,6 +287,12 @@ def gradient_tests(
     ``engine``, ``batchnorm``, ``mode``, ``params``, ``forward``, ``memory_bytes``: as
     :func:`dynascope.diagnostics.per_example.per_example_gradients`. The model, ``.grad``, buffers, modes
     and the RNG are restored.
+
+    Under torch.distributed (DDP, FSDP2) each rank passes its shard of the batch (at least one example; the
+    global batch at least two) and every rank gets the quantities of the concatenated batch: the mean
+    gradient, the second moments and the Hessian diagonal are every rank's weighted by its share and summed,
+    the dot products ``<g_i, gbar>`` are taken with that global mean, the per-example rows gathered and the
+    histogram counts summed (FSDP2: on the whole parameters, gathered for the call).
     """
     owner = "gradient_tests"
     if not callable(loss_fn):
@@ -257,28 +302,38 @@ def gradient_tests(
     one_of("batchnorm", batchnorm, ("eval", "loop"), owner)
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)):
         raise ValueError(f"{owner}: lr must be a finite number or None, got {lr!r}")
-    inputs, targets = single_pair(batch, owner)
-    named = trainable_named_parameters(model, params)
-    fwd = forward or default_forward
-    h1 = HistSpec(int(hist1d_bins), tuple(hist1d_range)) if hist1d else None
-    h2 = HistSpec(tuple(hist2d_bins), tuple(tuple(r) for r in hist2d_range)) if hist2d else None
-    with preserved_state(model, params=False), torch.enable_grad():
-        set_mode(model, mode)
-        eng, notes = prepare_batchnorm(model, batchnorm, engine, owner)
-        stats = compute_per_example(model, loss_fn, inputs, targets, named, forward=fwd, engine=eng,
-                                    second_moment=True, hist1d=h1, hist2d=h2, memory_bytes=memory_bytes,
-                                    owner=owner, notes=notes)
-        hdiag = None
-        n_params = sum(p.numel() for _, p in named)
-        if tic and n_params <= tic_max_params:
-            if eng == "loop":
-                notes.append("TIC: the Hessian diagonal of the batch loss with BatchNorm in training mode is not "
-                             "the per-example loop's: TIC left out")
-            else:
-                hdiag = hessian_diagonal(model, loss_fn, inputs, targets, [p for _, p in named], fwd, memory_bytes)
-        elif tic:
-            notes.append(f"TIC: {n_params} parameter coordinates > tic_max_params={tic_max_params} (the exact "
-                         "Hessian diagonal takes one Hessian-vector product per coordinate): TIC left out")
+    distributed = _dist.active()
+    if distributed:
+        model = _dist.unwrap(model)  # DDP: the module itself (diagnostics/_dist.py)
+    inputs, targets = single_pair(batch, owner, min_examples=1 if distributed else 2)
+    share = _Share(batch_size(inputs), owner)  # this rank's part of the global batch (one process: all of it)
+    with _dist.gathered(model):  # FSDP2: the whole parameters, plain, for the call
+        named = trainable_named_parameters(model, params)
+        fwd = forward or default_forward
+        h1 = HistSpec(int(hist1d_bins), tuple(hist1d_range)) if hist1d else None
+        h2 = HistSpec(tuple(hist2d_bins), tuple(tuple(r) for r in hist2d_range)) if hist2d else None
+        with preserved_state(model, params=False), torch.enable_grad():
+            set_mode(model, mode)
+            eng, notes = prepare_batchnorm(model, batchnorm, engine, owner)
+            stats = compute_per_example(model, loss_fn, inputs, targets, named, forward=fwd, engine=eng,
+                                        second_moment=True, hist1d=h1, hist2d=h2, memory_bytes=memory_bytes,
+                                        owner=owner, notes=notes, combine=share.mean if distributed else None)
+            hdiag = None
+            n_params = sum(p.numel() for _, p in named)
+            if tic and n_params <= tic_max_params:
+                if eng == "loop":
+                    notes.append("TIC: the Hessian diagonal of the batch loss with BatchNorm in training mode is "
+                                 "not the per-example loop's: TIC left out")
+                else:
+                    hdiag = hessian_diagonal(model, loss_fn, inputs, targets, [p for _, p in named], fwd,
+                                             memory_bytes)
+                    if distributed:
+                        hdiag = share.mean([hdiag])[0]
+            elif tic:
+                notes.append(f"TIC: {n_params} parameter coordinates > tic_max_params={tic_max_params} (the exact "
+                             "Hessian diagonal takes one Hessian-vector product per coordinate): TIC left out")
+        if distributed:
+            stats = share.global_statistics(stats)
     q = tests_from_statistics(stats, hdiag, lr)
     nan = math.nan
     hist_1 = Histogram1d(stats.hist1d[0].cpu().numpy(), stats.hist1d[1].cpu().numpy()) if stats.hist1d else None

@@ -418,8 +418,14 @@ def prepare_batchnorm(model: nn.Module, batchnorm: str, engine: str, owner: str)
 def compute_per_example(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any,
                         named: list[tuple[str, nn.Parameter]], *, forward: Forward, engine: str,
                         second_moment: bool, hist1d: HistSpec | None, hist2d: HistSpec | None,
-                        memory_bytes: int, owner: str, notes: list[str]) -> PerExampleGrads:
-    """The engine on a model already in the mode to use (under the caller's state guard)."""
+                        memory_bytes: int, owner: str, notes: list[str],
+                        combine: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+                        ) -> PerExampleGrads:
+    """The engine on a model already in the mode to use (under the caller's state guard).
+
+    ``combine``: maps this batch's mean gradient to the one the dot products ``<g_i, gbar>`` are taken with
+    (under torch.distributed: the global batch's, every rank's weighted and summed); ``grad`` is then that
+    one. None: this batch's own."""
     n = batch_size(inputs)
     names = [nm for nm, _ in named]
     ps = [p for _, p in named]
@@ -428,7 +434,7 @@ def compute_per_example(model: nn.Module, loss_fn: LossFn, inputs: Any, targets:
     methods: dict[str, str] = {}
     m2s: list[torch.Tensor | None] = [None] * len(ps)
     if engine == "loop":
-        gbar, loss = _loop(model, loss_fn, inputs, targets, ps, forward, acc, m2s, second_moment, owner)
+        gbar, loss = _loop(model, loss_fn, inputs, targets, ps, forward, acc, m2s, second_moment, owner, combine)
         methods = {nm: "loop" for nm in names}
     else:
         ids = {id(p) for p in ps}
@@ -441,15 +447,18 @@ def compute_per_example(model: nn.Module, loss_fn: LossFn, inputs: Any, targets:
         grads = torch.autograd.grad(loss_t, ps, allow_unused=True)
         gbar = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(ps, grads)]
         loss = float(loss_t.detach())  # one host read: the value CABS divides by
+        ref = gbar if combine is None else combine(gbar)
         done: set[int] = set()
         if hooks is not None:
-            done = _from_hooks(hooks, ps, gbar, n, acc, m2s, second_moment, memory_bytes, methods, names, notes)
+            done = _from_hooks(hooks, ps, gbar, ref, n, acc, m2s, second_moment, memory_bytes, methods, names,
+                               notes)
         rest = [i for i in range(len(ps)) if i not in done]
         if rest:
-            _from_func(model, loss_fn, inputs, targets, named, rest, forward, gbar, acc, m2s, second_moment,
+            _from_func(model, loss_fn, inputs, targets, named, rest, forward, gbar, ref, acc, m2s, second_moment,
                        memory_bytes, owner)
             for i in rest:
                 methods[names[i]] = "torch.func"
+        gbar = ref
     m2 = tuple(t if t is not None else torch.zeros_like(p) for t, p in zip(m2s, ps)) if second_moment else None
     h1 = h2 = None
     if hist1d is not None and acc.c1 is not None:
@@ -463,9 +472,11 @@ def compute_per_example(model: nn.Module, loss_fn: LossFn, inputs: Any, targets:
     return PerExampleGrads(n, loss, tuple(names), tuple(gbar), acc.sq, acc.dots, m2, h1, h2, methods, tuple(notes))
 
 
-def _from_hooks(hooks: _Hooks, ps: list[nn.Parameter], gbar: list[torch.Tensor], n: int, acc: _Acc,
-                m2s: list[torch.Tensor | None], need_m2: bool, budget: int, methods: dict[str, str],
+def _from_hooks(hooks: _Hooks, ps: list[nn.Parameter], gbar: list[torch.Tensor], ref: list[torch.Tensor], n: int,
+                acc: _Acc, m2s: list[torch.Tensor | None], need_m2: bool, budget: int, methods: dict[str, str],
                 names: list[str], notes: list[str]) -> set[int]:
+    """The parameters the hooks rebuild (checked against this batch's gradient ``gbar``; the dot products
+    taken with ``ref``)."""
     index = {id(p): i for i, p in enumerate(ps)}
     done: set[int] = set()
     for m, rec in hooks.calls.items():
@@ -483,7 +494,7 @@ def _from_hooks(hooks: _Hooks, ps: list[nn.Parameter], gbar: list[torch.Tensor],
                     notes.append(f"{names[i]}: the hooks did not rebuild its gradient (used outside its "
                                  f"module's call?): torch.func instead")
                     continue
-                m2s[i] = _dense_stats(g, gbar[i], p, acc, need_m2)
+                m2s[i] = _dense_stats(g, ref[i], p, acc, need_m2)
                 methods[names[i]] = rec.kind
                 done.add(i)
             continue
@@ -497,7 +508,7 @@ def _from_hooks(hooks: _Hooks, ps: list[nn.Parameter], gbar: list[torch.Tensor],
                 g = d.sum(1)
                 ok = _close(g.mean(0), gbar[i], float(g.abs().mean(0).norm()))
                 if ok:
-                    m2s[i] = _dense_stats(g, gbar[i], p, acc, need_m2)
+                    m2s[i] = _dense_stats(g, ref[i], p, acc, need_m2)
                     methods[names[i]] = "bias"
             elif nm == "weight":
                 emb = int(p.shape[0]) if rec.kind == "embedding" else 0
@@ -507,7 +518,7 @@ def _from_hooks(hooks: _Hooks, ps: list[nn.Parameter], gbar: list[torch.Tensor],
                     rebuilt = torch.einsum("bto,bti->oi", d, a).reshape(p.shape) / n
                 ok = _close(rebuilt, gbar[i], float(d.norm() * (a.norm() if not emb else math.sqrt(a.numel()))) / n)
                 if ok:
-                    m2s[i] = _outer_stats(a, d, gbar[i], p.shape, p, acc, need_m2, budget, embedding=emb)
+                    m2s[i] = _outer_stats(a, d, ref[i], p.shape, p, acc, need_m2, budget, embedding=emb)
                     methods[names[i]] = rec.kind
             else:
                 ok = False
@@ -521,8 +532,8 @@ def _from_hooks(hooks: _Hooks, ps: list[nn.Parameter], gbar: list[torch.Tensor],
 
 def _from_func(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any,
                named: list[tuple[str, nn.Parameter]], rest: list[int], forward: Forward,
-               gbar: list[torch.Tensor], acc: _Acc, m2s: list[torch.Tensor | None], need_m2: bool,
-               budget: int, owner: str) -> None:
+               gbar: list[torch.Tensor], ref: list[torch.Tensor], acc: _Acc, m2s: list[torch.Tensor | None],
+               need_m2: bool, budget: int, owner: str) -> None:
     """Per-example gradients of the parameters ``rest`` by ``vmap(grad(...))``, a chunk of examples at a time."""
     n = batch_size(inputs)
     chosen = {named[i][0]: named[i][1].detach() for i in rest}
@@ -558,7 +569,7 @@ def _from_func(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any,
         for i in rest:
             g = gs[named[i][0]].detach()
             acc.sq += _rows(g.square())
-            acc.dots += _rows(g * gbar[i])
+            acc.dots += _rows(g * ref[i])
             sums[i] += g.sum(0)
             abs_sums[i] += g.abs().sum(0)
             if need_m2:
@@ -574,10 +585,11 @@ def _from_func(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any,
 
 
 def _loop(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, ps: list[nn.Parameter],
-          forward: Forward, acc: _Acc, m2s: list[torch.Tensor | None], need_m2: bool, owner: str
+          forward: Forward, acc: _Acc, m2s: list[torch.Tensor | None], need_m2: bool, owner: str,
+          combine: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
           ) -> tuple[list[torch.Tensor], float]:
-    """The per-example loop: each example as a batch of one; two passes (the mean first, then the dots) under
-    the same random state."""
+    """The per-example loop: each example as a batch of one; two passes (the mean first, then the dots with it,
+    or with ``combine`` of it) under the same random state. Returns the gradient the dots were taken with."""
     n = batch_size(inputs)
     start = rng_state()
 
@@ -598,6 +610,8 @@ def _loop(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, ps: list
             if need_m2:
                 q += g.square()
     gbar = [t / n for t in total]
+    if combine is not None:
+        gbar = combine(gbar)
     set_rng_state(start)
     for i in range(n):
         gs, _ = each(i)
@@ -652,13 +666,13 @@ def per_example_gradients(
                                    memory_bytes=memory_bytes, owner=owner, notes=notes)
 
 
-def single_pair(batch: Any, owner: str) -> tuple[Any, Any]:
+def single_pair(batch: Any, owner: str, min_examples: int = 2) -> tuple[Any, Any]:
     pairs = as_pairs(batch)
     if len(pairs) != 1:
         raise ValueError(f"{owner}: give one (inputs, targets) batch, got {len(pairs)} pairs")
     inputs, targets = pairs[0]
     n = batch_size(inputs)
-    if n < 2:
+    if n < min_examples:
         raise ValueError(f"{owner}: the per-example statistics need a batch of at least 2 examples, got {n}")
     return inputs, targets
 
