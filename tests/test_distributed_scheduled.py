@@ -71,9 +71,11 @@ def _noise_scale(batch) -> dynascope.NoiseScale:
     return dynascope.NoiseScale(every=2, batch=batch, loss_fn=F.cross_entropy, micro_batches=8)
 
 
-def _gradient_tests(batch) -> dynascope.GradientTests:
-    """Cockpit's per-example quantities (TIC from the exact Hessian diagonal) and both histograms."""
-    return dynascope.GradientTests(every=2, batch=batch, loss_fn=F.cross_entropy, lr=0.1)
+def _gradient_tests(batch) -> list:
+    """Cockpit's per-example quantities (TIC from the exact Hessian diagonal), both histograms, and alpha
+    between steps 0 and 1, 2 and 3 (on the steps' own batches)."""
+    return [dynascope.GradientTests(every=2, batch=batch, loss_fn=F.cross_entropy, lr=0.1),
+            dynascope.Alpha(every=2, loss_fn=F.cross_entropy)]
 
 
 def _ddp_diagnostics(batch) -> list:
@@ -112,7 +114,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, run_dir: str | None, sc
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                    run.step(loss=loss.detach())
+                    run.step(loss=loss.detach(), batch=(x[lo:hi].to(dtype), y[lo:hi]))  # (Alpha's)
     return [str(w.message) for w in caught if "failed at step" in str(w.message)]
 
 
@@ -247,11 +249,11 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
         probe64 = (probe[0].double(), probe[1])
         m = nn.parallel.DistributedDataParallel(_mlp(torch.float64))
         report["gt_ddp_warnings"] = _train(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-                                           os.path.join(out, "gt_ddp", f"rank{rank}"), [_gradient_tests(probe64)],
+                                           os.path.join(out, "gt_ddp", f"rank{rank}"), _gradient_tests(probe64),
                                            lo, hi, torch.float64)
         m = fully_shard_linears(_mlp(torch.float64))
         report["gt_fsdp_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
-                                            os.path.join(out, "gt_fsdp", f"rank{rank}"), [_gradient_tests(probe64)],
+                                            os.path.join(out, "gt_fsdp", f"rank{rank}"), _gradient_tests(probe64),
                                             lo, hi, torch.float64)
 
         # FSDP2: rank 1 alone fails before the landscape gathers the parameters: rank 0, at the gather's
@@ -282,13 +284,13 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]
     return spawn_reports(_worker, WORLD, lambda: tmp_path_factory.mktemp("dist_sched"), timeout=150)
 
 
-def _rows(run_dir: Path, prefix: str = "") -> dict[tuple[int, str, str], float]:
+def _rows(run_dir: Path, prefix: str | tuple[str, ...] = "") -> dict[tuple[int, str, str], float]:
     df = dynascope.load_run(run_dir)._query("SELECT step, metric, layer, value FROM scalars")
     return {(int(s), m, la): float(v) for s, m, la, v in zip(df.step, df.metric, df.layer, df.value.astype(float))
             if m.startswith(prefix)}
 
 
-def _single(tmp_path: Path, make_opt, scheduled_of_probe, prefix: str = "hessian.",
+def _single(tmp_path: Path, make_opt, scheduled_of_probe, prefix: str | tuple[str, ...] = "hessian.",
             dtype: torch.dtype = torch.float32) -> dict:
     """One process on the global batches and the global probe batch."""
     _, (px, py) = _data()
@@ -394,18 +396,20 @@ def test_fsdp2_direct_calls_of_noise_scale_and_landscape_equal_one_process(spawn
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_gradient_tests_equal_one_process_on_the_global_batch(spawned, tmp_path, kind):
+def test_gradient_tests_and_alpha_equal_one_process_on_the_global_batch(spawned, tmp_path, kind):
     """GSNR, the norm, inner-product and orthogonality tests, CABS, EB, TIC and both histograms of the 8
     examples, from ranks holding 3 and 5 of them: the per-example rows gathered, the dot products taken with
-    the global mean gradient, the second moments, Hessian diagonals and counts combined."""
+    the global mean gradient, the second moments, Hessian diagonals and counts combined; alpha from the steps'
+    own batches (4 + 4 examples), the per-example losses and projections gathered."""
     out, reports = spawned
     assert all(r[f"gt_{kind}_warnings"] == [] for r in reports)
-    ref = _single(tmp_path, OPTIMIZERS[kind], lambda p: [_gradient_tests(p)], prefix="gradtest.", dtype=torch.float64)
+    ref = _single(tmp_path, OPTIMIZERS[kind], _gradient_tests, prefix=("gradtest.", "step.alpha"),
+                  dtype=torch.float64)
     assert {m for _, m, _ in ref} >= {"gradtest.gsnr", "gradtest.norm_test", "gradtest.inner_test",
                                       "gradtest.ortho_test", "gradtest.cabs", "gradtest.eb", "gradtest.tic_diag",
-                                      "gradtest.tic_trace"}
-    assert ref[(0, "gradtest.batch_size", "")] == GLOBAL
-    _assert_close(ref, _rows(out / f"gt_{kind}" / "rank0", "gradtest."), rtol=1e-6)
+                                      "gradtest.tic_trace", "step.alpha", "step.alpha_t"}
+    assert ref[(0, "gradtest.batch_size", "")] == GLOBAL and {s for s, m, _ in ref if m == "step.alpha"} == {0, 2}
+    _assert_close(ref, _rows(out / f"gt_{kind}" / "rank0", ("gradtest.", "step.alpha")), rtol=1e-6)
     single, ranked = dynascope.load_run(tmp_path), dynascope.load_run(out / f"gt_{kind}" / "rank0")
     for name in ("gradtest.hist1d", "gradtest.hist2d"):
         for step in (0, 2):

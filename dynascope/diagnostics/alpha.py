@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from . import _dist
 from ._batch import Forward, LossFn, default_forward
 
 __all__ = ["LineObservation", "line_observation", "fit_quadratic", "alpha_from_fit", "normalized_step_length"]
@@ -58,7 +59,8 @@ def line_observation(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, ta
     ``direction`` (the update d per parameter name: the projections are <g_i, d> / ||d||), per-example
     gradients from ``torch.func`` (``vmap`` of the gradient of one example's loss, ``chunk`` examples at a
     time). ``loss_fn(outputs, targets)`` is the mean loss; the model is evaluated in its current mode and is
-    not changed."""
+    not changed. Under torch.distributed each rank passes its shard of the batch and the per-example losses
+    and projections of every rank are gathered: the observation is the concatenated batch's."""
     if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError("the normalised step length needs (inputs, targets) tensors (examples along dim 0), got "
                         f"({type(inputs).__name__}, {type(targets).__name__})")
@@ -84,6 +86,9 @@ def line_observation(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, ta
         losses.append(loss.detach().double())
         projections.append(dots / t if t > 0 else dots * math.nan)
     ls, pr = torch.cat(losses), torch.cat(projections)
+    if _dist.active():  # each rank observed its shard: every rank's per-example values, in rank order
+        (rows,) = _dist.gather_rows(torch.stack([ls, pr], 1))
+        ls, pr, n = rows[:, 0], rows[:, 1], int(rows.shape[0])
     return LineObservation(float(ls.mean()), _var(ls), float(pr.mean()), _var(pr), n)
 
 

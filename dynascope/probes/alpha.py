@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..core.checks import check_mode, set_mode
+from ..diagnostics import _dist
 from ..diagnostics._batch import Forward, LossFn, as_pairs
 from ..diagnostics.alpha import LineObservation, line_observation, normalized_step_length
 from .scheduled import Scheduled, ScheduledContext, step_batch
@@ -74,8 +75,8 @@ class Alpha(Scheduled):
         """Copy the weights before the step's first optimizer step, on the steps that observe (an error is kept
         for :meth:`run`, which the runner records as a failed diagnostic: never raised into the training step)."""
         if self.due(step) and step not in self._before:
-            try:
-                self._before = {step: {n: p.detach().clone() for n, p in self._named(model)}}
+            try:  # (FSDP2: copies of this rank's shards, DTensors, gathered by run())
+                self._before = {step: {n: p.detach().clone() for n, p in self._named(_dist.unwrap(model))}}
             except Exception as exc:  # noqa: BLE001 - reported by run() at this step
                 self._before, self._error = {}, exc
 
@@ -95,7 +96,14 @@ class Alpha(Scheduled):
         if len(pairs) != 1:
             raise ValueError(f"Alpha at step {step}: give one (inputs, targets) pair in run.step(batch=...)")
         inputs, targets = pairs[0]
-        model = ctx.model
+        model = _dist.unwrap(ctx.model)  # DDP: the module itself
+        with _dist.gathered(model):  # FSDP2: the whole parameters (and the copies before the step) for the call
+            self._observe(model, step, {n: _dist.full(w) for n, w in weights.items()}, start, inputs, targets, ctx)
+
+    def _observe(self, model: nn.Module, step: int, weights: dict[str, torch.Tensor],
+                 start: tuple[int, dict[str, torch.Tensor], float, LineObservation] | None, inputs: Any,
+                 targets: Any, ctx: ScheduledContext) -> None:
+        """The end observation of the previous step's update and the start observation of this one's."""
         set_mode(model, self.mode)
         if start is not None and start[0] == step - 1:  # the end point of the previous step's update
             _, d, t, obs0 = start
