@@ -22,6 +22,7 @@ from torch import nn
 
 import dynascope
 from dynascope.diagnostics import _dist, lanczos
+from dynascope.diagnostics.batchnorm import train_eval_gap
 from dynascope.diagnostics.hessian import hessian_eigenvalues, hessian_spectrum
 
 WORLD = 2
@@ -125,6 +126,15 @@ def _local_params(model: nn.Module) -> list[list[float]]:
         t = t.to_local() if hasattr(t, "to_local") else t
         out.append(t.reshape(-1).tolist())
     return out
+
+
+def _bn_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(7)
+    with torch.no_grad():  # running statistics away from the batches' own: a gap to measure
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.0)
+    return nn.Sequential(nn.Linear(5, 7), bn, nn.Tanh(), nn.Linear(7, 3))
 
 
 N_PARAMS = 5 * 7 + 7 + 7 * 3 + 3
@@ -255,6 +265,11 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
         report["gt_fsdp_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
                                             os.path.join(out, "gt_fsdp", f"rank{rank}"), _gradient_tests(probe64),
                                             lo, hi, torch.float64)
+
+        # BatchNorm's train/eval gap, called directly on fresh BatchNorm models (DDP, FSDP2)
+        report["bn_gap"] = {kind: list(train_eval_gap(wrap(_bn_mlp()), F.cross_entropy, probe).rows())
+                            for kind, wrap in (("ddp", nn.parallel.DistributedDataParallel),
+                                               ("fsdp", fully_shard_linears))}
 
         # FSDP2: rank 1 alone fails before the landscape gathers the parameters: rank 0, at the gather's
         # checkpoint, fails with it instead of waiting in an all-gather
@@ -535,6 +550,24 @@ def test_fsdp2_a_rank_failing_before_the_parameter_gather_fails_every_rank(spawn
     assert {(s, la) for (s, m, la) in rows if m == "diagnostic.failed"} == {(0, "LineFailsOnRankOne"),
                                                                             (2, "LineFailsOnRankOne")}
     assert not any(m == "custom.line" for _, m, _ in rows)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_bn_train_eval_gap_is_the_global_batch_s_with_each_rank_s_own_statistics(spawned, kind):
+    """The eval-mode loss of the 8 probe examples (one process's), the batch-statistics loss as DDP trains
+    without SyncBatchNorm: each rank's shard (3, 5 examples) normalised with its own statistics, the losses
+    averaged over all 8 examples."""
+    _, reports = spawned
+    _, (px, py) = _data()
+    whole = train_eval_gap(_bn_mlp(), F.cross_entropy, (px, py))
+    shards = [train_eval_gap(_bn_mlp(), F.cross_entropy, (px[_probe_shard(r)], py[_probe_shard(r)]))
+              for r in range(WORLD)]
+    train = sum(g.train_loss * len(px[_probe_shard(r)]) for r, g in enumerate(shards)) / GLOBAL
+    assert abs(train - whole.train_loss) > 1e-4  # per-shard statistics are not the global batch's
+    for r in reports:
+        got = {m: v for m, v, _ in r["bn_gap"][kind]}
+        np.testing.assert_allclose([got["bn.eval_loss"], got["bn.train_loss"], got["bn.train_eval_gap"]],
+                                   [whole.eval_loss, train, whole.eval_loss - train], rtol=1e-6)
 
 
 def test_one_process_agreement_is_the_plain_call():

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..core.guard import preserved_state
+from . import _dist
 from ._batch import Forward, LossFn, as_pairs, batch_size, default_forward, model_device_dtype, move_to
 
 __all__ = ["BNGapResult", "bn_modules", "batch_vs_running", "channel_terms", "train_eval_gap"]
@@ -81,17 +82,25 @@ class BNGapResult:
 
 
 def _mean_loss(model: nn.Module, loss_fn: LossFn, pairs: list[tuple[Any, Any]], forward: Forward) -> float:
-    total = sum(batch_size(x) for x, _ in pairs)
-    acc = 0.0
-    for x, y in pairs:
-        value = loss_fn(forward(model, x), y)
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"loss_fn must return a scalar tensor (the mean loss of the pair), got {shape}")
-        acc += float(value.detach().double()) * batch_size(x) / total
-    return acc
+    """The mean loss over the pairs' samples; under torch.distributed over every rank's (one all_reduce of the
+    summed losses and the sample count, after a checkpoint)."""
+
+    def local() -> torch.Tensor:
+        acc = torch.zeros(2, dtype=torch.float64)
+        for x, y in pairs:
+            value = loss_fn(forward(model, x), y)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"loss_fn must return a scalar tensor (the mean loss of the pair), got {shape}")
+            acc[0] += float(value.detach().double()) * batch_size(x)
+            acc[1] += batch_size(x)
+        return acc
+
+    total = _dist.reduce_sum(local)
+    return float(total[0] / total[1])
 
 
+@_dist.on_gathered  # FSDP2: the whole parameters, plain, for the call
 def train_eval_gap(model: nn.Module, loss_fn: LossFn, batch: Any, *, forward: Forward | None = None,
                    modules: Iterable[nn.Module] | None = None) -> BNGapResult:
     """Loss of ``batch`` in eval mode minus its loss with BatchNorm using batch statistics.
@@ -102,9 +111,14 @@ def train_eval_gap(model: nn.Module, loss_fn: LossFn, batch: Any, *, forward: Fo
     other modules stay in eval mode (no dropout). No gradient is computed. Parameters,
     buffers (the running statistics the train-mode pass updates), modes and the RNG are
     restored on return, also when ``loss_fn`` raises.
+
+    Under torch.distributed (DDP, FSDP2) each rank passes its shard of the batch: both losses are the means
+    over every rank's samples; in the batch-statistics pass each rank's shard is normalised with its own
+    statistics, as DDP trains without ``SyncBatchNorm`` (with ``SyncBatchNorm``, with the global batch's).
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    model = _dist.unwrap(model)  # DDP: the module itself
     bns = list(modules) if modules is not None else [m for _, m in bn_modules(model)]
     bns = [m for m in bns if m.track_running_stats and m.running_mean is not None]
     if not bns:
