@@ -104,7 +104,7 @@ def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int =
     FINISHED.clear()
     # sentinel=False: the sentinel is off under torch.distributed, so the one-process reference leaves it out too
     with dynascope.probe(model, opt, run_dir, every=1, flush_every=2, all_params=True, sentinel=False,
-                         probes=("activations", "gradients", "updates", AllKinds())) as run:
+                         probes=("activations", "gradients", "updates", "spectral", AllKinds())) as run:
         for x, y in _data():
             loss = ((model(x[lo:hi]) - y[lo:hi]) ** 2).mean()
             opt.zero_grad()

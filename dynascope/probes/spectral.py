@@ -42,6 +42,9 @@ float64): weights 6.3e-5 (without following the updates 1.1e-4; block 8 needs
 (updates are low-rank: 2 iterations are plenty; the 2% target holds from
 block 4). Each extra iteration costs two reads of the weights.
 
+Under FSDP2 each rank stacks its rows of the weights and the products are summed over the ranks (one
+all_reduce per product; see :func:`power_iteration`).
+
 Cost on a recording step: a stacked copy of the weights before the step and
 one after it (transient: two copies of the matrices), and 2 (iters +
 update_iters) + 2 batched products with 12 (weights: 14) vectors per shape
@@ -55,11 +58,13 @@ call's update is measured.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..core.checks import positive_int
+from ._groups import local_tensor
 from .base import Collected, Probe
 
 __all__ = ["SpectralProbe", "power_iteration"]
@@ -92,7 +97,8 @@ def _top_eigenvalue(g: torch.Tensor, squarings: int = 10) -> torch.Tensor:
     return rq.amax(1)
 
 
-def power_iteration(a: torch.Tensor, v: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def power_iteration(a: torch.Tensor, v: torch.Tensor, iters: int,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top singular value of each matrix of ``a`` (k, m, n) by block power (subspace)
     iteration on A^T A from the right vectors ``v`` (k, n, r), then the Ritz value.
 
@@ -104,15 +110,29 @@ def power_iteration(a: torch.Tensor, v: torch.Tensor, iters: int) -> tuple[torch
     are close (random-like weights: a single vector then swaps between near-equal
     directions from step to step), converging like (sigma_{r+1} / sigma_1)^(2 iters).
     Returns (sigma (k,), the orthonormal block (k, n, r) to warm-start the next call).
-    The estimate never exceeds sigma_max; a zero matrix gives 0 and keeps its block."""
+    The estimate never exceeds sigma_max; a zero matrix gives 0 and keeps its block.
+
+    ``reduce``: ``a`` holds this rank's rows of the matrices (FSDP2's ``Shard(0)``) and ``reduce`` sums a
+    tensor over the ranks: A^T A V = sum_r A_r^T (A_r V) and (A V)^T (A V) = sum_r (A_r V)^T (A_r V), so every
+    rank holds the same replicated V and sigma, those of the whole matrices."""
+    total = reduce if reduce is not None else (lambda t: t)
     for _ in range(iters):
-        nxt = torch.bmm(a.transpose(1, 2), torch.bmm(a, v))
+        nxt = total(torch.bmm(a.transpose(1, 2), torch.bmm(a, v)))
         nrm = torch.linalg.vector_norm(nxt, dim=1, keepdim=True)  # (k, 1, r)
         v = torch.where(nrm > 0, nxt / nrm.clamp_min(_TINY), v)
     v = _orthonormal(v)
     av = torch.bmm(a, v)
-    sigma = _top_eigenvalue(torch.bmm(av.transpose(1, 2), av)).clamp_min(0).sqrt().to(a.dtype)
+    sigma = _top_eigenvalue(total(torch.bmm(av.transpose(1, 2), av))).clamp_min(0).sqrt().to(a.dtype)
     return sigma, v
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over the ranks (on the collective's device: the CPU under gloo, the GPU under NCCL)."""
+    dist = torch.distributed
+    dev = t.device if "nccl" in str(dist.get_backend()).lower() else torch.device("cpu")
+    out = t.to(dev, copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 class SpectralProbe(Probe):
@@ -143,6 +163,8 @@ class SpectralProbe(Probe):
     def setup(self, session: Any) -> None:
         super().setup(session)
         self.tracked = [(n, p) for n, p in session.param_names if p.requires_grad and p.ndim >= 2]
+        # FSDP2: each rank stacks its rows of the weights (Shard(0)); the power iteration sums over the ranks
+        self._sharded = any(hasattr(p, "to_local") for _, p in self.tracked)
         buckets: dict[tuple, list[int]] = {}
         for i, (_, p) in enumerate(self.tracked):
             mat = (int(p.shape[0]), math.prod(p.shape[1:]))
@@ -162,14 +184,16 @@ class SpectralProbe(Probe):
         self._before = None
 
     def _stack(self, group: list[int]) -> torch.Tensor:
-        t = torch.stack([self.tracked[i][1].detach().reshape(self.tracked[i][1].shape[0], -1) for i in group])
+        t = torch.stack([local_tensor(self.tracked[i][1].detach()).reshape(-1, math.prod(self.tracked[i][1].shape[1:]))
+                         for i in group])
         return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
     def _sigma(self, kind: str, gi: int, a: torch.Tensor, warm_iters: int) -> torch.Tensor:
         v = self._vectors.get((kind, gi))
         iters = warm_iters
         if v is None or v.device != a.device or v.dtype != a.dtype:
-            r = min(self.block, a.shape[1], a.shape[2])
+            rows = int(self.tracked[self.groups[gi][0]][1].shape[0])  # the whole matrix's (FSDP2: not the shard's)
+            r = min(self.block, rows, a.shape[2])
             v = torch.randn(a.shape[0], a.shape[2], r, generator=self._gen, dtype=torch.float64)
             v = v.to(device=a.device, dtype=a.dtype)
             iters = self.cold_iters
@@ -178,7 +202,7 @@ class SpectralProbe(Probe):
         if extra is not None and extra.device == a.device and extra.dtype == a.dtype:
             # the recent update's top directions: where a new dominant direction of W comes from
             v = torch.cat([v, extra[:, :, :self.follow]], dim=2)
-        sigma, v = power_iteration(a, v, iters)
+        sigma, v = power_iteration(a, v, iters, _all_sum if self._sharded else None)
         self._vectors[(kind, gi)] = v[:, :, :r]
         return sigma
 
