@@ -104,7 +104,7 @@ def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int =
     FINISHED.clear()
     # sentinel=False: the sentinel is off under torch.distributed, so the one-process reference leaves it out too
     with dynascope.probe(model, opt, run_dir, every=1, flush_every=2, all_params=True, sentinel=False,
-                         probes=("activations", "gradients", "updates", "spectral", AllKinds())) as run:
+                         probes=("activations", "gradients", "updates", "spectral", "distance", AllKinds())) as run:
         for x, y in _data():
             loss = ((model(x[lo:hi]) - y[lo:hi]) ** 2).mean()
             opt.zero_grad()
@@ -241,7 +241,7 @@ def test_one_process_and_ranks_go_through_the_same_finish(spawned, tmp_path, mon
     real = base.checked_finish
     monkeypatch.setattr(base, "checked_finish", lambda c, r: FINISHED.append(c.keys[0][0]) or real(c, r))
     _train(_model(), "sgd", str(tmp_path / "single"))
-    want = {"act.mean", "grad.norm", "weight.norm", "custom.sum"}
+    want = {"act.mean", "grad.norm", "weight.norm", "weight.distance_init", "custom.sum"}
     assert set(FINISHED) == want
     assert set(reports[0]["ddp"]["finished"]) == want and set(reports[1]["ddp"]["finished"]) == want
     # the payload a rank moves per flush is its own statistics, the same on every rank (not world x payload)

@@ -16,6 +16,10 @@ the true initialisation; if that file is missing or its shapes do not match,
 the weights at resume are ``w_0`` and the run metadata says so
 (``coverage.distance.origin``).
 
+Under torch.distributed each rank adds the squared differences it counts (FSDP2: its shards; DDP: rank 0 the
+replicated weights) and the flush's reducer sums them before the square roots: the whole network's
+distances. Under FSDP2 ``distance_init.pt`` is not written (rank 0 holds only its shards).
+
 Memory: one persistent copy of the tracked weights on their device (the same
 size as the tracked parameters), plus a transient copy of them on recording
 steps (the differences, by ``torch._foreach_sub``, freed after the
@@ -30,7 +34,8 @@ import warnings
 import torch
 
 from ..core.coverage import CoverageRow
-from .base import Collected, Probe, ProbeContext
+from ._groups import ParamLayout
+from .base import Collected, Probe, ProbeContext, Stat
 
 __all__ = ["DistanceProbe", "INIT_FILE"]
 
@@ -54,6 +59,10 @@ class DistanceProbe(Probe):
         super().setup(ctx)
         self.tracked = [(n, p) for n, p in ctx.param_names
                         if p.requires_grad and (p.ndim >= 2 or self.all_params)]
+        # under torch.distributed each rank sums the squared differences it counts (FSDP2: its shards; DDP:
+        # rank 0 the replicated weights), the reducer adds the ranks' sums, the square roots come after
+        self._layout = ParamLayout([p for _, p in self.tracked], ctx.rank)
+        self._weight = torch.tensor([1.0 if c else 0.0 for c in self._layout.contributes], dtype=torch.float64)
         path = os.path.join(ctx.run_dir, INIT_FILE) if ctx.run_dir else None
         resumed = ctx.resumed  # the writing rank's: its rows are the recorded ones
         loaded = self._load(path) if resumed and path else None
@@ -61,13 +70,16 @@ class DistanceProbe(Probe):
             self.init = loaded
             self.origin = "saved initial weights (distance_init.pt)"
         else:
-            self.init = [p.detach().clone() for _, p in self.tracked]
+            self.init = self._layout.local([p.detach() for _, p in self.tracked])
+            self.init = [w.clone() for w in self.init]
             self.origin = "weights at resume (no matching distance_init.pt)" if resumed else "weights at start"
             if resumed:
                 warnings.warn(f"dynascope: distance probe resumed without a matching {INIT_FILE} in the run "
                               "directory; weight.distance_init is measured from the weights at resume",
                               RuntimeWarning, stacklevel=2)
-            if ctx.writer and path and self.save_init:
+            if self._layout.any_sharded:  # rank 0 holds only its shards: a resumed run measures from there
+                self.origin += " (FSDP2: not saved for resuming)"
+            elif ctx.writer and path and self.save_init:
                 try:
                     tmp = path + ".tmp"
                     torch.save({n: w.detach().cpu() for (n, _), w in zip(self.tracked, self.init)}, tmp)
@@ -100,19 +112,19 @@ class DistanceProbe(Probe):
     def collect(self, step: int) -> Collected | None:
         if not self.tracked:
             return None
-        params = [p.detach() for _, p in self.tracked]
+        params = self._layout.local([p.detach() for _, p in self.tracked])
         init = self.init
         with torch.no_grad():
             if any(p.dtype in _HALF for p in params):  # differences of half weights in float32
                 params = [p.float() for p in params]
                 init = [w.float() for w in init]
             diffs = torch._foreach_sub(params, init)
-            norms = torch.stack([n.float() for n in torch._foreach_norm(diffs)])
+            sq = torch.stack([n.double() for n in torch._foreach_norm(diffs)]).square()
             del diffs
-            total = norms.double().square().sum().sqrt().float()
-            values = torch.cat([norms, total[None]])
+            sq = sq * self._weight.to(sq.device)
+            sums = torch.cat([sq, sq.sum()[None]])
         keys = [("weight.distance_init", n) for n, _ in self.tracked] + [("weight.distance_init", "")]
-        return Collected(keys, values)
+        return Collected(keys, stats={"sq": Stat("sum", sums)}, finish=lambda r: r["sq"].sqrt())
 
     def close(self) -> None:
         self.init = []
