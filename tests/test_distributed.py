@@ -85,6 +85,7 @@ def _custom_finish(r):
 
 
 FINISHED: list[str] = []
+CLIP = 0.05  # the FSDP2 run clips its gradients to this norm
 
 
 def _spy_finish(module) -> None:
@@ -98,8 +99,14 @@ def _spy_finish(module) -> None:
     module.checked_finish = spy
 
 
+def _clipped(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the FSDP2 run clips (all but the last bias, which it keeps out of FSDP)."""
+    last = list(model.modules())[-1]
+    return [p for p in model.parameters() if p is not last.bias]
+
+
 def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int = GLOBAL_BATCH,
-           after_backward=None) -> dict:
+           after_backward=None, clip: float | None = None) -> dict:
     opt = _optimizer(opt_kind, model)
     FINISHED.clear()
     # sentinel=False: the sentinel is off under torch.distributed, so the one-process reference leaves it out too
@@ -111,6 +118,8 @@ def _train(model: nn.Module, opt_kind: str, run_dir: str, lo: int = 0, hi: int =
             loss.backward()
             if after_backward is not None:
                 after_backward()
+            if clip is not None:  # the loop clips (under FSDP2 clip_grad_norm_'s norm is a DTensor)
+                torch.nn.utils.clip_grad_norm_(_clipped(model), clip)
             opt.step()
             run.step(loss=loss.detach())
         counts = {"collectives": run.reducer.collectives if run.reducer else 0}
@@ -150,7 +159,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                 bias.grad /= WORLD
 
             report["fsdp"] = _train(m, "adam", os.path.join(out, "fsdp", f"rank{rank}"), rank * per,
-                                    (rank + 1) * per, after_backward=average_bias_grad)
+                                    (rank + 1) * per, after_backward=average_bias_grad, clip=CLIP)
             report["fsdp_bias_sharded"] = dynascope.capture.distributed.is_sharded(bias)
 
         # unequal batches (3 and 5 examples): activation moments still merge exactly
@@ -252,8 +261,10 @@ def test_fsdp2_sharded_run_equals_global_batch_on_one_process(spawned, tmp_path)
     out, reports = spawned
     if isinstance(reports[0]["fsdp"], str):
         pytest.skip(reports[0]["fsdp"])
-    _train(_model(), "adam", str(tmp_path / "single"))
+    _train(_model(), "adam", str(tmp_path / "single"), clip=CLIP)
     ref = _rows(tmp_path / "single")
+    clip = [v for (s, m, la), v in ref.items() if m == "grad.clip_coef"]
+    assert clip and min(clip) < 1.0  # the clipping clipped (the gradients read before it)
     assert reports[0]["fsdp_bias_sharded"] is False  # the replicated one counts once
     _assert_same(ref, _rows(out / "fsdp" / "rank0"))
     assert not (out / "fsdp" / "rank1").exists()

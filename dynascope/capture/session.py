@@ -455,7 +455,10 @@ class Session:
             self.before_optimizer_step(opt)
             self._read_early.add(id(opt))
         with torch.no_grad():
-            coef = torch.clamp(max_norm / (total_norm.detach() + 1e-6), max=1.0)
+            total = total_norm.detach()
+            if hasattr(total, "full_tensor"):  # FSDP2: clip_grad_norm_'s norm is a replicated DTensor
+                total = total.full_tensor()
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         self._scalar_buf.append((self.step_index, "grad.clip_coef", coef.reshape(()).float()))
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
