@@ -199,3 +199,43 @@ def test_modules_a_compiled_graph_hides_are_counted_as_not_recorded(tmp_path, mo
         assert len(mods) == 5 and not mods["recorded"].astype(bool).any()
         assert all("no output seen in any recording step" in r for r in mods["reason"])
     assert "act.mean" not in dynascope.load_run(tmp_path / "r").metrics()
+
+
+def test_scheduled_diagnostics_run_on_the_eager_module_of_a_compiled_model(tmp_path):
+    """Curvature, Cockpit's gradient tests, the noise scale and alpha on a torch.compile'd model: they used to
+    fail (its compiled backward refuses create_graph: "compiled with non-empty donated buffers"); they run
+    the eager module (the same parameters), so at the end of the run they equal the functions called on it,
+    with the model's own layer names."""
+    import torch.nn.functional as F
+
+    from dynascope.diagnostics.gradient_tests import gradient_tests
+    from dynascope.diagnostics.hessian import hessian_eigenvalues
+
+    torch.manual_seed(0)
+    model = torch.compile(nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4)),
+                          backend="aot_eager")
+    g = torch.Generator().manual_seed(5)
+    probe = (torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = [dynascope.Curvature(at="end", batch=probe, loss_fn=F.cross_entropy, k=1, trace=False, layers=True),
+             dynascope.GradientTests(at="end", batch=probe, loss_fn=F.cross_entropy, lr=0.01),
+             dynascope.NoiseScale(at="end", batch=probe, loss_fn=F.cross_entropy, micro_batches=4),
+             dynascope.Alpha(every=2, loss_fn=F.cross_entropy)]
+    with dynascope.probe(model, opt, tmp_path / "run", every=2, scheduled=sched) as run:
+        for _ in range(6):
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.step(loss=loss.detach(), batch=(x, y))
+    data = dynascope.load_run(tmp_path / "run")
+    assert "diagnostic.failed" not in data.metrics()
+    eager = model._orig_mod
+    eig = float(data.scalars("hessian.eig")["value"].iloc[-1])
+    assert eig == pytest.approx(float(hessian_eigenvalues(eager, F.cross_entropy, probe, k=1).eigenvalues[0]),
+                                rel=1e-6)
+    gt = gradient_tests(eager, F.cross_entropy, probe, lr=0.01)
+    assert float(data.scalars("gradtest.norm_test")["value"].iloc[-1]) == pytest.approx(gt.norm_test, rel=1e-6)
+    assert set(data.scalars("hessian.layer_eig")["layer"]) == {"0", "1", "3"}  # not "_orig_mod.0"
+    assert len(data.scalars("gns.grad_sq")) == 1 and len(data.scalars("step.alpha")) >= 2

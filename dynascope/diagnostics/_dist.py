@@ -239,8 +239,17 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel / DataParallel wrapper (the diagnostics call it directly:
-    the wrapper's forward would sync buffers and arm its reducer for a backward that never comes)."""
-    return model.module if is_wrapped(model) else model  # type: ignore[return-value]
+    the wrapper's forward would sync buffers and arm its reducer for a backward that never comes) and inside
+    ``torch.compile``'s ``OptimizedModule`` (its compiled backward has no double backward, and its donated
+    buffers refuse ``create_graph``: the diagnostics run the eager module, whose parameters are the same
+    tensors), in any nesting."""
+    while True:
+        if is_wrapped(model):
+            model = model.module  # type: ignore[assignment]
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -249,6 +258,24 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     except ImportError:  # pragma: no cover - torch without FSDP2
         return []
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _fsdp_sharded(model: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """(module, parameter name, sharded DTensor) of every parameter FSDP2 manages in ``model`` (shared ones under
+    each of their modules), from FSDP2's per-module state (torch 2.6 to 2.13: ``_fsdp_param_groups`` or
+    ``_fsdp_param_group``, each ``fsdp_params`` with ``sharded_param`` and ``_module_info``)."""
+    out: list[tuple[nn.Module, str, Any]] = []
+    for m in _fsdp_modules(model):
+        state = m._get_fsdp_state()  # type: ignore[operator]
+        groups = list(getattr(state, "_fsdp_param_groups", None) or [])
+        if not groups and getattr(state, "_fsdp_param_group", None) is not None:
+            groups = [state._fsdp_param_group]
+        for group in groups:
+            for fp in group.fsdp_params:
+                info = fp._module_info
+                out.append((info.module, info.param_name, fp.sharded_param))
+                out += [(sm, sn, fp.sharded_param) for sm, sn in zip(info.shared_modules, info.shared_param_names)]
+    return out
 
 
 @contextlib.contextmanager
@@ -301,9 +328,15 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
     except ImportError:  # pragma: no cover - torch without DTensor
         yield model
         return
-    swaps: list[tuple[nn.Module, str, nn.Parameter]] = []
+    swaps: list[tuple[nn.Module, str, Any]] = []
     copies: dict[int, nn.Parameter] = {}
-    sharded = [(m, name, p) for m in model.modules() for name, p in m._parameters.items() if isinstance(p, DTensor)]
+    # (module, name, the sharded DTensor): FSDP2's own record of each parameter (whatever the module holds now:
+    # a forward without backward leaves the root's parameters unsharded, in a MixedPrecisionPolicy's compute
+    # dtype), then any other DTensor parameter
+    sharded = _fsdp_sharded(model)
+    seen = {(id(m), name) for m, name, _ in sharded}
+    sharded += [(m, name, p) for m in model.modules() for name, p in m._parameters.items()
+                if isinstance(p, DTensor) and (id(m), name) not in seen]
     if sharded and active():
         checkpoint()  # the gathers are collectives: a rank that failed before them fails every rank here
     try:
@@ -311,7 +344,7 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
             plain = copies.get(id(p))
             if plain is None:
                 plain = copies[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
-            swaps.append((m, name, p))
+            swaps.append((m, name, m._parameters[name]))
             m._parameters[name] = plain
         if not swaps:
             yield model

@@ -303,8 +303,7 @@ def gradient_tests(
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)):
         raise ValueError(f"{owner}: lr must be a finite number or None, got {lr!r}")
     distributed = _dist.active()
-    if distributed:
-        model = _dist.unwrap(model)  # DDP: the module itself (diagnostics/_dist.py)
+    model = _dist.unwrap(model)  # DDP, torch.compile: the module itself (diagnostics/_dist.py)
     inputs, targets = single_pair(batch, owner, min_examples=1 if distributed else 2)
     share = _Share(batch_size(inputs), owner)  # this rank's part of the global batch (one process: all of it)
     with _dist.gathered(model):  # FSDP2: the whole parameters, plain, for the call

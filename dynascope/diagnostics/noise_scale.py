@@ -169,8 +169,8 @@ def gradient_noise_scale(
     inputs, targets = pairs[0]
     n = batch_size(inputs)
     distributed = _dist.active()
+    model = _dist.unwrap(model)  # DDP, torch.compile: autograd.grad through the module itself
     if distributed:
-        model = _dist.unwrap(model)  # DDP: autograd.grad through the module itself, not the wrapper's reducer
         n_all = int(_dist.reduce_sum(lambda: torch.tensor([float(n)], dtype=torch.float64))[0])
     else:
         n_all = n
