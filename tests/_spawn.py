@@ -20,14 +20,15 @@ import torch.multiprocessing as mp
 from torch import nn
 
 
-def fully_shard_linears(model: nn.Sequential) -> nn.Module:
-    """FSDP2 on each Linear layer of ``model`` and on the model itself (inside an initialised process group)."""
+def fully_shard_linears(model: nn.Sequential, **options: Any) -> nn.Module:
+    """FSDP2 on each Linear layer of ``model`` and on the model itself (inside an initialised process group),
+    with ``fully_shard``'s ``options`` (e.g. ``mp_policy``)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, **options)
+    fully_shard(model, **options)
     return model
 
 

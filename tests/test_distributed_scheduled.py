@@ -266,6 +266,15 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
                                             os.path.join(out, "gt_fsdp", f"rank{rank}"), _gradient_tests(probe64),
                                             lo, hi, torch.float64)
 
+        # FSDP2 under a MixedPrecisionPolicy (bf16 compute): Calibration's forward leaves the root's parameters
+        # unsharded in bf16; the diagnostics after it still gather the float32 shards
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        m = fully_shard_linears(_mlp(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        report["fsdp_mp_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
+                                            os.path.join(out, "fsdp_mp", f"rank{rank}"),
+                                            [dynascope.Calibration(every=2, batch=probe, n_bins=4), _noise_scale(probe),
+                                             *_gradient_tests(probe)], lo, hi)
+
         # BatchNorm's train/eval gap, called directly on fresh BatchNorm models (DDP, FSDP2)
         report["bn_gap"] = {kind: list(train_eval_gap(wrap(_bn_mlp()), F.cross_entropy, probe).rows())
                             for kind, wrap in (("ddp", nn.parallel.DistributedDataParallel),
@@ -550,6 +559,14 @@ def test_fsdp2_a_rank_failing_before_the_parameter_gather_fails_every_rank(spawn
     assert {(s, la) for (s, m, la) in rows if m == "diagnostic.failed"} == {(0, "LineFailsOnRankOne"),
                                                                             (2, "LineFailsOnRankOne")}
     assert not any(m == "custom.line" for _, m, _ in rows)
+
+
+def test_fsdp2_mixed_precision_diagnostics_run_after_a_forward_only_diagnostic(spawned):
+    out, reports = spawned
+    assert all(r["fsdp_mp_warnings"] == [] for r in reports), [r["fsdp_mp_warnings"] for r in reports]
+    metrics = dynascope.load_run(out / "fsdp_mp" / "rank0").metrics()
+    assert {"calibration.ece", "gns.grad_sq", "gradtest.norm_test", "step.alpha"} <= set(metrics)
+    assert "diagnostic.failed" not in metrics
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
