@@ -269,7 +269,9 @@ def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
         # FSDP2 under a MixedPrecisionPolicy (bf16 compute): Calibration's forward leaves the root's parameters
         # unsharded in bf16; the diagnostics after it still gather the float32 shards
         from torch.distributed.fsdp import MixedPrecisionPolicy
-        m = fully_shard_linears(_mlp(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        torch.manual_seed(0)  # a LayerNorm the root shards itself: its parameters stay unsharded after a forward
+        m = fully_shard_linears(nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)),
+                                mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
         report["fsdp_mp_warnings"] = _train(m, torch.optim.Adam(m.parameters(), lr=0.01),
                                             os.path.join(out, "fsdp_mp", f"rank{rank}"),
                                             [dynascope.Calibration(every=2, batch=probe, n_bins=4), _noise_scale(probe),
