@@ -146,21 +146,6 @@ def _spectrum_nodes(model: nn.Module, probe) -> list[float]:
     return res.nodes[0].tolist()
 
 
-class LineFailsOnRankOne(dynascope.Scheduled):
-    """Raises on rank 1 before any collective; rank 0 goes into ``loss_landscape``, whose first collectives
-    gather FSDP2's parameters."""
-
-    def __init__(self, batch) -> None:
-        super().__init__(every=2)
-        self.batch = batch
-
-    def run(self, ctx) -> None:
-        if dist.get_rank() == 1:
-            raise RuntimeError("planted failure on rank 1")
-        line = dynascope.loss_landscape(ctx.model, F.cross_entropy, self.batch, dims=1, resolution=3, progress=False)
-        ctx.log("custom.line", float(line.losses[1]))
-
-
 def _gathered_and_back(model: nn.Module) -> dict:
     """Inside ``_dist.gathered`` the FSDP2 model holds whole plain parameters; on the way out (here: raising)
     the sharded DTensors come back, the very objects the optimizer holds."""
@@ -196,8 +181,20 @@ class FailsOnRankOne(dynascope.Scheduled):
     def run(self, ctx) -> None:
         if dist.get_rank() == 1:
             raise RuntimeError("planted failure on rank 1")
+        self.measure(ctx)
+
+    def measure(self, ctx) -> None:
         eig = hessian_eigenvalues(ctx.model, F.cross_entropy, self.batch, k=1)
         ctx.log("custom.eig", float(eig.eigenvalues[0]))
+
+
+class LineFailsOnRankOne(FailsOnRankOne):
+    """Raises on rank 1 before any collective; rank 0 goes into ``loss_landscape``, whose first collectives
+    gather FSDP2's parameters."""
+
+    def measure(self, ctx) -> None:
+        line = dynascope.loss_landscape(ctx.model, F.cross_entropy, self.batch, dims=1, resolution=3, progress=False)
+        ctx.log("custom.line", float(line.losses[1]))
 
 
 def _worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
