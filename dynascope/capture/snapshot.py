@@ -296,7 +296,7 @@ class ShardedSnapshotter(Snapshotter):
         self.kept.append((attempt(local), None))
 
     def write(self, store: Any, reason: str, event_step: int) -> Path | None:
-        from ..diagnostics._dist import RanksFailed, attempt, reduce_sum
+        from ..diagnostics._dist import RanksFailed, attempt, sum_number
 
         dist = torch.distributed
         hit = next((s for s, _ in reversed(self.kept) if s.step <= event_step), None)
@@ -314,7 +314,7 @@ class ShardedSnapshotter(Snapshotter):
         except RanksFailed:  # a rank could not write into the run directory: gathered on rank 0 instead
             own.unlink(missing_ok=True)
             return self._gather(store, reason, event_step, hit.step, mine)
-        nbytes = int(reduce_sum(lambda: torch.tensor([float(_nbytes(mine))], dtype=torch.float64))[0])
+        nbytes = int(sum_number(_nbytes(mine)))
         if store is None:
             return None
         snap = Snapshot(hit.step, {}, [], {}, shard_files=names)

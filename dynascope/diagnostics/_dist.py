@@ -43,8 +43,8 @@ from torch import nn
 
 from ..core.names import is_wrapped
 
-__all__ = ["Agreement", "RanksFailed", "Slice", "active", "attempt", "checkpoint", "full", "gather_rows", "gathered",
-           "on_gathered", "plain_forward", "reduce_sum", "unwrap", "world_size"]
+__all__ = ["Agreement", "RanksFailed", "Slice", "active", "all_sum", "attempt", "checkpoint", "full", "gather_rows",
+           "gathered", "on_gathered", "plain_forward", "reduce_sum", "sum_number", "unwrap", "world_size"]
 
 T = TypeVar("T")
 
@@ -148,15 +148,27 @@ def attempt(fn: Callable[[], T]) -> T:
     return out
 
 
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``t`` (one all_reduce on the collective's device, the result on ``t``'s), with no
+    checkpoint: for callers whose every rank reaches it (:func:`reduce_sum` is the checkpointed one). One
+    process: ``t``."""
+    if not active():
+        return t
+    summed = t.to(_device(), copy=True)  # NCCL reduces on the GPU: a CPU count travels there and back
+    torch.distributed.all_reduce(summed)
+    return summed.to(t.device)
+
+
 def reduce_sum(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The sum over ranks of this rank's ``fn()`` (a tensor of the same shape and dtype on every rank), after a
     checkpoint: a rank whose ``fn`` raised never leaves the others in the all_reduce."""
-    out = attempt(fn)
-    if active():
-        summed = out.to(_device(), copy=True)  # NCCL reduces on the GPU: a CPU count travels there and back
-        torch.distributed.all_reduce(summed)
-        out = summed.to(out.device)
-    return out
+    return all_sum(attempt(fn))
+
+
+def sum_number(x: float) -> float:
+    """The sum over ranks of this rank's number ``x`` (a sample count, a byte count), after a checkpoint; one
+    process: ``x``."""
+    return float(reduce_sum(lambda: torch.tensor([float(x)], dtype=torch.float64))[0])
 
 
 def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -210,19 +222,11 @@ class Slice:
         return reduce_sum(lambda: basis @ w)
 
     def full(self, part: torch.Tensor) -> torch.Tensor:
-        """The whole vector from every rank's ``part`` (its entries ``[lo, hi)``): one all_gather of parts padded
-        to the same length, after a checkpoint."""
+        """The whole vector from every rank's ``part`` (its entries ``[lo, hi)``, in rank order:
+        :func:`gather_rows` of the entries)."""
         if not self.sharded:
             return part
-        checkpoint()
-        padded = part.new_zeros(self.size)
-        padded[: part.numel()] = part
-        parts = [torch.empty_like(padded) for _ in range(torch.distributed.get_world_size())]
-        dev = _device()
-        if padded.device != dev:
-            padded, parts = padded.to(dev), [p.to(dev) for p in parts]
-        torch.distributed.all_gather(parts, padded)
-        return torch.cat(parts)[: self.n].to(part.device)
+        return gather_rows(part)[0]
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -343,7 +347,7 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
         for m, name, p in sharded:
             plain = copies.get(id(p))
             if plain is None:
-                plain = copies[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+                plain = copies[id(p)] = nn.Parameter(full(p), requires_grad=p.requires_grad)
             swaps.append((m, name, m._parameters[name]))
             m._parameters[name] = plain
         if not swaps:

@@ -148,9 +148,7 @@ class _Share:
     quantities are one process's on the concatenated batch."""
 
     def __init__(self, n: int, owner: str) -> None:
-        self.n = self.total = int(n)
-        if _dist.active():
-            self.total = int(_dist.reduce_sum(lambda: torch.tensor([float(n)], dtype=torch.float64))[0])
+        self.n, self.total = int(n), int(_dist.sum_number(n))
         if self.total < 2:
             raise ValueError(f"{owner}: the per-example statistics need a batch of at least 2 examples, got "
                              f"{self.total}")

@@ -99,7 +99,7 @@ class HessianOperator:
         sizes = [batch_size(x) for x, _ in self.pairs]
         total = float(sum(sizes))
         if _dist.active():  # each rank holds its shard: weights n_pair / N over the global batch
-            total = float(_dist.reduce_sum(lambda: torch.tensor([total], dtype=torch.float64))[0])
+            total = _dist.sum_number(total)
         if total <= 0:
             raise ValueError(f"batch holds no samples (sizes {sizes})")
         self.weights = [s / total for s in sizes]

@@ -171,7 +171,7 @@ def gradient_noise_scale(
     distributed = _dist.active()
     model = _dist.unwrap(model)  # DDP, torch.compile: autograd.grad through the module itself
     if distributed:
-        n_all = int(_dist.reduce_sum(lambda: torch.tensor([float(n)], dtype=torch.float64))[0])
+        n_all = int(_dist.sum_number(n))
     else:
         n_all = n
     b = n_all // micro_batches
@@ -216,7 +216,7 @@ def _noise_scale(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, b
         if distributed:  # the mean over every rank's micro-batches: one all_reduce of the summed gradients
             flat = _dist.reduce_sum(lambda: torch.cat([t.reshape(-1) for t in total]))
             total = [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in total]), total)]
-            k_all = int(_dist.reduce_sum(lambda: torch.tensor([float(k)], dtype=torch.float64))[0])
+            k_all = int(_dist.sum_number(k))
         mean = [t / k_all for t in total]
         dots = []
         for i in range(k):

@@ -14,11 +14,9 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
-
 from ..core.checks import check_mode, positive_int
 from ..diagnostics._batch import Forward, LossFn, batch_size
-from ..diagnostics._dist import active, reduce_sum
+from ..diagnostics._dist import active, sum_number
 from ..diagnostics.noise_scale import gradient_noise_scale
 from ._eval import DeviceBatch
 from .scheduled import Scheduled, ScheduledContext
@@ -77,7 +75,7 @@ class NoiseScale(Scheduled):
                                    params=self.params, forward=self.forward, mode=self.mode)
         size = float(self.batch_size)
         if self._own_size and active():  # each rank holds its shard: the global batch's size
-            size = float(reduce_sum(lambda: torch.tensor([size], dtype=torch.float64))[0])
+            size = sum_number(size)
         # B_simple is undefined where the |G|^2 estimate is not positive, the standard errors with 2
         # micro-batches: such rows are left out rather than recorded as NaN (which would read as a divergence)
         for metric, value in (("gns.simple", res.b_simple), ("gns.grad_sq", res.grad_sq),

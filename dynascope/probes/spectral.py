@@ -64,7 +64,8 @@ from typing import Any
 import torch
 
 from ..core.checks import positive_int
-from ._groups import local_tensor
+from ..diagnostics._dist import all_sum
+from ._groups import is_sharded, local_tensor
 from .base import Collected, Probe
 
 __all__ = ["SpectralProbe", "power_iteration"]
@@ -126,15 +127,6 @@ def power_iteration(a: torch.Tensor, v: torch.Tensor, iters: int,
     return sigma, v
 
 
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over the ranks (on the collective's device: the CPU under gloo, the GPU under NCCL)."""
-    dist = torch.distributed
-    dev = t.device if "nccl" in str(dist.get_backend()).lower() else torch.device("cpu")
-    out = t.to(dev, copy=True)
-    dist.all_reduce(out)
-    return out.to(t.device)
-
-
 class SpectralProbe(Probe):
     """sigma_max of every weight matrix and of its update, by warm-started power iteration."""
 
@@ -164,7 +156,7 @@ class SpectralProbe(Probe):
         super().setup(session)
         self.tracked = [(n, p) for n, p in session.param_names if p.requires_grad and p.ndim >= 2]
         # FSDP2: each rank stacks its rows of the weights (Shard(0)); the power iteration sums over the ranks
-        self._sharded = any(hasattr(p, "to_local") for _, p in self.tracked)
+        self._sharded = any(is_sharded(p) for _, p in self.tracked)
         buckets: dict[tuple, list[int]] = {}
         for i, (_, p) in enumerate(self.tracked):
             mat = (int(p.shape[0]), math.prod(p.shape[1:]))
@@ -202,7 +194,7 @@ class SpectralProbe(Probe):
         if extra is not None and extra.device == a.device and extra.dtype == a.dtype:
             # the recent update's top directions: where a new dominant direction of W comes from
             v = torch.cat([v, extra[:, :, :self.follow]], dim=2)
-        sigma, v = power_iteration(a, v, iters, _all_sum if self._sharded else None)
+        sigma, v = power_iteration(a, v, iters, all_sum if self._sharded else None)
         self._vectors[(kind, gi)] = v[:, :, :r]
         return sigma
 

@@ -56,7 +56,7 @@ class _Evaluator:
         self.sizes = [batch_size(x) for x, _ in self.pairs]
         self.total = float(sum(self.sizes))
         if _dist.active():  # each rank holds its shard: weights n_pair / N over the global batch
-            self.total = float(_dist.reduce_sum(lambda: torch.tensor([self.total], dtype=torch.float64))[0])
+            self.total = _dist.sum_number(self.total)
         self.weights = [n / self.total for n in self.sizes]
         self.bn_policy = bn_policy
         self.metric_fn = metric_fn
