@@ -39,6 +39,7 @@ import torch
 
 from ..core.errors import describe
 from ..store.schema import ARTIFACTS
+from ..store.writer import write_atomic
 
 __all__ = ["Snapshot", "Snapshotter", "ShardedSnapshotter", "ReplicatedSnapshotter", "load_snapshot", "snapshots",
            "rng_state", "set_rng_state"]
@@ -266,9 +267,7 @@ class Snapshotter:
         if ready is not None:
             ready.synchronize()
         self._written.add(snap.step)
-        snap.meta = {"event": reason, "event_step": int(event_step), "nbytes": snap.nbytes}
-        payload = snap.payload()
-        return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
+        return _store(store, snap, {"event": reason, "event_step": int(event_step), "nbytes": snap.nbytes})
 
 
 class ShardedSnapshotter(Snapshotter):
@@ -308,20 +307,18 @@ class ShardedSnapshotter(Snapshotter):
         rank, world = dist.get_rank(), dist.get_world_size()
         names = [f"{ARTIFACT}-{hit.step}.rank{r}.pt" for r in range(world)]
         own = Path(self.directory or ".") / ARTIFACTS / names[rank]
-        try:
-            attempt(lambda: _save_atomic({"format": FORMAT, "step": hit.step, "rank": rank, "world": world, **mine},
-                                         own))
+        part = {"format": FORMAT, "step": hit.step, "rank": rank, "world": world, **mine}
+        try:  # (the folder must exist: a rank never creates the run directory on its own machine)
+            attempt(lambda: write_atomic(own, lambda f: torch.save(part, f)))
         except RanksFailed:  # a rank could not write into the run directory: gathered on rank 0 instead
             own.unlink(missing_ok=True)
             return self._gather(store, reason, event_step, hit.step, mine)
         nbytes = int(sum_number(_nbytes(mine)))
         if store is None:
             return None
-        snap = Snapshot(hit.step, {}, [], {}, shard_files=names)
-        snap.meta = {"event": reason, "event_step": int(event_step), "nbytes": nbytes, "world": world,
-                     "layout": "files"}
-        payload = snap.payload()
-        return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
+        return _store(store, Snapshot(hit.step, {}, [], {}, shard_files=names),
+                      {"event": reason, "event_step": int(event_step), "nbytes": nbytes, "world": world,
+                       "layout": "files"})
 
     def _gather(self, store: Any, reason: str, event_step: int, step: int, mine: dict[str, Any]) -> Path | None:
         """Every rank's part gathered on rank 0 and written there into one file."""
@@ -331,10 +328,8 @@ class ShardedSnapshotter(Snapshotter):
         if gathered is None or store is None:
             return None
         snap = Snapshot(step, {}, [], {}, shards=gathered)
-        snap.meta = {"event": reason, "event_step": int(event_step), "nbytes": snap.nbytes, "world": len(gathered),
-                     "layout": "gathered"}
-        payload = snap.payload()
-        return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(snap.meta))
+        return _store(store, snap, {"event": reason, "event_step": int(event_step), "nbytes": snap.nbytes,
+                                    "world": len(gathered), "layout": "gathered"})
 
 
 class ReplicatedSnapshotter(Snapshotter):
@@ -368,16 +363,12 @@ class ReplicatedSnapshotter(Snapshotter):
         return super().write(store, reason, event_step)
 
 
-def _save_atomic(obj: Any, target: Path) -> None:
-    """``torch.save(obj)`` into ``target`` through a temporary file (never a half-written file under its name).
-    The folder must exist: a rank never creates the run directory on its own machine."""
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _store(store: Any, snap: Snapshot, meta: dict[str, Any]) -> Path | None:
+    """``snap`` with ``meta`` written into the run as the ``snapshot`` artifact of its step (a torch file read
+    back with ``weights_only=True``); None when the store dropped it."""
+    snap.meta = meta
+    payload = snap.payload()
+    return store.write_file(ARTIFACT, snap.step, lambda f: torch.save(payload, f), ".pt", dict(meta))
 
 
 def snapshots(run: str | os.PathLike[str] | Any) -> Any:

@@ -34,6 +34,7 @@ from ..analysis.findings import collect as collect_findings
 from ..core.coverage import triage
 from ..core.version import __version__
 from ..store import RunData, RunStoreError, as_runs, query
+from ..store.writer import write_atomic
 from .figures import FigureSpec, all_figures, run_colors
 from .figures._helpers import CAPTION_ATTR, GID_LABELS_ATTR
 from .forensics_view import comparison_items, forensics_items
@@ -434,10 +435,5 @@ def report(
         live=live,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")  # same folder: os.replace is atomic, readers see old or new
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, lambda f: f.write(page.encode("utf-8")))  # readers (a live report's reload) see old or new
     return ReportPath(out)

@@ -31,9 +31,21 @@ from .schema import (
     _table_kinds,
 )
 
-__all__ = ["RunStore", "convert"]
+__all__ = ["RunStore", "convert", "write_atomic"]
 
 _KEY_ORDER = operator.itemgetter(0, 1)
+
+
+def write_atomic(target: Path, save: Callable[[BinaryIO], Any]) -> None:
+    """``save(binary_file)`` into ``target`` through a temporary file next to it and one ``os.replace``
+    (readers see the old file or the new one, never half of one). The folder must exist."""
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            save(f)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _safe_name(name: str) -> str:
@@ -211,14 +223,7 @@ class RunStore:
         replace) and index it under ``name`` and ``step``."""
         fname = f"{_safe_name(name)}-{int(step)}{suffix}"
         target = self.path / ARTIFACTS / fname
-        tmp = target.with_name(target.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                save(f)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink(missing_ok=True)
+        write_atomic(target, save)
         with self.con:
             self.con.execute("DELETE FROM artifacts WHERE name = ? AND step = ?", (name, int(step)))
             self.con.execute(
@@ -249,14 +254,8 @@ class RunStore:
         """Merge ``meta`` into meta.json (atomic replace)."""
         self.meta.update(meta)
         self.meta.setdefault("store_format", STORE_FORMAT)
-        target = self.path / META_NAME
-        tmp = target.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(self.meta, indent=2, default=_json_default))
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink(missing_ok=True)
+        text = json.dumps(self.meta, indent=2, default=_json_default)
+        write_atomic(self.path / META_NAME, lambda f: f.write(text.encode("utf-8")))
 
     def close(self) -> None:
         if self._con is not None:
