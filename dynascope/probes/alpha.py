@@ -18,9 +18,9 @@ from torch import nn
 
 from ..core.checks import check_mode, set_mode
 from ..diagnostics import _dist
-from ..diagnostics._batch import Forward, LossFn, as_pairs
+from ..diagnostics._batch import Forward, LossFn
 from ..diagnostics.alpha import LineObservation, line_observation, normalized_step_length
-from .scheduled import Scheduled, ScheduledContext, step_batch
+from .scheduled import Scheduled, ScheduledContext, step_pair
 
 __all__ = ["Alpha"]
 
@@ -92,10 +92,7 @@ class Alpha(Scheduled):
         if weights is None:
             raise RuntimeError(f"Alpha at step {step}: no copy of the weights before the optimizer step (no "
                                "optimizer step in this step?)")
-        pairs = as_pairs(step_batch(self, "step", ctx))
-        if len(pairs) != 1:
-            raise ValueError(f"Alpha at step {step}: give one (inputs, targets) pair in run.step(batch=...)")
-        inputs, targets = pairs[0]
+        inputs, targets = step_pair(self, ctx)
         model = _dist.unwrap(ctx.model)  # DDP: the module itself
         with _dist.gathered(model):  # FSDP2: the whole parameters (and the copies before the step) for the call
             self._observe(model, step, {n: _dist.full(w) for n, w in weights.items()}, start, inputs, targets, ctx)

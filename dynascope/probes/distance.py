@@ -62,7 +62,9 @@ class DistanceProbe(Probe):
         # under torch.distributed each rank sums the squared differences it counts (FSDP2: its shards; DDP:
         # rank 0 the replicated weights), the reducer adds the ranks' sums, the square roots come after
         self._layout = ParamLayout([p for _, p in self.tracked], ctx.rank)
-        self._weight = torch.tensor([1.0 if c else 0.0 for c in self._layout.contributes], dtype=torch.float64)
+        device = self.tracked[0][1].device if self.tracked else torch.device("cpu")
+        self._weight = torch.tensor([1.0 if c else 0.0 for c in self._layout.contributes], dtype=torch.float64,
+                                    device=device)  # made once on the weights' device: no copy per step
         path = os.path.join(ctx.run_dir, INIT_FILE) if ctx.run_dir else None
         resumed = ctx.resumed  # the writing rank's: its rows are the recorded ones
         loaded = self._load(path) if resumed and path else None
@@ -70,8 +72,7 @@ class DistanceProbe(Probe):
             self.init = loaded
             self.origin = "saved initial weights (distance_init.pt)"
         else:
-            self.init = self._layout.local([p.detach() for _, p in self.tracked])
-            self.init = [w.clone() for w in self.init]
+            self.init = [w.clone() for w in self._layout.local([p.detach() for _, p in self.tracked])]
             self.origin = "weights at resume (no matching distance_init.pt)" if resumed else "weights at start"
             if resumed:
                 warnings.warn(f"dynascope: distance probe resumed without a matching {INIT_FILE} in the run "
@@ -121,7 +122,7 @@ class DistanceProbe(Probe):
             diffs = torch._foreach_sub(params, init)
             sq = torch.stack([n.double() for n in torch._foreach_norm(diffs)]).square()
             del diffs
-            sq = sq * self._weight.to(sq.device)
+            sq = sq * self._weight
             sums = torch.cat([sq, sq.sum()[None]])
         keys = [("weight.distance_init", n) for n, _ in self.tracked] + [("weight.distance_init", "")]
         return Collected(keys, stats={"sq": Stat("sum", sums)}, finish=lambda r: r["sq"].sqrt())

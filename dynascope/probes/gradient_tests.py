@@ -18,11 +18,11 @@ from typing import Any, Literal
 import torch
 
 from ..core.checks import check_mode, one_of
-from ..diagnostics._batch import Forward, LossFn, as_pairs
+from ..diagnostics._batch import Forward, LossFn
 from ..diagnostics.gradient_tests import gradient_tests
 from ..diagnostics.per_example import MEMORY_BYTES
 from ._eval import DeviceBatch
-from .scheduled import Scheduled, ScheduledContext, step_batch
+from .scheduled import Scheduled, ScheduledContext, step_pair
 
 __all__ = ["GradientTests"]
 
@@ -99,14 +99,7 @@ class GradientTests(Scheduled):
 
     def run(self, ctx: ScheduledContext) -> None:
         lr = self.lr if self.lr is not None else _single_lr(ctx.optimizer)
-        if self.batch is None:
-            pairs = as_pairs(step_batch(self, "step", ctx))
-            if len(pairs) != 1:
-                raise ValueError(f"GradientTests(batch='step') at step {ctx.step}: the step gave {len(pairs)} "
-                                 "(inputs, targets) pairs; give one")
-            pair = pairs[0]
-        else:
-            pair = self.batch.on(ctx.model)[0]
+        pair = step_pair(self, ctx) if self.batch is None else self.batch.on(ctx.model)[0]
         res = gradient_tests(ctx.model, self.loss_fn, pair, lr=lr, params=self.params,
                              forward=self.forward, mode=self.mode, batchnorm=self.batchnorm, hist1d=self.hist1d,
                              hist2d=self.hist2d, tic=self.tic, tic_max_params=self.tic_max_params,

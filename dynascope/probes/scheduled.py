@@ -25,10 +25,11 @@ from torch import nn
 from ..core.checks import positive_int
 from ..core.errors import describe
 from ..core.guard import preserved_state
+from ..diagnostics._batch import as_pairs
 from ..diagnostics._dist import Agreement
 from .base import Collected, Probe
 
-__all__ = ["Scheduled", "ScheduledContext", "ScheduledRunner", "run_guarded", "step_batch"]
+__all__ = ["Scheduled", "ScheduledContext", "ScheduledRunner", "run_guarded", "step_batch", "step_pair"]
 
 
 @dataclass
@@ -118,6 +119,16 @@ def step_batch(diag: Scheduled, batch: Any, ctx: ScheduledContext) -> Any:
         raise ValueError(f"{type(diag).__name__}(batch='step') at step {ctx.step}: this step gave no batch; call "
                          "run.step(loss, batch=(inputs, targets)) with the step's inputs and targets")
     return ctx.batch
+
+
+def step_pair(diag: Scheduled, ctx: ScheduledContext) -> tuple[Any, Any]:
+    """The step's own batch (:func:`step_batch` with ``batch="step"``) as its one ``(inputs, targets)`` pair; a
+    ValueError when the step gave several."""
+    pairs = as_pairs(step_batch(diag, "step", ctx))
+    if len(pairs) != 1:
+        raise ValueError(f"{type(diag).__name__} at step {ctx.step}: the step gave {len(pairs)} (inputs, targets) "
+                         "pairs in run.step(batch=...); give one")
+    return pairs[0]
 
 
 def run_guarded(diag: Scheduled, ctx: ScheduledContext, *, close: bool = False) -> None:
