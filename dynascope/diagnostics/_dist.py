@@ -36,7 +36,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -248,12 +248,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     buffers refuse ``create_graph``: the diagnostics run the eager module, whose parameters are the same
     tensors), in any nesting."""
     while True:
-        if is_wrapped(model):
-            model = model.module  # type: ignore[assignment]
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
+        inner = getattr(model, "module" if is_wrapped(model) else "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
             return model
+        model = inner
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -373,4 +371,4 @@ def on_gathered(fn: F) -> F:
         with gathered(model):
             return fn(model, *args, **kwargs)
 
-    return call  # type: ignore[return-value]
+    return cast(F, call)

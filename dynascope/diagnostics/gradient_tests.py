@@ -168,11 +168,13 @@ class _Share:
         m2 = tuple(self.mean(list(stats.second_moment))) if stats.second_moment is not None else None
         h1 = h2 = None
         if stats.hist1d is not None:
-            h1 = (_dist.reduce_sum(lambda: stats.hist1d[0].clone()), stats.hist1d[1])  # type: ignore[index]
+            counts, edges = stats.hist1d
+            h1 = (_dist.reduce_sum(counts.clone), edges)
         if stats.hist2d is not None:
-            h2 = (_dist.reduce_sum(lambda: stats.hist2d[0].clone()), *stats.hist2d[1:])  # type: ignore[index]
+            counts2, x_edges, y_edges = stats.hist2d
+            h2 = (_dist.reduce_sum(counts2.clone), x_edges, y_edges)
         return replace(stats, batch_size=self.total, loss=loss, sq_norms=rows[:, 0], dots=rows[:, 1],
-                       second_moment=m2, hist1d=h1, hist2d=h2)  # type: ignore[arg-type]
+                       second_moment=m2, hist1d=h1, hist2d=h2)
 
 
 def _sqrt(x: float) -> float:
